@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# System packages agentkernel needs on Debian 12 (bookworm): the VMM, the kernel build, the guest agent's
+# compiler, the image builders and a local registry for the tests. Run as root (or with sudo).
+set -euo pipefail
+
+packages=(
+  # VMM and disks
+  qemu-system-x86 qemu-utils
+  # guest kernel build from Debian's source package
+  linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev xz-utils
+  # guest agent: static binary with musl
+  musl-tools
+  # root filesystem images and OCI images
+  e2fsprogs busybox-static mmdebstrap skopeo
+  # Python virtual environments
+  python3 python3-venv python3-pip
+  # tests: a local OCI registry on loopback
+  docker-registry
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "system packages: all present"
+  exit 0
+fi
+
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+echo "installing system packages: ${missing[*]}"
+$sudo apt-get update -q
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"

@@ -1,0 +1,3 @@
+from agentkernel.cli.app import main
+
+main()

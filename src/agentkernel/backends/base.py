@@ -1,0 +1,49 @@
+"""The interface every backend implements, and the description of one sandbox's VM."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from agentkernel.protocol.client import Connection
+
+
+@dataclass(frozen=True)
+class VMSpec:
+    """Everything a backend needs to run one sandbox."""
+
+    name: str
+    kernel: Path
+    image: Path  # the immutable root filesystem image
+    workdir: Path  # per-sandbox files that live as long as the sandbox: disk overlay, logs
+    rundir: Path  # sockets and pid file, on a short path (Unix socket paths are limited to 107 bytes)
+    vcpus: int = 1
+    memory_mb: int = 512
+
+    @property
+    def console_log(self) -> Path:
+        return self.workdir / "console.log"
+
+
+class Backend(Protocol):
+    name: str
+    agent_ports: int  # how many host clients can talk to one sandbox at once
+
+    def prepare(self, spec: VMSpec) -> None:
+        """Make the sandbox's own writable disk over the immutable image."""
+
+    def start(self, spec: VMSpec) -> int:
+        """Start the VM detached from the caller; return the VMM's pid once it runs."""
+
+    async def connect(self, spec: VMSpec, pid: int, *, port: int, timeout: float) -> Connection:
+        """Open an agent connection and complete the HELLO exchange."""
+
+    def is_alive(self, spec: VMSpec, pid: int) -> bool:
+        """Whether `pid` is still this sandbox's VMM (not a dead or reused pid)."""
+
+    def kill(self, spec: VMSpec, pid: int) -> None:
+        """Stop the VMM at once."""
+
+    def cleanup(self, spec: VMSpec, *, keep_disk: bool) -> None:
+        """Remove runtime files; with keep_disk False also the disk and logs."""

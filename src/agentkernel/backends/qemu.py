@@ -1,0 +1,171 @@
+"""QEMU `-M microvm`: KVM where the host has it, TCG software emulation otherwise.
+
+The guest's root disk is a qcow2 overlay over the immutable image, so no two VMs write one file. QEMU
+daemonizes itself, so the VM outlives the process that started it. The agent is reached on Unix
+sockets behind virtio-serial ports named `agentkernel.N`, one host client per port: several ports let
+several host processes talk to one sandbox at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from agentkernel import hostinfo
+from agentkernel.artifacts.run import require
+from agentkernel.backends.base import VMSpec
+from agentkernel.errors import AgentkernelError
+from agentkernel.hostinfo import Accel
+from agentkernel.protocol.client import AgentConnectionError, Connection
+
+AGENT_PATH = "/sbin/agentkernel-agent"
+MAX_UNIX_PATH = 107
+AGENT_PORTS = 4
+
+
+def agent_socket(spec: VMSpec, port: int) -> Path:
+    return spec.rundir / f"agent{port}.sock"
+
+
+def pidfile(spec: VMSpec) -> Path:
+    return spec.rundir / "qemu.pid"
+
+
+def disk(spec: VMSpec) -> Path:
+    return spec.workdir / "disk.qcow2"
+
+
+def kernel_cmdline(extra: str = "") -> str:
+    # reboot=t + -no-reboot: a guest reboot (the agent's power-off) ends the QEMU process.
+    base = f"console=ttyS0 reboot=t panic=-1 root=/dev/vda rw rootfstype=ext4 quiet init={AGENT_PATH}"
+    return f"{base} {extra}".strip()
+
+
+def command(
+    spec: VMSpec, accel: Accel, *, qemu: str = "qemu-system-x86_64", daemonize: bool = True
+) -> list[str]:
+    if accel.name == "kvm":
+        acc = ["-accel", "kvm", "-cpu", "host"]
+    else:
+        acc = ["-accel", "tcg,thread=multi" if spec.vcpus > 1 else "tcg", "-cpu", "max"]
+    cmd = [
+        qemu,
+        "-name", f"agentkernel-{spec.name}",
+        "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=off,acpi=off",
+        *acc,
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-smp", str(spec.vcpus),
+        "-m", str(spec.memory_mb),
+        "-kernel", str(spec.kernel),
+        "-append", kernel_cmdline(),
+        "-drive", f"id=root,file={disk(spec)},format=qcow2,if=none,discard=unmap",
+        "-device", "virtio-blk-device,drive=root",
+        "-device", "virtio-rng-device",
+        "-device", f"virtio-serial-device,max_ports={AGENT_PORTS + 1}",
+        "-serial", f"file:{spec.console_log}",
+    ]  # fmt: skip
+    for port in range(AGENT_PORTS):
+        cmd += [
+            "-chardev", f"socket,id=agent{port},path={agent_socket(spec, port)},server=on,wait=off",
+            "-device", f"virtserialport,chardev=agent{port},name=agentkernel.{port}",
+        ]  # fmt: skip
+    if daemonize:
+        cmd += ["-daemonize", "-pidfile", str(pidfile(spec))]
+    return cmd
+
+
+class QemuBackend:
+    name = "qemu"
+    agent_ports = AGENT_PORTS
+
+    def __init__(self, accel: Accel | None = None) -> None:
+        self.accel = accel or hostinfo.accel()
+
+    def prepare(self, spec: VMSpec) -> None:
+        """A qcow2 overlay backed by the read-only image: the VM's writes land in the overlay only."""
+        qemu_img = require("qemu-img", "qemu-utils")
+        spec.workdir.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run(
+            [qemu_img, "create", "-q", "-f", "qcow2", "-b", str(spec.image), "-F", "raw", str(disk(spec))],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            raise AgentkernelError(f"cannot create the sandbox disk: {proc.stderr.strip()}")
+
+    def start(self, spec: VMSpec) -> int:
+        qemu = require("qemu-system-x86_64", "qemu-system-x86")
+        if len(str(agent_socket(spec, AGENT_PORTS - 1))) > MAX_UNIX_PATH:
+            raise AgentkernelError(f"run directory path too long for Unix sockets: {spec.rundir}")
+        spec.rundir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        spec.console_log.unlink(missing_ok=True)
+        # With -daemonize the first process exits once the VM is set up, reporting start-up errors.
+        proc = subprocess.run(
+            command(spec, self.accel, qemu=qemu), stdin=subprocess.DEVNULL, capture_output=True, text=True
+        )
+        if proc.returncode != 0:
+            detail = " ".join(proc.stderr.split())[:500] or f"exit status {proc.returncode}"
+            raise AgentkernelError(f"QEMU failed to start: {detail}")
+        try:
+            return int(pidfile(spec).read_text().strip())
+        except (OSError, ValueError):
+            raise AgentkernelError(f"QEMU started but wrote no pid file at {pidfile(spec)}") from None
+
+    async def connect(self, spec: VMSpec, pid: int, *, port: int = 0, timeout: float = 60.0) -> Connection:
+        """Connect to the agent on `port`, waiting while the VM boots; fails fast if QEMU exits."""
+        deadline = time.monotonic() + timeout
+        sock = agent_socket(spec, port)
+        while True:
+            if not self.is_alive(spec, pid):
+                raise AgentkernelError(f"the VM is not running: {console_tail(spec)}")
+            if sock.exists():
+                try:
+                    conn = await Connection.open_unix(sock, timeout=max(0.1, deadline - time.monotonic()))
+                    await conn.hello(hostname=spec.name, timeout=max(0.1, deadline - time.monotonic()))
+                    return conn
+                except AgentConnectionError:
+                    if time.monotonic() > deadline or not self.is_alive(spec, pid):
+                        raise
+            if time.monotonic() > deadline:
+                raise AgentkernelError(f"the agent did not answer within {timeout:g}s: {console_tail(spec)}")
+            await asyncio.sleep(0.02)
+
+    def is_alive(self, spec: VMSpec, pid: int) -> bool:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return False
+        state = stat.rsplit(")", 1)[-1].split()[0]
+        return state not in ("Z", "X") and str(pidfile(spec)).encode() in cmdline
+
+    def kill(self, spec: VMSpec, pid: int) -> None:
+        if self.is_alive(spec, pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 5
+            while self.is_alive(spec, pid) and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+    def cleanup(self, spec: VMSpec, *, keep_disk: bool) -> None:
+        shutil.rmtree(spec.rundir, ignore_errors=True)
+        if not keep_disk:
+            shutil.rmtree(spec.workdir, ignore_errors=True)
+
+
+def console_tail(spec: VMSpec, lines: int = 5) -> str:
+    """The last lines the guest printed on its console, on one line (bounded: the guest wrote them)."""
+    try:
+        with spec.console_log.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            text = f.read(4096).decode(errors="replace")
+    except OSError:
+        return "no console output"
+    tail = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
+    return " | ".join(tail)[:1000] or "no console output"

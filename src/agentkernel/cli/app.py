@@ -1,0 +1,66 @@
+"""The `agentkernel` command line."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from agentkernel import __version__
+from agentkernel.cli import images_cmd, sandbox_cmds, setup_cmd, status_cmd
+from agentkernel.errors import AgentkernelError
+
+app = typer.Typer(
+    name="agentkernel",
+    help="Run AI coding agents and their commands in hardware-isolated microVMs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"agentkernel {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", "-V", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Run AI coding agents and their commands in hardware-isolated microVMs."""
+
+
+app.command("setup")(setup_cmd.setup)
+app.command("status")(status_cmd.status)
+app.add_typer(images_cmd.app, name="image")
+for _name, _fn, _aliases in (
+    ("run", sandbox_cmds.run, ()),
+    ("create", sandbox_cmds.create, ()),
+    ("start", sandbox_cmds.start, ()),
+    ("stop", sandbox_cmds.stop, ()),
+    ("remove", sandbox_cmds.remove, ("rm",)),
+    ("list", sandbox_cmds.list_cmd, ("ls",)),
+    ("exec", sandbox_cmds.exec_cmd, ()),
+    ("attach", sandbox_cmds.attach, ()),
+    ("cp", sandbox_cmds.cp, ()),
+    ("logs", sandbox_cmds.logs, ()),
+):
+    for _alias in (_name, *_aliases):
+        app.command(_alias, context_settings=sandbox_cmds.COMMAND_SETTINGS, hidden=_alias != _name)(_fn)
+
+
+def main() -> None:
+    """Entry point: expected errors become one line on stderr and a non-zero exit, never a traceback."""
+    try:
+        app()
+    except AgentkernelError as exc:
+        print(f"agentkernel: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("agentkernel: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,302 @@
+"""Sandbox commands with docker-like habits: run, create, start, stop, rm, ls, exec, attach, cp, logs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+from collections.abc import AsyncIterator, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+
+from agentkernel.cli.output import console, err_console, print_json
+from agentkernel.cli.streams import attach_process, raw_terminal, terminal_size
+from agentkernel.config import load_config, resolve_policy
+from agentkernel.errors import AgentkernelError
+from agentkernel.protocol.client import ExitStatus
+from agentkernel.service import sandboxes
+
+T = TypeVar("T")
+COMMAND_SETTINGS = {"allow_interspersed_args": False}
+TIMEOUT_EXIT = 124
+
+
+def _await(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def parse_env(pairs: list[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key or "\0" in pair:
+            raise AgentkernelError(f"-e {pair!r}: expected KEY=VALUE")
+        env[key] = value
+    return env
+
+
+def command_args(command: list[str]) -> list[str]:
+    """The command after an optional `--` (which stays in the arguments once parsing stops at it)."""
+    return command[1:] if command[:1] == ["--"] else command
+
+
+def _status_exit(status: ExitStatus, timeout: float | None) -> None:
+    if status.timed_out:
+        err_console.print(f"agentkernel: the command timed out after {timeout:g}s and was killed")
+        raise typer.Exit(TIMEOUT_EXIT)
+    raise typer.Exit(status.shell_code)
+
+
+def _note(message: str) -> None:
+    """Progress for people at a terminal; scripts reading our stdout never see it."""
+    if sys.stderr.isatty():
+        err_console.print(f"[dim]{message}[/dim]")
+
+
+async def _exec(
+    name: str,
+    command: list[str],
+    *,
+    env: dict[str, str],
+    workdir: str | None,
+    interactive: bool,
+    tty_mode: bool,
+    timeout: float | None,
+) -> ExitStatus:
+    command = command_args(command)
+    if not command:
+        raise AgentkernelError("no command given: agentkernel exec NAME -- CMD...")
+    if tty_mode:
+        env = {"TERM": os.environ.get("TERM", "xterm"), **env}
+    async with sandboxes.session(name) as conn:
+        proc = await conn.exec(
+            command, env=env, cwd=workdir, timeout=timeout, pty=terminal_size() if tty_mode else None
+        )
+        with raw_terminal(tty_mode):
+            return await attach_process(proc, stdin=interactive, tty_mode=tty_mode)
+
+
+def run(
+    command: list[str] = typer.Argument(..., metavar="-- CMD...", help="The command to run."),
+    image: str | None = typer.Option(
+        None, "--image", help="Image (default: agentkernel.toml, else detected)."
+    ),
+    backend: str = typer.Option("qemu", "--backend", help="Backend to run on."),
+    vcpus: int | None = typer.Option(None, "--vcpus", help="Virtual CPUs (default 1)."),
+    memory: int | None = typer.Option(None, "--memory", help="Memory in MB (default 512)."),
+    profile: str | None = typer.Option(None, "--profile", help="Security profile (default moderate)."),
+    timeout: float | None = typer.Option(None, "--timeout", help="Kill the command after this many seconds."),
+    env: list[str] = typer.Option([], "--env", "-e", help="Set KEY=VALUE in the command's environment."),
+    workdir: str | None = typer.Option(None, "--workdir", "-w", help="Working directory in the sandbox."),
+    interactive: bool = typer.Option(False, "--interactive", "-i", help="Pass stdin to the command."),
+    keep: bool = typer.Option(False, "--keep", help="Keep the sandbox running afterwards."),
+    name: str | None = typer.Option(None, "--name", help="Name for the sandbox (default: run-XXXXXXXX)."),
+) -> None:
+    """Run a command in a new sandbox, stream its output, exit with its exit code, then remove it."""
+    command = command_args(command)
+    if not command:
+        raise AgentkernelError("no command given: agentkernel run -- CMD...")
+    variables = parse_env(env)
+    config, _ = load_config(search_from=Path.cwd())
+    chosen, why = sandboxes.choose_image(command, image, config, Path.cwd())
+    policy = resolve_policy(config, profile=profile)
+    sandbox = sandboxes.validate_name(name) if name else sandboxes.new_ephemeral_name()
+    _note(f"starting sandbox {sandbox} (image {chosen}: {why}) ...")
+    sandboxes.create(
+        sandbox,
+        image=chosen,
+        vcpus=vcpus or config.resources.vcpus or 1,
+        memory_mb=memory or config.resources.memory_mb or 512,
+        profile=policy.profile,
+        backend=backend,
+    )
+    try:
+        _await(sandboxes.start(sandbox))
+        status = _await(
+            _exec(
+                sandbox,
+                command,
+                env=variables,
+                workdir=workdir,
+                interactive=interactive,
+                tty_mode=False,
+                timeout=timeout,
+            )
+        )
+    finally:
+        if keep:
+            _note(
+                f"sandbox {sandbox} kept: `agentkernel exec {sandbox} -- CMD`, `agentkernel rm -f {sandbox}`"
+            )
+        else:
+            sandboxes.remove(sandbox, force=True)
+    _status_exit(status, timeout)
+
+
+def create(
+    name: str = typer.Argument(..., help="Sandbox name."),
+    image: str | None = typer.Option(None, "--image", help="Image (default: agentkernel.toml, else base)."),
+    backend: str = typer.Option("qemu", "--backend", help="Backend to run on."),
+    vcpus: int | None = typer.Option(None, "--vcpus", help="Virtual CPUs (default 1)."),
+    memory: int | None = typer.Option(None, "--memory", help="Memory in MB (default 512)."),
+    profile: str | None = typer.Option(None, "--profile", help="Security profile (default moderate)."),
+) -> None:
+    """Create a sandbox (its own disk over the image) without starting it."""
+    sandboxes.validate_name(name)
+    config, _ = load_config(search_from=Path.cwd())
+    chosen, _why = sandboxes.choose_image([], image, config, Path.cwd())
+    sandboxes.create(
+        name,
+        image=chosen,
+        vcpus=vcpus or config.resources.vcpus or 1,
+        memory_mb=memory or config.resources.memory_mb or 512,
+        profile=resolve_policy(config, profile=profile).profile,
+        backend=backend,
+    )
+    console.print(name)
+
+
+def start(name: str = typer.Argument(..., help="Sandbox name.")) -> None:
+    """Boot a sandbox and wait until it answers."""
+    _note(f"booting {name} ...")
+    _await(sandboxes.start(name))
+    console.print(name)
+
+
+def stop(name: str = typer.Argument(..., help="Sandbox name.")) -> None:
+    """Power a sandbox off; its disk is kept for the next start."""
+    _await(sandboxes.stop(name))
+    console.print(name)
+
+
+def remove(
+    names: list[str] = typer.Argument(..., help="Sandbox names."),
+    force: bool = typer.Option(False, "--force", "-f", help="Remove even if running."),
+) -> None:
+    """Remove sandboxes and everything they have on disk."""
+    for name in names:
+        sandboxes.remove(name, force=force)
+        console.print(name)
+
+
+def list_cmd(json_out: bool = typer.Option(False, "--json", help="Print a JSON array.")) -> None:
+    """List sandboxes."""
+    records = sandboxes.list_sandboxes()
+    if json_out:
+        print_json([r.public() for r in records])
+        return
+    if not records:
+        console.print("no sandboxes")
+        return
+    console.print(f"{'NAME':<24} {'STATUS':<8} {'BACKEND':<8} {'IMAGE':<12} {'CPUS':>4} {'MEM':>6}  CREATED")
+    for r in records:
+        console.print(
+            f"{r.name:<24} {r.status:<8} {r.backend:<8} {r.image:<12} {r.vcpus:>4} "
+            f"{r.memory_mb:>4}MB  {r.created_at}"
+        )
+
+
+def exec_cmd(
+    name: str = typer.Argument(..., help="Sandbox name."),
+    command: list[str] = typer.Argument(..., metavar="-- CMD...", help="The command to run."),
+    interactive: bool = typer.Option(False, "--interactive", "-i", help="Pass stdin to the command."),
+    tty_mode: bool = typer.Option(False, "--tty", "-t", help="Run the command on a terminal."),
+    env: list[str] = typer.Option([], "--env", "-e", help="Set KEY=VALUE in the command's environment."),
+    workdir: str | None = typer.Option(None, "--workdir", "-w", help="Working directory in the sandbox."),
+    timeout: float | None = typer.Option(None, "--timeout", help="Kill the command after this many seconds."),
+) -> None:
+    """Run a command in a running sandbox; exits with its exit code (128+N if killed by signal N)."""
+    status = _await(
+        _exec(
+            name,
+            command,
+            env=parse_env(env),
+            workdir=workdir,
+            interactive=interactive,
+            tty_mode=tty_mode,
+            timeout=timeout,
+        )
+    )
+    _status_exit(status, timeout)
+
+
+def attach(name: str = typer.Argument(..., help="Sandbox name.")) -> None:
+    """Open an interactive shell in a running sandbox."""
+    status = _await(
+        _exec(name, ["/bin/sh", "-l"], env={}, workdir=None, interactive=True, tty_mode=True, timeout=None)
+    )
+    raise typer.Exit(status.shell_code)
+
+
+def _split_remote(spec: str) -> tuple[str | None, str]:
+    """`NAME:/path` -> (NAME, /path); a local path -> (None, path)."""
+    head, sep, tail = spec.partition(":")
+    if sep and head and "/" not in head:
+        if not tail.startswith("/"):
+            raise AgentkernelError(f"{spec}: the path in the sandbox must be absolute")
+        return sandboxes.validate_name(head), tail
+    return None, spec
+
+
+def cp(
+    source: str = typer.Argument(..., help="NAME:/path or a local path."),
+    dest: str = typer.Argument(..., help="NAME:/path or a local path."),
+) -> None:
+    """Copy a file between the host and a sandbox (one side is NAME:/path)."""
+    src_name, src_path = _split_remote(source)
+    dst_name, dst_path = _split_remote(dest)
+    if (src_name is None) == (dst_name is None):
+        raise AgentkernelError("cp: exactly one of SRC and DST must be NAME:/path")
+    if dst_name is not None:
+        _await(_upload(dst_name, Path(src_path), dst_path))
+    else:
+        assert src_name is not None
+        _await(_download(src_name, src_path, Path(dst_path)))
+
+
+async def _read_local(path: Path) -> AsyncIterator[bytes]:
+    with path.open("rb") as f:
+        while chunk := f.read(256 * 1024):
+            yield chunk
+
+
+async def _upload(name: str, local: Path, remote: str) -> None:
+    if not local.is_file():
+        raise AgentkernelError(f"cp: {local}: not a file")
+    async with sandboxes.session(name) as conn:
+        if remote.endswith("/"):
+            remote += local.name
+        else:
+            with contextlib.suppress(AgentkernelError):
+                if (await conn.stat(remote)).kind == "dir":
+                    remote = f"{remote}/{local.name}"
+        await conn.write_file(remote, _read_local(local), mode=local.stat().st_mode & 0o777)
+
+
+async def _download(name: str, remote: str, local: Path) -> None:
+    if local.is_dir():
+        local = local / remote.rstrip("/").rsplit("/", 1)[-1]
+    tmp = local.with_name(f".{local.name}.part")
+    async with sandboxes.session(name) as conn:
+        info = await conn.stat(remote)
+        if info.kind != "file":
+            raise AgentkernelError(f"cp: {name}:{remote}: not a regular file")
+        try:
+            with tmp.open("wb") as f:
+                async for chunk in conn.read_file(remote):
+                    f.write(chunk)
+            tmp.chmod(info.mode & 0o777)
+            tmp.replace(local)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def logs(name: str = typer.Argument(..., help="Sandbox name.")) -> None:
+    """Print a sandbox's console log (the guest kernel's and agent's messages)."""
+    record = sandboxes.get(name)
+    log = sandboxes.spec_of(record).console_log
+    if log.exists():
+        sys.stdout.buffer.write(log.read_bytes())

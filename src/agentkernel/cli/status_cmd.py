@@ -1,0 +1,30 @@
+"""`agentkernel status`: acceleration, backends, kernel and images."""
+
+from __future__ import annotations
+
+import typer
+
+from agentkernel.cli.output import console, human_size, print_json
+from agentkernel.service.status import status as get_status
+
+
+def status(json_out: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+    """Show how sandboxes run on this host and what is installed."""
+    info = get_status()
+    if json_out:
+        print_json(info)
+        return
+    if info["accel"] == "kvm":
+        console.print("acceleration: [green]KVM[/green] (hardware virtualization)")
+    else:
+        console.print(f"acceleration: [yellow]TCG[/yellow] software emulation, slower: {info['kvm_note']}")
+    for name, b in info["backends"].items():
+        mark = "[green]available[/green]" if b["available"] else "[red]unavailable[/red]"
+        console.print(f"backend {name}: {mark}: {b['reason']}")
+    console.print(f"kernel: {info['kernel'] or 'not built: run `agentkernel setup`'}")
+    console.print(f"agent: {info['agent'] or 'not built: run `agentkernel setup`'}")
+    if not info["images"]:
+        console.print("images: none: run `agentkernel setup`")
+    for img in info["images"]:
+        console.print(f"image {img['name']}: {human_size(img['size_bytes'])} {img['path']}")
+    console.print(f"data dir: {info['data_dir']}")

@@ -1,0 +1,81 @@
+"""Connecting a guest process to this terminal: output as it comes, stdin, raw TTY mode and resizes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import termios
+import threading
+import tty
+from collections.abc import Iterator
+
+from agentkernel.protocol.client import ExitStatus, Process
+
+
+def terminal_size() -> tuple[int, int]:
+    size = shutil.get_terminal_size((80, 24))
+    return size.lines, size.columns
+
+
+@contextlib.contextmanager
+def raw_terminal(enabled: bool) -> Iterator[None]:
+    """Put stdin's terminal in raw mode (keys go to the guest as typed) and restore it afterwards."""
+    if not enabled or not os.isatty(0):
+        yield
+        return
+    saved = termios.tcgetattr(0)
+    tty.setraw(0)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(0, termios.TCSADRAIN, saved)
+
+
+def _stdin_reader(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[bytes]) -> None:
+    """Reads stdin in a daemon thread (works for files, pipes and terminals alike)."""
+    while True:
+        try:
+            data = os.read(0, 65536)
+        except OSError:
+            data = b""
+        loop.call_soon_threadsafe(queue.put_nowait, data)
+        if not data:
+            return
+
+
+async def _forward_stdin(proc: Process) -> None:
+    queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=4)
+    threading.Thread(target=_stdin_reader, args=(asyncio.get_running_loop(), queue), daemon=True).start()
+    while data := await queue.get():
+        await proc.write(data)
+    await proc.close_stdin()
+
+
+async def attach_process(proc: Process, *, stdin: bool, tty_mode: bool) -> ExitStatus:
+    """Stream the process's output to our stdout/stderr (and our stdin to it) until it exits."""
+    loop = asyncio.get_running_loop()
+    feeder = asyncio.create_task(_forward_stdin(proc)) if stdin else None
+    if feeder is None:
+        await proc.close_stdin()
+    resized = tty_mode and os.isatty(1)
+    if resized:
+        loop.add_signal_handler(signal.SIGWINCH, lambda: asyncio.ensure_future(proc.resize(*terminal_size())))
+    out, err = sys.stdout.buffer, sys.stderr.buffer
+    try:
+        async for chunk in proc.output():
+            stream = out if chunk.stream == "stdout" else err
+            stream.write(chunk.data)
+            stream.flush()
+    finally:
+        if resized:
+            loop.remove_signal_handler(signal.SIGWINCH)
+        if feeder is not None:
+            feeder.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await feeder
+    assert proc.status is not None
+    return proc.status

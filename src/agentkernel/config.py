@@ -1,0 +1,301 @@
+"""`agentkernel.toml`: the project's sandbox settings, and the security policy they resolve to.
+
+    [sandbox]           name, base_image
+    [agent]             preferred
+    [resources]         vcpus, memory_mb, disk_mb
+    [security]          profile, network, mount_cwd, mount_home, pass_env, read_only
+    [security.domains]  allow, block, allowlist_only
+    [network]           vsock_cid
+
+Every key is optional; unset resources and vsock_cid are left to the runtime's defaults. Types are
+strict (TOML has them: `vcpus = "2"` is an error, not 2) and unknown keys are errors, so a typo is
+reported instead of silently ignored. Every problem becomes an AgentkernelError of one line:
+
+    agentkernel.toml: resources.memory_mb: must be at least 64 (got 1)
+    agentkernel.toml: security.netwrk: unknown key
+    agentkernel.toml: line 3, column 7: invalid TOML: expected '=' after a key in a key/value pair
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import ErrorDetails
+
+from agentkernel.errors import AgentkernelError
+from agentkernel.images.store import check_name
+
+FILENAME = "agentkernel.toml"
+
+ProfileName = Literal["permissive", "moderate", "restrictive"]
+AgentName = Literal["claude", "gemini", "codex", "opencode"]
+
+RUNTIME_IMAGES = {"python": "python", "node": "node", "rust": "rust", "golang": "go", "go": "go"}
+SANDBOX_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+DOMAIN_PATTERN = re.compile(r"(\*\.)?([a-z0-9]([a-z0-9-]*[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]*[a-z0-9])?")
+
+
+def image_name(value: str) -> str:
+    """The image a `base_image` value names.
+
+    Our images are `base`, `python`, `node`, `rust`, `go` and pulled ones (`myimg:latest`). A
+    Docker-style reference to a known runtime, with no registry part, is mapped to our image for
+    that runtime, whatever its tag: `python:3.12-alpine` -> `python`, `node:20` -> `node`,
+    `rust:1.80` -> `rust`, `golang:1.22` -> `go`. Anything else is used as it is, as an image name.
+    """
+    check_name(value)
+    repository = value.split("@", 1)[0].split(":", 1)[0]
+    return RUNTIME_IMAGES.get(repository, value)
+
+
+def _domain_pattern(value: str) -> str:
+    value = value.lower()
+    if len(value) > 253 or not DOMAIN_PATTERN.fullmatch(value):
+        raise ValueError("must be a domain pattern (like pypi.org or *.pypi.org)")
+    return value
+
+
+DomainPattern = Annotated[str, AfterValidator(_domain_pattern)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Sandbox(_Section):
+    name: str | None = None
+    base_image: str | None = None
+    """Already mapped by image_name()."""
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str | None) -> str | None:
+        if value is not None and not SANDBOX_NAME.fullmatch(value):
+            raise ValueError("must be 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        return value
+
+    @field_validator("base_image")
+    @classmethod
+    def _map_image(cls, value: str | None) -> str | None:
+        try:
+            return None if value is None else image_name(value)
+        except AgentkernelError:
+            raise ValueError("must be an image name (like python or myimg:latest)") from None
+
+
+class Agent(_Section):
+    preferred: AgentName | None = None
+
+
+class Resources(_Section):
+    vcpus: int | None = Field(default=None, ge=1, le=32)
+    memory_mb: int | None = Field(default=None, ge=64, le=65536)
+    disk_mb: int | None = Field(default=None, ge=64, le=1024 * 1024)
+
+
+class Domains(_Section):
+    """Domain patterns: `pypi.org` matches that name only, `*.pypi.org` its subdomains."""
+
+    allow: tuple[DomainPattern, ...] = Field(default=(), strict=False)  # lax: TOML gives lists
+    block: tuple[DomainPattern, ...] = Field(default=(), strict=False)
+    allowlist_only: bool = False
+
+
+class Security(_Section):
+    """A profile, and overrides of its settings (None: the profile decides)."""
+
+    profile: ProfileName = "moderate"
+    network: bool | None = None
+    mount_cwd: bool | None = None
+    mount_home: bool | None = None
+    pass_env: bool | None = None
+    read_only: bool | None = None
+    domains: Domains = Domains()
+
+
+class Network(_Section):
+    vsock_cid: int | None = Field(default=None, ge=3, le=2**32 - 2)
+    """0-2 are reserved (hypervisor, local, host); 2**32 - 1 means any."""
+
+
+class Config(_Section):
+    sandbox: Sandbox = Sandbox()
+    agent: Agent = Agent()
+    resources: Resources = Resources()
+    security: Security = Security()
+    network: Network = Network()
+
+
+def find_config(start: Path) -> Path | None:
+    """The nearest agentkernel.toml in `start` or its parents.
+
+    The search stops at the repository root (the first directory holding `.git`, after looking in
+    it) or at the filesystem root, so a project never picks up a file from outside its repository.
+    """
+    start = start.absolute()
+    for directory in (start, *start.parents):
+        candidate = directory / FILENAME
+        if candidate.is_file():
+            return candidate
+        if (directory / ".git").exists():
+            break
+    return None
+
+
+def load_config(path: Path | None = None, *, search_from: Path | None = None) -> tuple[Config, Path | None]:
+    """The validated config and the file it came from.
+
+    With `path`, that file must exist. Without, it is found by find_config() from `search_from`
+    (default: the current directory); if there is none, the defaults and None are returned.
+    """
+    if path is None:
+        path = find_config(search_from if search_from is not None else Path.cwd())
+        if path is None:
+            return Config(), None
+    shown = _shown(path)
+    try:
+        text = path.read_bytes().decode()
+        data = tomllib.loads(text)
+    except FileNotFoundError:
+        raise AgentkernelError(f"{shown}: file not found") from None
+    except OSError as exc:
+        raise AgentkernelError(f"{shown}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise AgentkernelError(f"{shown}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise AgentkernelError(f"{shown}: {_syntax_error(str(exc), text)}") from None
+    try:
+        return Config.model_validate(data), path
+    except ValidationError as exc:
+        problems = "; ".join(_problem(error) for error in exc.errors())
+        raise AgentkernelError(f"{shown}: {problems}") from None
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The security settings one sandbox runs with."""
+
+    profile: str
+    network: bool
+    mount_cwd: bool
+    mount_home: bool
+    pass_env: bool
+    read_only: bool
+    domains: Domains = field(default_factory=Domains)
+
+
+PROFILES: dict[str, Policy] = {
+    "permissive": Policy(
+        "permissive", network=True, mount_cwd=True, mount_home=True, pass_env=True, read_only=False
+    ),
+    "moderate": Policy(
+        "moderate", network=True, mount_cwd=False, mount_home=False, pass_env=False, read_only=False
+    ),
+    "restrictive": Policy(
+        "restrictive", network=False, mount_cwd=False, mount_home=False, pass_env=False, read_only=True
+    ),
+}
+
+
+def resolve_policy(
+    config: Config,
+    *,
+    profile: str | None = None,
+    network: bool | None = None,
+    mount_cwd: bool | None = None,
+    mount_home: bool | None = None,
+    pass_env: bool | None = None,
+    read_only: bool | None = None,
+) -> Policy:
+    """The policy from command-line flags (None: not given), `config`, and the profile's defaults.
+
+    The profile is the flag's, else the config's. Each setting is then the flag's, else the
+    config's [security] override, else the profile's: a config override still applies when a flag
+    picks another profile.
+    """
+    name = profile if profile is not None else config.security.profile
+    if name not in PROFILES:
+        raise AgentkernelError(f"unknown security profile {name!r}: use {_either(list(PROFILES))}")
+    base, security = PROFILES[name], config.security
+    return Policy(
+        profile=name,
+        network=_first(network, security.network, base.network),
+        mount_cwd=_first(mount_cwd, security.mount_cwd, base.mount_cwd),
+        mount_home=_first(mount_home, security.mount_home, base.mount_home),
+        pass_env=_first(pass_env, security.pass_env, base.pass_env),
+        read_only=_first(read_only, security.read_only, base.read_only),
+        domains=security.domains,
+    )
+
+
+def _first(*values: bool | None) -> bool:
+    return next(value for value in values if value is not None)
+
+
+def _either(names: list[str]) -> str:
+    return ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def _shown(path: Path) -> str:
+    """`path` for messages: relative to the current directory when inside it, on one line."""
+    try:
+        text = str(path.absolute().relative_to(Path.cwd()))
+    except (ValueError, OSError):
+        text = str(path)
+    return text if text.isprintable() else json.dumps(text)
+
+
+def _syntax_error(message: str, text: str) -> str:
+    """tomllib's "Reason (at line 3, column 7)" as "line 3, column 7: invalid TOML: reason"."""
+    match = re.fullmatch(r"(.*?)\s*\((?:at (line \d+, column \d+)|at end of document)\)", message)
+    if not match:
+        return f"invalid TOML: {message}"
+    where = match[2] or f"line {len(text.splitlines()) or 1}"  # the end: its last line
+    return f"{where}: invalid TOML: {match[1][:1].lower()}{match[1][1:]}"
+
+
+TYPE_REASONS = {
+    "int_type": "must be an integer",
+    "bool_type": "must be true or false",
+    "string_type": "must be a string",
+    "tuple_type": "must be a list",
+    "model_type": "must be a table",
+}
+
+
+def _problem(error: ErrorDetails) -> str:
+    """One validation error as "key.path: reason (got value)"."""
+    where = "".join(f"[{part}]" if isinstance(part, int) else "." + _key(part) for part in error["loc"])
+    where = where.removeprefix(".") or "(top level)"
+    kind, ctx = error["type"], error.get("ctx", {})
+    if kind == "extra_forbidden":
+        return f"{where}: unknown key"
+    if kind == "missing":
+        return f"{where}: required"
+    if kind == "greater_than_equal":
+        reason = f"must be at least {ctx['ge']}"
+    elif kind == "less_than_equal":
+        reason = f"must be at most {ctx['le']}"
+    elif kind == "literal_error":
+        reason = "must be one of " + ", ".join(re.findall(r"'([^']*)'", ctx["expected"]))
+    elif kind == "value_error":
+        reason = str(ctx["error"])
+    else:
+        reason = TYPE_REASONS.get(kind) or error["msg"][:1].lower() + error["msg"][1:]
+    return f"{where}: {reason} (got {_value(error['input'])})"
+
+
+def _key(part: str) -> str:
+    return part if re.fullmatch(r"[A-Za-z0-9_-]+", part) else json.dumps(part)
+
+
+def _value(value: Any) -> str:
+    """`value` as TOML would spell it, on one line and cut short."""
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -1,0 +1,145 @@
+/* agentkernel guest agent: shared definitions. The wire protocol is docs/protocol.md. */
+#ifndef AGENT_H
+#define AGENT_H
+
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/resource.h>
+#include <sys/types.h>
+
+#define HDR_LEN 8
+#define MAX_PAYLOAD 262144
+#define MAX_FIELDS 4096
+#define MAX_CHANS 1024
+#define INIT_WINDOW 262144
+#define MAX_PING 64
+#define CHUNK 65536           /* largest data frame the agent sends */
+#define OUTQ_HIGH (1 << 20)   /* above this many queued bytes, stop producing output */
+#define EXIT_QUIET_MS 100     /* the 100 ms rule for EXIT (protocol.md, Exec) */
+
+enum ftype {
+	T_HELLO = 1, T_PING = 2, T_PONG = 3, T_SHUTDOWN = 4,
+	T_EXEC = 16, T_STARTED, T_STDIN, T_STDOUT, T_STDERR, T_EXIT, T_SIGNAL, T_RESIZE,
+	T_WINDOW, T_ERROR, T_DATA, T_OK, T_INFO, T_ENTRY,
+	T_GET = 32, T_PUT, T_STAT, T_LIST, T_MKDIR, T_REMOVE,
+};
+
+enum tag {
+	F_VERSION = 1, F_MAGIC, F_ARGV, F_ENV, F_CWD, F_UID, F_GID, F_TIMEOUT_MS, F_PID,
+	F_EXIT_CODE, F_SIGNAL, F_MESSAGE, F_ERRNO, F_ROWS, F_COLS, F_PTY, F_BYTES, F_TIMED_OUT,
+	F_HOSTNAME, F_TIME_NS, F_PATH, F_MODE, F_SIZE, F_MTIME_NS, F_KIND, F_NAME, F_PARENTS,
+	F_RECURSIVE, NTAGS
+};
+
+enum kind { K_FILE = 1, K_DIR, K_SYMLINK, K_OTHER };
+
+/* A parsed record: values point into the frame payload. */
+struct field { const uint8_t *p; uint32_t n; };
+struct rec {
+	bool has[NTAGS];
+	struct field f[NTAGS];
+	struct field argv[MAX_FIELDS], env[MAX_FIELDS];
+	int nargv, nenv;
+};
+int rec_parse(struct rec *r, const uint8_t *p, size_t n);
+int64_t rec_int(const struct rec *r, int tag, int64_t def);
+char *field_str(const struct field *f); /* malloc'd C string; NULL if it holds a NUL */
+
+/* A record being built. Agent records are small: names <= 255 bytes, short messages. */
+struct rb { size_t n; uint8_t b[1024]; };
+void rb_int(struct rb *b, int tag, int64_t v);
+void rb_bytes(struct rb *b, int tag, const void *p, size_t n);
+
+uint16_t get16(const uint8_t *p);
+uint32_t get32(const uint8_t *p);
+void put32(uint8_t *p, uint32_t v);
+
+struct chan;
+
+struct conn {
+	struct conn *next;
+	int fd;
+	bool serial;     /* virtio-serial port (kept open; resyncs on HELLO) or vsock stream */
+	bool synced;     /* a HELLO was accepted; before that a port scans for one */
+	bool dead;       /* closed, freed at the end of the loop iteration */
+	bool can_read, can_write; /* edge-triggered readiness not yet consumed */
+	bool throttled;  /* out-queue went over OUTQ_HIGH; producers are paused */
+	char name[48];
+	uint8_t *in;     /* input: at most one frame plus one read */
+	size_t inlen;
+	uint8_t *out;    /* out-queue: [ohead, olen) unsent; ofrm = start of the frame at ohead */
+	size_t ohead, olen, ocap, ofrm;
+	struct chan *ch[MAX_CHANS];
+	int nch;
+};
+
+enum op { OP_EXEC = 1, OP_GET, OP_PUT, OP_LIST };
+
+struct chan {
+	struct conn *c;
+	uint16_t id;
+	uint8_t op;
+	int64_t out_win;     /* data bytes the agent may still send */
+	int64_t in_win;      /* data bytes the host may still send */
+	int64_t ack;         /* bytes passed on, not yet returned with WINDOW */
+	uint8_t *ib;         /* host data not yet passed on: [ihead, ihead+ilen), at most INIT_WINDOW */
+	size_t ihead, ilen, icap;
+	bool in_eof;         /* host ended its data (empty STDIN) */
+	bool in_closed;      /* the process's stdin is closed */
+	/* exec */
+	pid_t pid;
+	int sfd, ifd, ofd, efd; /* status pipe, stdin, stdout, stderr; a PTY master is ifd == ofd */
+	bool pty, started, exited, timed_out;
+	int wstatus;
+	int64_t deadline;    /* monotonic ms for timeout_ms, 0 = none */
+	int64_t last_out;    /* monotonic ms of the last output, for the 100 ms rule */
+	/* files */
+	int fd;
+	DIR *dir;
+	char *tmp, *path;  /* PUT: temporary file and target */
+	int mode;
+	int64_t size;
+};
+
+/* agent.c */
+extern int64_t now;  /* monotonic ms, refreshed every loop iteration */
+extern struct rlimit child_nofile;
+int64_t mono_ms(void);
+void logmsg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+enum wkind { W_NONE, W_SIGNAL, W_LISTEN, W_UEVENT, W_CONN, W_STATUS, W_STDIN, W_STDOUT, W_STDERR, W_PTY };
+void watch_add(int fd, int kind, uint32_t events, struct conn *c, struct chan *ch);
+void watch_set(int fd, uint32_t events);
+void watch_close(int *fd);
+void send_frame(struct conn *c, uint16_t ch, uint8_t type, const void *p, size_t n);
+void send_rec(struct conn *c, uint16_t ch, uint8_t type, const struct rb *b);
+void send_error(struct conn *c, uint16_t ch, int err, const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+uint8_t *data_reserve(struct conn *c, size_t n);
+void data_commit(struct conn *c, uint16_t ch, uint8_t type, size_t n);
+bool out_full(struct conn *c);
+struct chan *chan_new(struct conn *c, uint16_t id, uint8_t op);
+void chan_free(struct chan *ch);
+bool ibuf_push(struct chan *ch, const uint8_t *p, size_t n);
+void grant(struct chan *ch, bool force);
+
+/* exec.c */
+void exec_start(struct conn *c, uint16_t id, const struct rec *r);
+void exec_event(struct chan *ch, int kind, uint32_t events);
+void exec_stdin(struct chan *ch, const uint8_t *p, size_t n);
+void exec_signal(struct chan *ch, int sig);
+void exec_resize(struct chan *ch, int64_t rows, int64_t cols);
+void exec_reaped(struct chan *ch, int status);
+void exec_update(struct chan *ch);
+void exec_timers(struct chan *ch);
+int64_t exec_next_timer(struct chan *ch);
+void exec_release(struct chan *ch);
+
+/* files.c */
+void file_op(struct conn *c, uint16_t id, uint8_t type, const struct rec *r);
+void file_data(struct chan *ch, const uint8_t *p, size_t n);
+bool file_produce(struct chan *ch);
+void file_release(struct chan *ch);
+
+#endif

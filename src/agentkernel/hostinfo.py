@@ -1,0 +1,79 @@
+"""What this host can run: hardware virtualization (KVM) or software emulation (TCG), and which backends."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+KVM_DEVICE = Path("/dev/kvm")
+
+
+@dataclass(frozen=True)
+class Accel:
+    name: str  # "kvm" or "tcg"
+    note: str  # why not KVM; empty when KVM is used
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    available: bool
+    reason: str
+
+
+def cpu_flags(cpuinfo: str) -> set[str]:
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def detect_accel(cpuinfo: str | None = None, kvm: Path = KVM_DEVICE) -> Accel:
+    """KVM when /dev/kvm opens read-write and the CPU has vmx or svm; TCG otherwise, with the reason.
+
+    A /dev/kvm without vmx/svm in the CPU flags is a paravirtual (PVM) hypervisor that cannot boot a
+    stock guest kernel: using it would hang the guest, so it counts as no KVM.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    hw = bool(cpu_flags(cpuinfo) & {"vmx", "svm"})
+    if not kvm.exists():
+        return Accel("tcg", f"{kvm} does not exist (no KVM module loaded, or not a Linux host)")
+    if not os.access(kvm, os.R_OK | os.W_OK):
+        return Accel("tcg", f"{kvm} is not readable and writable by this user (add it to the kvm group)")
+    if not hw:
+        return Accel("tcg", f"{kvm} is present but the CPU has no vmx/svm: a PVM host")
+    return Accel("kvm", "")
+
+
+@cache
+def accel() -> Accel:
+    return detect_accel()
+
+
+def backends(current: Accel | None = None) -> dict[str, BackendStatus]:
+    """Each backend, whether it can run sandboxes here, and why (not)."""
+    acc = current or accel()
+    qemu = shutil.which("qemu-system-x86_64")
+    result = {
+        "qemu": BackendStatus(
+            bool(qemu),
+            (f"{qemu} with KVM" if acc.name == "kvm" else f"{qemu} with TCG software emulation ({acc.note})")
+            if qemu
+            else "qemu-system-x86_64 not found: apt-get install -y qemu-system-x86",
+        ),
+    }
+    firecracker = shutil.which("firecracker")
+    if not firecracker:
+        result["firecracker"] = BackendStatus(False, "firecracker binary not found on PATH")
+    elif acc.name != "kvm":
+        result["firecracker"] = BackendStatus(False, f"firecracker needs hardware KVM: {acc.note}")
+    else:
+        result["firecracker"] = BackendStatus(False, "the firecracker backend is not implemented yet")
+    result["container"] = BackendStatus(False, "the container backend is not implemented yet")
+    return result

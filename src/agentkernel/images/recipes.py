@@ -1,0 +1,148 @@
+"""Named recipes for root trees: `base` from the host's busybox-static, the rest from Debian via mmdebstrap.
+
+A recipe's cache key covers everything that shapes its image (its definition, the inputs it copies,
+the builder's format, the agent binary), so a changed input rebuilds it and nothing else does.
+"""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from agentkernel.artifacts.cache import key_of, sha256_file
+from agentkernel.artifacts.run import require, run
+from agentkernel.errors import AgentkernelError
+from agentkernel.images import builder
+from agentkernel.images.sources import debian_sources
+
+SUITE = "bookworm"
+DPKG_OPTIONS = (
+    # Written into the image's dpkg config too, so packages installed in a sandbox stay slim.
+    "path-exclude=/usr/share/doc/*",
+    "path-include=/usr/share/doc/*/copyright",
+    "path-exclude=/usr/share/man/*",
+    "path-exclude=/usr/share/info/*",
+    "path-exclude=/usr/share/lintian/*",
+    "path-exclude=/usr/share/locale/*",
+    "path-include=/usr/share/locale/locale.alias",
+)
+REMOVE = (
+    "etc/hostname",  # mmdebstrap copies the host's: a sandbox gets its own
+    "etc/resolv.conf",
+    "var/cache/debconf/*-old",
+    "var/log/apt/*",
+    # A sandbox is disposable: let `pip install` work there without --break-system-packages.
+    "usr/lib/python3*/EXTERNALLY-MANAGED",
+)
+PASSWD = "root:x:0:0:root:/root:/bin/sh\n"
+GROUP = "root:x:0:\n"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    summary: str
+    packages: tuple[str, ...] = ()
+    """Debian packages installed on top of the minbase variant; none means the busybox base."""
+
+
+RECIPES = {
+    recipe.name: recipe
+    for recipe in (
+        Recipe("base", "busybox: a shell and core utilities in a few MB"),
+        Recipe("python", "Debian 12 with Python 3 and pip", ("python3", "python3-pip", "ca-certificates")),
+        Recipe("node", "Debian 12 with Node.js and npm", ("nodejs", "npm", "ca-certificates")),
+        Recipe("rust", "Debian 12 with rustc and cargo", ("rustc", "cargo", "ca-certificates")),
+        Recipe("go", "Debian 12 with Go", ("golang-go", "ca-certificates")),
+    )
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise AgentkernelError(f"no recipe named {name}: the recipes are {', '.join(RECIPES)}") from None
+
+
+def recipe_key(recipe: Recipe, agent: Path) -> str:
+    """The cache key of the image `recipe` makes with `agent` as its init."""
+    if recipe.packages:
+        inputs = [SUITE, *recipe.packages, *DPKG_OPTIONS, *REMOVE, *debian_sources(SUITE)]
+    else:
+        inputs = [sha256_file(_busybox()), PASSWD, GROUP]
+    return key_of([builder.FORMAT, recipe.name, *inputs, sha256_file(agent)])
+
+
+def populate(recipe: Recipe, root: Path, *, log: Path) -> None:
+    """Make the root tree of `recipe` at `root`, which must not exist yet."""
+    if recipe.packages:
+        _debian(recipe, root, log)
+    else:
+        _busybox_tree(root)
+
+
+def _debian(recipe: Recipe, root: Path, log: Path) -> None:
+    mmdebstrap = require("mmdebstrap", "mmdebstrap")
+    run(
+        [
+            mmdebstrap,
+            "--variant=minbase",
+            f"--include={','.join(recipe.packages)}",
+            *(f"--dpkgopt={option}" for option in DPKG_OPTIONS),
+            SUITE,
+            root,
+            *debian_sources(SUITE),
+        ],
+        log=log,
+        what=f"mmdebstrap for the {recipe.name} image",
+    )
+    for pattern in REMOVE:
+        for path in root.glob(pattern):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+
+def _busybox_tree(root: Path) -> None:
+    busybox = _busybox()
+    (root / "bin").mkdir(parents=True)
+    shutil.copyfile(busybox, root / "bin/busybox")
+    (root / "bin/busybox").chmod(0o755)
+    applets = subprocess.run([busybox, "--list-full"], capture_output=True, text=True, check=True).stdout
+    for applet in applets.split():
+        if applet != "bin/busybox":
+            link = root / applet
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to("/bin/busybox")
+    (root / "etc").mkdir(exist_ok=True)
+    (root / "etc/passwd").write_text(PASSWD)
+    (root / "etc/group").write_text(GROUP)
+    (root / "root").mkdir(mode=0o700)
+
+
+def _busybox() -> Path:
+    """The host's busybox, which must be statically linked: the base image has no libc."""
+    path = Path(require("busybox", "busybox-static")).resolve()
+    if _has_interpreter(path):
+        raise AgentkernelError(
+            f"{path} is dynamically linked: install the static one with `apt-get install -y busybox-static`"
+        )
+    return path
+
+
+def _has_interpreter(path: Path) -> bool:
+    """Whether the 64-bit little-endian ELF file at `path` names a dynamic loader (PT_INTERP)."""
+    with path.open("rb") as f:
+        header = f.read(64)
+        if header[:6] != b"\x7fELF\x02\x01":
+            raise AgentkernelError(f"{path} is not a 64-bit little-endian ELF executable")
+        (phoff,) = struct.unpack_from("<Q", header, 0x20)
+        phentsize, phnum = struct.unpack_from("<HH", header, 0x36)
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+    return any(struct.unpack_from("<I", table, i * phentsize)[0] == 3 for i in range(phnum))

@@ -1,0 +1,583 @@
+"""An asyncio connection to a guest agent: HELLO, PING, EXEC with streamed I/O, SHUTDOWN.
+
+One reader task per connection demultiplexes frames to channels. Each channel's inbound data is bounded
+by the window this side granted; more than that is a protocol violation that breaks the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from agentkernel.errors import AgentkernelError
+from agentkernel.protocol.frames import (
+    DATA_TYPES,
+    INITIAL_WINDOW,
+    MAGIC,
+    MAX_CHANNELS,
+    MAX_PAYLOAD,
+    MAX_PING,
+    VERSION,
+    Frame,
+    FrameDecoder,
+    FrameType,
+    ProtocolError,
+    Record,
+    Tag,
+    decode_record,
+    encode,
+    encode_record,
+)
+
+VSOCK_PORT = 52000
+WINDOW_GRANT_STEP = INITIAL_WINDOW // 4
+READ_CHUNK = 64 * 1024
+HELLO_RETRY = 0.25
+
+
+class AgentConnectionError(AgentkernelError):
+    """The connection to a sandbox's agent failed or broke."""
+
+
+class ExecError(AgentkernelError):
+    """The agent could not start the command (for example: no such file)."""
+
+    def __init__(self, message: str, errno: int | None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class FileOpError(AgentkernelError):
+    """The guest refused a file operation (no such file, permission denied, ...)."""
+
+    def __init__(self, message: str, errno: int | None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    exit_code: int | None
+    signal: int | None
+    timed_out: bool
+
+    @property
+    def shell_code(self) -> int:
+        """The exit code a shell would report: the code, or 128+N when killed by signal N."""
+        if self.signal is not None:
+            return 128 + self.signal
+        return self.exit_code if self.exit_code is not None else 255
+
+
+@dataclass(frozen=True)
+class Output:
+    stream: str  # "stdout" or "stderr"
+    data: bytes
+
+
+class _Channel:
+    def __init__(self, conn: Connection, cid: int) -> None:
+        self.conn = conn
+        self.id = cid
+        self.frames: asyncio.Queue[Frame | None] = asyncio.Queue()
+        self.recv_window = INITIAL_WINDOW
+        self.consumed = 0
+        self.send_window = INITIAL_WINDOW
+        self.send_ready = asyncio.Event()
+        self.send_ready.set()
+        self.closed = False
+
+    async def next(self) -> Frame:
+        frame = await self.frames.get()
+        if frame is None:
+            raise self.conn.failure()
+        if frame.type in DATA_TYPES:
+            await self._consumed(len(frame.payload))
+        return frame
+
+    async def _consumed(self, n: int) -> None:
+        self.consumed += n
+        if self.consumed >= WINDOW_GRANT_STEP and not self.closed:
+            grant, self.consumed = self.consumed, 0
+            self.recv_window += grant
+            await self.conn.send(self.id, FrameType.WINDOW, encode_record([(Tag.BYTES, grant)]))
+
+    async def send_data(self, ftype: FrameType, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            while self.send_window <= 0:
+                self.send_ready.clear()
+                await self.send_ready.wait()
+                if self.conn.broken:
+                    raise self.conn.failure()
+            n = min(len(view), self.send_window, MAX_PAYLOAD)
+            self.send_window -= n
+            await self.conn.send(self.id, ftype, bytes(view[:n]))
+            view = view[n:]
+
+
+class Process:
+    """A command running in the guest."""
+
+    def __init__(self, channel: _Channel, pid: int) -> None:
+        self._ch = channel
+        self.pid = pid
+        self._status: ExitStatus | None = None
+
+    async def write(self, data: bytes) -> None:
+        if data:
+            await self._ch.send_data(FrameType.STDIN, data)
+
+    async def close_stdin(self) -> None:
+        await self._ch.conn.send(self._ch.id, FrameType.STDIN, b"")
+
+    async def signal(self, signo: int) -> None:
+        await self._ch.conn.send(self._ch.id, FrameType.SIGNAL, encode_record([(Tag.SIGNAL, signo)]))
+
+    async def resize(self, rows: int, cols: int) -> None:
+        record = encode_record([(Tag.ROWS, rows), (Tag.COLS, cols)])
+        await self._ch.conn.send(self._ch.id, FrameType.RESIZE, record)
+
+    async def output(self) -> AsyncIterator[Output]:
+        """Output as the process produces it, until it exits; then `status` is set."""
+        while self._status is None:
+            frame = await self._ch.next()
+            if frame.type is FrameType.STDOUT:
+                yield Output("stdout", frame.payload)
+            elif frame.type is FrameType.STDERR:
+                yield Output("stderr", frame.payload)
+            elif frame.type is FrameType.EXIT:
+                self._status = _exit_status(decode_record(frame.payload))
+                self._ch.conn.release(self._ch)
+            elif frame.type is FrameType.ERROR:
+                self._ch.conn.release(self._ch)
+                raise _exec_error(decode_record(frame.payload))
+            elif frame.type is not FrameType.WINDOW:
+                raise self._ch.conn.violation(f"unexpected {frame.type.name} frame during exec")
+
+    async def wait(self) -> ExitStatus:
+        async for _ in self.output():
+            pass
+        assert self._status is not None
+        return self._status
+
+    @property
+    def status(self) -> ExitStatus | None:
+        return self._status
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    name: str
+    kind: str  # "file", "dir", "symlink" or "other"
+    size: int
+    mode: int
+    mtime_ns: int
+
+
+KINDS = {1: "file", 2: "dir", 3: "symlink", 4: "other"}
+
+
+def _file_info(record: Record, name: str = "") -> FileInfo:
+    raw_name = record.bytes(Tag.NAME)
+    return FileInfo(
+        name=raw_name.decode(errors="replace") if raw_name is not None else name,
+        kind=KINDS.get(record.int(Tag.KIND, 4) or 4, "other"),
+        size=max(0, record.int(Tag.SIZE, 0) or 0),
+        mode=(record.int(Tag.MODE, 0) or 0) & 0o7777,
+        mtime_ns=record.int(Tag.MTIME_NS, 0) or 0,
+    )
+
+
+@dataclass(frozen=True)
+class Completed:
+    status: ExitStatus
+    stdout: bytes
+    stderr: bytes
+
+
+class Connection:
+    """One connection to an agent. Use `open_unix` / `open_firecracker` / `open_vsock`, then `hello`."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._decoder = FrameDecoder()
+        self._channels: dict[int, _Channel] = {}
+        self._next_id = 1
+        self._control: asyncio.Queue[Frame | None] = asyncio.Queue(maxsize=16)
+        self._write_lock = asyncio.Lock()
+        self._error: AgentConnectionError | None = None
+        self.agent_info = ""
+        self._greeted = False
+        self._task = asyncio.create_task(self._read_loop())
+
+    @classmethod
+    async def open_unix(cls, path: Path, *, timeout: float = 10.0) -> Connection:
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), timeout)
+        except (OSError, TimeoutError) as exc:
+            raise AgentConnectionError(f"cannot connect to the sandbox agent at {path}: {exc}") from None
+        return cls(reader, writer)
+
+    @classmethod
+    async def open_firecracker(
+        cls, uds: Path, port: int = VSOCK_PORT, *, timeout: float = 10.0
+    ) -> Connection:
+        """Firecracker's hybrid vsock: connect to its Unix socket and ask for the guest port."""
+        conn = await cls.open_unix(uds, timeout=timeout)
+        conn._writer.write(f"CONNECT {port}\n".encode())
+        try:
+            line = await asyncio.wait_for(conn._reader.readline(), timeout)
+        except (OSError, TimeoutError, ValueError) as exc:
+            await conn.close()
+            raise AgentConnectionError(f"vsock CONNECT {port} via {uds} failed: {exc}") from None
+        if not line.startswith(b"OK "):
+            await conn.close()
+            raise AgentConnectionError(f"vsock CONNECT {port} via {uds} refused (no agent listening?)")
+        return conn
+
+    @classmethod
+    async def open_vsock(cls, cid: int, port: int = VSOCK_PORT, *, timeout: float = 10.0) -> Connection:
+        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (cid, port)), timeout)
+            reader, writer = await asyncio.open_connection(sock=sock)
+        except (OSError, TimeoutError) as exc:
+            sock.close()
+            raise AgentConnectionError(f"cannot connect to vsock {cid}:{port}: {exc}") from None
+        return cls(reader, writer)
+
+    # -- control channel ------------------------------------------------------------------
+
+    async def hello(self, *, hostname: str | None = None, set_clock: bool = True, timeout: float = 30) -> str:
+        fields: list[tuple[Tag, int | bytes | str]] = [(Tag.VERSION, VERSION), (Tag.MAGIC, MAGIC)]
+        if hostname:
+            fields.append((Tag.HOSTNAME, hostname.encode()))
+        if set_clock:
+            fields.append((Tag.TIME_NS, time.time_ns()))
+        # A serial port drops what arrives while the guest has it closed, so HELLO is repeated until
+        # answered; the agent answers each one it sees, and replies after the first are ignored.
+        deadline = time.monotonic() + timeout
+        while True:
+            await self.send(0, FrameType.HELLO, encode_record(fields))
+            try:
+                frame = await self._control_reply(
+                    FrameType.HELLO, min(HELLO_RETRY, deadline - time.monotonic())
+                )
+                break
+            except AgentConnectionError:
+                if self.broken:
+                    raise self.failure() from None
+                if time.monotonic() >= deadline:
+                    raise AgentConnectionError(f"the agent did not answer within {timeout:g}s") from None
+        self._greeted = True
+        record = decode_record(frame.payload)
+        if record.bytes(Tag.MAGIC) != MAGIC:
+            raise self.violation("agent HELLO lacks the protocol magic")
+        if record.int(Tag.VERSION) != VERSION:
+            raise self.violation(f"agent speaks protocol version {record.int(Tag.VERSION)}, not {VERSION}")
+        self.agent_info = record.str(Tag.MESSAGE)
+        return self.agent_info
+
+    async def ping(self, *, timeout: float = 10) -> float:
+        """Round trip time of a PING, in seconds."""
+        nonce = time.monotonic_ns().to_bytes(8, "big")
+        start = time.monotonic()
+        await self.send(0, FrameType.PING, nonce)
+        frame = await self._control_reply(FrameType.PONG, timeout)
+        if frame.payload != nonce:
+            raise self.violation("PONG does not echo the PING payload")
+        return time.monotonic() - start
+
+    async def shutdown(self) -> None:
+        await self.send(0, FrameType.SHUTDOWN)
+
+    async def _control_reply(self, expected: FrameType, timeout: float) -> Frame:
+        try:
+            frame = await asyncio.wait_for(self._control.get(), timeout)
+        except TimeoutError:
+            raise AgentConnectionError(f"the agent did not answer within {timeout:g}s") from None
+        if frame is None:
+            raise self.failure()
+        if frame.type is not expected:
+            raise self.violation(f"expected {expected.name}, got {frame.type.name}")
+        return frame
+
+    # -- exec -------------------------------------------------------------------------------
+
+    async def exec(
+        self,
+        argv: Sequence[str | bytes],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        timeout: float | None = None,
+        pty: tuple[int, int] | None = None,
+    ) -> Process:
+        """Start `argv` in the guest. `pty` is (rows, cols) to run it on a terminal."""
+        if not argv:
+            raise AgentkernelError("no command given")
+        fields: list[tuple[Tag, int | bytes | str]] = [
+            (Tag.ARGV, a.encode() if isinstance(a, str) else a) for a in argv
+        ]
+        fields += [(Tag.ENV, f"{k}={v}".encode()) for k, v in (env or {}).items()]
+        if cwd:
+            fields.append((Tag.CWD, cwd.encode()))
+        if uid is not None:
+            fields.append((Tag.UID, uid))
+        if gid is not None:
+            fields.append((Tag.GID, gid))
+        if timeout:
+            fields.append((Tag.TIMEOUT_MS, max(1, int(timeout * 1000))))
+        if pty:
+            fields += [(Tag.PTY, 1), (Tag.ROWS, pty[0]), (Tag.COLS, pty[1])]
+        channel = self._open_channel()
+        await self.send(channel.id, FrameType.EXEC, encode_record(fields))
+        frame = await channel.next()
+        if frame.type is FrameType.ERROR:
+            self.release(channel)
+            raise _exec_error(decode_record(frame.payload))
+        if frame.type is not FrameType.STARTED:
+            raise self.violation(f"expected STARTED, got {frame.type.name}")
+        pid = decode_record(frame.payload).int(Tag.PID)
+        return Process(channel, pid if pid is not None else -1)
+
+    async def run(
+        self,
+        argv: Sequence[str | bytes],
+        *,
+        stdin: bytes = b"",
+        limit: int = 64 << 20,
+        **kwargs: object,
+    ) -> Completed:
+        """Run a command to completion and collect its output (at most `limit` bytes of each stream)."""
+        proc = await self.exec(argv, **kwargs)  # type: ignore[arg-type]
+        feeder = asyncio.create_task(_feed(proc, stdin))
+        out: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
+        try:
+            async for chunk in proc.output():
+                buf = out[chunk.stream]
+                if len(buf) + len(chunk.data) > limit:
+                    raise AgentkernelError(f"command {chunk.stream} exceeds {limit} bytes")
+                buf += chunk.data
+        finally:
+            feeder.cancel()
+            with contextlib.suppress(asyncio.CancelledError, AgentkernelError):
+                await feeder
+        assert proc.status is not None
+        return Completed(proc.status, bytes(out["stdout"]), bytes(out["stderr"]))
+
+    # -- files ------------------------------------------------------------------------------
+
+    async def _file_op(self, ftype: FrameType, fields: list[tuple[Tag, int | bytes | str]]) -> _Channel:
+        channel = self._open_channel()
+        await self.send(channel.id, ftype, encode_record(fields))
+        return channel
+
+    async def _finish(self, channel: _Channel, frame: Frame) -> Record:
+        """The OK record that ends a file operation, or its ERROR raised."""
+        self.release(channel)
+        record = decode_record(frame.payload)
+        if frame.type is FrameType.ERROR:
+            raise FileOpError(record.str(Tag.MESSAGE, "file operation failed")[:500], record.int(Tag.ERRNO))
+        if frame.type is not FrameType.OK:
+            raise self.violation(f"unexpected {frame.type.name} frame in a file operation")
+        return record
+
+    async def read_file(self, path: str) -> AsyncIterator[bytes]:
+        """The file's bytes as they arrive. Raises FileOpError if the guest cannot read it."""
+        channel = await self._file_op(FrameType.GET, [(Tag.PATH, path.encode())])
+        ended = False
+        while True:
+            frame = await channel.next()
+            if frame.type is FrameType.INFO:
+                continue
+            if frame.type is FrameType.DATA and not ended:
+                if not frame.payload:
+                    ended = True
+                    continue
+                yield frame.payload
+            elif frame.type is not FrameType.WINDOW:
+                await self._finish(channel, frame)
+                if not ended:
+                    raise self.violation("GET ended without the end of its data")
+                return
+
+    async def write_file(self, path: str, chunks: AsyncIterator[bytes], *, mode: int = 0o644) -> int:
+        """Write a guest file from `chunks`; the guest renames it into place only when all arrived."""
+        channel = await self._file_op(FrameType.PUT, [(Tag.PATH, path.encode()), (Tag.MODE, mode)])
+        async for chunk in chunks:
+            if channel.frames.qsize():  # an early ERROR (say, no such directory): stop sending
+                break
+            await channel.send_data(FrameType.DATA, chunk)
+        else:
+            await self.send(channel.id, FrameType.DATA, b"")
+        while True:
+            frame = await channel.next()
+            if frame.type is not FrameType.WINDOW:
+                return (await self._finish(channel, frame)).int(Tag.SIZE, 0) or 0
+
+    async def _simple(self, ftype: FrameType, fields: list[tuple[Tag, int | bytes | str]]) -> Record:
+        channel = await self._file_op(ftype, fields)
+        return await self._finish(channel, await channel.next())
+
+    async def stat(self, path: str) -> FileInfo:
+        record = await self._simple(FrameType.STAT, [(Tag.PATH, path.encode())])
+        return _file_info(record, name=path.rstrip("/").rsplit("/", 1)[-1])
+
+    async def list_dir(self, path: str, *, limit: int = 100_000) -> list[FileInfo]:
+        channel = await self._file_op(FrameType.LIST, [(Tag.PATH, path.encode())])
+        entries: list[FileInfo] = []
+        while True:
+            frame = await channel.next()
+            if frame.type is FrameType.ENTRY:
+                if len(entries) >= limit:
+                    raise self.violation(f"directory listing longer than {limit} entries")
+                entries.append(_file_info(decode_record(frame.payload)))
+            else:
+                await self._finish(channel, frame)
+                return entries
+
+    async def mkdir(self, path: str, *, mode: int = 0o755, parents: bool = False) -> None:
+        await self._simple(
+            FrameType.MKDIR, [(Tag.PATH, path.encode()), (Tag.MODE, mode), (Tag.PARENTS, int(parents))]
+        )
+
+    async def remove(self, path: str, *, recursive: bool = False) -> None:
+        await self._simple(FrameType.REMOVE, [(Tag.PATH, path.encode()), (Tag.RECURSIVE, int(recursive))])
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def _open_channel(self) -> _Channel:
+        if self.broken:
+            raise self.failure()
+        if len(self._channels) >= MAX_CHANNELS:
+            raise AgentkernelError(f"too many operations at once on one connection (limit {MAX_CHANNELS})")
+        while self._next_id in self._channels:
+            self._next_id = self._next_id % 65535 + 1
+        channel = _Channel(self, self._next_id)
+        self._channels[channel.id] = channel
+        self._next_id = self._next_id % 65535 + 1
+        return channel
+
+    def release(self, channel: _Channel) -> None:
+        channel.closed = True
+        self._channels.pop(channel.id, None)
+
+    async def send(self, channel: int, ftype: FrameType, payload: bytes = b"") -> None:
+        if self.broken:
+            raise self.failure()
+        async with self._write_lock:
+            try:
+                self._writer.write(encode(channel, ftype, payload))
+                await self._writer.drain()
+            except (OSError, RuntimeError) as exc:
+                self._fail(AgentConnectionError(f"lost the connection to the sandbox agent: {exc}"))
+                raise self.failure() from None
+
+    @property
+    def broken(self) -> bool:
+        return self._error is not None
+
+    def failure(self) -> AgentConnectionError:
+        return self._error or AgentConnectionError("the connection to the sandbox agent is closed")
+
+    def violation(self, what: str) -> AgentConnectionError:
+        self._fail(AgentConnectionError(f"the sandbox agent broke the protocol: {what}"))
+        return self.failure()
+
+    def _fail(self, error: AgentConnectionError) -> None:
+        if self._error is None:
+            self._error = error
+        for channel in self._channels.values():
+            channel.frames.put_nowait(None)
+            channel.send_ready.set()
+        with contextlib.suppress(asyncio.QueueFull):
+            self._control.put_nowait(None)
+        self._writer.close()
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                data = await self._reader.read(READ_CHUNK)
+                if not data:
+                    self._fail(AgentConnectionError("the sandbox agent closed the connection"))
+                    return
+                for frame in self._decoder.feed(data):
+                    self._dispatch(frame)
+        except ProtocolError as exc:
+            self.violation(str(exc))
+        except OSError as exc:
+            self._fail(AgentConnectionError(f"lost the connection to the sandbox agent: {exc}"))
+        except asyncio.CancelledError:
+            self._fail(AgentConnectionError("the connection to the sandbox agent is closed"))
+
+    def _dispatch(self, frame: Frame) -> None:
+        if frame.channel == 0:
+            if frame.type not in (FrameType.HELLO, FrameType.PONG):
+                raise ProtocolError(f"unexpected {frame.type.name} frame on the control channel")
+            if frame.type is FrameType.PONG and len(frame.payload) > MAX_PING:
+                raise ProtocolError("PONG payload too long")
+            if frame.type is FrameType.HELLO and self._greeted:
+                return  # the answer to a repeated HELLO
+            try:
+                self._control.put_nowait(frame)
+            except asyncio.QueueFull:
+                raise ProtocolError("unsolicited control frames") from None
+            return
+        channel = self._channels.get(frame.channel)
+        if channel is None:
+            raise ProtocolError(f"frame for channel {frame.channel}, which is not open")
+        if frame.type is FrameType.WINDOW:
+            grant = decode_record(frame.payload).int(Tag.BYTES, 0) or 0
+            if not 0 < grant <= (1 << 31):
+                raise ProtocolError(f"bad WINDOW grant {grant}")
+            channel.send_window += grant
+            channel.send_ready.set()
+            return
+        if frame.type in DATA_TYPES:
+            channel.recv_window -= len(frame.payload)
+            if channel.recv_window < 0:
+                raise ProtocolError(f"channel {frame.channel} sent more data than its window allows")
+        channel.frames.put_nowait(frame)
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._writer.close()
+        with contextlib.suppress(OSError, RuntimeError):
+            await self._writer.wait_closed()
+
+    async def __aenter__(self) -> Connection:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+async def _feed(proc: Process, data: bytes) -> None:
+    await proc.write(data)
+    await proc.close_stdin()
+
+
+def _exit_status(record: Record) -> ExitStatus:
+    return ExitStatus(
+        exit_code=record.int(Tag.EXIT_CODE),
+        signal=record.int(Tag.SIGNAL),
+        timed_out=bool(record.int(Tag.TIMED_OUT, 0)),
+    )
+
+
+def _exec_error(record: Record) -> ExecError:
+    errno = record.int(Tag.ERRNO)
+    return ExecError(record.str(Tag.MESSAGE, "the agent could not run the command")[:500], errno)

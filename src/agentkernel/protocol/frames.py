@@ -1,0 +1,189 @@
+"""Frames and records of the guest protocol, as docs/protocol.md defines them.
+
+Everything here parses bytes that come from an untrusted guest: every length is checked against the
+protocol's limits before anything is buffered, and any violation raises ProtocolError.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+HEADER = struct.Struct(">IHBB")
+FIELD = struct.Struct(">HI")
+MAX_PAYLOAD = 256 * 1024
+MAX_FIELDS = 4096
+MAX_CHANNELS = 1024
+INITIAL_WINDOW = 256 * 1024
+MAX_PING = 64
+MAGIC = b"AGENTKRN"
+VERSION = 1
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol; the connection cannot be trusted any more."""
+
+
+class FrameType(IntEnum):
+    HELLO = 1
+    PING = 2
+    PONG = 3
+    SHUTDOWN = 4
+    EXEC = 16
+    STARTED = 17
+    STDIN = 18
+    STDOUT = 19
+    STDERR = 20
+    EXIT = 21
+    SIGNAL = 22
+    RESIZE = 23
+    WINDOW = 24
+    ERROR = 25
+    DATA = 26
+    OK = 27
+    INFO = 28
+    ENTRY = 29
+    GET = 32
+    PUT = 33
+    STAT = 34
+    LIST = 35
+    MKDIR = 36
+    REMOVE = 37
+
+
+DATA_TYPES = frozenset({FrameType.STDIN, FrameType.STDOUT, FrameType.STDERR, FrameType.DATA})
+_KNOWN_TYPES = frozenset(int(t) for t in FrameType)
+
+
+class Tag(IntEnum):
+    VERSION = 1
+    MAGIC = 2
+    ARGV = 3
+    ENV = 4
+    CWD = 5
+    UID = 6
+    GID = 7
+    TIMEOUT_MS = 8
+    PID = 9
+    EXIT_CODE = 10
+    SIGNAL = 11
+    MESSAGE = 12
+    ERRNO = 13
+    ROWS = 14
+    COLS = 15
+    PTY = 16
+    BYTES = 17
+    TIMED_OUT = 18
+    HOSTNAME = 19
+    TIME_NS = 20
+    PATH = 21
+    MODE = 22
+    SIZE = 23
+    MTIME_NS = 24
+    KIND = 25
+    NAME = 26
+    PARENTS = 27
+    RECURSIVE = 28
+
+
+@dataclass(frozen=True)
+class Frame:
+    channel: int
+    type: FrameType
+    payload: bytes
+
+
+def encode(channel: int, ftype: FrameType, payload: bytes = b"") -> bytes:
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(f"frame payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    return HEADER.pack(len(payload), channel, ftype, 0) + payload
+
+
+FieldValue = int | bytes | str
+
+
+def encode_record(fields: list[tuple[Tag, FieldValue]]) -> bytes:
+    out = bytearray()
+    for tag, value in fields:
+        if isinstance(value, bool | int):
+            data = int(value).to_bytes(8, "big", signed=True)
+        elif isinstance(value, str):
+            data = value.encode()
+        else:
+            data = value
+        out += FIELD.pack(tag, len(data)) + data
+    return bytes(out)
+
+
+@dataclass
+class Record:
+    """A parsed record: the raw values of each tag, in order. Typed getters validate on access."""
+
+    fields: dict[int, list[bytes]] = field(default_factory=dict)
+
+    def all(self, tag: Tag) -> list[bytes]:
+        return self.fields.get(tag, [])
+
+    def bytes(self, tag: Tag, default: bytes | None = None) -> bytes | None:
+        values = self.fields.get(tag)
+        return values[-1] if values else default
+
+    def int(self, tag: Tag, default: int | None = None) -> int | None:
+        raw = self.bytes(tag)
+        if raw is None:
+            return default
+        if len(raw) != 8:
+            raise ProtocolError(f"field {tag.name.lower()} is {len(raw)} bytes, an int must be 8")
+        return int.from_bytes(raw, "big", signed=True)
+
+    def str(self, tag: Tag, default: str = "") -> str:
+        raw = self.bytes(tag)
+        return default if raw is None else raw.decode("utf-8", errors="replace").replace("\0", "")
+
+
+def decode_record(payload: bytes) -> Record:
+    record = Record()
+    offset = count = 0
+    while offset < len(payload):
+        if len(payload) - offset < FIELD.size:
+            raise ProtocolError("truncated record field header")
+        tag, size = FIELD.unpack_from(payload, offset)
+        offset += FIELD.size
+        if size > len(payload) - offset:
+            raise ProtocolError(f"record field {tag} claims {size} bytes, only {len(payload) - offset} left")
+        count += 1
+        if count > MAX_FIELDS:
+            raise ProtocolError(f"record has more than {MAX_FIELDS} fields")
+        record.fields.setdefault(tag, []).append(payload[offset : offset + size])
+        offset += size
+    return record
+
+
+class FrameDecoder:
+    """Splits a byte stream into frames. Holds at most one frame's worth of bytes."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[Frame]:
+        self._buf += data
+        frames = []
+        while len(self._buf) >= HEADER.size:
+            length, channel, ftype, flags = HEADER.unpack_from(self._buf)
+            if length > MAX_PAYLOAD:
+                raise ProtocolError(f"frame of {length} bytes exceeds the {MAX_PAYLOAD}-byte limit")
+            if flags != 0:
+                raise ProtocolError(f"frame flags {flags:#x} are not 0")
+            if ftype not in _KNOWN_TYPES:
+                raise ProtocolError(f"unknown frame type {ftype}")
+            end = HEADER.size + length
+            if len(self._buf) < end:
+                break
+            frames.append(Frame(channel, FrameType(ftype), bytes(self._buf[HEADER.size : end])))
+            del self._buf[:end]
+        return frames
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)

@@ -1,0 +1,1 @@
+"""Sandboxes: their records, their directories and their life cycle on a backend."""

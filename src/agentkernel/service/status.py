@@ -1,0 +1,29 @@
+"""What this host runs sandboxes with, and what is installed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agentkernel import hostinfo, paths
+from agentkernel.artifacts import agent, kernel
+from agentkernel.images import store
+
+
+def status() -> dict[str, Any]:
+    acc = hostinfo.accel()
+    kernel_path = kernel.current()
+    agent_path = agent.current()
+    return {
+        "accel": acc.name,
+        "kvm_note": acc.note,
+        "backends": {
+            name: {"available": b.available, "reason": b.reason} for name, b in hostinfo.backends(acc).items()
+        },
+        "kernel": str(kernel_path) if kernel_path else None,
+        "agent": str(agent_path) if agent_path else None,
+        "images": [
+            {"name": img.name, "path": str(img.path), "size_bytes": img.size_bytes, "digest": img.digest}
+            for img in store.list_images()
+        ],
+        "data_dir": str(paths.data_dir()),
+    }
