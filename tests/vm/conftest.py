@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -11,11 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from agentkernel import paths
 from agentkernel.artifacts import kernel
 from agentkernel.backends.base import VMSpec
 from agentkernel.backends.qemu import QemuBackend
 from agentkernel.images import store
 from agentkernel.protocol.client import Connection
+from tests.conftest import cli
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,24 @@ def artifacts() -> Artifacts:
     if vmlinux is None:
         pytest.fail("no guest kernel: run `agentkernel setup` first (install.sh does)")
     return Artifacts(vmlinux, store.get("base").path)
+
+
+@pytest.fixture
+def cli_home(artifacts: Artifacts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A data dir of its own (sandbox state, disks) that shares the built kernel, agent and images."""
+    real = paths.data_dir()
+    home = tmp_path / "home"
+    home.mkdir()
+    for shared in ("cache", "images"):
+        (home / shared).symlink_to(real / shared)
+    monkeypatch.setenv("AGENTKERNEL_HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    yield home
+    # Whatever a test left running is killed, so one failure does not leak VMs into the next test.
+    result = cli("list", "--json")
+    if result.returncode == 0:
+        for sandbox in json.loads(result.stdout):
+            cli("rm", "-f", sandbox["name"])
 
 
 @dataclass

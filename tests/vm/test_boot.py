@@ -7,8 +7,7 @@ import time
 import pytest
 
 from agentkernel.protocol.client import ExecError
-
-from .conftest import BootedVM, connected, run_async
+from tests.vm.conftest import BootedVM, connected, run_async
 
 pytestmark = pytest.mark.vm
 

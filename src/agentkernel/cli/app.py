@@ -50,17 +50,22 @@ for _name, _fn, _aliases in (
     ("cp", sandbox_cmds.cp, ()),
     ("logs", sandbox_cmds.logs, ()),
 ):
+    settings = sandbox_cmds.COMMAND_SETTINGS if _name in ("run", "exec") else {}
     for _alias in (_name, *_aliases):
-        app.command(_alias, context_settings=sandbox_cmds.COMMAND_SETTINGS, hidden=_alias != _name)(_fn)
+        app.command(_alias, context_settings=settings, hidden=_alias != _name)(_fn)
 
 
 def main() -> None:
     """Entry point: expected errors become one line on stderr and a non-zero exit, never a traceback."""
     try:
-        app()
+        code = app(standalone_mode=False)
+    except typer.TyperException as exc:  # usage errors: bad options, missing arguments
+        print(f"agentkernel: error: {exc.format_message()} (see --help)", file=sys.stderr)
+        sys.exit(exc.exit_code)
     except AgentkernelError as exc:
         print(f"agentkernel: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         print("agentkernel: interrupted", file=sys.stderr)
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

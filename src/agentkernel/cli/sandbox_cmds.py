@@ -22,6 +22,7 @@ from agentkernel.service import sandboxes
 T = TypeVar("T")
 COMMAND_SETTINGS = {"allow_interspersed_args": False}
 TIMEOUT_EXIT = 124
+LOGIN_SHELL = ["/bin/sh", "-c", "if command -v bash >/dev/null; then exec bash -l; else exec sh -l; fi"]
 
 
 def _await(coro: Coroutine[Any, Any, T]) -> T:
@@ -226,7 +227,7 @@ def exec_cmd(
 def attach(name: str = typer.Argument(..., help="Sandbox name.")) -> None:
     """Open an interactive shell in a running sandbox."""
     status = _await(
-        _exec(name, ["/bin/sh", "-l"], env={}, workdir=None, interactive=True, tty_mode=True, timeout=None)
+        _exec(name, LOGIN_SHELL, env={}, workdir=None, interactive=True, tty_mode=True, timeout=None)
     )
     raise typer.Exit(status.shell_code)
 

@@ -42,7 +42,10 @@ def _stdin_reader(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[bytes]) 
             data = os.read(0, 65536)
         except OSError:
             data = b""
-        loop.call_soon_threadsafe(queue.put_nowait, data)
+        try:  # blocks while the queue is full: the guest's stdin window paces how fast we read
+            asyncio.run_coroutine_threadsafe(queue.put(data), loop).result()
+        except RuntimeError:  # the loop has closed: the command is over
+            return
         if not data:
             return
 

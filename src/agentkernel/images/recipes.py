@@ -19,6 +19,8 @@ from agentkernel.images import builder
 from agentkernel.images.sources import debian_sources
 
 SUITE = "bookworm"
+MERGED_USR_HOOKS = Path("/usr/share/mmdebstrap/hooks/merged-usr")
+"""Sets up merged /usr as debootstrap does, so apt does not pull in usrmerge and with it perl (50 MB)."""
 DPKG_OPTIONS = (
     # Written into the image's dpkg config too, so packages installed in a sandbox stay slim.
     "path-exclude=/usr/share/doc/*",
@@ -71,7 +73,7 @@ def get_recipe(name: str) -> Recipe:
 def recipe_key(recipe: Recipe, agent: Path) -> str:
     """The cache key of the image `recipe` makes with `agent` as its init."""
     if recipe.packages:
-        inputs = [SUITE, *recipe.packages, *DPKG_OPTIONS, *REMOVE, *debian_sources(SUITE)]
+        inputs = [*_mmdebstrap_args(recipe, "TARGET"), *REMOVE]
     else:
         inputs = [sha256_file(_busybox()), PASSWD, GROUP]
     return key_of([builder.FORMAT, recipe.name, *inputs, sha256_file(agent)])
@@ -87,25 +89,26 @@ def populate(recipe: Recipe, root: Path, *, log: Path) -> None:
 
 def _debian(recipe: Recipe, root: Path, log: Path) -> None:
     mmdebstrap = require("mmdebstrap", "mmdebstrap")
-    run(
-        [
-            mmdebstrap,
-            "--variant=minbase",
-            f"--include={','.join(recipe.packages)}",
-            *(f"--dpkgopt={option}" for option in DPKG_OPTIONS),
-            SUITE,
-            root,
-            *debian_sources(SUITE),
-        ],
-        log=log,
-        what=f"mmdebstrap for the {recipe.name} image",
-    )
+    run([mmdebstrap, *_mmdebstrap_args(recipe, str(root))], log=log, what=f"mmdebstrap ({recipe.name} image)")
     for pattern in REMOVE:
         for path in root.glob(pattern):
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
             else:
                 path.unlink()
+
+
+def _mmdebstrap_args(recipe: Recipe, target: str) -> list[str]:
+    """mmdebstrap's arguments (the cache key hashes them with a placeholder target)."""
+    return [
+        "--variant=minbase",
+        f"--include={','.join(recipe.packages)}",
+        *(f"--dpkgopt={option}" for option in DPKG_OPTIONS),
+        *([f"--hook-dir={MERGED_USR_HOOKS}"] if MERGED_USR_HOOKS.is_dir() else []),
+        SUITE,
+        target,
+        *debian_sources(SUITE),
+    ]
 
 
 def _busybox_tree(root: Path) -> None:

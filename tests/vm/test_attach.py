@@ -1,0 +1,78 @@
+"""`attach` on a real pseudo-terminal: a shell that follows the terminal's size, and its exit code."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import select
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import cli
+
+pytestmark = pytest.mark.vm
+
+
+def set_size(fd: int, rows: int, cols: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def read_until(fd: int, needle: bytes, timeout: float = 30) -> bytes:
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while needle not in seen:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"did not see {needle!r} in {seen[-500:]!r}")
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # the child side closed
+                break
+            if not chunk:
+                break
+            seen += chunk
+    assert needle in seen, seen[-500:]
+    return seen
+
+
+def test_attach_shell_follows_terminal_size(cli_home: Path) -> None:
+    assert cli("create", "tty").returncode == 0
+    assert cli("start", "tty").returncode == 0
+    master, slave = os.openpty()
+    set_size(slave, 40, 100)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agentkernel", "attach", "tty"],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        start_new_session=True,
+        env=os.environ.copy(),
+    )
+    os.close(slave)
+    try:
+        banner = read_until(master, b"# ")
+        if b"\x1b[6n" in banner:  # the shell asks where the cursor is, as a terminal would be asked
+            os.write(master, b"\x1b[1;1R")
+        os.write(master, b"stty size; tty\r")
+        out = read_until(master, b"/dev/pts/")
+        assert b"40 100" in out
+        set_size(master, 50, 120)
+        os.kill(proc.pid, signal.SIGWINCH)
+        time.sleep(0.5)
+        os.write(master, b"stty size\r")
+        read_until(master, b"50 120")
+        os.write(master, b"exit 3\r")
+        assert proc.wait(timeout=30) == 3
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
