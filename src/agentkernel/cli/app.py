@@ -7,7 +7,7 @@ import sys
 import typer
 
 from agentkernel import __version__
-from agentkernel.cli import images_cmd, sandbox_cmds, setup_cmd, status_cmd
+from agentkernel.cli import bench_cmd, images_cmd, sandbox_cmds, setup_cmd, status_cmd
 from agentkernel.errors import AgentkernelError
 
 app = typer.Typer(
@@ -37,6 +37,7 @@ def _root(
 
 app.command("setup")(setup_cmd.setup)
 app.command("status")(status_cmd.status)
+app.command("bench")(bench_cmd.bench)
 app.add_typer(images_cmd.app, name="image")
 for _name, _fn, _aliases in (
     ("run", sandbox_cmds.run, ()),

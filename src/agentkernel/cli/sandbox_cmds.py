@@ -16,7 +16,7 @@ from agentkernel.cli.output import console, err_console, print_json
 from agentkernel.cli.streams import attach_process, raw_terminal, terminal_size
 from agentkernel.config import load_config, resolve_policy
 from agentkernel.errors import AgentkernelError
-from agentkernel.protocol.client import ExitStatus
+from agentkernel.protocol.client import Connection, ExitStatus
 from agentkernel.service import sandboxes
 
 T = TypeVar("T")
@@ -67,17 +67,38 @@ async def _exec(
     tty_mode: bool,
     timeout: float | None,
 ) -> ExitStatus:
+    async with sandboxes.session(name) as conn:
+        return await _exec_on(
+            conn,
+            command,
+            env=env,
+            workdir=workdir,
+            interactive=interactive,
+            tty_mode=tty_mode,
+            timeout=timeout,
+        )
+
+
+async def _exec_on(
+    conn: Connection,
+    command: list[str],
+    *,
+    env: dict[str, str],
+    workdir: str | None,
+    interactive: bool,
+    tty_mode: bool,
+    timeout: float | None,
+) -> ExitStatus:
     command = command_args(command)
     if not command:
         raise AgentkernelError("no command given: agentkernel exec NAME -- CMD...")
     if tty_mode:
         env = {"TERM": os.environ.get("TERM", "xterm"), **env}
-    async with sandboxes.session(name) as conn:
-        proc = await conn.exec(
-            command, env=env, cwd=workdir, timeout=timeout, pty=terminal_size() if tty_mode else None
-        )
-        with raw_terminal(tty_mode):
-            return await attach_process(proc, stdin=interactive, tty_mode=tty_mode)
+    proc = await conn.exec(
+        command, env=env, cwd=workdir, timeout=timeout, pty=terminal_size() if tty_mode else None
+    )
+    with raw_terminal(tty_mode):
+        return await attach_process(proc, stdin=interactive, tty_mode=tty_mode)
 
 
 def run(
@@ -104,21 +125,22 @@ def run(
     config, _ = load_config(search_from=Path.cwd())
     chosen, why = sandboxes.choose_image(command, image, config, Path.cwd())
     policy = resolve_policy(config, profile=profile)
-    sandbox = sandboxes.validate_name(name) if name else sandboxes.new_ephemeral_name()
-    _note(f"starting sandbox {sandbox} (image {chosen}: {why}) ...")
-    sandboxes.create(
-        sandbox,
-        image=chosen,
-        vcpus=vcpus or config.resources.vcpus or 1,
-        memory_mb=memory or config.resources.memory_mb or 512,
-        profile=policy.profile,
-        backend=backend,
-    )
-    try:
-        _await(sandboxes.start(sandbox))
-        status = _await(
-            _exec(
-                sandbox,
+    _note(f"starting a sandbox (image {chosen}: {why}) ...")
+
+    async def go() -> ExitStatus:
+        async with sandboxes.ephemeral(
+            image=chosen,
+            vcpus=vcpus or config.resources.vcpus or 1,
+            memory_mb=memory or config.resources.memory_mb or 512,
+            profile=policy.profile,
+            backend=backend,
+            name=name,
+            keep=keep,
+        ) as (sandbox, conn):
+            if keep:
+                _note(f"sandbox {sandbox} is kept: remove it with `agentkernel rm -f {sandbox}`")
+            return await _exec_on(
+                conn,
                 command,
                 env=variables,
                 workdir=workdir,
@@ -126,14 +148,8 @@ def run(
                 tty_mode=False,
                 timeout=timeout,
             )
-        )
-    finally:
-        if keep:
-            _note(
-                f"sandbox {sandbox} kept: `agentkernel exec {sandbox} -- CMD`, `agentkernel rm -f {sandbox}`"
-            )
-        else:
-            sandboxes.remove(sandbox, force=True)
+
+    status = _await(go())
     _status_exit(status, timeout)
 
 

@@ -392,8 +392,13 @@ void exec_timers(struct chan *ch)
 		ch->timed_out = !ch->exited;
 		exec_signal(ch, SIGKILL);
 	}
-	if (ch->exited)
-		check_done(ch);
+	if (!ch->started || !ch->exited || now < ch->last_out + EXIT_QUIET_MS)
+		return;
+	/* Quiet for 100 ms as far as events say; but a busy loop may not have seen them all yet. */
+	read_out(ch, &ch->ofd, T_STDOUT);
+	read_out(ch, &ch->efd, T_STDERR);
+	if (!check_done(ch))
+		exec_update(ch);
 }
 
 int64_t exec_next_timer(struct chan *ch)

@@ -162,6 +162,14 @@ def create(
 
 async def start(name: str, *, timeout: float = BOOT_TIMEOUT) -> SandboxRecord:
     """Boot the sandbox and wait until its agent answers."""
+    async with _booted(name, timeout=timeout) as (record, _conn):
+        return record
+
+
+@contextlib.asynccontextmanager
+async def _booted(name: str, *, timeout: float) -> AsyncIterator[tuple[SandboxRecord, Connection]]:
+    """Boot the sandbox and keep the first agent connection open for the caller."""
+    stack = contextlib.AsyncExitStack()
     with _locked(name):
         record = get(name)
         if record.status == "running":
@@ -171,15 +179,37 @@ async def start(name: str, *, timeout: float = BOOT_TIMEOUT) -> SandboxRecord:
         pid = backend.start(spec)
         state.update(name, status="running", pid=pid)
         try:
-            conn = await backend.connect(spec, pid, port=0, timeout=timeout)
-            await conn.close()
+            conn = await stack.enter_async_context(_session(backend, spec, pid, timeout=timeout))
         except BaseException:
             backend.kill(spec, pid)
             backend.cleanup(spec, keep_disk=True)
             state.update(name, status="failed", pid=None)
             raise
-        record.status, record.pid = "running", pid
-        return record
+    record.status, record.pid = "running", pid
+    async with stack:
+        yield record, conn
+
+
+@contextlib.asynccontextmanager
+async def ephemeral(
+    *,
+    image: str,
+    vcpus: int,
+    memory_mb: int,
+    profile: str,
+    backend: str = "qemu",
+    name: str | None = None,
+    keep: bool = False,
+) -> AsyncIterator[tuple[str, Connection]]:
+    """A new sandbox, booted, with a connection to its agent; removed afterwards unless `keep`."""
+    name = validate_name(name) if name else new_ephemeral_name()
+    create(name, image=image, vcpus=vcpus, memory_mb=memory_mb, profile=profile, backend=backend)
+    try:
+        async with _booted(name, timeout=BOOT_TIMEOUT) as (_record, conn):
+            yield name, conn
+    finally:
+        if not keep:
+            remove(name, force=True)
 
 
 async def stop(name: str, *, timeout: float = STOP_TIMEOUT) -> SandboxRecord:

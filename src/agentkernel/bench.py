@@ -1,0 +1,126 @@
+"""Benchmarks that print figures: our overhead on top of a bare QEMU boot, exec round trip, stop time.
+
+Each figure is the median of several runs, measured side by side in one process so that the ratios
+compare like with like on a shared, noisy machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from agentkernel import hostinfo
+from agentkernel.artifacts import kernel as kernel_artifact
+from agentkernel.backends import qemu
+from agentkernel.backends.base import VMSpec
+from agentkernel.errors import AgentkernelError
+from agentkernel.images import store
+from agentkernel.service import sandboxes
+
+READY = b"agentkernel-agent: ready"
+
+
+def bare_boot(spec: VMSpec, accel: hostinfo.Accel) -> float:
+    """Seconds from starting QEMU (same kernel, image, devices; not daemonized) to the agent's ready line."""
+    cmd = qemu.command(spec, accel, daemonize=False)
+    serial = cmd.index("-serial")
+    cmd[serial + 1] = "stdio"
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    seen = b""
+    try:
+        while READY not in seen:
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            if not chunk:
+                raise AgentkernelError("bare QEMU exited before the agent was ready")
+            seen = seen[-4096:] + chunk
+        return time.monotonic() - start
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def cli_run_to_start(image: str) -> float:
+    """Seconds from launching `agentkernel run` to the command's first output."""
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agentkernel", "run", "--image", image, "--", "echo", "started"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    elapsed = time.monotonic() - start
+    _, err = proc.communicate(timeout=120)
+    if line != b"started\n" or proc.returncode != 0:
+        raise AgentkernelError(f"`agentkernel run` failed: {err.decode(errors='replace').strip()}")
+    return elapsed
+
+
+async def _exec_and_stop(name: str, rounds: int) -> tuple[list[float], float]:
+    async with sandboxes.session(name) as conn:
+        times = []
+        for _ in range(rounds):
+            start = time.monotonic()
+            done = await conn.run(["true"])
+            times.append(time.monotonic() - start)
+            assert done.status.exit_code == 0
+    start = time.monotonic()
+    await sandboxes.stop(name)
+    return times, time.monotonic() - start
+
+
+def _median(samples: list[float]) -> float:
+    return statistics.median(samples)
+
+
+def _repeat(fn: Callable[[], float], runs: int) -> list[float]:
+    return [fn() for _ in range(runs)]
+
+
+def lifecycle(*, runs: int = 5, image: str = "base") -> dict[str, Any]:
+    accel = hostinfo.accel()
+    vmlinux = kernel_artifact.current()
+    if vmlinux is None:
+        raise AgentkernelError("no guest kernel: run `agentkernel setup`")
+    img = store.get(image)
+    with tempfile.TemporaryDirectory(prefix="akbench-") as tmp:
+        spec = VMSpec("bench", vmlinux, img.path, workdir=Path(tmp) / "vm", rundir=Path(tmp) / "run")
+        spec.rundir.mkdir(parents=True)
+        backend = qemu.QemuBackend(accel)
+        backend.prepare(spec)
+        bare, ours = [], []
+        for _ in range(runs):  # interleaved, so drift in machine load hits both alike
+            bare.append(bare_boot(spec, accel))
+            ours.append(cli_run_to_start(image))
+    name = f"bench-{secrets.token_hex(3)}"
+    sandboxes.create(name, image=image)
+    try:
+        asyncio.run(sandboxes.start(name))
+        exec_times, stop_time = asyncio.run(_exec_and_stop(name, rounds=max(10, runs * 4)))
+    finally:
+        sandboxes.remove(name, force=True)
+    bare_s, ours_s = _median(bare), _median(ours)
+    return {
+        "accel": accel.name,
+        "runs": runs,
+        "image": image,
+        "bare_qemu_boot_to_agent_s": round(bare_s, 3),
+        "run_to_command_start_s": round(ours_s, 3),
+        "overhead_ratio": round(ours_s / bare_s - 1, 3),
+        "exec_round_trip_true_s": round(_median(exec_times), 4),
+        "stop_s": round(stop_time, 3),
+        "samples": {"bare": [round(x, 3) for x in bare], "run": [round(x, 3) for x in ours]},
+        "cpus": os.cpu_count(),
+    }

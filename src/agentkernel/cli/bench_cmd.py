@@ -1,0 +1,28 @@
+"""`agentkernel bench`: figures, not pass/fail."""
+
+from __future__ import annotations
+
+import typer
+
+from agentkernel import bench as benchmarks
+from agentkernel.cli.output import console, print_json
+
+
+def bench(
+    runs: int = typer.Option(5, "--runs", min=1, max=50, help="Repetitions of each boot measurement."),
+    image: str = typer.Option("base", "--image", help="Image to boot."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Measure boot, run, exec and stop against a bare QEMU boot of the same kernel and image."""
+    result = benchmarks.lifecycle(runs=runs, image=image)
+    if json_out:
+        print_json(result)
+        return
+    console.print(
+        f"acceleration: {result['accel']}, image {result['image']}, median of {result['runs']} runs"
+    )
+    console.print(f"bare QEMU boot to agent ready:   {result['bare_qemu_boot_to_agent_s']:.3f} s")
+    console.print(f"`agentkernel run` to cmd start:  {result['run_to_command_start_s']:.3f} s")
+    console.print(f"our overhead on the bare VMM:    {result['overhead_ratio'] * 100:.1f} %")
+    console.print(f"exec round trip of `true`:       {result['exec_round_trip_true_s'] * 1000:.1f} ms")
+    console.print(f"stop:                            {result['stop_s']:.3f} s")
