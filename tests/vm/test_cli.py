@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -202,3 +203,16 @@ def test_bad_config_names_file_key_and_reason(cli_home: Path) -> None:
     assert result.stderr.decode().strip() == (
         "agentkernel: error: agentkernel.toml: resources.memory_mb: must be at least 64 (got 1)"
     )
+
+
+def test_signals_reach_the_guest_process(running: str) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agentkernel", "exec", running, "--", "sh", "-c",
+         'trap "echo got INT; exit 9" INT; echo ready; sleep 30 & wait'],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"ready\n"
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=30)
+    assert (proc.returncode, out) == (9, b"got INT\n")

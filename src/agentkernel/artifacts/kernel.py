@@ -10,8 +10,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import urllib.error
-import urllib.request
 from importlib import resources
 from pathlib import Path
 
@@ -148,6 +146,9 @@ def _prepare_source(source: str | None, work: Path, log: Path) -> tuple[Path, Pa
 
 
 def _download(url: str, dest: Path) -> None:
+    import urllib.error  # imported here: only this rare path needs it, and it is slow to import
+    import urllib.request
+
     try:
         with urllib.request.urlopen(url, timeout=30) as response, dest.open("wb") as f:
             shutil.copyfileobj(response, f, 1 << 20)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import typer
 
-from agentkernel import bench as benchmarks
 from agentkernel.cli.output import console, print_json
 
 
@@ -14,6 +13,8 @@ def bench(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Measure boot, run, exec and stop against a bare QEMU boot of the same kernel and image."""
+    from agentkernel import bench as benchmarks  # imported here: keeps every other command's start fast
+
     result = benchmarks.lifecycle(runs=runs, image=image)
     if json_out:
         print_json(result)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -11,9 +12,13 @@ import sys
 import termios
 import threading
 import tty
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
 
 from agentkernel.protocol.client import ExitStatus, Process
+
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+_background: set[asyncio.Future[None]] = set()  # keeps fire-and-forget tasks referenced
 
 
 def terminal_size() -> tuple[int, int]:
@@ -64,9 +69,17 @@ async def attach_process(proc: Process, *, stdin: bool, tty_mode: bool) -> ExitS
     feeder = asyncio.create_task(_forward_stdin(proc)) if stdin else None
     if feeder is None:
         await proc.close_stdin()
-    resized = tty_mode and os.isatty(1)
-    if resized:
-        loop.add_signal_handler(signal.SIGWINCH, lambda: asyncio.ensure_future(proc.resize(*terminal_size())))
+    handled: list[signal.Signals] = []
+
+    def on(signo: signal.Signals, action: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        loop.add_signal_handler(signo, lambda: _background.add(asyncio.ensure_future(action())))
+        handled.append(signo)
+
+    if tty_mode and os.isatty(1):
+        on(signal.SIGWINCH, lambda: proc.resize(*terminal_size()))
+    if not tty_mode:  # on a terminal, ^C reaches the guest as a keystroke; otherwise pass signals on
+        for signo in FORWARDED_SIGNALS:
+            on(signo, functools.partial(proc.signal, signo))
     out, err = sys.stdout.buffer, sys.stderr.buffer
     try:
         async for chunk in proc.output():
@@ -74,8 +87,8 @@ async def attach_process(proc: Process, *, stdin: bool, tty_mode: bool) -> ExitS
             stream.write(chunk.data)
             stream.flush()
     finally:
-        if resized:
-            loop.remove_signal_handler(signal.SIGWINCH)
+        for signo in handled:
+            loop.remove_signal_handler(signo)
         if feeder is not None:
             feeder.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
