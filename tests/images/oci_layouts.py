@@ -96,7 +96,7 @@ class Layout:
         config_descriptor = self.blob(
             json.dumps(document).encode(), "application/vnd.oci.image.config.v1+json"
         )
-        manifest = {
+        manifest: dict[str, Any] = {
             "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
             "config": config_descriptor,
@@ -105,7 +105,7 @@ class Layout:
         return self.blob(json.dumps(manifest).encode(), manifest["mediaType"])
 
     def nested_index(self, *descriptors: dict[str, Any]) -> dict[str, Any]:
-        document = {
+        document: dict[str, Any] = {
             "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.index.v1+json",
             "manifests": list(descriptors),

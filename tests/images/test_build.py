@@ -6,12 +6,12 @@ import os
 from pathlib import Path
 
 import pytest
-from ext4_tools import cat, debugfs, is_clean, stat
 
 from agentkernel import paths
 from agentkernel.errors import AgentkernelError
 from agentkernel.images import build_from_dir, build_recipe, ensure_recipes, store
 from agentkernel.images.recipes import RECIPES, get_recipe, recipe_key
+from tests.images.ext4_tools import cat, debugfs, is_clean, stat
 
 
 def test_base_image_content(agent: Path, log: Path) -> None:

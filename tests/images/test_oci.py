@@ -8,7 +8,11 @@ import uuid
 from pathlib import Path
 
 import pytest
-from oci_layouts import (
+
+from agentkernel.errors import AgentkernelError
+from agentkernel.images import oci
+from agentkernel.images.model import ImageConfig
+from tests.images.oci_layouts import (
     Layout,
     Member,
     device,
@@ -21,10 +25,6 @@ from oci_layouts import (
     tagged,
     tar,
 )
-
-from agentkernel.errors import AgentkernelError
-from agentkernel.images import oci
-from agentkernel.images.model import ImageConfig
 
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (ownership, device nodes)")
 

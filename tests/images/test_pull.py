@@ -12,13 +12,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ext4_tools import cat, stat
-from oci_layouts import Layout, tagged, tree_layer
 
 from agentkernel import paths
 from agentkernel.errors import AgentkernelError
 from agentkernel.images import pull, store
 from agentkernel.images.pull import is_loopback, normalize, registry_of
+from tests.images.ext4_tools import cat, stat
+from tests.images.oci_layouts import Layout, tagged, tree_layer
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("docker-registry") and shutil.which("skopeo")),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -216,3 +217,22 @@ def test_signals_reach_the_guest_process(running: str) -> None:
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=30)
     assert (proc.returncode, out) == (9, b"got INT\n")
+
+
+def test_image_removed_under_a_sandbox_stays_until_the_sandbox_goes(cli_home: Path, tmp_path: Path) -> None:
+    # This test needs an image store of its own, not the shared one.
+    (cli_home / "images").unlink()
+    tree = tmp_path / "tree"
+    (tree / "bin").mkdir(parents=True)
+    shutil.copy("/bin/busybox", tree / "bin" / "busybox")
+    (tree / "bin" / "sh").symlink_to("busybox")
+    ok("image", "build", "--from", str(tree), "mine")
+    blobs = [p for p in (cli_home / "images").iterdir() if len(p.name) == 64]
+    assert len(blobs) == 1
+    ok("create", "--image", "mine", "holder")
+    ok("image", "rm", "mine")
+    assert "mine" not in ok("image", "list").decode()
+    ok("start", "holder")  # its image's file is still there
+    assert ok("exec", "holder", "--", "sh", "-c", "echo alive") == b"alive\n"
+    ok("rm", "-f", "holder")
+    assert not blobs[0].exists()

@@ -362,12 +362,11 @@ static void conn_close(struct conn *c)
 		nvsock--;
 }
 
-/* The host side of a port is not connected: everything of the session goes, the port waits for HELLO.
+/* The host side of a port went away: everything of the session goes, the port waits for HELLO.
  * Input already read is kept: the scan for HELLO skips what is stale. */
 static void port_hangup(struct conn *c)
 {
-	if (!c->synced && !c->nch && c->olen == c->ohead)
-		return;
+	c->host_up = false;
 	session_end(c);
 	c->ohead = c->olen = c->ofrm = 0;
 	c->synced = false;
@@ -628,20 +627,25 @@ static void conn_read(struct conn *c)
 		} else if (n < 0 && errno == EAGAIN) {
 			c->can_read = false;
 		} else if (n == 0 && c->serial) {
-			/* A port reads end-of-file while its host side is not connected. */
 			c->can_read = false;
-			port_hangup(c);
+			if (c->host_up)
+				port_hangup(c);
 		} else {
 			conn_broken(c, n == 0 || errno == ECONNRESET ? NULL : "read", errno);
 		}
 	}
 }
 
+/* A port polls HUP (and reads end-of-file) while its host side is not connected. Only a change from
+ * connected counts as a hangup: a new client's first bytes can arrive before the guest kernel learns
+ * that it connected, and must not be taken for the end of the old one. */
 static void conn_event(struct conn *c, uint32_t ev)
 {
-	if (c->serial && (ev & EPOLLHUP))
+	if (c->serial && !(ev & EPOLLHUP))
+		c->host_up = true;
+	else if (c->serial && c->host_up)
 		port_hangup(c);
-	else if (ev & EPOLLOUT)
+	if (ev & EPOLLOUT)
 		c->can_write = true;
 	if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
 		c->can_read = true;

@@ -64,6 +64,7 @@ struct conn {
 	int fd;
 	bool serial;     /* virtio-serial port (kept open; resyncs on HELLO) or vsock stream */
 	bool synced;     /* a HELLO was accepted; before that a port scans for one */
+	bool host_up;    /* a port's host side was last seen connected */
 	bool dead;       /* closed, freed at the end of the loop iteration */
 	bool can_read, can_write; /* edge-triggered readiness not yet consumed */
 	bool throttled;  /* out-queue went over OUTQ_HIGH; producers are paused */

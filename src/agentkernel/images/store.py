@@ -34,6 +34,7 @@ from agentkernel.images.model import Image, ImageConfig, ImageRecord
 ROOTFS = "rootfs.ext4"
 RECORD = "image.json"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]*(/[A-Za-z0-9][A-Za-z0-9._:@-]*)*")
+HOLD_PREFIX = "sandbox/"  # names that keep images alive for the sandboxes that use them
 SHA256 = re.compile(r"[0-9a-f]{64}")
 OCTAL = re.compile(rb"\\([0-7]{3})")  # mountinfo escapes spaces and such as \040
 
@@ -115,6 +116,17 @@ def tag(name: str, new_name: str) -> Image:
     return get(new_name)
 
 
+def hold(name: str, sandbox: str) -> Image:
+    """Keep the image `name` alive for a sandbox, whatever later happens to `name` (rebuild, removal)."""
+    return tag(name, HOLD_PREFIX + sandbox)
+
+
+def release(sandbox: str) -> None:
+    """Drop a sandbox's hold; its image goes if no other name refers to it."""
+    with contextlib.suppress(AgentkernelError):
+        remove(HOLD_PREFIX + sandbox)
+
+
 def get(name: str) -> Image:
     """The image called `name` (its file is not re-hashed: see verify)."""
     digest = _read_ref(name)
@@ -132,6 +144,8 @@ def list_images() -> list[Image]:
     """All named images, sorted by name; damaged ones are left out with a warning."""
     images = []
     for name in names():
+        if name.startswith(HOLD_PREFIX):
+            continue
         try:
             images.append(get(name))
         except AgentkernelError as exc:

@@ -152,9 +152,11 @@ def create(
     with _locked(name):
         state.insert(record)  # fails if the name is taken, before anything is made
         try:
+            store.hold(img.name, name)
             vmm.prepare(spec_of(record))
         except BaseException:
             vmm.cleanup(spec_of(record), keep_disk=False)
+            store.release(name)
             state.delete(name)
             raise
     return record
@@ -247,6 +249,7 @@ def remove(name: str, *, force: bool = False) -> None:
                 raise AgentkernelError(f"sandbox '{name}' is running: stop it first or use --force")
             backend.kill(spec, record.pid)
         backend.cleanup(spec, keep_disk=False)
+        store.release(name)
         state.delete(name)
     with contextlib.suppress(OSError):
         (paths.data_dir() / "locks" / f"{name}.lock").unlink()
