@@ -300,7 +300,7 @@ static void chan_abort(struct chan *ch)
 	chan_free(ch);
 }
 
-bool ibuf_push(struct chan *ch, const uint8_t *p, size_t n)
+void ibuf_push(struct chan *ch, const uint8_t *p, size_t n)
 {
 	if (ch->ihead + ch->ilen + n > ch->icap) {
 		memmove(ch->ib, ch->ib + ch->ihead, ch->ilen);
@@ -315,7 +315,6 @@ bool ibuf_push(struct chan *ch, const uint8_t *p, size_t n)
 	}
 	memcpy(ch->ib + ch->ihead + ch->ilen, p, n);
 	ch->ilen += n;
-	return true;
 }
 
 /* Return window to the host for bytes passed on. Batched while input is still queued. */
@@ -455,8 +454,7 @@ static void do_shutdown(void)
 	for (int i = 0; i < 50 && waitpid(-1, NULL, WNOHANG) >= 0; i++)
 		usleep(10000);
 	sync();
-	if (mount(NULL, "/", NULL, MS_REMOUNT | MS_RDONLY, NULL))
-		sync();
+	mount(NULL, "/", NULL, MS_REMOUNT | MS_RDONLY, NULL);  /* best effort: all was synced */
 	/* Without a power-off driver the kernel turns RB_POWER_OFF into a halt that never returns, so
 	 * only ask for it where ACPI can do it. Otherwise reboot: the host runs the VM so that a reboot
 	 * ends it (QEMU: reboot=t and -no-reboot; Firecracker exits on reboot). */
@@ -535,6 +533,8 @@ static const char *handle_frame(struct conn *c, uint16_t id, uint8_t type, const
 			if (b < 0 || b > (1LL << 40))
 				return "bad WINDOW";
 			ch->out_win += b;
+			if (ch->out_win > (1LL << 40))
+				ch->out_win = 1LL << 40;
 			if (ch->op == OP_EXEC)
 				exec_update(ch);
 		} else if (ch->op != OP_EXEC) {
@@ -694,10 +694,19 @@ static void uevent_read(int fd)
 {
 	char buf[4096];
 	bool ports = false;
-	ssize_t n;
-	while ((n = recv(fd, buf, sizeof buf, 0)) > 0 || (n < 0 && errno == EINTR))
-		if (n > 0 && memmem(buf, n, "SUBSYSTEM=virtio-ports", 22))
+	for (;;) {
+		ssize_t n = recv(fd, buf, sizeof buf, 0);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0 && errno == ENOBUFS) {
+			ports = true;  /* the socket overflowed: the uevent we want may be among those lost */
+			continue;
+		}
+		if (n <= 0)
+			break;
+		if (memmem(buf, n, "SUBSYSTEM=virtio-ports", 22))
 			ports = true;
+	}
 	if (ports)
 		open_ports();
 }

@@ -122,7 +122,7 @@ void data_commit(struct conn *c, uint16_t ch, uint8_t type, size_t n);
 bool out_full(struct conn *c);
 struct chan *chan_new(struct conn *c, uint16_t id, uint8_t op);
 void chan_free(struct chan *ch);
-bool ibuf_push(struct chan *ch, const uint8_t *p, size_t n);
+void ibuf_push(struct chan *ch, const uint8_t *p, size_t n);
 void grant(struct chan *ch, bool force);
 
 /* exec.c */

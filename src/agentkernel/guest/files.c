@@ -110,7 +110,9 @@ void file_data(struct chan *ch, const uint8_t *p, size_t n)
 	/* Empty DATA: the file is complete. Make it durable, then put it in place. */
 	int fd = ch->fd;
 	ch->fd = -1;
-	if (fchmod(fd, ch->mode) || fsync(fd) || close(fd) || rename(ch->tmp, ch->path)) {
+	bool done = !fchmod(fd, ch->mode) && !fsync(fd);
+	done = !close(fd) && done;
+	if (!done || rename(ch->tmp, ch->path)) {
 		fail(c, ch->id, "put", ch->path);
 	} else {
 		free(ch->tmp);
@@ -162,12 +164,13 @@ static void make_dir(struct conn *c, uint16_t id, char *path, mode_t mode, bool 
 			fail(c, id, "chmod", path);
 			return;
 		}
-	} else if (!(errno == EEXIST && parents && !stat(path, &st) && S_ISDIR(st.st_mode))) {
-		if (errno != EEXIST || !parents)
+	} else {
+		int err = errno;
+		if (!(err == EEXIST && parents && !stat(path, &st) && S_ISDIR(st.st_mode))) {
+			errno = err;
 			fail(c, id, "mkdir", path);
-		else
-			send_error(c, id, EEXIST, "mkdir %s: exists and is not a directory", path);
-		return;
+			return;
+		}
 	}
 	struct rb b = { 0 };
 	ok(c, id, &b);

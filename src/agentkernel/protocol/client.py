@@ -38,6 +38,7 @@ VSOCK_PORT = 52000
 WINDOW_GRANT_STEP = INITIAL_WINDOW // 4
 READ_CHUNK = 64 * 1024
 HELLO_RETRY = 0.25
+ENDING_TYPES = (FrameType.EXIT, FrameType.ERROR, FrameType.OK)
 
 
 class AgentConnectionError(AgentkernelError):
@@ -91,6 +92,7 @@ class _Channel:
         self.send_ready = asyncio.Event()
         self.send_ready.set()
         self.closed = False
+        self.abandoned = False
 
     async def next(self) -> Frame:
         frame = await self.frames.get()
@@ -159,6 +161,11 @@ class Process:
                 raise _exec_error(decode_record(frame.payload))
             elif frame.type is not FrameType.WINDOW:
                 raise self._ch.conn.violation(f"unexpected {frame.type.name} frame during exec")
+
+    def abandon(self) -> None:
+        """Kill the process (its whole group) and drop whatever it still sends, without waiting."""
+        if self._status is None:
+            self._ch.conn.abandon(self._ch)
 
     async def wait(self) -> ExitStatus:
         async for _ in self.output():
@@ -370,6 +377,7 @@ class Connection:
                     raise AgentkernelError(f"command {chunk.stream} exceeds {limit} bytes")
                 buf += chunk.data
         finally:
+            proc.abandon()
             feeder.cancel()
             with contextlib.suppress(asyncio.CancelledError, AgentkernelError):
                 await feeder
@@ -397,30 +405,37 @@ class Connection:
         """The file's bytes as they arrive. Raises FileOpError if the guest cannot read it."""
         channel = await self._file_op(FrameType.GET, [(Tag.PATH, path.encode())])
         ended = False
-        while True:
-            frame = await channel.next()
-            if frame.type is FrameType.INFO:
-                continue
-            if frame.type is FrameType.DATA and not ended:
-                if not frame.payload:
-                    ended = True
+        try:
+            while True:
+                frame = await channel.next()
+                if frame.type is FrameType.INFO:
                     continue
-                yield frame.payload
-            elif frame.type is not FrameType.WINDOW:
-                await self._finish(channel, frame)
-                if not ended:
-                    raise self.violation("GET ended without the end of its data")
-                return
+                if frame.type is FrameType.DATA and not ended:
+                    if not frame.payload:
+                        ended = True
+                        continue
+                    yield frame.payload
+                elif frame.type is not FrameType.WINDOW:
+                    await self._finish(channel, frame)
+                    if not ended:
+                        raise self.violation("GET ended without the end of its data")
+                    return
+        finally:
+            self.abandon(channel)  # the reader stopped early: end the transfer in the guest
 
     async def write_file(self, path: str, chunks: AsyncIterator[bytes], *, mode: int = 0o644) -> int:
         """Write a guest file from `chunks`; the guest renames it into place only when all arrived."""
         channel = await self._file_op(FrameType.PUT, [(Tag.PATH, path.encode()), (Tag.MODE, mode)])
-        async for chunk in chunks:
-            if channel.frames.qsize():  # an early ERROR (say, no such directory): stop sending
-                break
-            await channel.send_data(FrameType.DATA, chunk)
-        else:
-            await self.send(channel.id, FrameType.DATA, b"")
+        try:
+            async for chunk in chunks:
+                if channel.frames.qsize():  # an early ERROR (say, no such directory): stop sending
+                    break
+                await channel.send_data(FrameType.DATA, chunk)
+            else:
+                await self.send(channel.id, FrameType.DATA, b"")
+        except BaseException:
+            self.abandon(channel)  # `chunks` failed: the guest drops the partial file
+            raise
         while True:
             frame = await channel.next()
             if frame.type is not FrameType.WINDOW:
@@ -472,6 +487,27 @@ class Connection:
     def release(self, channel: _Channel) -> None:
         channel.closed = True
         self._channels.pop(channel.id, None)
+
+    def abandon(self, channel: _Channel) -> None:
+        """End an open channel from the host side, without waiting for it.
+
+        An operation sent on an open channel makes the agent end that channel (killing an exec's
+        process group, deleting a partial PUT) and answer ERROR; until that ending frame arrives, the
+        channel's frames are dropped. The frame is written without awaiting, so this also works from
+        cleanup code that runs while a task is being cancelled.
+        """
+        if channel.closed or channel.abandoned or self.broken:
+            return
+        channel.abandoned = True
+        while not channel.frames.empty():
+            frame = channel.frames.get_nowait()
+            if frame is not None and frame.type in ENDING_TYPES:
+                self.release(channel)
+                return
+        try:
+            self._writer.write(encode(channel.id, FrameType.STAT, encode_record([(Tag.PATH, b"/")])))
+        except (OSError, RuntimeError) as exc:
+            self._fail(AgentConnectionError(f"lost the connection to the sandbox agent: {exc}"))
 
     async def send(self, channel: int, ftype: FrameType, payload: bytes = b"") -> None:
         if self.broken:
@@ -548,7 +584,10 @@ class Connection:
             channel.recv_window -= len(frame.payload)
             if channel.recv_window < 0:
                 raise ProtocolError(f"channel {frame.channel} sent more data than its window allows")
-        channel.frames.put_nowait(frame)
+        if not channel.abandoned:
+            channel.frames.put_nowait(frame)
+        elif frame.type in ENDING_TYPES:
+            self.release(channel)
 
     async def close(self) -> None:
         self._task.cancel()

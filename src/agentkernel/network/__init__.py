@@ -1,0 +1,1 @@
+"""Sandbox networking: the egress policy and the host-side gateway that enforces it."""
