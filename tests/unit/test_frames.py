@@ -87,3 +87,23 @@ def test_int_field_of_wrong_size() -> None:
 def test_too_many_fields() -> None:
     with pytest.raises(ProtocolError, match="fields"):
         decode_record(encode_record([(Tag.ENV, b"")] * 4097))
+
+
+def test_hunting_skips_stale_bytes_before_hello() -> None:
+    from agentkernel.protocol.frames import MAGIC
+
+    hello = encode(0, FrameType.HELLO, encode_record([(Tag.VERSION, 1), (Tag.MAGIC, MAGIC)]))
+    fake = encode(0, FrameType.HELLO, encode_record([(Tag.VERSION, 1)]))  # no magic: not the reply
+    stale = b"\x00\x00\x01\x00" + encode(5, FrameType.STDOUT, b"old output")[3:] + fake
+    stream = stale + hello + encode(0, FrameType.PONG, b"x")
+    for cut in range(0, len(stream), 7):
+        dec = FrameDecoder(hunt_hello=True)
+        frames = dec.feed(stream[:cut]) + dec.feed(stream[cut:])
+        assert [f.type for f in frames] == [FrameType.HELLO, FrameType.PONG]
+
+
+def test_hunting_holds_bounded_memory() -> None:
+    dec = FrameDecoder(hunt_hello=True)
+    for _ in range(100):
+        assert dec.feed(b"\xab" * 65536) == []
+    assert dec.buffered <= 8

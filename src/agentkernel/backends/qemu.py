@@ -126,7 +126,9 @@ class QemuBackend:
                 raise AgentkernelError(f"the VM is not running: {console_tail(spec)}")
             if sock.exists():
                 try:
-                    conn = await Connection.open_unix(sock, timeout=max(0.1, deadline - time.monotonic()))
+                    conn = await Connection.open_unix(
+                        sock, timeout=max(0.1, deadline - time.monotonic()), shared_stream=True
+                    )
                     await conn.hello(hostname=spec.name, timeout=max(0.1, deadline - time.monotonic()))
                     return conn
                 except AgentConnectionError:

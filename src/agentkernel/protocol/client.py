@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
+from errno import EBUSY
 from pathlib import Path
 
 from agentkernel.errors import AgentkernelError
@@ -38,6 +40,7 @@ VSOCK_PORT = 52000
 WINDOW_GRANT_STEP = INITIAL_WINDOW // 4
 READ_CHUNK = 64 * 1024
 HELLO_RETRY = 0.25
+RESYNC = bytes(MAX_PAYLOAD + 16)
 ENDING_TYPES = (FrameType.EXIT, FrameType.ERROR, FrameType.OK)
 
 
@@ -92,7 +95,9 @@ class _Channel:
         self.send_ready = asyncio.Event()
         self.send_ready.set()
         self.closed = False
+        self.is_exec = False
         self.abandoned = False
+        self.ended_once = False
 
     async def next(self) -> Frame:
         frame = await self.frames.get()
@@ -211,10 +216,14 @@ class Completed:
 class Connection:
     """One connection to an agent. Use `open_unix` / `open_firecracker` / `open_vsock`, then `hello`."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, shared_stream: bool = False
+    ) -> None:
+        """`shared_stream`: a virtio-serial port, whose byte stream earlier clients used too."""
         self._reader = reader
         self._writer = writer
-        self._decoder = FrameDecoder()
+        self._shared = shared_stream
+        self._decoder = FrameDecoder(hunt_hello=shared_stream)
         self._channels: dict[int, _Channel] = {}
         self._next_id = 1
         self._control: asyncio.Queue[Frame | None] = asyncio.Queue(maxsize=16)
@@ -225,12 +234,12 @@ class Connection:
         self._task = asyncio.create_task(self._read_loop())
 
     @classmethod
-    async def open_unix(cls, path: Path, *, timeout: float = 10.0) -> Connection:
+    async def open_unix(cls, path: Path, *, timeout: float = 10.0, shared_stream: bool = False) -> Connection:
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), timeout)
         except (OSError, TimeoutError) as exc:
             raise AgentConnectionError(f"cannot connect to the sandbox agent at {path}: {exc}") from None
-        return cls(reader, writer)
+        return cls(reader, writer, shared_stream=shared_stream)
 
     @classmethod
     async def open_firecracker(
@@ -272,8 +281,13 @@ class Connection:
         # A serial port drops what arrives while the guest has it closed, so HELLO is repeated until
         # answered; the agent answers each one it sees, and replies after the first are ignored.
         deadline = time.monotonic() + timeout
+        hello = encode(0, FrameType.HELLO, encode_record(fields))
+        first = True
         while True:
-            await self.send(0, FrameType.HELLO, encode_record(fields))
+            # On a port, an agent left mid-frame by an earlier client is reset by a run of zero
+            # bytes (an invalid frame), after which it scans for the next HELLO.
+            await self.send_raw(hello if first or not self._shared else RESYNC + hello)
+            first = False
             try:
                 frame = await self._control_reply(
                     FrameType.HELLO, min(HELLO_RETRY, deadline - time.monotonic())
@@ -348,6 +362,7 @@ class Connection:
         if pty:
             fields += [(Tag.PTY, 1), (Tag.ROWS, pty[0]), (Tag.COLS, pty[1])]
         channel = self._open_channel()
+        channel.is_exec = True
         await self.send(channel.id, FrameType.EXEC, encode_record(fields))
         frame = await channel.next()
         if frame.type is FrameType.ERROR:
@@ -489,32 +504,59 @@ class Connection:
         self._channels.pop(channel.id, None)
 
     def abandon(self, channel: _Channel) -> None:
-        """End an open channel from the host side, without waiting for it.
+        """End an open channel from the host side without waiting; its later frames are dropped.
 
-        An operation sent on an open channel makes the agent end that channel (killing an exec's
-        process group, deleting a partial PUT) and answer ERROR; until that ending frame arrives, the
-        channel's frames are dropped. The frame is written without awaiting, so this also works from
-        cleanup code that runs while a task is being cancelled.
+        An exec's process group gets SIGKILL, and the agent's EXIT then ends the channel. A file
+        operation is ended by sending another operation on its id, which the agent answers by ending
+        the channel (a partial PUT is deleted) with ERROR EBUSY; if the operation had already ended on
+        its own, the extra one gets its own answer, which is awaited too. Frames are written without
+        awaiting, so this works from cleanup code that runs while a task is being cancelled.
         """
         if channel.closed or channel.abandoned or self.broken:
             return
         channel.abandoned = True
+        unread, channel.consumed = channel.consumed, 0
         while not channel.frames.empty():
             frame = channel.frames.get_nowait()
             if frame is not None and frame.type in ENDING_TYPES:
                 self.release(channel)
                 return
+            if frame is not None and frame.type in DATA_TYPES:
+                unread += len(frame.payload)
+        if unread:
+            channel.recv_window += unread
+            self._write_now(channel.id, FrameType.WINDOW, encode_record([(Tag.BYTES, unread)]))
+        if channel.is_exec:
+            self._write_now(channel.id, FrameType.SIGNAL, encode_record([(Tag.SIGNAL, signal.SIGKILL)]))
+        else:
+            self._write_now(channel.id, FrameType.STAT, encode_record([(Tag.PATH, b"/")]))
+
+    def _abandoned_frame(self, channel: _Channel, frame: Frame) -> None:
+        if frame.type in DATA_TYPES and frame.payload:  # keep the sender going until it ends
+            channel.recv_window += len(frame.payload)
+            self._write_now(channel.id, FrameType.WINDOW, encode_record([(Tag.BYTES, len(frame.payload))]))
+        elif frame.type in ENDING_TYPES:
+            aborted = frame.type is FrameType.ERROR and decode_record(frame.payload).int(Tag.ERRNO) == EBUSY
+            if channel.is_exec or aborted or channel.ended_once:
+                self.release(channel)
+            channel.ended_once = True
+
+    def _write_now(self, channel: int, ftype: FrameType, payload: bytes) -> None:
+        """Queue a frame without awaiting: one write() call, so it never splits another frame."""
         try:
-            self._writer.write(encode(channel.id, FrameType.STAT, encode_record([(Tag.PATH, b"/")])))
+            self._writer.write(encode(channel, ftype, payload))
         except (OSError, RuntimeError) as exc:
             self._fail(AgentConnectionError(f"lost the connection to the sandbox agent: {exc}"))
 
     async def send(self, channel: int, ftype: FrameType, payload: bytes = b"") -> None:
+        await self.send_raw(encode(channel, ftype, payload))
+
+    async def send_raw(self, data: bytes) -> None:
         if self.broken:
             raise self.failure()
         async with self._write_lock:
             try:
-                self._writer.write(encode(channel, ftype, payload))
+                self._writer.write(data)
                 await self._writer.drain()
             except (OSError, RuntimeError) as exc:
                 self._fail(AgentConnectionError(f"lost the connection to the sandbox agent: {exc}"))
@@ -584,10 +626,10 @@ class Connection:
             channel.recv_window -= len(frame.payload)
             if channel.recv_window < 0:
                 raise ProtocolError(f"channel {frame.channel} sent more data than its window allows")
-        if not channel.abandoned:
+        if channel.abandoned:
+            self._abandoned_frame(channel, frame)
+        else:
             channel.frames.put_nowait(frame)
-        elif frame.type in ENDING_TYPES:
-            self.release(channel)
 
     async def close(self) -> None:
         self._task.cancel()

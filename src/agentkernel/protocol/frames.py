@@ -161,13 +161,20 @@ def decode_record(payload: bytes) -> Record:
 
 
 class FrameDecoder:
-    """Splits a byte stream into frames. Holds at most one frame's worth of bytes."""
+    """Splits a byte stream into frames. Holds at most one frame's worth of bytes.
 
-    def __init__(self) -> None:
+    With `hunt_hello`, bytes before the first HELLO frame carrying the protocol magic are skipped:
+    a virtio-serial port can still hold output meant for an earlier client (docs/protocol.md).
+    """
+
+    def __init__(self, *, hunt_hello: bool = False) -> None:
         self._buf = bytearray()
+        self._hunting = hunt_hello
 
     def feed(self, data: bytes) -> list[Frame]:
         self._buf += data
+        if self._hunting and not self._hunt():
+            return []
         frames = []
         while len(self._buf) >= HEADER.size:
             length, channel, ftype, flags = HEADER.unpack_from(self._buf)
@@ -184,6 +191,35 @@ class FrameDecoder:
             del self._buf[:end]
         return frames
 
+    def _hunt(self) -> bool:
+        """Drop bytes up to the first complete HELLO with the magic; False while none is found yet."""
+        start = 0
+        while (i := self._buf.find(_HELLO_HEADER_TAIL, start)) != -1:
+            frame_start = i - 4
+            start = i + 1
+            if frame_start < 0:
+                continue
+            length = int.from_bytes(self._buf[frame_start:i], "big")
+            if length > MAX_HELLO:
+                continue
+            end = i + 4 + length
+            if end > len(self._buf):
+                del self._buf[:frame_start]  # maybe the HELLO, still arriving
+                return False
+            try:
+                if decode_record(bytes(self._buf[i + 4 : end])).bytes(Tag.MAGIC) == MAGIC:
+                    del self._buf[:frame_start]
+                    self._hunting = False
+                    return True
+            except ProtocolError:
+                pass
+        del self._buf[: max(0, len(self._buf) - 8)]  # keep what could begin a header
+        return False
+
     @property
     def buffered(self) -> int:
         return len(self._buf)
+
+
+MAX_HELLO = 4096
+_HELLO_HEADER_TAIL = bytes([0, 0, FrameType.HELLO, 0])  # channel 0, type HELLO, flags 0
