@@ -6,7 +6,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from agentkernel.network.policy import EgressRules
 from agentkernel.protocol.client import Connection
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A host directory shared into the guest (virtio-9p under QEMU)."""
+
+    host: Path
+    guest: str
+    read_only: bool
+
+    @property
+    def tag(self) -> str:
+        return "home" if self.guest == "/mnt" else "workspace"
 
 
 @dataclass(frozen=True)
@@ -20,6 +34,9 @@ class VMSpec:
     rundir: Path  # sockets and pid file, on a short path (Unix socket paths are limited to 107 bytes)
     vcpus: int = 1
     memory_mb: int = 512
+    egress: EgressRules | None = None  # None: no network at all, the guest has only lo
+    read_only: bool = False  # the root disk is read-only (host-enforced); /tmp is a tmpfs
+    mounts: tuple[Mount, ...] = ()
 
     @property
     def console_log(self) -> Path:

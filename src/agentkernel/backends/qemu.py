@@ -22,6 +22,7 @@ from agentkernel.artifacts.run import require
 from agentkernel.backends.base import VMSpec
 from agentkernel.errors import AgentkernelError
 from agentkernel.hostinfo import Accel
+from agentkernel.network import launcher as gateway
 from agentkernel.protocol.client import AgentConnectionError, Connection
 
 AGENT_PATH = "/sbin/agentkernel-agent"
@@ -41,10 +42,35 @@ def disk(spec: VMSpec) -> Path:
     return spec.workdir / "disk.qcow2"
 
 
-def kernel_cmdline(extra: str = "") -> str:
+def kernel_cmdline(spec: VMSpec) -> str:
     # reboot=t + -no-reboot: a guest reboot (the agent's power-off) ends the QEMU process.
-    base = f"console=ttyS0 reboot=t panic=-1 root=/dev/vda rw rootfstype=ext4 quiet init={AGENT_PATH}"
-    return f"{base} {extra}".strip()
+    mode = "ro" if spec.read_only else "rw"
+    args = f"console=ttyS0 reboot=t panic=-1 root=/dev/vda {mode} rootfstype=ext4 quiet init={AGENT_PATH}"
+    return f"{args} {gateway.GUEST_IP_ARG}" if spec.egress is not None else args
+
+
+def network_args(spec: VMSpec) -> list[str]:
+    """No network device at all when network is off. When on, user networking with restrict=on drops
+    every packet except connections to the proxy address, which go to the egress gateway's socket."""
+    if spec.egress is None:
+        return []
+    host, port = gateway.GUEST_PROXY.split(":")
+    forward = f"tcp:{host}:{port}-cmd:socat STDIO UNIX-CONNECT:{gateway.socket_path(spec.rundir)}"
+    return [
+        "-netdev", f"user,id=net0,restrict=on,ipv6=off,guestfwd={forward}",
+        "-device", "virtio-net-device,netdev=net0",
+    ]  # fmt: skip
+
+
+def mount_args(spec: VMSpec) -> list[str]:
+    args = []
+    for i, mount in enumerate(spec.mounts):
+        readonly = ",readonly=on" if mount.read_only else ""
+        args += [
+            "-fsdev", f"local,id=fs{i},path={mount.host},security_model=none{readonly}",
+            "-device", f"virtio-9p-device,fsdev=fs{i},mount_tag={mount.tag}",
+        ]  # fmt: skip
+    return args
 
 
 def command(
@@ -54,6 +80,7 @@ def command(
         acc = ["-accel", "kvm", "-cpu", "host"]
     else:
         acc = ["-accel", "tcg,thread=multi" if spec.vcpus > 1 else "tcg", "-cpu", "max"]
+    readonly = "readonly=on" if spec.read_only else "readonly=off"
     cmd = [
         qemu,
         "-name", f"agentkernel-{spec.name}",
@@ -63,13 +90,14 @@ def command(
         "-smp", str(spec.vcpus),
         "-m", str(spec.memory_mb),
         "-kernel", str(spec.kernel),
-        "-append", kernel_cmdline(),
-        "-drive", f"id=root,file={disk(spec)},format=qcow2,if=none,discard=unmap",
+        "-append", kernel_cmdline(spec),
+        "-drive", f"id=root,file={disk(spec)},format=qcow2,if=none,discard=unmap,{readonly}",
         "-device", "virtio-blk-device,drive=root",
         "-device", "virtio-rng-device",
         "-device", f"virtio-serial-device,max_ports={AGENT_PORTS + 1}",
         "-serial", f"file:{spec.console_log}",
     ]  # fmt: skip
+    cmd += network_args(spec) + mount_args(spec)
     for port in range(AGENT_PORTS):
         cmd += [
             "-chardev", f"socket,id=agent{port},path={agent_socket(spec, port)},server=on,wait=off",
@@ -105,17 +133,27 @@ class QemuBackend:
             raise AgentkernelError(f"run directory path too long for Unix sockets: {spec.rundir}")
         spec.rundir.mkdir(parents=True, exist_ok=True, mode=0o700)
         spec.console_log.unlink(missing_ok=True)
+        if spec.egress is not None:
+            require("socat", "socat")
+            gateway.start(spec.name, spec.egress, spec.rundir)
         # With -daemonize the first process exits once the VM is set up, reporting start-up errors.
         proc = subprocess.run(
             command(spec, self.accel, qemu=qemu), stdin=subprocess.DEVNULL, capture_output=True, text=True
         )
-        if proc.returncode != 0:
-            detail = " ".join(proc.stderr.split())[:500] or f"exit status {proc.returncode}"
-            raise AgentkernelError(f"QEMU failed to start: {detail}")
         try:
-            return int(pidfile(spec).read_text().strip())
-        except (OSError, ValueError):
-            raise AgentkernelError(f"QEMU started but wrote no pid file at {pidfile(spec)}") from None
+            if proc.returncode != 0:
+                detail = " ".join(proc.stderr.split())[:500] or f"exit status {proc.returncode}"
+                raise AgentkernelError(f"QEMU failed to start: {detail}")
+            try:
+                pid = int(pidfile(spec).read_text().strip())
+            except (OSError, ValueError):
+                raise AgentkernelError(f"QEMU started but wrote no pid file at {pidfile(spec)}") from None
+            if spec.egress is not None:
+                gateway.wait_ready(spec.rundir)
+            return pid
+        except BaseException:
+            gateway.stop(spec.rundir)
+            raise
 
     async def connect(self, spec: VMSpec, pid: int, *, port: int = 0, timeout: float = 60.0) -> Connection:
         """Connect to the agent on `port`, waiting while the VM boots; fails fast if QEMU exits."""
@@ -148,6 +186,7 @@ class QemuBackend:
         return state not in ("Z", "X") and str(pidfile(spec)).encode() in cmdline
 
     def kill(self, spec: VMSpec, pid: int) -> None:
+        gateway.stop(spec.rundir)
         if self.is_alive(spec, pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -156,6 +195,7 @@ class QemuBackend:
                 time.sleep(0.01)
 
     def cleanup(self, spec: VMSpec, *, keep_disk: bool) -> None:
+        gateway.stop(spec.rundir)
         shutil.rmtree(spec.rundir, ignore_errors=True)
         if not keep_disk:
             shutil.rmtree(spec.workdir, ignore_errors=True)

@@ -7,7 +7,7 @@ import sys
 import typer
 
 from agentkernel import __version__
-from agentkernel.cli import bench_cmd, images_cmd, sandbox_cmds, setup_cmd, status_cmd
+from agentkernel.cli import audit_cmd, bench_cmd, images_cmd, sandbox_cmds, server_cmds, setup_cmd, status_cmd
 from agentkernel.errors import AgentkernelError
 
 app = typer.Typer(
@@ -38,7 +38,10 @@ def _root(
 app.command("setup")(setup_cmd.setup)
 app.command("status")(status_cmd.status)
 app.command("bench")(bench_cmd.bench)
+app.command("audit")(audit_cmd.audit)
 app.add_typer(images_cmd.app, name="image")
+app.command("serve")(server_cmds.serve)
+app.command("mcp-server")(server_cmds.mcp_server)
 for _name, _fn, _aliases in (
     ("run", sandbox_cmds.run, ()),
     ("create", sandbox_cmds.create, ()),

@@ -101,15 +101,68 @@ async def _exec_on(
         return await attach_process(proc, stdin=interactive, tty_mode=tty_mode)
 
 
+def _options(
+    command: list[str],
+    *,
+    image: str | None,
+    backend: str,
+    vcpus: int | None,
+    memory: int | None,
+    profile: str | None,
+    network: bool | None,
+    mount_cwd: bool | None,
+    directory: Path | None,
+    read_only: bool | None,
+    lifetime: float | None,
+) -> dict[str, Any]:
+    """`sandboxes.create` options from the flags, then agentkernel.toml, then the defaults."""
+    config, _ = load_config(search_from=Path.cwd())
+    chosen, why = sandboxes.choose_image(command, image, config, Path.cwd())
+    policy = resolve_policy(
+        config, profile=profile, network=network, mount_cwd=mount_cwd, read_only=read_only
+    )
+    if directory is not None and not directory.is_dir():
+        raise AgentkernelError(f"--dir {directory}: no such directory")
+    _note(f"image {chosen} ({why}), profile {policy.profile}")
+    return {
+        "image": chosen,
+        "backend": backend,
+        "vcpus": vcpus or config.resources.vcpus or 1,
+        "memory_mb": memory or config.resources.memory_mb or 512,
+        "policy": policy,
+        "mount_dir": directory,
+        "lifetime": lifetime,
+    }
+
+
+IMAGE = typer.Option(None, "--image", help="Image (default: agentkernel.toml, else detected).")
+BACKEND = typer.Option("qemu", "--backend", help="Backend to run on.")
+VCPUS = typer.Option(None, "--vcpus", help="Virtual CPUs (default 1).")
+MEMORY = typer.Option(None, "--memory", help="Memory in MB (default 512).")
+PROFILE = typer.Option(
+    None, "--profile", help="Security profile: permissive, moderate (default), restrictive."
+)
+NETWORK = typer.Option(None, "--network/--no-network", help="Override the profile's network setting.")
+MOUNT_CWD = typer.Option(
+    None, "--mount-cwd/--no-mount-cwd", help="Share the current directory at /workspace."
+)
+DIRECTORY = typer.Option(None, "--dir", help="Share this directory at /workspace.")
+READ_ONLY = typer.Option(None, "--read-only/--read-write", help="Override the profile's read-only root.")
+LIFETIME = typer.Option(None, "--lifetime", help="Stop the sandbox this many seconds after it starts.")
+
+
 def run(
     command: list[str] = typer.Argument(..., metavar="-- CMD...", help="The command to run."),
-    image: str | None = typer.Option(
-        None, "--image", help="Image (default: agentkernel.toml, else detected)."
-    ),
-    backend: str = typer.Option("qemu", "--backend", help="Backend to run on."),
-    vcpus: int | None = typer.Option(None, "--vcpus", help="Virtual CPUs (default 1)."),
-    memory: int | None = typer.Option(None, "--memory", help="Memory in MB (default 512)."),
-    profile: str | None = typer.Option(None, "--profile", help="Security profile (default moderate)."),
+    image: str | None = IMAGE,
+    backend: str = BACKEND,
+    vcpus: int | None = VCPUS,
+    memory: int | None = MEMORY,
+    profile: str | None = PROFILE,
+    network: bool | None = NETWORK,
+    mount_cwd: bool | None = MOUNT_CWD,
+    directory: Path | None = DIRECTORY,
+    read_only: bool | None = READ_ONLY,
+    lifetime: float | None = LIFETIME,
     timeout: float | None = typer.Option(None, "--timeout", help="Kill the command after this many seconds."),
     env: list[str] = typer.Option([], "--env", "-e", help="Set KEY=VALUE in the command's environment."),
     workdir: str | None = typer.Option(None, "--workdir", "-w", help="Working directory in the sandbox."),
@@ -122,21 +175,22 @@ def run(
     if not command:
         raise AgentkernelError("no command given: agentkernel run -- CMD...")
     variables = parse_env(env)
-    config, _ = load_config(search_from=Path.cwd())
-    chosen, why = sandboxes.choose_image(command, image, config, Path.cwd())
-    policy = resolve_policy(config, profile=profile)
-    _note(f"starting a sandbox (image {chosen}: {why}) ...")
+    options = _options(
+        command,
+        image=image,
+        backend=backend,
+        vcpus=vcpus,
+        memory=memory,
+        profile=profile,
+        network=network,
+        mount_cwd=mount_cwd,
+        directory=directory,
+        read_only=read_only,
+        lifetime=lifetime,
+    )
 
     async def go() -> ExitStatus:
-        async with sandboxes.ephemeral(
-            image=chosen,
-            vcpus=vcpus or config.resources.vcpus or 1,
-            memory_mb=memory or config.resources.memory_mb or 512,
-            profile=policy.profile,
-            backend=backend,
-            name=name,
-            keep=keep,
-        ) as (sandbox, conn):
+        async with sandboxes.ephemeral(name=name, keep=keep, **options) as (sandbox, conn):
             if keep:
                 _note(f"sandbox {sandbox} is kept: remove it with `agentkernel rm -f {sandbox}`")
             return await _exec_on(
@@ -155,24 +209,33 @@ def run(
 
 def create(
     name: str = typer.Argument(..., help="Sandbox name."),
-    image: str | None = typer.Option(None, "--image", help="Image (default: agentkernel.toml, else base)."),
-    backend: str = typer.Option("qemu", "--backend", help="Backend to run on."),
-    vcpus: int | None = typer.Option(None, "--vcpus", help="Virtual CPUs (default 1)."),
-    memory: int | None = typer.Option(None, "--memory", help="Memory in MB (default 512)."),
-    profile: str | None = typer.Option(None, "--profile", help="Security profile (default moderate)."),
+    image: str | None = IMAGE,
+    backend: str = BACKEND,
+    vcpus: int | None = VCPUS,
+    memory: int | None = MEMORY,
+    profile: str | None = PROFILE,
+    network: bool | None = NETWORK,
+    mount_cwd: bool | None = MOUNT_CWD,
+    directory: Path | None = DIRECTORY,
+    read_only: bool | None = READ_ONLY,
+    lifetime: float | None = LIFETIME,
 ) -> None:
     """Create a sandbox (its own disk over the image) without starting it."""
     sandboxes.validate_name(name)
-    config, _ = load_config(search_from=Path.cwd())
-    chosen, _why = sandboxes.choose_image([], image, config, Path.cwd())
-    sandboxes.create(
-        name,
-        image=chosen,
-        vcpus=vcpus or config.resources.vcpus or 1,
-        memory_mb=memory or config.resources.memory_mb or 512,
-        profile=resolve_policy(config, profile=profile).profile,
+    options = _options(
+        [],
+        image=image,
         backend=backend,
+        vcpus=vcpus,
+        memory=memory,
+        profile=profile,
+        network=network,
+        mount_cwd=mount_cwd,
+        directory=directory,
+        read_only=read_only,
+        lifetime=lifetime,
     )
+    sandboxes.create(name, **options)
     console.print(name)
 
 

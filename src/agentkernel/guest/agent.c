@@ -2,6 +2,8 @@
  *
  * Sets the system up, then serves docs/protocol.md on vsock port 52000 and on every
  * virtio-serial port named agentkernel.*, all connections from one single-threaded epoll loop.
+ * In a container (AGENTKERNEL_LISTEN=/path/agent.sock) it is PID 1 of the container instead and
+ * serves the protocol on that Unix socket; the runtime has set the system up.
  * Connection fds are edge-triggered (can_read/can_write remember unconsumed readiness);
  * process pipes are level-triggered and leave the epoll set while they must not be read,
  * which is how flow control reaches the processes. */
@@ -24,12 +26,14 @@
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
 #define VSOCK_PORT 52000
-#define MAX_VSOCK_CONNS 64
+#define MAX_STREAM_CONNS 64   /* vsock or Unix socket connections */
+#define LISTEN_ENV "AGENTKERNEL_LISTEN"
 #define IN_CAP (HDR_LEN + MAX_PAYLOAD + CHUNK)
 #define READS_PER_TURN 16     /* fairness between connections */
 #define PORTS_DIR "/sys/class/virtio-ports"
@@ -49,10 +53,12 @@ struct sockaddr_nl { sa_family_t nl_family; unsigned short nl_pad; uint32_t nl_p
 
 int64_t now;
 struct rlimit child_nofile;  /* the limits the kernel gave PID 1, restored for processes */
+bool container;
 
 static int ep = -1;
 static struct conn *conns;
-static int nvsock;
+static int nstreams;
+static int unix_lfd = -1;
 static struct rec rec;       /* the record of the frame being handled */
 
 /* Registered fds, indexed by fd. The generation in each epoll event's data rejects events for
@@ -88,6 +94,21 @@ void logmsg(const char *fmt, ...)
 	if (write(2, buf, n) < 0) {
 		/* nowhere to report it */
 	}
+}
+
+/* A set-up step failed. In a container the runtime has done the set-up and the agent lacks the
+ * privileges to redo it (no CAP_SYS_ADMIN and such): that is expected and said once, not per step. */
+void setup_failed(const char *what)
+{
+	static bool told;
+	if (!container || (errno != EPERM && errno != EACCES && errno != EROFS)) {
+		logmsg("%s: %s", what, strerror(errno));
+		return;
+	}
+	if (!told)
+		logmsg("%s: %s (in a container the runtime sets the system up; such failures are not reported "
+		       "again)", what, strerror(errno));
+	told = true;
 }
 
 static void *xrealloc(void *p, size_t n)
@@ -358,7 +379,7 @@ static void conn_close(struct conn *c)
 	watch_close(&c->fd);
 	c->dead = true;
 	if (!c->serial)
-		nvsock--;
+		nstreams--;
 }
 
 /* The host side of a port went away: everything of the session goes, the port waits for HELLO.
@@ -430,13 +451,14 @@ static const char *do_hello(struct conn *c, const uint8_t *p, size_t n)
 	out_drop_unsent(c);
 	c->synced = true;
 	if (rec.has[F_HOSTNAME] && sethostname((const char *)rec.f[F_HOSTNAME].p, rec.f[F_HOSTNAME].n))
-		logmsg("sethostname: %s", strerror(errno));
+		setup_failed("sethostname");
 	int64_t t = rec_int(&rec, F_TIME_NS, 0);
 	if (t > 0) {
 		struct timespec ts = { t / 1000000000, t % 1000000000 };
 		if (clock_settime(CLOCK_REALTIME, &ts))
-			logmsg("clock_settime: %s", strerror(errno));
+			setup_failed("clock_settime");
 	}
+	limits_apply(&rec);
 	static const char desc[] = "agentkernel-agent protocol 1";
 	struct rb b = { 0 };
 	rb_int(&b, F_VERSION, 1);
@@ -454,6 +476,11 @@ static void do_shutdown(void)
 	for (int i = 0; i < 50 && waitpid(-1, NULL, WNOHANG) >= 0; i++)
 		usleep(10000);
 	sync();
+	if (container) {
+		if (unix_lfd >= 0)
+			unlink(getenv(LISTEN_ENV));
+		_exit(0);  /* the container ends with its PID 1 */
+	}
 	mount(NULL, "/", NULL, MS_REMOUNT | MS_RDONLY, NULL);  /* best effort: all was synced */
 	/* Without a power-off driver the kernel turns RB_POWER_OFF into a halt that never returns, so
 	 * only ask for it where ACPI can do it. Otherwise reboot: the host runs the VM so that a reboot
@@ -751,24 +778,47 @@ static unsigned vsock_cid(void)
 	return cid;
 }
 
-static void vsock_accept(int lfd)
+/* A container's transport: a Unix stream socket in a directory the host bind-mounted in. */
+static int unix_listen(const char *path)
 {
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	struct stat st;
+	if (strlen(path) >= sizeof sa.sun_path) {
+		logmsg("%s: socket path too long", path);
+		return -1;
+	}
+	strcpy(sa.sun_path, path);
+	if (!lstat(path, &st) && S_ISSOCK(st.st_mode))
+		unlink(path);  /* left by an earlier run of this sandbox */
+	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0 || bind(fd, (struct sockaddr *)&sa, sizeof sa) || listen(fd, 16)) {
+		logmsg("listen on %s: %s", path, strerror(errno));
+		if (fd >= 0)
+			close(fd);
+		return -1;
+	}
+	return fd;
+}
+
+static void stream_accept(int lfd)
+{
+	const char *name = lfd == unix_lfd ? "unix" : "vsock";
 	for (;;) {
 		int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
 		if (fd < 0) {
 			if (errno == EINTR || errno == ECONNABORTED)
 				continue;
 			if (errno != EAGAIN)
-				logmsg("vsock accept: %s", strerror(errno));
+				logmsg("%s accept: %s", name, strerror(errno));
 			return;
 		}
-		if (nvsock >= MAX_VSOCK_CONNS) {
-			logmsg("vsock: over %d connections, refusing one", MAX_VSOCK_CONNS);
+		if (nstreams >= MAX_STREAM_CONNS) {
+			logmsg("%s: over %d connections, refusing one", name, MAX_STREAM_CONNS);
 			close(fd);
 			continue;
 		}
-		nvsock++;
-		conn_new(fd, false, "vsock");
+		nstreams++;
+		conn_new(fd, false, name);
 	}
 }
 
@@ -799,7 +849,7 @@ static void reap(int sfd)
 
 /* ---- system setup ---- */
 
-static bool is_mountpoint(const char *dir)
+bool is_mountpoint(const char *dir)
 {
 	char parent[64];
 	struct stat a, b;
@@ -813,8 +863,34 @@ static void mount_fs(const char *type, const char *dir, unsigned long flags, con
 		logmsg("mkdir %s: %s", dir, strerror(errno));
 	if (is_mountpoint(dir))
 		return;  /* e.g. /dev, mounted by the kernel (CONFIG_DEVTMPFS_MOUNT) */
-	if (mount(type, dir, type, flags, opts) && errno != EBUSY)
-		logmsg("mount %s on %s: %s", type, dir, strerror(errno));
+	if (mount(type, dir, type, flags, opts) && errno != EBUSY) {
+		char what[128];
+		snprintf(what, sizeof what, "mount %s on %s", type, dir);
+		setup_failed(what);
+	}
+}
+
+/* Bring lo up with 127.0.0.1, unless it is up already (a container runtime does that). */
+static void loopback_up(void)
+{
+	int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	struct ifreq ifr = { 0 };
+	struct sockaddr_in *sin = (struct sockaddr_in *)&ifr.ifr_addr;
+	strcpy(ifr.ifr_name, "lo");
+	if (s >= 0 && !ioctl(s, SIOCGIFFLAGS, &ifr) && (ifr.ifr_flags & IFF_UP)) {
+		close(s);
+		return;
+	}
+	sin->sin_family = AF_INET;
+	sin->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	bool ok = s >= 0 && !ioctl(s, SIOCSIFADDR, &ifr);
+	sin->sin_addr.s_addr = htonl(0xff000000);
+	ok = ok && !ioctl(s, SIOCSIFNETMASK, &ifr) && !ioctl(s, SIOCGIFFLAGS, &ifr);
+	ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+	if (!ok || ioctl(s, SIOCSIFFLAGS, &ifr))
+		setup_failed("loopback");
+	if (s >= 0)
+		close(s);
 }
 
 static void setup_system(void)
@@ -849,30 +925,17 @@ static void setup_system(void)
 			}
 		}
 
-	if (sethostname("sandbox", 7))
-		logmsg("sethostname: %s", strerror(errno));
-
-	int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-	struct ifreq ifr = { 0 };
-	struct sockaddr_in *sin = (struct sockaddr_in *)&ifr.ifr_addr;
-	strcpy(ifr.ifr_name, "lo");
-	sin->sin_family = AF_INET;
-	sin->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-	bool ok = s >= 0 && !ioctl(s, SIOCSIFADDR, &ifr);
-	sin->sin_addr.s_addr = htonl(0xff000000);
-	ok = ok && !ioctl(s, SIOCSIFNETMASK, &ifr) && !ioctl(s, SIOCGIFFLAGS, &ifr);
-	ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
-	if (!ok || ioctl(s, SIOCSIFFLAGS, &ifr))
-		logmsg("loopback: %s", strerror(errno));
-	if (s >= 0)
-		close(s);
+	if (!container && sethostname("sandbox", 7))  /* a container's hostname is the runtime's */
+		setup_failed("sethostname");
+	loopback_up();
 
 	/* The agent holds several fds per channel; processes get the kernel's usual limits back. */
 	getrlimit(RLIMIT_NOFILE, &child_nofile);
-	struct rlimit big = { 65536, 65536 };
-	if (setrlimit(RLIMIT_NOFILE, &big))
-		logmsg("RLIMIT_NOFILE: %s", strerror(errno));
+	struct rlimit big = { 65536, 65536 }, hard = { child_nofile.rlim_max, child_nofile.rlim_max };
+	if (setrlimit(RLIMIT_NOFILE, &big) && setrlimit(RLIMIT_NOFILE, &hard))  /* in a container: its hard limit */
+		setup_failed("RLIMIT_NOFILE");
 	umask(022);
+	limits_init();
 }
 
 /* ---- main loop ---- */
@@ -917,28 +980,9 @@ static bool service(void)
 	return more;
 }
 
-int main(void)
+/* VM: vsock and the virtio-serial ports (also those named later, announced by uevents). */
+static void open_vm_transports(void)
 {
-	if (getpid() != 1) {
-		logmsg("must run as PID 1 (the init of a sandbox VM)");
-		return 1;
-	}
-	setup_system();
-
-	sigset_t set;
-	sigemptyset(&set);
-	sigaddset(&set, SIGCHLD);
-	sigprocmask(SIG_BLOCK, &set, NULL);
-	signal(SIGPIPE, SIG_IGN);
-	ep = epoll_create1(EPOLL_CLOEXEC);
-	int sfd = signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
-	if (ep < 0 || sfd < 0) {
-		logmsg("epoll/signalfd: %s", strerror(errno));
-		do_shutdown();
-		for (;;)
-			pause();
-	}
-	watch_add(sfd, W_SIGNAL, EPOLLIN, NULL, NULL);
 	int ufd = uevent_open();
 	if (ufd >= 0)
 		watch_add(ufd, W_UEVENT, EPOLLIN, NULL, NULL);
@@ -957,6 +1001,41 @@ int main(void)
 	for (struct conn *c = conns; c && n < (int)sizeof ready - 64; c = c->next)
 		n += snprintf(ready + n, sizeof ready - n, " %s", c->name);
 	logmsg("ready:%s", n ? ready : " no transport yet");
+}
+
+int main(void)
+{
+	const char *listen_path = getenv(LISTEN_ENV);
+	container = listen_path && *listen_path;
+	if (getpid() != 1) {
+		/* SHUTDOWN kills every process it can see: only safe as the init of its own pid namespace. */
+		logmsg("must run as PID 1 (the init of a sandbox VM or container)");
+		return 1;
+	}
+	setup_system();
+
+	sigset_t set;
+	sigemptyset(&set);
+	sigaddset(&set, SIGCHLD);
+	sigprocmask(SIG_BLOCK, &set, NULL);
+	signal(SIGPIPE, SIG_IGN);
+	ep = epoll_create1(EPOLL_CLOEXEC);
+	int sfd = signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
+	if (ep < 0 || sfd < 0) {
+		logmsg("epoll/signalfd: %s", strerror(errno));
+		do_shutdown();
+		for (;;)
+			pause();
+	}
+	watch_add(sfd, W_SIGNAL, EPOLLIN, NULL, NULL);
+	if (!container) {
+		open_vm_transports();
+	} else if ((unix_lfd = unix_listen(listen_path)) >= 0) {
+		watch_add(unix_lfd, W_LISTEN, EPOLLIN, NULL, NULL);
+		logmsg("ready: unix:%s", listen_path);
+	} else {
+		return 1;  /* nothing to serve: the container ends, and the host sees why in its log */
+	}
 
 	bool more = false;
 	for (;;) {
@@ -971,7 +1050,7 @@ int main(void)
 				continue;  /* closed earlier in this batch */
 			switch (w->kind) {
 			case W_SIGNAL: reap(fd); break;
-			case W_LISTEN: vsock_accept(fd); break;
+			case W_LISTEN: stream_accept(fd); break;
 			case W_UEVENT: uevent_read(fd); break;
 			case W_CONN: conn_event(w->c, evs[i].events); break;
 			case W_NONE: break;

@@ -31,7 +31,7 @@ enum tag {
 	F_VERSION = 1, F_MAGIC, F_ARGV, F_ENV, F_CWD, F_UID, F_GID, F_TIMEOUT_MS, F_PID,
 	F_EXIT_CODE, F_SIGNAL, F_MESSAGE, F_ERRNO, F_ROWS, F_COLS, F_PTY, F_BYTES, F_TIMED_OUT,
 	F_HOSTNAME, F_TIME_NS, F_PATH, F_MODE, F_SIZE, F_MTIME_NS, F_KIND, F_NAME, F_PARENTS,
-	F_RECURSIVE, NTAGS
+	F_RECURSIVE, F_MAX_PROCS, F_MEMORY_MB, NTAGS
 };
 
 enum kind { K_FILE = 1, K_DIR, K_SYMLINK, K_OTHER };
@@ -62,7 +62,7 @@ struct chan;
 struct conn {
 	struct conn *next;
 	int fd;
-	bool serial;     /* virtio-serial port (kept open; resyncs on HELLO) or vsock stream */
+	bool serial;     /* virtio-serial port (kept open; resyncs on HELLO) or a vsock/Unix stream */
 	bool synced;     /* a HELLO was accepted; before that a port scans for one */
 	bool host_up;    /* a port's host side was last seen connected */
 	bool dead;       /* closed, freed at the end of the loop iteration */
@@ -108,8 +108,11 @@ struct chan {
 /* agent.c */
 extern int64_t now;  /* monotonic ms, refreshed every loop iteration */
 extern struct rlimit child_nofile;
+extern bool container;  /* run by a container runtime (AGENTKERNEL_LISTEN), not booted as a VM's init */
 int64_t mono_ms(void);
 void logmsg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+void setup_failed(const char *what);
+bool is_mountpoint(const char *dir);
 enum wkind { W_NONE, W_SIGNAL, W_LISTEN, W_UEVENT, W_CONN, W_STATUS, W_STDIN, W_STDOUT, W_STDERR, W_PTY };
 void watch_add(int fd, int kind, uint32_t events, struct conn *c, struct chan *ch);
 void watch_set(int fd, uint32_t events);
@@ -136,6 +139,11 @@ void exec_update(struct chan *ch);
 void exec_timers(struct chan *ch);
 int64_t exec_next_timer(struct chan *ch);
 void exec_release(struct chan *ch);
+
+/* limits.c */
+void limits_init(void);
+void limits_apply(const struct rec *r);
+int limits_join(void);
 
 /* files.c */
 void file_op(struct conn *c, uint16_t id, uint8_t type, const struct rec *r);

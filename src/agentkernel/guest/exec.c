@@ -19,9 +19,9 @@
 extern char **environ;
 
 /* What the child was doing when it failed, reported through the status pipe with errno. */
-enum stage { S_SETSID, S_TTY, S_STDIO, S_GROUPS, S_GID, S_UID, S_CHDIR, S_EXEC };
-static const char *const stage_name[] = { "setsid", "controlling tty", "stdio", "setgroups", "setgid",
-					  "setuid", "chdir", "exec" };
+enum stage { S_LIMITS, S_SETSID, S_TTY, S_STDIO, S_GROUPS, S_GID, S_UID, S_CHDIR, S_EXEC };
+static const char *const stage_name[] = { "resource limits", "setsid", "controlling tty", "stdio",
+					  "setgroups", "setgid", "setuid", "chdir", "exec" };
 
 struct spawn {
 	char **argv, **envp, *cwd;
@@ -46,6 +46,8 @@ static void child(const struct spawn *s)
 	sigemptyset(&none);
 	sigprocmask(SIG_SETMASK, &none, NULL);
 	signal(SIGPIPE, SIG_DFL);
+	if (limits_join())
+		child_fail(s->sfd, S_LIMITS);
 	if (setsid() < 0)
 		child_fail(s->sfd, S_SETSID);
 	if (s->pty && ioctl(s->in, TIOCSCTTY, 0))

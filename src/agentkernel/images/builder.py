@@ -21,11 +21,19 @@ from agentkernel.artifacts.run import require, run
 from agentkernel.errors import AgentkernelError
 from agentkernel.images.safepath import resolve_in_root
 
-FORMAT = "ext4-v1"
+FORMAT = "ext4-v2"  # v2: /mnt exists (host home is mounted there)
 """Names the layout and mkfs options below; part of recipe cache keys, so changing them rebuilds."""
 
 AGENT_PATH = "sbin/agentkernel-agent"
-MOUNT_POINTS = {"proc": 0o555, "sys": 0o555, "dev": 0o755, "tmp": 0o1777, "run": 0o755, "workspace": 0o755}
+MOUNT_POINTS = {
+    "proc": 0o555,
+    "sys": 0o555,
+    "dev": 0o755,
+    "tmp": 0o1777,
+    "run": 0o755,
+    "workspace": 0o755,
+    "mnt": 0o755,
+}
 BLOCK = 4096
 MIB = 1 << 20
 MIN_HEADROOM = 256 * MIB

@@ -11,10 +11,11 @@ import contextlib
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from errno import EBUSY
 from pathlib import Path
+from typing import Any
 
 from agentkernel.errors import AgentkernelError
 from agentkernel.protocol.frames import (
@@ -42,6 +43,10 @@ READ_CHUNK = 64 * 1024
 HELLO_RETRY = 0.25
 RESYNC = bytes(MAX_PAYLOAD + 16)
 ENDING_TYPES = (FrameType.EXIT, FrameType.ERROR, FrameType.OK)
+
+
+Observer = Callable[[str, dict[str, Any]], None]
+"""Told of each finished operation: ("exec", {argv, exit_code, ...}), ("file_read", {path, size}), ..."""
 
 
 class AgentConnectionError(AgentkernelError):
@@ -131,9 +136,11 @@ class _Channel:
 class Process:
     """A command running in the guest."""
 
-    def __init__(self, channel: _Channel, pid: int) -> None:
+    def __init__(self, channel: _Channel, pid: int, argv: list[str]) -> None:
         self._ch = channel
         self.pid = pid
+        self.argv = argv
+        self._started = time.monotonic()
         self._status: ExitStatus | None = None
 
     async def write(self, data: bytes) -> None:
@@ -159,11 +166,21 @@ class Process:
             elif frame.type is FrameType.STDERR:
                 yield Output("stderr", frame.payload)
             elif frame.type is FrameType.EXIT:
-                self._status = _exit_status(decode_record(frame.payload))
+                self._status = status = _exit_status(decode_record(frame.payload))
                 self._ch.conn.release(self._ch)
+                self._ch.conn.notify(
+                    "exec",
+                    argv=self.argv,
+                    exit_code=status.exit_code,
+                    signal=status.signal,
+                    timed_out=status.timed_out,
+                    duration_s=round(time.monotonic() - self._started, 3),
+                )
             elif frame.type is FrameType.ERROR:
                 self._ch.conn.release(self._ch)
-                raise _exec_error(decode_record(frame.payload))
+                error = _exec_error(decode_record(frame.payload))
+                self._ch.conn.notify("exec", argv=self.argv, error=str(error))
+                raise error
             elif frame.type is not FrameType.WINDOW:
                 raise self._ch.conn.violation(f"unexpected {frame.type.name} frame during exec")
 
@@ -231,6 +248,8 @@ class Connection:
         self._error: AgentConnectionError | None = None
         self.agent_info = ""
         self._greeted = False
+        self.default_env: dict[str, str] = {}  # under what exec is given; its env wins
+        self.observer: Observer | None = None
         self._task = asyncio.create_task(self._read_loop())
 
     @classmethod
@@ -272,12 +291,25 @@ class Connection:
 
     # -- control channel ------------------------------------------------------------------
 
-    async def hello(self, *, hostname: str | None = None, set_clock: bool = True, timeout: float = 30) -> str:
+    async def hello(
+        self,
+        *,
+        hostname: str | None = None,
+        set_clock: bool = True,
+        timeout: float = 30,
+        max_procs: int | None = None,
+        memory_mb: int | None = None,
+    ) -> str:
+        """Greet the agent. `max_procs` and `memory_mb` limit the guest's processes (protocol.md)."""
         fields: list[tuple[Tag, int | bytes | str]] = [(Tag.VERSION, VERSION), (Tag.MAGIC, MAGIC)]
         if hostname:
             fields.append((Tag.HOSTNAME, hostname.encode()))
         if set_clock:
             fields.append((Tag.TIME_NS, time.time_ns()))
+        if max_procs is not None:
+            fields.append((Tag.MAX_PROCS, max_procs))
+        if memory_mb is not None:
+            fields.append((Tag.MEMORY_MB, memory_mb))
         # A serial port drops what arrives while the guest has it closed, so HELLO is repeated until
         # answered; the agent answers each one it sees, and replies after the first are ignored.
         deadline = time.monotonic() + timeout
@@ -350,7 +382,8 @@ class Connection:
         fields: list[tuple[Tag, int | bytes | str]] = [
             (Tag.ARGV, a.encode() if isinstance(a, str) else a) for a in argv
         ]
-        fields += [(Tag.ENV, f"{k}={v}".encode()) for k, v in (env or {}).items()]
+        merged = {**self.default_env, **(env or {})}
+        fields += [(Tag.ENV, f"{k}={v}".encode()) for k, v in merged.items()]
         if cwd:
             fields.append((Tag.CWD, cwd.encode()))
         if uid is not None:
@@ -371,7 +404,8 @@ class Connection:
         if frame.type is not FrameType.STARTED:
             raise self.violation(f"expected STARTED, got {frame.type.name}")
         pid = decode_record(frame.payload).int(Tag.PID)
-        return Process(channel, pid if pid is not None else -1)
+        shown = [a if isinstance(a, str) else a.decode(errors="replace") for a in argv]
+        return Process(channel, pid if pid is not None else -1, shown)
 
     async def run(
         self,
@@ -416,10 +450,11 @@ class Connection:
             raise self.violation(f"unexpected {frame.type.name} frame in a file operation")
         return record
 
-    async def read_file(self, path: str) -> AsyncIterator[bytes]:
+    async def read_file(self, path: str) -> AsyncGenerator[bytes, None]:
         """The file's bytes as they arrive. Raises FileOpError if the guest cannot read it."""
         channel = await self._file_op(FrameType.GET, [(Tag.PATH, path.encode())])
         ended = False
+        size = 0
         try:
             while True:
                 frame = await channel.next()
@@ -429,11 +464,13 @@ class Connection:
                     if not frame.payload:
                         ended = True
                         continue
+                    size += len(frame.payload)
                     yield frame.payload
                 elif frame.type is not FrameType.WINDOW:
                     await self._finish(channel, frame)
                     if not ended:
                         raise self.violation("GET ended without the end of its data")
+                    self.notify("file_read", path=path, size=size)
                     return
         finally:
             self.abandon(channel)  # the reader stopped early: end the transfer in the guest
@@ -454,7 +491,9 @@ class Connection:
         while True:
             frame = await channel.next()
             if frame.type is not FrameType.WINDOW:
-                return (await self._finish(channel, frame)).int(Tag.SIZE, 0) or 0
+                written = (await self._finish(channel, frame)).int(Tag.SIZE, 0) or 0
+                self.notify("file_write", path=path, size=written)
+                return written
 
     async def _simple(self, ftype: FrameType, fields: list[tuple[Tag, int | bytes | str]]) -> Record:
         channel = await self._file_op(ftype, fields)
@@ -498,6 +537,10 @@ class Connection:
         self._channels[channel.id] = channel
         self._next_id = self._next_id % 65535 + 1
         return channel
+
+    def notify(self, event: str, **fields: Any) -> None:
+        if self.observer is not None:
+            self.observer(event, fields)
 
     def release(self, channel: _Channel) -> None:
         channel.closed = True

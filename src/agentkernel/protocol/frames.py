@@ -85,6 +85,8 @@ class Tag(IntEnum):
     NAME = 26
     PARENTS = 27
     RECURSIVE = 28
+    MAX_PROCS = 29
+    MEMORY_MB = 30
 
 
 @dataclass(frozen=True)

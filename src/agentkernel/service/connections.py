@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 from dataclasses import dataclass
 
+import anyio
+
 from agentkernel.errors import AgentkernelError
 from agentkernel.protocol.client import Connection
 from agentkernel.service import sandboxes
@@ -40,7 +42,7 @@ class ConnectionPool:
 
     async def get(self, name: str) -> Connection:
         """The connection to running sandbox `name`, opened if there is no live one."""
-        record = await asyncio.to_thread(sandboxes.get, name)
+        record = await anyio.to_thread.run_sync(sandboxes.get, name)
         if record.status != "running" or record.pid is None:
             await self.discard(name)
             raise SandboxNotRunningError(name, record.status)

@@ -15,26 +15,34 @@ import fcntl
 import os
 import re
 import secrets
+import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from agentkernel import paths
 from agentkernel.artifacts import kernel as kernel_artifact
 from agentkernel.backends import get_backend
-from agentkernel.backends.base import Backend, VMSpec
-from agentkernel.config import Config, image_name
+from agentkernel.backends.base import Backend, Mount, VMSpec
+from agentkernel.config import PROFILES, Config, Policy, image_name
 from agentkernel.detect import detect_image
 from agentkernel.errors import AgentkernelError
 from agentkernel.images import store
+from agentkernel.network import launcher as gateway
+from agentkernel.network.policy import EgressRules
 from agentkernel.protocol.client import Connection
 from agentkernel.sandbox import state
 from agentkernel.sandbox.state import SandboxRecord
+from agentkernel.service import audit
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 BOOT_TIMEOUT = 120.0
 STOP_TIMEOUT = 10.0
 POWERED_OFF = b"reboot: Restarting system"
+WORKSPACE = "/workspace"
+PASS_ENV = frozenset({"LANG", "LANGUAGE", "TZ", "TERM", "COLORTERM"})  # with pass_env, plus LC_*
 
 
 def validate_name(name: str) -> str:
@@ -59,6 +67,17 @@ def runtime_base() -> Path:
 
 
 def spec_of(record: SandboxRecord) -> VMSpec:
+    policy = record.extra.get("policy", {})
+    domains = policy.get("domains", {})
+    egress = (
+        EgressRules(
+            tuple(domains.get("allow", ())),
+            tuple(domains.get("block", ())),
+            domains.get("allowlist_only", False),
+        )
+        if policy.get("network")
+        else None
+    )
     return VMSpec(
         name=record.name,
         kernel=Path(record.extra["kernel"]),
@@ -67,7 +86,42 @@ def spec_of(record: SandboxRecord) -> VMSpec:
         rundir=Path(record.rundir),
         vcpus=record.vcpus,
         memory_mb=record.memory_mb,
+        egress=egress,
+        read_only=bool(policy.get("read_only")),
+        mounts=tuple(
+            Mount(Path(m["host"]), m["guest"], m["read_only"]) for m in record.extra.get("mounts", [])
+        ),
     )
+
+
+def _policy_record(policy: Policy) -> dict[str, Any]:
+    data = asdict(policy)
+    data["domains"] = policy.domains.model_dump()
+    return data
+
+
+def _mounts(policy: Policy, mount_dir: Path | None) -> list[dict[str, Any]]:
+    """The host directories a sandbox sees: the project at /workspace, the home (read-only) at /mnt."""
+    mounts = []
+    if policy.mount_cwd or mount_dir is not None:
+        source = (mount_dir or Path.cwd()).expanduser()
+        if not source.is_dir():
+            raise AgentkernelError(f"cannot mount {source}: no such directory")
+        mounts.append({"host": str(source.resolve()), "guest": WORKSPACE, "read_only": False})
+    if policy.mount_home:
+        mounts.append({"host": str(Path.home().resolve()), "guest": "/mnt", "read_only": True})
+    return mounts
+
+
+def exec_env(record: SandboxRecord) -> dict[str, str]:
+    """The environment every command in the sandbox starts from (what a command sets wins)."""
+    policy = record.extra.get("policy", {})
+    env: dict[str, str] = {}
+    if policy.get("pass_env"):
+        env.update({k: v for k, v in os.environ.items() if k in PASS_ENV or k.startswith("LC_")})
+    if policy.get("network"):
+        env.update(gateway.proxy_env())
+    return env
 
 
 @contextlib.contextmanager
@@ -90,11 +144,19 @@ def reconcile(record: SandboxRecord) -> SandboxRecord:
         return record
     backend = get_backend(record.backend)
     spec = spec_of(record)
+    expired = time.time() >= record.extra.get("deadline", float("inf"))
     if backend.is_alive(spec, record.pid):
-        return record
-    record.status = "stopped" if _powered_off(spec) else "failed"
+        if not expired:
+            return record
+        backend.kill(spec, record.pid)  # its watchdog should have done this already
+    if expired:
+        record.status, record.extra["stop_reason"] = "stopped", "lifetime exceeded"
+        audit.record("expired", record.name)
+    else:
+        record.status = "stopped" if _powered_off(spec) else "failed"
     record.pid = None
-    state.update(record.name, status=record.status, pid=None)
+    backend.cleanup(spec, keep_disk=True)
+    state.update(record.name, status=record.status, pid=None, extra=record.extra)
     return record
 
 
@@ -123,9 +185,24 @@ def create(
     memory_mb: int = 512,
     profile: str = "moderate",
     backend: str = "qemu",
+    policy: Policy | None = None,
+    mount_dir: Path | None = None,
+    lifetime: float | None = None,
 ) -> SandboxRecord:
-    """Make a sandbox (its own disk over the image); it is not started."""
+    """Make a sandbox (its own disk over the image); it is not started.
+
+    `policy` defaults to the profile's; `mount_dir` is shared at /workspace (the current directory
+    when the policy mounts it and none is given); `lifetime` stops the sandbox that many seconds after
+    each start.
+    """
     validate_name(name)
+    if policy is None:
+        if profile not in PROFILES:
+            raise AgentkernelError(f"unknown security profile {profile!r}: use {', '.join(PROFILES)}")
+        policy = PROFILES[profile]
+    if lifetime is not None and not 1 <= lifetime <= 30 * 86400:
+        raise AgentkernelError(f"--lifetime must be between 1 second and 30 days (got {lifetime:g})")
+    mounts = _mounts(policy, mount_dir)
     if not 1 <= vcpus <= 32:
         raise AgentkernelError(f"--vcpus must be between 1 and 32 (got {vcpus})")
     if not 64 <= memory_mb <= 65536:
@@ -142,12 +219,18 @@ def create(
         image_digest=img.digest,
         vcpus=vcpus,
         memory_mb=memory_mb,
-        profile=profile,
+        profile=policy.profile,
         status="stopped",
         pid=None,
         rundir=str(runtime_base() / secrets.token_hex(6)),
         created_at=_now(),
-        extra={"kernel": str(vmlinux), "image_path": str(img.path)},
+        extra={
+            "kernel": str(vmlinux),
+            "image_path": str(img.path),
+            "policy": _policy_record(policy),
+            "mounts": mounts,
+            "lifetime_s": lifetime,
+        },
     )
     with _locked(name):
         state.insert(record)  # fails if the name is taken, before anything is made
@@ -159,6 +242,9 @@ def create(
             store.release(name)
             state.delete(name)
             raise
+    audit.record(
+        "create", name, image=img.name, backend=vmm.name, policy=record.extra["policy"], mounts=mounts
+    )
     return record
 
 
@@ -179,33 +265,63 @@ async def _booted(name: str, *, timeout: float) -> AsyncIterator[tuple[SandboxRe
         backend = get_backend(record.backend)
         spec = spec_of(record)
         pid = backend.start(spec)
-        state.update(name, status="running", pid=pid)
+        extra = {**record.extra, "stop_reason": None}
+        if lifetime := record.extra.get("lifetime_s"):
+            extra["deadline"] = time.time() + lifetime
+            _watchdog(spec, pid, lifetime)
+        state.update(name, status="running", pid=pid, extra=extra)
+        record.status, record.pid, record.extra = "running", pid, extra
         try:
             conn = await stack.enter_async_context(_session(backend, spec, pid, timeout=timeout))
+            _configure(conn, record)
+            for mount in spec.mounts:
+                await _mount(conn, mount)
         except BaseException:
+            await stack.aclose()
             backend.kill(spec, pid)
             backend.cleanup(spec, keep_disk=True)
             state.update(name, status="failed", pid=None)
+            audit.record("start", name, ok=False)
             raise
-    record.status, record.pid = "running", pid
+    audit.record("start", name, ok=True, pid=pid)
     async with stack:
         yield record, conn
 
 
+async def _mount(conn: Connection, mount: Mount) -> None:
+    options = "trans=virtio,version=9p2000.L,msize=262144" + (",ro" if mount.read_only else "")
+    done = await conn.run(["mount", "-t", "9p", "-o", options, mount.tag, mount.guest], limit=4096)
+    if done.status.exit_code != 0:
+        detail = (done.stderr or done.stdout).decode(errors="replace").strip()[:200]
+        raise AgentkernelError(f"cannot mount {mount.host} at {mount.guest} in the sandbox: {detail}")
+
+
+def _configure(conn: Connection, record: SandboxRecord) -> None:
+    """Every command gets the policy's environment, and every operation goes to the audit log."""
+    conn.default_env = exec_env(record)
+    conn.observer = lambda event, fields: audit.record(event, record.name, **fields)
+
+
+def _watchdog(spec: VMSpec, pid: int, lifetime: float) -> None:
+    """A detached `sleep` that kills the VMM when its lifetime is over, whoever is (not) watching."""
+    script = 'sleep "$1"; grep -qF "$2" /proc/"$3"/cmdline 2>/dev/null && kill -KILL "$3"'
+    subprocess.Popen(
+        ["/bin/sh", "-c", script, "watchdog", str(int(lifetime) + 1), str(spec.rundir), str(pid)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
 @contextlib.asynccontextmanager
 async def ephemeral(
-    *,
-    image: str,
-    vcpus: int,
-    memory_mb: int,
-    profile: str,
-    backend: str = "qemu",
-    name: str | None = None,
-    keep: bool = False,
+    *, name: str | None = None, keep: bool = False, **options: Any
 ) -> AsyncIterator[tuple[str, Connection]]:
-    """A new sandbox, booted, with a connection to its agent; removed afterwards unless `keep`."""
+    """A new sandbox (`options` as for `create`), booted, with a connection to its agent; removed
+    afterwards unless `keep`."""
     name = validate_name(name) if name else new_ephemeral_name()
-    create(name, image=image, vcpus=vcpus, memory_mb=memory_mb, profile=profile, backend=backend)
+    create(name, **options)
     try:
         async with _booted(name, timeout=BOOT_TIMEOUT) as (_record, conn):
             yield name, conn
@@ -225,7 +341,8 @@ async def stop(name: str, *, timeout: float = STOP_TIMEOUT) -> SandboxRecord:
         backend.cleanup(spec, keep_disk=True)
         state.update(name, status="stopped", pid=None)
         record.status, record.pid = "stopped", None
-        return record
+    audit.record("stop", name)
+    return record
 
 
 async def _shutdown(backend: Backend, spec: VMSpec, pid: int, timeout: float) -> None:
@@ -251,6 +368,7 @@ def remove(name: str, *, force: bool = False) -> None:
         backend.cleanup(spec, keep_disk=False)
         store.release(name)
         state.delete(name)
+    audit.record("remove", name)
     with contextlib.suppress(OSError):
         (paths.data_dir() / "locks" / f"{name}.lock").unlink()
 
@@ -265,6 +383,7 @@ async def session(name: str, *, timeout: float = 30.0) -> AsyncIterator[Connecti
             f"start it with `agentkernel start {name}`"
         )
     async with _session(get_backend(record.backend), spec_of(record), record.pid, timeout=timeout) as conn:
+        _configure(conn, record)
         yield conn
 
 

@@ -1,0 +1,56 @@
+"""Bearer-token authentication for every route but /health, WebSockets included."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from agentkernel.api.problems import problem, response
+from agentkernel.errors import AgentkernelError
+
+OPEN_PATHS = frozenset({"/health"})
+API_KEY_ENV = "AGENTKERNEL_API_KEY"
+
+
+class BearerAuth:
+    """Requires `Authorization: Bearer <key>`; the comparison takes the same time for any wrong key."""
+
+    def __init__(self, app: ASGIApp, key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        if hmac.compare_digest(given, self.expected):
+            await self.app(scope, receive, send)
+            return
+        detail = (
+            "wrong API key"
+            if given
+            else f"this server needs an API key: send Authorization: Bearer <{API_KEY_ENV}>"
+        )
+        denied = response(problem(401, "unauthorized", detail), headers={"WWW-Authenticate": "Bearer"})
+        if scope["type"] == "websocket" and "websocket.http.response" not in scope.get("extensions", {}):
+            await send({"type": "websocket.close", "code": 1008})  # the server cannot send a 401
+            return
+        await denied(scope, receive, send)
+
+
+def check_listen_address(host: str, key: str | None) -> None:
+    """Refuse to serve beyond this machine without a key: the API runs commands as a user of it."""
+    if key or host == "localhost":
+        return
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise AgentkernelError(
+            f"refusing to listen on {host} without an API key: set {API_KEY_ENV} "
+            "(or listen on 127.0.0.1, the default)"
+        )

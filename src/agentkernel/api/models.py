@@ -1,0 +1,113 @@
+"""Request and response bodies. Requests forbid unknown fields, so a typo is an error, not ignored."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from agentkernel.config import ProfileName
+from agentkernel.protocol.client import FileInfo
+from agentkernel.sandbox.state import SandboxRecord
+from agentkernel.service.operations import Collected
+from agentkernel.service.sandboxes import NAME_RE
+
+SandboxName = Annotated[str, Field(pattern=f"^{NAME_RE.pattern}$", examples=["box"])]
+Command = Annotated[list[str], Field(min_length=1, max_length=4096, examples=[["python3", "-c", "print(1)"]])]
+Timeout = Annotated[float, Field(gt=0, le=604800, description="Kill the command after this many seconds.")]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ExecRequest(_Request):
+    command: Command
+    env: dict[str, str] | None = None
+    cwd: str | None = Field(None, description="Working directory in the sandbox (absolute).")
+    timeout: Timeout | None = None
+    stdin: str | None = Field(None, max_length=1 << 20, description="Text given to the command's stdin.")
+
+
+class RunRequest(ExecRequest):
+    image: str | None = Field(None, description="Image (default: agentkernel.toml, else detected).")
+    profile: ProfileName | None = None
+    vcpus: Annotated[int, Field(ge=1, le=32)] | None = None
+    memory_mb: Annotated[int, Field(ge=64, le=65536)] | None = None
+
+
+class CreateRequest(_Request):
+    name: SandboxName | None = Field(None, description="Default: sandbox-XXXXXXXX.")
+    image: str | None = None
+    profile: ProfileName | None = None
+    vcpus: Annotated[int, Field(ge=1, le=32)] | None = None
+    memory_mb: Annotated[int, Field(ge=64, le=65536)] | None = None
+    start: bool = Field(True, description="Boot it as well.")
+
+
+class Sandbox(BaseModel):
+    name: str
+    status: Literal["created", "running", "stopped", "failed"]
+    backend: str
+    image: str
+    image_digest: str
+    vcpus: int
+    memory_mb: int
+    profile: str
+    created_at: str
+
+    @classmethod
+    def of(cls, record: SandboxRecord) -> Sandbox:
+        """Host paths (run dir, disk, kernel) stay out of the API."""
+        return cls.model_validate({key: getattr(record, key) for key in cls.model_fields}, strict=False)
+
+
+class RunResult(BaseModel):
+    exit_code: int | None = Field(description="None when the command was killed by a signal.")
+    signal: int | None
+    timed_out: bool
+    stdout: str = Field(description="UTF-8 text; invalid bytes are replaced.")
+    stderr: str
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    duration_ms: int
+
+    @classmethod
+    def of(cls, result: Collected) -> RunResult:
+        return cls(
+            exit_code=result.status.exit_code,
+            signal=result.status.signal,
+            timed_out=result.status.timed_out,
+            stdout=result.stdout.decode(errors="replace"),
+            stderr=result.stderr.decode(errors="replace"),
+            stdout_truncated=result.stdout_truncated,
+            stderr_truncated=result.stderr_truncated,
+            duration_ms=round(result.duration * 1000),
+        )
+
+
+class FileEntry(BaseModel):
+    name: str
+    kind: Literal["file", "dir", "symlink", "other"]
+    size: int
+    mode: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, info: FileInfo) -> FileEntry:
+        return cls(name=info.name, kind=info.kind, size=info.size, mode=info.mode, mtime_ns=info.mtime_ns)  # type: ignore[arg-type]
+
+
+class DirListing(BaseModel):
+    path: str
+    entries: list[FileEntry]
+
+
+class Written(BaseModel):
+    path: str
+    size: int
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    version: str

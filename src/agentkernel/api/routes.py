@@ -1,0 +1,143 @@
+"""Health, one-off runs, the sandbox life cycle and commands in a sandbox."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
+
+from agentkernel import __version__
+from agentkernel.api.models import CreateRequest, ExecRequest, Health, RunRequest, RunResult, Sandbox
+from agentkernel.api.problems import MEDIA_TYPE, Problem
+from agentkernel.api.sse import EventStreamResponse, stream_process
+from agentkernel.protocol.client import Process
+from agentkernel.service.operations import CommandSpec, Operations, SandboxSettings, collect, exec_on
+from agentkernel.service.sandboxes import NAME_RE
+
+OUTPUT_LIMIT = 8 << 20
+"""Bytes of each stream a non-streaming run returns; the rest is cut (and says so)."""
+
+
+def operations(request: Request) -> Operations:
+    ops: Operations = request.app.state.ops
+    return ops
+
+
+Ops = Annotated[Operations, Depends(operations)]
+Name = Annotated[str, Path(pattern=f"^{NAME_RE.pattern}$", description="Sandbox name.")]
+
+
+def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {s: {"model": Problem, "content": {MEDIA_TYPE: {}}} for s in statuses}
+
+
+SSE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"}
+}
+router = APIRouter(responses=problems(401, 422))
+
+
+def _command(body: ExecRequest) -> CommandSpec:
+    return CommandSpec.checked(body.command, env=body.env, cwd=body.cwd, timeout=body.timeout)
+
+
+def _settings(body: RunRequest | CreateRequest) -> SandboxSettings:
+    return SandboxSettings(image=body.image, vcpus=body.vcpus, memory_mb=body.memory_mb, profile=body.profile)
+
+
+def _stdin(body: ExecRequest) -> bytes:
+    return body.stdin.encode() if body.stdin else b""
+
+
+@router.get("/health", tags=["server"])
+async def health() -> Health:
+    return Health(status="ok", version=__version__)
+
+
+@router.post("/run", tags=["run"], responses=problems(502))
+async def run(body: RunRequest, ops: Ops) -> RunResult:
+    """Run a command in a new sandbox that is removed afterwards; answers when it has exited."""
+    command = _command(body)
+    async with ops.ephemeral(command.argv, _settings(body)) as conn:
+        proc = await exec_on(conn, command)
+        return RunResult.of(await collect(proc, stdin=_stdin(body), limit=OUTPUT_LIMIT))
+
+
+@router.post(
+    "/run/stream",
+    tags=["run"],
+    status_code=200,
+    response_class=EventStreamResponse,
+    responses={**SSE, **problems(502)},
+)
+async def run_stream(body: RunRequest, ops: Ops) -> EventStreamResponse:
+    """Like /run, with the output sent as Server-Sent Events while the command runs."""
+    command = _command(body)
+
+    @contextlib.asynccontextmanager
+    async def opening() -> AsyncIterator[Process]:
+        async with ops.ephemeral(command.argv, _settings(body)) as conn:
+            yield await exec_on(conn, command)
+
+    return await stream_process(opening(), stdin=_stdin(body))
+
+
+@router.get("/sandboxes", tags=["sandboxes"])
+async def list_sandboxes(ops: Ops) -> list[Sandbox]:
+    return [Sandbox.of(r) for r in await ops.list_sandboxes()]
+
+
+@router.post("/sandboxes", tags=["sandboxes"], status_code=201, responses=problems(409))
+async def create_sandbox(body: CreateRequest, ops: Ops) -> Sandbox:
+    """Create a sandbox and (unless `start` is false) boot it."""
+    return Sandbox.of(await ops.create(body.name, _settings(body), start=body.start))
+
+
+@router.get("/sandboxes/{name}", tags=["sandboxes"], responses=problems(404))
+async def get_sandbox(name: Name, ops: Ops) -> Sandbox:
+    return Sandbox.of(await ops.get(name))
+
+
+@router.delete("/sandboxes/{name}", tags=["sandboxes"], status_code=204, responses=problems(404, 409))
+async def remove_sandbox(
+    name: Name, ops: Ops, force: Annotated[bool, Query(description="Remove even if running.")] = False
+) -> Response:
+    await ops.remove(name, force=force)
+    return Response(status_code=204)
+
+
+@router.post("/sandboxes/{name}/start", tags=["sandboxes"], responses=problems(404, 409))
+async def start_sandbox(name: Name, ops: Ops) -> Sandbox:
+    return Sandbox.of(await ops.start(name))
+
+
+@router.post("/sandboxes/{name}/stop", tags=["sandboxes"], responses=problems(404))
+async def stop_sandbox(name: Name, ops: Ops) -> Sandbox:
+    return Sandbox.of(await ops.stop(name))
+
+
+@router.post("/sandboxes/{name}/exec", tags=["commands"], responses=problems(404, 409, 502))
+async def exec_in_sandbox(name: Name, body: ExecRequest, ops: Ops) -> RunResult:
+    """Run a command in a running sandbox; answers when it has exited."""
+    proc = await ops.exec(name, _command(body))
+    return RunResult.of(await collect(proc, stdin=_stdin(body), limit=OUTPUT_LIMIT))
+
+
+@router.post(
+    "/sandboxes/{name}/exec/stream",
+    tags=["commands"],
+    status_code=200,
+    response_class=EventStreamResponse,
+    responses={**SSE, **problems(404, 409, 502)},
+)
+async def exec_stream(name: Name, body: ExecRequest, ops: Ops) -> EventStreamResponse:
+    """Like exec, with the output sent as Server-Sent Events while the command runs."""
+    command = _command(body)
+
+    @contextlib.asynccontextmanager
+    async def opening() -> AsyncIterator[Process]:
+        yield await ops.exec(name, command)
+
+    return await stream_process(opening(), stdin=_stdin(body))
