@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # System packages agentkernel needs on Debian 12 (bookworm): the VMM, the kernel build, the guest agent's
-# compiler, the image builders and a local registry for the tests. Run as root (or with sudo).
+# compiler, the image builders, the container engine and a local registry for the tests. Run as root (or
+# with sudo).
 set -euo pipefail
 
 packages=(
@@ -16,6 +17,8 @@ packages=(
   python3 python3-venv python3-pip
   # tests: a local OCI registry on loopback
   docker-registry
+  # container backend: podman; runc as well as crun (crun refuses hosts in cgroup v1/hybrid mode)
+  podman runc crun
 )
 
 missing=()

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from agentkernel.errors import AgentkernelError
+
 KVM_DEVICE = Path("/dev/kvm")
 
 
@@ -75,5 +77,35 @@ def backends(current: Accel | None = None) -> dict[str, BackendStatus]:
         result["firecracker"] = BackendStatus(False, f"firecracker needs hardware KVM: {acc.note}")
     else:
         result["firecracker"] = BackendStatus(False, "the firecracker backend is not implemented yet")
-    result["container"] = BackendStatus(False, "the container backend is not implemented yet")
+    result["container"] = container_status()
     return result
+
+
+def container_status() -> BackendStatus:
+    """Whether a container engine (podman, else docker) runs the hardened sandboxes here (probed once
+    and remembered), and which one, or the reason it does not."""
+    from agentkernel.backends import container
+
+    return BackendStatus(*container.status())
+
+
+def choose_backend(statuses: dict[str, BackendStatus] | None = None, current: Accel | None = None) -> str:
+    """The backend for a new sandbox when none is asked for: Firecracker (hardware KVM and its binary)
+    > QEMU with hardware KVM > a working container engine > QEMU with TCG software emulation."""
+    acc = current or accel()
+    found = statuses if statuses is not None else backends(acc)
+
+    def usable(name: str) -> bool:
+        status = found.get(name)
+        return status is not None and status.available
+
+    if acc.name == "kvm" and usable("firecracker"):
+        return "firecracker"
+    if acc.name == "kvm" and usable("qemu"):
+        return "qemu"
+    if usable("container"):
+        return "container"
+    if usable("qemu"):
+        return "qemu"
+    reasons = "; ".join(f"{name}: {status.reason}" for name, status in found.items())
+    raise AgentkernelError(f"no backend can run sandboxes here: {reasons}")

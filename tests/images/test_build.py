@@ -9,7 +9,8 @@ import pytest
 
 from agentkernel import paths
 from agentkernel.errors import AgentkernelError
-from agentkernel.images import build_from_dir, build_recipe, ensure_recipes, store
+from agentkernel.images import store
+from agentkernel.images.api import build_from_dir, build_recipe, ensure_recipes
 from agentkernel.images.recipes import RECIPES, get_recipe, recipe_key
 from tests.images.ext4_tools import cat, debugfs, is_clean, stat
 

@@ -15,8 +15,8 @@ import pytest
 
 from agentkernel import paths
 from agentkernel.errors import AgentkernelError
-from agentkernel.images import pull, store
-from agentkernel.images.pull import is_loopback, normalize, registry_of
+from agentkernel.images import store
+from agentkernel.images.pull import is_loopback, normalize, pull, registry_of
 from tests.images.ext4_tools import cat, stat
 from tests.images.oci_layouts import Layout, tagged, tree_layer
 

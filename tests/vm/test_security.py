@@ -80,7 +80,8 @@ def test_explicitly_allowed_server_is_reachable_and_blocked_domain_refused(
     )
     code, out, _ = sandbox_sh(
         # 127.0.0.1 is the guest's own loopback unless asked of the gateway, which resolves on the host
-        f"no_proxy= wget -q -O - http://127.0.0.1:{host_server}/; echo; wget -q -O - http://blocked.example/ 2>&1; echo done"
+        f"no_proxy= wget -q -O - http://127.0.0.1:{host_server}/; echo; "
+        "wget -q -O - http://blocked.example/ 2>&1; echo done"
     )
     assert code == 0
     assert "host secret page" in out

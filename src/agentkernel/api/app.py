@@ -13,9 +13,8 @@ from fastapi import FastAPI
 from agentkernel import __version__
 from agentkernel.api import attach, files, problems, routes
 from agentkernel.api.auth import API_KEY_ENV, BearerAuth, check_listen_address
+from agentkernel.api.limits import BodyLimit
 from agentkernel.service.operations import Operations
-
-MAX_JSON_BODY = 1 << 20
 
 
 def create_app(*, project_dir: Path, api_key: str | None) -> FastAPI:
@@ -34,15 +33,15 @@ def create_app(*, project_dir: Path, api_key: str | None) -> FastAPI:
         version=__version__,
         summary="Run commands and coding agents in microVM sandboxes.",
         lifespan=lifespan,
-        max_body_size=MAX_JSON_BODY,
         docs_url=None,
         redoc_url=None,
     )
     problems.install(app)
     for router in (routes.router, files.router, attach.router):
         app.include_router(router)
+    app.add_middleware(BodyLimit)
     if api_key:
-        app.add_middleware(BearerAuth, key=api_key)
+        app.add_middleware(BearerAuth, key=api_key)  # added last: it runs first
     return app
 
 

@@ -41,15 +41,18 @@ class BearerAuth:
         await denied(scope, receive, send)
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def check_listen_address(host: str, key: str | None) -> None:
     """Refuse to serve beyond this machine without a key: the API runs commands as a user of it."""
-    if key or host == "localhost":
-        return
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
+    if not key and not is_loopback(host):
         raise AgentkernelError(
             f"refusing to listen on {host} without an API key: set {API_KEY_ENV} "
             "(or listen on 127.0.0.1, the default)"

@@ -17,7 +17,6 @@ from agentkernel.api.routes import Name, Ops, problems
 from agentkernel.api.sse import ClosingStreamingResponse
 from agentkernel.service.operations import guest_path
 
-MAX_UPLOAD = 4 << 30
 FILE_PATH = "/sandboxes/{name}/files/{path:path}"
 
 router = APIRouter(tags=["files"], responses=problems(401, 404, 409, 413, 422, 502))
@@ -42,7 +41,7 @@ async def read(name: Name, path: str, ops: Ops) -> Response:
     return ClosingStreamingResponse(b"", chunks, media_type="application/octet-stream", headers=headers)
 
 
-@router.put(FILE_PATH, status_code=201, max_body_size=MAX_UPLOAD)
+@router.put(FILE_PATH, status_code=201)
 async def write(
     name: Name,
     path: str,

@@ -5,11 +5,19 @@ from __future__ import annotations
 from agentkernel.backends.base import Backend
 from agentkernel.errors import AgentkernelError
 
+NAMES = ("qemu", "container")
 
-def get_backend(name: str) -> Backend:
-    from agentkernel.backends.qemu import QemuBackend
 
-    known: dict[str, type[Backend]] = {"qemu": QemuBackend}
-    if name not in known:
-        raise AgentkernelError(f"unknown or unavailable backend '{name}' (see `agentkernel status`)")
-    return known[name]()
+def get_backend(name: str, *, profile: str = "moderate") -> Backend:
+    """The backend `name`. `profile` is the sandbox's security profile: the container backend builds
+    its capabilities, seccomp filter and pids limit from it when it creates a container (prepare);
+    VM backends enforce policy through the VMSpec and ignore it."""
+    if name == "qemu":
+        from agentkernel.backends.qemu import QemuBackend
+
+        return QemuBackend()
+    if name == "container":
+        from agentkernel.backends.container import ContainerBackend
+
+        return ContainerBackend(profile=profile)
+    raise AgentkernelError(f"unknown or unavailable backend '{name}' (see `agentkernel status`)")

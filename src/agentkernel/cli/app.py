@@ -7,7 +7,16 @@ import sys
 import typer
 
 from agentkernel import __version__
-from agentkernel.cli import audit_cmd, bench_cmd, images_cmd, sandbox_cmds, server_cmds, setup_cmd, status_cmd
+from agentkernel.cli import (
+    agent_cmds,
+    audit_cmd,
+    bench_cmd,
+    images_cmd,
+    sandbox_cmds,
+    server_cmds,
+    setup_cmd,
+    status_cmd,
+)
 from agentkernel.errors import AgentkernelError
 
 app = typer.Typer(
@@ -42,6 +51,9 @@ app.command("audit")(audit_cmd.audit)
 app.add_typer(images_cmd.app, name="image")
 app.command("serve")(server_cmds.serve)
 app.command("mcp-server")(server_cmds.mcp_server)
+app.command("agents")(agent_cmds.agents)
+app.add_typer(agent_cmds.agent_app, name="agent")
+app.add_typer(agent_cmds.plugin_app, name="plugin")
 for _name, _fn, _aliases in (
     ("run", sandbox_cmds.run, ()),
     ("create", sandbox_cmds.create, ()),

@@ -6,17 +6,18 @@ from pathlib import Path
 
 import typer
 
-from agentkernel.artifacts import agent
 from agentkernel.cli.output import console, human_size, print_json
 from agentkernel.errors import AgentkernelError
-from agentkernel.images import api, store
-from agentkernel.images.pull import pull as pull_ref
-from agentkernel.service.setup import new_log
+
+# The image modules are imported in each command: they are slow to import, and other commands
+# (above all `run`) should not pay for them.
 
 app = typer.Typer(help="Manage root filesystem images.", no_args_is_help=True)
 
 
 def _agent() -> Path:
+    from agentkernel.artifacts import agent
+
     path = agent.current()
     if path is None:
         raise AgentkernelError("no guest agent built yet: run `agentkernel setup`")
@@ -26,6 +27,8 @@ def _agent() -> Path:
 @app.command("list")
 def list_images(json_out: bool = typer.Option(False, "--json", help="Print a JSON array.")) -> None:
     """List images."""
+    from agentkernel.images import store
+
     images = store.list_images()
     if json_out:
         print_json([img.model_dump(mode="json") for img in images])
@@ -44,6 +47,9 @@ def build(
     source: Path | None = typer.Option(None, "--from", help="Build from this directory tree instead."),
 ) -> None:
     """Build an image from a recipe, or from a directory with --from."""
+    from agentkernel.images import api
+    from agentkernel.service.setup import new_log
+
     log = new_log()
     image = (
         api.build_from_dir(source, name, _agent(), log=log)
@@ -61,6 +67,9 @@ def pull_image(
     ),
 ) -> None:
     """Pull an OCI image from a registry and turn it into a sandbox image."""
+    from agentkernel.images.pull import pull as pull_ref
+    from agentkernel.service.setup import new_log
+
     image = pull_ref(ref, _agent(), log=new_log(), name=name)
     console.print(f"{image.name} {image.digest}")
 
@@ -68,6 +77,8 @@ def pull_image(
 @app.command("rm")
 def remove(names: list[str] = typer.Argument(..., help="Image names.")) -> None:
     """Remove images (the content goes when no name refers to it)."""
+    from agentkernel.images import store
+
     for name in names:
         store.remove(name)
         console.print(name)

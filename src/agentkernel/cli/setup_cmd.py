@@ -8,7 +8,7 @@ import typer
 
 from agentkernel.cli.output import console
 from agentkernel.errors import AgentkernelError
-from agentkernel.service import setup as service
+from agentkernel.images import DEFAULT_IMAGES
 
 
 def setup(
@@ -20,7 +20,7 @@ def setup(
         help="Kernel source to build from (default: Debian's linux-source-6.1 package).",
     ),
     images: list[str] = typer.Option(
-        list(service.DEFAULT_IMAGES), "--image", "-i", help="Images to build (repeatable)."
+        list(DEFAULT_IMAGES), "--image", "-i", help="Images to build (repeatable)."
     ),
 ) -> None:
     """Build (or reuse from the cache) the guest kernel, the guest agent and the default images.
@@ -28,6 +28,8 @@ def setup(
     The first run builds a kernel (minutes) and Debian-based images; later runs reuse what is cached,
     verified by content hash.
     """
+    from agentkernel.service import setup as service  # slow to import: only this command needs it
+
     service.check_system()
     if not yes:
         if not sys.stdin.isatty():

@@ -5,11 +5,12 @@ from __future__ import annotations
 import typer
 
 from agentkernel.cli.output import console, human_size, print_json
-from agentkernel.service.status import status as get_status
 
 
 def status(json_out: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
     """Show how sandboxes run on this host and what is installed."""
+    from agentkernel.service.status import status as get_status  # slow to import: only this command needs it
+
     info = get_status()
     if json_out:
         print_json(info)

@@ -1,10 +1,6 @@
 """Root filesystem images: built from recipes, directories or OCI layouts; immutable, content-addressed.
 
-The CLI's entry points are re-exported here; store holds list/get/remove/verify.
+`api` makes images (recipes, directories), `pull` brings them from registries, `store` holds them.
 """
 
-from agentkernel.images.api import build_from_dir, build_recipe, ensure_recipes
-from agentkernel.images.model import Image, ImageConfig
-from agentkernel.images.pull import pull
-
-__all__ = ["Image", "ImageConfig", "build_from_dir", "build_recipe", "ensure_recipes", "pull"]
+DEFAULT_IMAGES = ("base", "python", "node")  # what `agentkernel setup` builds

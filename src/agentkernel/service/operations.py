@@ -157,12 +157,14 @@ class Operations:
             raise
         except AgentkernelError as exc:
             raise UnknownImageError("image", str(exc)) from None
+        policy = resolve_policy(config, profile=settings.profile)
         return sandboxes.create(
             name,
             image=image,
             vcpus=settings.vcpus or config.resources.vcpus or 1,
             memory_mb=settings.memory_mb or config.resources.memory_mb or 512,
-            profile=resolve_policy(config, profile=settings.profile).profile,
+            policy=policy,
+            mount_dir=self.project_dir if policy.mount_cwd else None,
         )
 
     async def start(self, name: str) -> SandboxRecord:

@@ -11,10 +11,9 @@ from pathlib import Path
 from agentkernel import paths
 from agentkernel.artifacts import agent, kernel
 from agentkernel.errors import AgentkernelError
+from agentkernel.images import DEFAULT_IMAGES, store
 from agentkernel.images import api as images_api
 from agentkernel.images.model import Image
-
-DEFAULT_IMAGES = ("base", "python", "node")
 
 # program -> Debian package, for everything `setup` runs.
 SYSTEM_TOOLS = {
@@ -78,5 +77,7 @@ def setup(
     kernel_path, kernel_built = kernel.ensure(kernel_source, log=log)
     if kernel_built:
         built.append("kernel")
+    before = {img.name: img.digest for img in store.list_images()}
     made = images_api.ensure_recipes(list(images), agent_path, log=log)
+    built += [f"image {img.name}" for img in made if before.get(img.name) != img.digest]
     return SetupResult(agent_path, kernel_path, made, built, log)

@@ -1,0 +1,455 @@
+"""Containers (podman, else docker): sandboxes for hosts without KVM, and for macOS via Docker Desktop.
+
+A container shares the host's kernel, so it is locked down on every path, whatever the profile:
+no capabilities but a few (CAPS says why each), no-new-privileges, our own seccomp profile per
+security profile (backends/seccomp.py), pids, memory and CPU limits, tmpfs /tmp and /run, no network
+device but lo, and a read-only root where the policy says so (else a copy-on-write layer of its own).
+
+The root filesystem is the sandbox's image, extracted to a directory once per image digest
+(backends/rootfs.py). Podman runs it with `--rootfs DIR:O`: an overlay whose upper layer belongs to
+the container, so no two sandboxes write one file and the shared tree never changes. Docker cannot
+use a directory as a root, so there the tree is imported once as an image (untested here: the Docker
+engine does not run on our machines).
+
+The guest agent, already in every image at /sbin/agentkernel-agent, is the container's PID 1
+(no --init); with AGENTKERNEL_LISTEN it serves the protocol on a Unix socket in the sandbox's rundir,
+bind-mounted into the container, where the host connects. `prepare` creates the container, `start`
+starts it detached (conmon or dockerd keeps it, not the caller), `cleanup` without keep_disk removes
+it and its layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import tarfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from agentkernel import paths
+from agentkernel.backends import rootfs, seccomp
+from agentkernel.backends.base import VMSpec
+from agentkernel.errors import AgentkernelError
+from agentkernel.protocol.client import AgentConnectionError, Connection
+
+AGENT_PATH = "/sbin/agentkernel-agent"
+GUEST_RUNDIR = "/run/agentkernel"
+SOCKET = "agent.sock"
+MAX_UNIX_PATH = 107
+AGENT_PORTS = 16  # host clients at once (the agent takes up to 64 Unix connections)
+NAME_PREFIX = "agentkernel-"
+PROBE_VERSION = "1"  # bump when the flags change, to probe the engine again
+
+# Capabilities kept (everything else is dropped). Every profile keeps what the agent needs for the
+# protocol; moderate and permissive also keep what root needs to manage files of other users.
+AGENT_CAPS = (
+    "SETUID",  # EXEC's uid: commands may run as another user (agent CLIs that refuse to run as root)
+    "SETGID",  # EXEC's gid and setgroups, for the same
+    "KILL",  # SIGNAL, timeouts and closing a connection signal process groups of other users
+)
+FILE_CAPS = (
+    "CHOWN",  # package managers (dpkg, pip) and tar give files their owners
+    "DAC_OVERRIDE",  # root writes into directories of other users: a mounted workspace, their homes
+    "FOWNER",  # chmod/utime on files root does not own (tar, cp -p, package managers)
+)
+CAPS = {"permissive": AGENT_CAPS + FILE_CAPS, "moderate": AGENT_CAPS + FILE_CAPS, "restrictive": AGENT_CAPS}
+PIDS = {"permissive": 4096, "moderate": 1024, "restrictive": 256}
+
+
+class EngineUnavailable(AgentkernelError):
+    """No container engine works here; the message says why, on one line."""
+
+
+@dataclass(frozen=True)
+class Engine:
+    kind: str  # "podman" or "docker"
+    path: str
+    version: str
+    options: tuple[str, ...]  # global options: podman's runtime, cgroup manager, events backend
+    nofile: int  # RLIMIT_NOFILE for the container: the most the host lets us give
+    note: str = ""  # why better configurations were passed over
+
+    def command(self, *args: str) -> list[str]:
+        return [self.path, *self.options, *args]
+
+    def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.command(*args), capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=timeout
+        )
+
+    def describe(self) -> str:
+        opts = " ".join(self.options)
+        text = f"{self.kind} {self.version}" + (f" ({opts})" if opts else "")
+        return f"{text}; passed over: {self.note}" if self.note else text
+
+
+# ---- finding an engine that works here ------------------------------------------------------------
+
+
+def engine_dir() -> Path:
+    path = paths.data_dir() / "containers"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def find_engine() -> Engine:
+    """The engine to use: podman (preferred) or docker, in a configuration that passed a probe.
+
+    The result is remembered under the data dir for as long as the engine, its runtimes and the
+    host's limits stay the same, so only the first call pays for the probe (a second or so).
+    """
+    key = _host_key()
+    cache = engine_dir() / "engine.json"
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+        saved = json.loads(cache.read_text())
+        if saved["key"] == key:
+            engine = Engine(**{**saved["engine"], "options": tuple(saved["engine"]["options"])})
+            if shutil.which(engine.path):
+                return engine
+    reasons: list[str] = []
+    for candidate in _candidates(reasons):
+        problem = probe(candidate)
+        if problem is None:
+            engine = dataclasses.replace(candidate, note="; ".join(reasons))
+            cache.write_text(json.dumps({"key": key, "engine": asdict(engine)}))
+            return engine
+        reasons.append(f"{candidate.describe()}: {problem}")
+    raise EngineUnavailable("; ".join(reasons) or "neither podman nor docker is installed")
+
+
+def _host_key() -> str:
+    """What the probe's answer depends on: the engines, the runtimes, cgroups, our limits."""
+    parts = [PROBE_VERSION, str(os.geteuid()), str(resource.getrlimit(resource.RLIMIT_NOFILE))]
+    for program in ("podman", "docker", "crun", "runc"):
+        found = shutil.which(program)
+        with contextlib.suppress(OSError):
+            if found:
+                st = os.stat(found)
+                parts.append(f"{found}:{st.st_size}:{st.st_mtime_ns}")
+    with contextlib.suppress(OSError):
+        parts.append(Path("/proc/self/mountinfo").read_text().count("cgroup2").__str__())
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
+
+
+def _nofile() -> int:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+
+
+def _candidates(reasons: list[str]) -> list[Engine]:
+    """Configurations to try, best first. Podman's defaults, then, for hosts in cgroup v1/hybrid
+    mode (where crun refuses to run), runc with the cgroupfs manager and file events (no systemd)."""
+    found: list[Engine] = []
+    podman = shutil.which("podman")
+    if podman:
+        version = _version(podman, reasons)
+        if version:
+            fallback = ("--cgroup-manager=cgroupfs", "--events-backend=file")
+            found.append(Engine("podman", podman, version, (), _nofile()))
+            for runtime in ("crun", "runc"):
+                if path := shutil.which(runtime):
+                    found.append(Engine("podman", podman, version, ("--runtime", path, *fallback), _nofile()))
+    docker = shutil.which("docker")
+    if docker:
+        info = subprocess.run(
+            [docker, "version", "--format", "{{.Server.Version}}"], capture_output=True, text=True, timeout=30
+        )
+        if info.returncode == 0 and info.stdout.strip():
+            found.append(Engine("docker", docker, info.stdout.strip(), (), _nofile()))
+        else:
+            reasons.append(
+                f"docker: no engine answers ({_first_line(info.stderr) or 'docker version failed'})"
+            )
+    return found
+
+
+def _version(program: str, reasons: list[str]) -> str | None:
+    proc = subprocess.run([program, "--version"], capture_output=True, text=True, timeout=30)
+    if proc.returncode != 0:
+        reasons.append(f"{program} --version failed: {_first_line(proc.stderr)}")
+        return None
+    return proc.stdout.split()[-1] if proc.stdout.split() else "unknown"
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    line = next((x for x in lines if "error" in x.lower()), lines[-1] if lines else "")
+    return line[:300]
+
+
+def probe(engine: Engine) -> str | None:
+    """Run a throwaway container with the sandboxes' flags; None if it worked, else why not."""
+    busybox = shutil.which("busybox")
+    if busybox is None:
+        return "busybox not found (apt-get install busybox-static): it is the probe's root filesystem"
+    tree = engine_dir() / "probe-rootfs"
+    if not (tree / "bin" / "busybox").exists():
+        (tree / "bin").mkdir(parents=True, exist_ok=True)
+        for sub in ("proc", "sys", "dev", "tmp", "run", "etc"):
+            (tree / sub).mkdir(exist_ok=True)
+        shutil.copy2(busybox, tree / "bin" / "busybox")
+    try:
+        root = _root_args(engine, tree, "probe")
+        flags = hardening_flags(engine, "restrictive", vcpus=1, memory_mb=64, read_only=True)
+        proc = engine.run("run", "--rm", *flags, *root, "/bin/busybox", "true", timeout=120)
+    except (AgentkernelError, OSError, subprocess.SubprocessError) as exc:
+        return str(exc)[:300]
+    return None if proc.returncode == 0 else _first_line(proc.stderr) or f"exit status {proc.returncode}"
+
+
+# ---- the container's command line -----------------------------------------------------------------
+
+
+def hardening_flags(
+    engine: Engine, profile: str, *, vcpus: int, memory_mb: int, read_only: bool
+) -> list[str]:
+    """The flags every container gets: capabilities, seccomp, limits, no network, tmpfs."""
+    if profile not in CAPS:
+        raise AgentkernelError(f"unknown security profile {profile!r}")
+    pids = PIDS[profile]
+    flags = [
+        "--cap-drop=ALL",
+        *(f"--cap-add={cap}" for cap in CAPS[profile]),
+        "--security-opt", "no-new-privileges",
+        "--security-opt", f"seccomp={seccomp.asset_path(profile)}",
+        "--pids-limit", str(pids),
+        "--memory", f"{memory_mb}m",
+        "--memory-swap", f"{memory_mb}m",  # the same: no swap on top
+        "--cpus", str(vcpus),
+        # The engine's default rlimits exceed what an unprivileged host allows: ask for what we have.
+        "--ulimit", f"nofile={engine.nofile}:{engine.nofile}",
+        "--ulimit", f"nproc={pids}:{pids}",
+        "--network", "none",
+        "--tmpfs", "/tmp:rw,nosuid,nodev,mode=1777",
+        "--tmpfs", "/run:rw,nosuid,nodev,mode=755",
+        "--user", "0:0",
+    ]  # fmt: skip
+    if read_only:
+        flags.append("--read-only")
+    return flags
+
+
+def _root_args(engine: Engine, tree: Path, digest: str) -> list[str]:
+    """How the container gets its root: podman overlays the tree; docker imports it as an image."""
+    if engine.kind == "podman":
+        return ["--rootfs", f"{tree}:O"]
+    image = f"agentkernel-rootfs:{digest[:32]}"
+    if engine.run("image", "inspect", image).returncode != 0:
+        _docker_import(engine, tree, image)
+    return ["--pull", "never", image]
+
+
+def _docker_import(engine: Engine, tree: Path, image: str) -> None:
+    proc = subprocess.Popen(
+        engine.command("import", "-", image), stdin=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdin is not None
+    with proc.stdin, tarfile.open(fileobj=proc.stdin, mode="w|") as tar:
+        tar.add(tree, arcname=".")
+    _, err = proc.communicate()
+    if proc.returncode != 0:
+        raise AgentkernelError(f"docker import failed: {_first_line(err.decode(errors='replace'))}")
+
+
+def container_name(spec: VMSpec) -> str:
+    """Unique per sandbox and data dir (two data dirs may both have a sandbox `dev`)."""
+    tag = hashlib.sha256(str(spec.workdir.absolute()).encode()).hexdigest()[:10]
+    return f"{NAME_PREFIX}{spec.name}-{tag}"
+
+
+def agent_socket(spec: VMSpec) -> Path:
+    return spec.rundir / SOCKET
+
+
+def _id_file(spec: VMSpec) -> Path:
+    return spec.workdir / "container.id"
+
+
+def create_command(engine: Engine, spec: VMSpec, profile: str, root: list[str]) -> list[str]:
+    flags = hardening_flags(
+        engine, profile, vcpus=spec.vcpus, memory_mb=spec.memory_mb, read_only=spec.read_only
+    )
+    cmd = [
+        "create",
+        "--name", container_name(spec),
+        "--label", f"agentkernel.sandbox={spec.name}",
+        "--hostname", spec.name.replace("_", "-")[:63],
+        *flags,
+        "--env", f"AGENTKERNEL_LISTEN={GUEST_RUNDIR}/{SOCKET}",
+        "--volume", f"{spec.rundir}:{GUEST_RUNDIR}:rw",
+    ]  # fmt: skip
+    for mount in spec.mounts:
+        cmd += ["--volume", f"{mount.host}:{mount.guest}:{'ro' if mount.read_only else 'rw'}"]
+    if engine.kind == "podman":
+        cmd += ["--log-driver", "k8s-file", "--log-opt", f"path={spec.console_log}"]
+    return engine.command(*cmd, *root, AGENT_PATH)
+
+
+# ---- the backend ----------------------------------------------------------------------------------
+
+
+class ContainerBackend:
+    name = "container"
+    agent_ports = AGENT_PORTS
+
+    def __init__(self, engine: Engine | None = None, *, profile: str = "moderate") -> None:
+        """`profile` picks the capabilities, seccomp profile and pids limit of containers made by prepare."""
+        if profile not in CAPS:
+            raise AgentkernelError(f"unknown security profile {profile!r}")
+        self._engine = engine
+        self.profile = profile
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = find_engine()
+        return self._engine
+
+    def prepare(self, spec: VMSpec) -> None:
+        """Create the container (not started) over the image's tree, with its own writable layer."""
+        if spec.egress is not None:
+            raise AgentkernelError(
+                "the container backend has no network yet: use a profile without network "
+                "(restrictive) or the qemu backend"
+            )
+        if len(str(agent_socket(spec))) > MAX_UNIX_PATH:
+            raise AgentkernelError(f"run directory path too long for Unix sockets: {spec.rundir}")
+        spec.workdir.mkdir(parents=True, exist_ok=True)
+        spec.rundir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tree = rootfs.ensure_tree(spec.image)
+        root = _root_args(self.engine, tree, rootfs.image_digest(spec.image))
+        self._remove_container(spec)  # one left by a crash, under this sandbox's name
+        proc = subprocess.run(
+            create_command(self.engine, spec, self.profile, root),
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=120,
+        )
+        if proc.returncode != 0:
+            raise AgentkernelError(f"{self.engine.kind} create failed: {_first_line(proc.stderr)}")
+        _id_file(spec).write_text(proc.stdout.strip().splitlines()[-1] + "\n")
+
+    def start(self, spec: VMSpec) -> int:
+        spec.rundir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        agent_socket(spec).unlink(missing_ok=True)
+        name = container_name(spec)
+        proc = self.engine.run("start", name)
+        if proc.returncode != 0:
+            raise AgentkernelError(f"the container did not start: {_first_line(proc.stderr)}")
+        state = self._state(spec)
+        pid = int(state.get("Pid") or 0) if state else 0
+        if pid <= 0:
+            raise AgentkernelError(f"the container exited at once: {self.console_tail(spec)}")
+        return pid
+
+    async def connect(self, spec: VMSpec, pid: int, *, port: int = 0, timeout: float = 30.0) -> Connection:
+        """Connect to the agent's socket, waiting for it to listen; fails fast if the container ends.
+        Every connection is its own (no shared stream), so `port` only counts clients."""
+        deadline = time.monotonic() + timeout
+        sock = agent_socket(spec)
+        while True:
+            if not self.is_alive(spec, pid):
+                raise AgentkernelError(f"the container is not running: {self.console_tail(spec)}")
+            if sock.exists():
+                try:
+                    conn = await Connection.open_unix(sock, timeout=max(0.1, deadline - time.monotonic()))
+                    # The hostname is the runtime's and the clock the host's: HELLO sets neither.
+                    await conn.hello(set_clock=False, timeout=max(0.1, deadline - time.monotonic()))
+                    return conn
+                except AgentConnectionError:
+                    if time.monotonic() > deadline or not self.is_alive(spec, pid):
+                        raise
+            if time.monotonic() > deadline:
+                raise AgentkernelError(
+                    f"the agent did not answer within {timeout:g}s: {self.console_tail(spec)}"
+                )
+            await asyncio.sleep(0.01)
+
+    def is_alive(self, spec: VMSpec, pid: int) -> bool:
+        """The pid is this sandbox's agent: checked in /proc (its program and its container's cgroup),
+        or by asking the engine where /proc does not show the container (Docker Desktop's VM)."""
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            cgroups = Path(f"/proc/{pid}/cgroup").read_text()
+            ident = _id_file(spec).read_text().strip()
+        except (OSError, ValueError):
+            return self._alive_by_engine(spec, pid) if not Path("/proc/self").exists() else False
+        if stat.rsplit(")", 1)[-1].split()[0] in ("Z", "X") or cmdline.split(b"\0")[0] != AGENT_PATH.encode():
+            return False
+        return ident in cgroups or self._alive_by_engine(spec, pid)
+
+    def _alive_by_engine(self, spec: VMSpec, pid: int) -> bool:
+        state = self._state(spec)
+        return bool(state and state.get("Running") and int(state.get("Pid") or 0) == pid)
+
+    def _state(self, spec: VMSpec) -> dict[str, Any] | None:
+        proc = self.engine.run("inspect", "--format", "{{json .State}}", container_name(spec))
+        if proc.returncode != 0:
+            return None
+        try:
+            state = json.loads(proc.stdout)
+        except ValueError:
+            return None
+        return state if isinstance(state, dict) else None
+
+    def kill(self, spec: VMSpec, pid: int) -> None:
+        if not self.is_alive(spec, pid):
+            return
+        self.engine.run("kill", "--signal", "KILL", container_name(spec))
+        if self.is_alive(spec, pid):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while self.is_alive(spec, pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def cleanup(self, spec: VMSpec, *, keep_disk: bool) -> None:
+        """Runtime files go; without keep_disk also the container (its writable layer) and logs."""
+        shutil.rmtree(spec.rundir, ignore_errors=True)
+        if not keep_disk:
+            self._remove_container(spec)
+            shutil.rmtree(spec.workdir, ignore_errors=True)
+
+    def _remove_container(self, spec: VMSpec) -> None:
+        force = ["--force", "--time", "0"] if self.engine.kind == "podman" else ["--force"]
+        self.engine.run("rm", *force, container_name(spec))
+
+    def console_tail(self, spec: VMSpec, lines: int = 5) -> str:
+        """The agent's last log lines (podman: its log file; docker: `docker logs`), on one line."""
+        try:
+            with spec.console_log.open("rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+                text = f.read(4096).decode(errors="replace")
+        except OSError:
+            proc = self.engine.run("logs", "--tail", str(lines), container_name(spec))
+            text = proc.stdout + proc.stderr
+        tail = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
+        # k8s-file lines are "TIME STREAM F message": keep the message.
+        tail = [
+            t.split(" ", 3)[3] if t.count(" ") >= 3 and t.split(" ")[1] in ("stdout", "stderr") else t
+            for t in tail
+        ]
+        return " | ".join(tail)[:1000] or "no output from the container"
+
+
+def status() -> tuple[bool, str]:
+    """Whether containers can run here, and how or why not (one line)."""
+    try:
+        engine = find_engine()
+    except EngineUnavailable as exc:
+        return False, str(exc)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return False, f"probing the container engine failed: {exc}"
+    return True, engine.describe()

@@ -1,0 +1,303 @@
+"""The asyncio client: `AsyncClient`, `AsyncSandbox` and `AsyncTerminal` (an attached PTY)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+from typing import Any
+
+import httpx
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from agentkernel.client._common import (
+    CHUNK,
+    DEFAULT_URL,
+    ApiError,
+    Event,
+    ExitEvent,
+    FileEntry,
+    RunResult,
+    SandboxInfo,
+    SSEParser,
+    attach_url,
+    command_body,
+    file_entries,
+    file_path,
+    headers,
+    problem_error,
+    resolve_api_key,
+    run_result,
+    sandbox_info,
+    sandbox_path,
+    terminal_control,
+)
+
+
+class AsyncClient:
+    """A connection to `agentkernel serve`. The API key defaults to $AGENTKERNEL_API_KEY.
+
+    `timeout` bounds each HTTP request (a long command needs a longer one, or streaming).
+    """
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        *,
+        api_key: str | None = None,
+        timeout: float | None = 600.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._key = resolve_api_key(api_key)
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, headers=headers(self._key), timeout=timeout, transport=transport
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        response = await self._http.request(method, path, **kwargs)
+        if response.is_error:
+            raise problem_error(response.status_code, response.content)
+        return response
+
+    async def _events(self, path: str, body: dict[str, Any]) -> AsyncIterator[Event]:
+        async with self._http.stream("POST", path, json=body) as response:
+            if response.is_error:
+                raise problem_error(response.status_code, await response.aread())
+            parser = SSEParser()
+            async for line in response.aiter_lines():
+                if (event := parser.line(line)) is not None:
+                    yield event
+
+    async def health(self) -> dict[str, Any]:
+        data: dict[str, Any] = (await self._request("GET", "/health")).json()
+        return data
+
+    async def run(
+        self,
+        command: Sequence[str],
+        *,
+        image: str | None = None,
+        profile: str | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        stdin: str | None = None,
+    ) -> RunResult:
+        """Run a command in a new sandbox (removed afterwards) and wait for it to exit."""
+        body = command_body(
+            command, env=env, cwd=cwd, timeout=timeout, stdin=stdin, image=image, profile=profile
+        )
+        return run_result((await self._request("POST", "/run", json=body)).json())
+
+    def run_stream(
+        self,
+        command: Sequence[str],
+        *,
+        image: str | None = None,
+        profile: str | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        stdin: str | None = None,
+    ) -> AsyncIterator[Event]:
+        """Like `run`, yielding events as the command produces output. Closing the iterator early
+        (`aclose`) ends the command."""
+        body = command_body(
+            command, env=env, cwd=cwd, timeout=timeout, stdin=stdin, image=image, profile=profile
+        )
+        return self._events("/run/stream", body)
+
+    async def list_sandboxes(self) -> list[SandboxInfo]:
+        return [sandbox_info(s) for s in (await self._request("GET", "/sandboxes")).json()]
+
+    async def create_sandbox(
+        self,
+        name: str | None = None,
+        *,
+        image: str | None = None,
+        profile: str | None = None,
+        vcpus: int | None = None,
+        memory_mb: int | None = None,
+        start: bool = True,
+    ) -> AsyncSandbox:
+        """A new sandbox (booted unless `start` is False); as a context manager, removed on exit."""
+        body = {"name": name, "image": image, "profile": profile, "vcpus": vcpus, "memory_mb": memory_mb}
+        body = {k: v for k, v in body.items() if v is not None}
+        response = await self._request("POST", "/sandboxes", json={**body, "start": start})
+        return AsyncSandbox(self, sandbox_info(response.json()), owned=True)
+
+    async def sandbox(self, name: str) -> AsyncSandbox:
+        """A handle to an existing sandbox; leaving it as a context manager does not remove it."""
+        response = await self._request("GET", sandbox_path(name))
+        return AsyncSandbox(self, sandbox_info(response.json()), owned=False)
+
+
+class AsyncSandbox:
+    """A sandbox on the server. `info` is its state as last seen (see `refresh`)."""
+
+    def __init__(self, client: AsyncClient, info: SandboxInfo, *, owned: bool) -> None:
+        self._client = client
+        self.info = info
+        self.name = info.name
+        self._owned = owned
+
+    async def __aenter__(self) -> AsyncSandbox:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._owned:
+            await self.remove(force=True)
+
+    async def _info(self, method: str, action: str = "") -> SandboxInfo:
+        self.info = sandbox_info(
+            (await self._client._request(method, sandbox_path(self.name, action))).json()
+        )
+        return self.info
+
+    async def refresh(self) -> SandboxInfo:
+        return await self._info("GET")
+
+    async def start(self) -> SandboxInfo:
+        return await self._info("POST", "/start")
+
+    async def stop(self) -> SandboxInfo:
+        return await self._info("POST", "/stop")
+
+    async def remove(self, *, force: bool = False) -> None:
+        params = {"force": "true"} if force else {}
+        await self._client._request("DELETE", sandbox_path(self.name), params=params)
+
+    async def exec(
+        self,
+        command: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        stdin: str | None = None,
+    ) -> RunResult:
+        """Run a command and wait for it to exit."""
+        body = command_body(command, env=env, cwd=cwd, timeout=timeout, stdin=stdin)
+        response = await self._client._request("POST", sandbox_path(self.name, "/exec"), json=body)
+        return run_result(response.json())
+
+    def exec_stream(
+        self,
+        command: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        stdin: str | None = None,
+    ) -> AsyncIterator[Event]:
+        """Run a command, yielding events as it produces output. Closing the iterator ends it."""
+        body = command_body(command, env=env, cwd=cwd, timeout=timeout, stdin=stdin)
+        return self._client._events(sandbox_path(self.name, "/exec/stream"), body)
+
+    async def read_file(self, path: str) -> bytes:
+        return b"".join([chunk async for chunk in self.iter_file(path)])
+
+    async def iter_file(self, path: str) -> AsyncIterator[bytes]:
+        """A file's bytes as they arrive."""
+        async with self._client._http.stream("GET", file_path(self.name, path)) as response:
+            if response.is_error:
+                raise problem_error(response.status_code, await response.aread())
+            if response.headers.get("content-type", "").startswith("application/json"):
+                raise ApiError(409, "is_a_directory", f"{path} is a directory: use list_files", "path")
+            async for chunk in response.aiter_bytes(CHUNK):
+                yield chunk
+
+    async def write_file(
+        self,
+        path: str,
+        data: bytes | Iterable[bytes] | AsyncIterable[bytes],
+        *,
+        mode: int = 0o644,
+        parents: bool = False,
+    ) -> int:
+        """Write a file (bytes, or chunks from a sync or async iterable); returns its size."""
+        params = {"mode": f"{mode:o}", "parents": "true" if parents else "false"}
+        content = bytes(data) if isinstance(data, bytes | bytearray | memoryview) else data
+        response = await self._client._request(
+            "PUT", file_path(self.name, path), content=content, params=params
+        )
+        size: int = response.json()["size"]
+        return size
+
+    async def list_files(self, path: str = "/") -> list[FileEntry]:
+        response = await self._client._request("GET", file_path(self.name, path))
+        if not response.headers.get("content-type", "").startswith("application/json"):
+            raise ApiError(409, "not_a_directory", f"{path} is not a directory", "path")
+        return file_entries(response.json())
+
+    async def remove_file(self, path: str, *, recursive: bool = False) -> None:
+        params = {"recursive": "true"} if recursive else {}
+        await self._client._request("DELETE", file_path(self.name, path), params=params)
+
+    async def attach(
+        self, command: Sequence[str] | None = None, *, rows: int = 24, cols: int = 80
+    ) -> AsyncTerminal:
+        """A program (default: a login shell) on a terminal in the sandbox, over a WebSocket."""
+        url = attach_url(self._client.base_url, self.name, command, rows, cols)
+        try:
+            ws = await connect(url, additional_headers=headers(self._client._key), max_size=None)
+        except InvalidStatus as exc:
+            raise problem_error(exc.response.status_code, bytes(exc.response.body or b"")) from None
+        return AsyncTerminal(ws)
+
+
+class AsyncTerminal:
+    """An attached program: iterate for its output; `exit` is set once it has exited."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self._ws = ws
+        self.exit: ExitEvent | None = None
+
+    async def __aenter__(self) -> AsyncTerminal:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def send(self, data: bytes | str) -> None:
+        await self._ws.send(data.encode() if isinstance(data, str) else data, text=False)
+
+    async def resize(self, rows: int, cols: int) -> None:
+        await self._ws.send(json.dumps({"type": "resize", "rows": rows, "cols": cols}))
+
+    async def signal(self, signo: int) -> None:
+        await self._ws.send(json.dumps({"type": "signal", "signal": signo}))
+
+    async def eof(self) -> None:
+        await self._ws.send(json.dumps({"type": "eof"}))
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        """Output until the program exits (then `exit` is set) or the connection closes."""
+        try:
+            async for message in self._ws:
+                if isinstance(message, bytes):
+                    yield message
+                    continue
+                self.exit = terminal_control(message)
+                return
+        except ConnectionClosed:
+            return
+
+    async def wait(self) -> ExitEvent | None:
+        """Discard output until the program exits."""
+        async for _ in self:
+            pass
+        return self.exit
+
+    async def close(self) -> None:
+        await self._ws.close()

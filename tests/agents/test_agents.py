@@ -1,0 +1,165 @@
+"""`agents`, `agent run`'s checks and `plugin install|list`, through the real CLI in temp dirs."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import tomlkit
+
+from agentkernel.agents.catalog import AGENTS, launch
+from agentkernel.images.recipes import RECIPES, _mmdebstrap_args
+from tests.conftest import cli
+
+MCP_ENTRY = {"command": str(Path(sys.executable).parent / "agentkernel"), "args": ["mcp-server"]}
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> dict[str, str]:
+    """A HOME of its own, so --global writes stay in the test's temp dir."""
+    (tmp_path / "home").mkdir()
+    return {"HOME": str(tmp_path / "home"), "XDG_CONFIG_HOME": "", "CODEX_HOME": ""}
+
+
+def ok(*args: str, env: dict[str, str]) -> str:
+    result = cli(*args, env=env)
+    assert result.returncode == 0, result.stderr.decode()
+    return result.stdout.decode()
+
+
+def test_install_merges_with_existing_configs(tmp_path: Path, home: dict[str, str]) -> None:
+    project = tmp_path / "project"
+    (project / ".gemini").mkdir(parents=True)
+    (project / ".mcp.json").write_text(json.dumps({"mcpServers": {"other": {"command": "x"}}, "extra": 1}))
+    (project / ".gemini" / "settings.json").write_text(json.dumps({"theme": "dark", "mcpServers": {}}))
+    (project / ".codex").mkdir()
+    (project / ".codex" / "config.toml").write_text(
+        '# mine\nmodel = "o3"  # keep\n\n[mcp_servers.other]\ncommand = "x"\n'
+    )
+    (project / "opencode.json").write_text(
+        json.dumps({"mcp": {"agentkernel": {"command": ["old"], "environment": {"K": "v"}}}})
+    )
+    d = ["--dir", str(project)]
+
+    for target in ("claude", "gemini", "codex", "opencode", "mcp"):
+        ok("plugin", "install", target, *d, env=home)
+
+    claude = json.loads((project / ".mcp.json").read_text())
+    assert claude == {"mcpServers": {"other": {"command": "x"}, "agentkernel": MCP_ENTRY}, "extra": 1}
+    skill = (project / ".claude" / "skills" / "agentkernel" / "SKILL.md").read_text()
+    assert skill.startswith("---\nname: agentkernel\n")
+    gemini = json.loads((project / ".gemini" / "settings.json").read_text())
+    assert gemini == {"theme": "dark", "mcpServers": {"agentkernel": MCP_ENTRY}}
+    codex_text = (project / ".codex" / "config.toml").read_text()
+    assert codex_text.startswith('# mine\nmodel = "o3"  # keep\n')
+    assert tomlkit.parse(codex_text)["mcp_servers"] == {"other": {"command": "x"}, "agentkernel": MCP_ENTRY}
+    opencode = json.loads((project / "opencode.json").read_text())["mcp"]["agentkernel"]
+    assert opencode == {  # the user's own keys in our entry stay
+        "command": [MCP_ENTRY["command"], "mcp-server"],
+        "environment": {"K": "v"},
+        "type": "local",
+        "enabled": True,
+    }
+
+    again = ok("plugin", "install", "claude", *d, env=home)
+    assert again.count("unchanged") == 2
+    listed = ok("plugin", "list", *d, env=home)
+    assert [line.split()[:3] for line in listed.splitlines()[1:]] == [
+        ["claude", "yes", "no"],
+        ["codex", "yes", "no"],
+        ["gemini", "yes", "no"],
+        ["opencode", "yes", "no"],
+        ["mcp", "yes", "-"],
+    ]
+
+
+def test_global_dry_run_and_refusals(tmp_path: Path, home: dict[str, str]) -> None:
+    user = Path(home["HOME"])
+    (user / ".claude.json").write_text(json.dumps({"numStartups": 3, "projects": {"/x": {}}}))
+    dry = ok("plugin", "install", "claude", "--global", "--dry-run", env=home)
+    assert "would update" in dry and "would create" in dry
+    assert json.loads((user / ".claude.json").read_text()) == {"numStartups": 3, "projects": {"/x": {}}}
+    assert not (user / ".claude").exists()
+
+    ok("plugin", "install", "claude", "--global", env=home)
+    assert json.loads((user / ".claude.json").read_text())["mcpServers"] == {"agentkernel": MCP_ENTRY}
+    assert json.loads((user / ".claude.json").read_text())["numStartups"] == 3
+    ok("plugin", "install", "opencode", "--global", env=home)
+    assert (user / ".config" / "opencode" / "opencode.json").is_file()
+    ok("plugin", "install", "codex", "--global", env=home)
+    assert (
+        tomlkit.parse((user / ".codex" / "config.toml").read_text())["mcp_servers"]["agentkernel"]
+        == MCP_ENTRY
+    )
+
+    broken = tmp_path / "broken"
+    (broken / ".gemini").mkdir(parents=True)
+    (broken / ".gemini" / "settings.json").write_text('{"theme": "dark",}')
+    refused = cli("plugin", "install", "gemini", "--dir", str(broken), env=home)
+    assert (
+        refused.returncode == 1 and b"cannot parse" in refused.stderr and b"Traceback" not in refused.stderr
+    )
+    assert (broken / ".gemini" / "settings.json").read_text() == '{"theme": "dark",}'
+
+    mine = broken / ".claude" / "skills" / "agentkernel" / "SKILL.md"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("my own notes\n")
+    skipped = ok("plugin", "install", "claude", "--dir", str(broken), env=home)
+    assert "skipped" in skipped and mine.read_text() == "my own notes\n"
+
+    no_global = cli("plugin", "install", "mcp", "--global", env=home)
+    assert no_global.returncode == 1 and b"no global one" in no_global.stderr
+    unknown = cli("plugin", "install", "vim", env=home)
+    assert unknown.returncode == 1 and b"unknown plugin target" in unknown.stderr
+
+
+def test_agents_listing_shows_keys(home: dict[str, str]) -> None:
+    env = {**home, "PATH": os.environ["PATH"], "ANTHROPIC_API_KEY": "sk-test", "GEMINI_API_KEY": ""}
+    rows = {row["name"]: row for row in json.loads(ok("agents", "--json", env=env))}
+    assert set(rows) == {"claude", "gemini", "codex", "opencode"}
+    assert rows["claude"]["keys_set"] == ["ANTHROPIC_API_KEY"]
+    assert rows["gemini"]["keys_set"] == []
+    assert rows["codex"]["image"] == "agent-codex"
+    table = ok("agents", env=env)
+    assert "Claude Code" in table and "set (ANTHROPIC_API_KEY)" in table
+
+
+def test_launch_passes_only_the_agents_key(tmp_path: Path) -> None:
+    environ = {
+        "ANTHROPIC_API_KEY": "a",
+        "OPENAI_API_KEY": "o",
+        "AWS_SECRET_ACCESS_KEY": "no",
+        "TERM": "xterm",
+    }
+    claude = launch("claude", tmp_path, environ)
+    assert claude.env == {"ANTHROPIC_API_KEY": "a", "TERM": "xterm"}
+    assert (claude.workdir, claude.command, claude.project_dir) == (
+        "/workspace",
+        ["claude"],
+        tmp_path.resolve(),
+    )
+    assert launch("codex", tmp_path, environ).env == {"OPENAI_API_KEY": "o", "TERM": "xterm"}
+    assert launch("gemini", tmp_path, environ).env == {"TERM": "xterm"}
+
+
+def test_agent_run_refuses_clearly(tmp_path: Path) -> None:
+    unknown = cli("agent", "run", "vim")
+    assert unknown.returncode == 1 and b"unknown agent 'vim'" in unknown.stderr
+    no_dir = cli("agent", "run", "claude", "--dir", str(tmp_path / "nope"))
+    assert no_dir.returncode == 1 and b"no such directory" in no_dir.stderr
+    offline = cli("agent", "run", "claude", "--dir", str(tmp_path), "--profile", "restrictive")
+    assert offline.returncode == 1 and b"needs the network" in offline.stderr
+    no_tty = cli("agent", "run", "claude", "--dir", str(tmp_path), input=b"")
+    assert no_tty.returncode == 1 and b"run it in a terminal" in no_tty.stderr
+
+
+def test_agent_images_come_from_recipes() -> None:
+    for agent in AGENTS.values():
+        recipe = RECIPES[agent.image]
+        assert recipe.npm[-1] == agent.package and "nodejs" in recipe.packages
+        hook = [a for a in _mmdebstrap_args(recipe, "T") if a.startswith("--customize-hook=")]
+        assert len(hook) == 1 and agent.package in hook[0]
+    assert not any(a.startswith("--customize-hook=") for a in _mmdebstrap_args(RECIPES["node"], "T"))
