@@ -132,7 +132,7 @@ def test_leaving_a_stream_kills_its_command(api: str) -> None:
             if isinstance(event, OutputEvent):
                 break
         assert "sleep 300" in box.exec(["ps"]).stdout
-        events.close()  # type: ignore[attr-defined]  # the HTTP response closes with the generator
+        events.close()  # the HTTP response closes with the generator
         deadline = time.monotonic() + 20
         while "sleep 300" in box.exec(["ps"]).stdout:
             assert time.monotonic() < deadline, "the command outlived its stream"

@@ -189,7 +189,8 @@ def _merged(location: Location, text: str) -> str | None:
 
 def _plain(value: Any) -> dict[str, Any]:
     """A tomlkit table (or a JSON object) as plain values, for comparing."""
-    return json.loads(json.dumps(value))  # type: ignore[no-any-return]
+    plain: dict[str, Any] = json.loads(json.dumps(value))
+    return plain
 
 
 def _read(path: Path) -> str:

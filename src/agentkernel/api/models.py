@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -95,7 +96,7 @@ class FileEntry(BaseModel):
 
     @classmethod
     def of(cls, info: FileInfo) -> FileEntry:
-        return cls(name=info.name, kind=info.kind, size=info.size, mode=info.mode, mtime_ns=info.mtime_ns)  # type: ignore[arg-type]
+        return cls.model_validate(dataclasses.asdict(info))
 
 
 class DirListing(BaseModel):

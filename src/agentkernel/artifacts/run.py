@@ -11,11 +11,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from rich.console import Console
-
 from agentkernel.errors import AgentkernelError, MissingToolError
+from agentkernel.terminal import lazy_console
 
-console = Console(stderr=True, highlight=False, soft_wrap=True)
+console = lazy_console(stderr=True)
 
 
 def require(program: str, package: str) -> str:

@@ -6,10 +6,10 @@ import json
 import sys
 from typing import Any
 
-from rich.console import Console
+from agentkernel.terminal import lazy_console
 
-console = Console(highlight=False, soft_wrap=True)
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+console = lazy_console()
+err_console = lazy_console(stderr=True)
 
 
 def print_json(value: Any) -> None:

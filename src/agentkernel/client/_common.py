@@ -7,15 +7,18 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import quote, urlencode
 
 from agentkernel.errors import AgentkernelError
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 DEFAULT_URL = "http://127.0.0.1:18888"
 API_KEY_ENV = "AGENTKERNEL_API_KEY"
 CHUNK = 256 * 1024
-T = TypeVar("T")
+T = TypeVar("T", bound="DataclassInstance")
 
 
 class ApiError(AgentkernelError):
@@ -144,7 +147,7 @@ def attach_url(base_url: str, name: str, command: Sequence[str] | None, rows: in
 
 def _known(cls: type[T], data: dict[str, Any]) -> T:
     """`cls` from the fields it knows: a newer server may send more."""
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in data.items() if k in names})
 
 

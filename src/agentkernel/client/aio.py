@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -69,7 +69,7 @@ class AsyncClient:
             raise problem_error(response.status_code, response.content)
         return response
 
-    async def _events(self, path: str, body: dict[str, Any]) -> AsyncIterator[Event]:
+    async def _events(self, path: str, body: dict[str, Any]) -> AsyncGenerator[Event, None]:
         async with self._http.stream("POST", path, json=body) as response:
             if response.is_error:
                 raise problem_error(response.status_code, await response.aread())
@@ -109,7 +109,7 @@ class AsyncClient:
         cwd: str | None = None,
         timeout: float | None = None,
         stdin: str | None = None,
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         """Like `run`, yielding events as the command produces output. Closing the iterator early
         (`aclose`) ends the command."""
         body = command_body(
@@ -199,7 +199,7 @@ class AsyncSandbox:
         cwd: str | None = None,
         timeout: float | None = None,
         stdin: str | None = None,
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         """Run a command, yielding events as it produces output. Closing the iterator ends it."""
         body = command_body(command, env=env, cwd=cwd, timeout=timeout, stdin=stdin)
         return self._client._events(sandbox_path(self.name, "/exec/stream"), body)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from typing import IO, Any
 
 import httpx
@@ -70,7 +70,7 @@ class Client:
             raise problem_error(response.status_code, response.content)
         return response
 
-    def _events(self, path: str, body: dict[str, Any]) -> Iterator[Event]:
+    def _events(self, path: str, body: dict[str, Any]) -> Generator[Event, None, None]:
         with self._http.stream("POST", path, json=body) as response:
             if response.is_error:
                 raise problem_error(response.status_code, response.read())
@@ -110,7 +110,7 @@ class Client:
         cwd: str | None = None,
         timeout: float | None = None,
         stdin: str | None = None,
-    ) -> Iterator[Event]:
+    ) -> Generator[Event, None, None]:
         """Like `run`, yielding events as the command produces output. Closing the iterator early
         ends the command."""
         body = command_body(
@@ -196,7 +196,7 @@ class Sandbox:
         cwd: str | None = None,
         timeout: float | None = None,
         stdin: str | None = None,
-    ) -> Iterator[Event]:
+    ) -> Generator[Event, None, None]:
         """Run a command, yielding events as it produces output. Closing the iterator ends it."""
         body = command_body(command, env=env, cwd=cwd, timeout=timeout, stdin=stdin)
         return self._client._events(sandbox_path(self.name, "/exec/stream"), body)

@@ -107,7 +107,9 @@ class Entry(BaseModel):
 
     @classmethod
     def of(cls, info: FileInfo) -> Entry:
-        return cls(name=info.name, kind=info.kind, size=info.size, mode=f"{info.mode:04o}")  # type: ignore[arg-type]
+        return cls.model_validate(
+            {"name": info.name, "kind": info.kind, "size": info.size, "mode": f"{info.mode:04o}"}
+        )
 
 
 class Listing(BaseModel):

@@ -69,6 +69,7 @@ def setup(
     *, kernel_source: str | None = None, images: tuple[str, ...] = DEFAULT_IMAGES, log: Path | None = None
 ) -> SetupResult:
     check_system()
+    kernel.source_identity(kernel_source)  # a bad --kernel-source fails before anything is built
     log = log or new_log()
     built: list[str] = []
     agent_path, agent_built = agent.ensure(log=log)
