@@ -34,6 +34,8 @@ class VMSpec:
     rundir: Path  # sockets and pid file, on a short path (Unix socket paths are limited to 107 bytes)
     vcpus: int = 1
     memory_mb: int = 512
+    image_format: str = "raw"  # "qcow2" when the backing file is a snapshot's disk
+    restore: Path | None = None  # a snapshot directory to resume from instead of booting
     egress: EgressRules | None = None  # None: no network at all, the guest has only lo
     read_only: bool = False  # the root disk is read-only (host-enforced); /tmp is a tmpfs
     mounts: tuple[Mount, ...] = ()
@@ -64,3 +66,13 @@ class Backend(Protocol):
 
     def cleanup(self, spec: VMSpec, *, keep_disk: bool) -> None:
         """Remove runtime files; with keep_disk False also the disk and logs."""
+
+
+class SnapshotBackend(Backend, Protocol):
+    """A backend that can save a running VM (memory, devices, disk) and resume copies of it."""
+
+    async def snapshot(self, spec: VMSpec, pid: int, dest: Path) -> None:
+        """Save the running VM into the empty directory `dest`; the VM runs on afterwards."""
+
+    async def resume(self, spec: VMSpec, pid: int) -> None:
+        """Finish a start from `spec.restore`: load the saved state into the new VM and run it."""

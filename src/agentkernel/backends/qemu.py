@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -20,6 +22,7 @@ from pathlib import Path
 from agentkernel import hostinfo
 from agentkernel.artifacts.run import require
 from agentkernel.backends.base import VMSpec
+from agentkernel.backends.qmp import Qmp
 from agentkernel.errors import AgentkernelError
 from agentkernel.hostinfo import Accel
 from agentkernel.network import launcher as gateway
@@ -40,6 +43,26 @@ def pidfile(spec: VMSpec) -> Path:
 
 def disk(spec: VMSpec) -> Path:
     return spec.workdir / "disk.qcow2"
+
+
+def qmp_socket(spec: VMSpec) -> Path:
+    return spec.rundir / "qmp.sock"
+
+
+def ram_file(spec: VMSpec) -> Path:
+    """The guest's RAM, a shared file on tmpfs: a snapshot then saves it without copying it through
+    the migration stream, and resumed copies map the snapshot's file privately (copy-on-write)."""
+    return Path("/dev/shm") / f"agentkernel-{os.getuid()}-{spec.rundir.name}.ram"
+
+
+def memory_args(spec: VMSpec) -> list[str]:
+    saved = spec.restore / "ram" if spec.restore is not None else None
+    if saved is not None and saved.exists():
+        backend = f"mem-path={saved},share=off"
+    else:
+        backend = f"mem-path={ram_file(spec)},share=on"
+    args = ["-object", f"memory-backend-file,id=mem,size={spec.memory_mb}M,{backend}"]
+    return args + (["-incoming", "defer"] if spec.restore is not None else [])
 
 
 def kernel_cmdline(spec: VMSpec) -> str:
@@ -84,7 +107,7 @@ def command(
     cmd = [
         qemu,
         "-name", f"agentkernel-{spec.name}",
-        "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=off,acpi=off",
+        "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=off,acpi=off,memory-backend=mem",
         *acc,
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-smp", str(spec.vcpus),
@@ -96,8 +119,9 @@ def command(
         "-device", "virtio-rng-device",
         "-device", f"virtio-serial-device,max_ports={AGENT_PORTS + 1}",
         "-serial", f"file:{spec.console_log}",
+        "-qmp", f"unix:{qmp_socket(spec)},server=on,wait=off",
     ]  # fmt: skip
-    cmd += network_args(spec) + mount_args(spec)
+    cmd += memory_args(spec) + network_args(spec) + mount_args(spec)
     for port in range(AGENT_PORTS):
         cmd += [
             "-chardev", f"socket,id=agent{port},path={agent_socket(spec, port)},server=on,wait=off",
@@ -120,7 +144,18 @@ class QemuBackend:
         qemu_img = require("qemu-img", "qemu-utils")
         spec.workdir.mkdir(parents=True, exist_ok=True)
         proc = subprocess.run(
-            [qemu_img, "create", "-q", "-f", "qcow2", "-b", str(spec.image), "-F", "raw", str(disk(spec))],
+            [
+                qemu_img,
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                str(spec.image),
+                "-F",
+                spec.image_format,
+                str(disk(spec)),
+            ],
             capture_output=True,
             text=True,
         )
@@ -197,8 +232,78 @@ class QemuBackend:
     def cleanup(self, spec: VMSpec, *, keep_disk: bool) -> None:
         gateway.stop(spec.rundir)
         shutil.rmtree(spec.rundir, ignore_errors=True)
+        ram_file(spec).unlink(missing_ok=True)
         if not keep_disk:
             shutil.rmtree(spec.workdir, ignore_errors=True)
+
+    async def snapshot(self, spec: VMSpec, pid: int, dest: Path) -> None:
+        """Pause, save devices (and RAM that is not in the shared file) and disk, then run on."""
+        if spec.mounts:
+            raise AgentkernelError(
+                "a sandbox with a shared directory cannot be snapshotted (9p does not migrate)"
+            )
+        qmp = await Qmp.connect(qmp_socket(spec))
+        try:
+            await qmp.execute("stop")
+            try:
+                await qmp.execute("migrate-set-capabilities", capabilities=[IGNORE_SHARED])
+                await qmp.execute("migrate", uri=f"exec:cat > {shlex.quote(str(dest / 'state'))}")
+                await qmp.wait_migration(timeout=300)
+                if spec.restore is None or not (spec.restore / "ram").exists():
+                    _copy_sparse(ram_file(spec), dest / "ram")
+                self._save_disk(spec, dest / "disk.qcow2")
+            finally:
+                await qmp.execute("cont")
+        finally:
+            await qmp.close()
+
+    def _save_disk(self, spec: VMSpec, dest: Path) -> None:
+        """The sandbox's disk as a qcow2 over the immutable image (whatever chain it had)."""
+        if spec.image_format == "raw":
+            _copy_sparse(disk(spec), dest)  # already one overlay over the image
+            return
+        # A resumed copy's disk lies over a snapshot's disk: flatten it onto the image.
+        image = _backing_image(spec.image)
+        proc = subprocess.run(
+            [require("qemu-img", "qemu-utils"), "convert", "-U", "-q", "-O", "qcow2", "-B", str(image),
+             "-F", "raw", str(disk(spec)), str(dest)],
+            capture_output=True,
+            text=True,
+        )  # fmt: skip
+        if proc.returncode != 0:
+            raise AgentkernelError(f"cannot save the sandbox disk: {proc.stderr.strip()[:300]}")
+
+    async def resume(self, spec: VMSpec, pid: int) -> None:
+        assert spec.restore is not None
+        qmp = await Qmp.connect(qmp_socket(spec))
+        try:
+            await qmp.execute("migrate-set-capabilities", capabilities=[IGNORE_SHARED])
+            await qmp.execute("migrate-incoming", uri=f"exec:cat {shlex.quote(str(spec.restore / 'state'))}")
+            await qmp.wait_migration(timeout=300)
+            await qmp.execute("cont")
+        finally:
+            await qmp.close()
+
+
+IGNORE_SHARED = {"capability": "x-ignore-shared", "state": True}
+
+
+def _copy_sparse(src: Path, dest: Path) -> None:
+    proc = subprocess.run(["cp", "--sparse=always", str(src), str(dest)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise AgentkernelError(f"cannot copy {src.name}: {proc.stderr.strip()[:300]}")
+
+
+def _backing_image(qcow2: Path) -> Path:
+    """The raw image at the bottom of a qcow2 chain."""
+    proc = subprocess.run(
+        [require("qemu-img", "qemu-utils"), "info", "-U", "--backing-chain", "--output=json", str(qcow2)],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise AgentkernelError(f"cannot read the disk chain of {qcow2}: {proc.stderr.strip()[:300]}")
+    return Path(json.loads(proc.stdout)[-1]["filename"])
 
 
 def console_tail(spec: VMSpec, lines: int = 5) -> str:

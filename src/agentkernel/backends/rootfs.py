@@ -75,10 +75,6 @@ def ensure_tree(image: Path) -> Path:
     return dest
 
 
-def remove_tree(image: Path) -> None:
-    _remove(rootfs_dir() / image_digest(image))
-
-
 def _remove(path: Path) -> None:
     # rdump leaves directories without write permission for their owner: root ignores that anyway.
     shutil.rmtree(path, ignore_errors=True)

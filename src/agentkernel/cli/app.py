@@ -15,6 +15,7 @@ from agentkernel.cli import (
     sandbox_cmds,
     server_cmds,
     setup_cmd,
+    snapshot_cmds,
     status_cmd,
 )
 from agentkernel.errors import AgentkernelError
@@ -48,6 +49,8 @@ app.command("setup")(setup_cmd.setup)
 app.command("status")(status_cmd.status)
 app.command("bench")(bench_cmd.bench)
 app.command("audit")(audit_cmd.audit)
+app.add_typer(snapshot_cmds.app, name="snapshot")
+app.command("fork")(snapshot_cmds.fork)
 app.add_typer(images_cmd.app, name="image")
 app.command("serve")(server_cmds.serve)
 app.command("mcp-server")(server_cmds.mcp_server)

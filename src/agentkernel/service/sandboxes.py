@@ -20,12 +20,12 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from agentkernel import paths
 from agentkernel.artifacts import kernel as kernel_artifact
 from agentkernel.backends import get_backend
-from agentkernel.backends.base import Backend, Mount, VMSpec
+from agentkernel.backends.base import Backend, Mount, SnapshotBackend, VMSpec
 from agentkernel.config import PROFILES, Config, Policy, image_name
 from agentkernel.detect import detect_image
 from agentkernel.errors import AgentkernelError
@@ -88,6 +88,8 @@ def spec_of(record: SandboxRecord) -> VMSpec:
         memory_mb=record.memory_mb,
         egress=egress,
         read_only=bool(policy.get("read_only")),
+        image_format=record.extra.get("image_format", "raw"),
+        restore=Path(record.extra["restore_from"]) if record.extra.get("restore_from") else None,
         mounts=tuple(
             Mount(Path(m["host"]), m["guest"], m["read_only"]) for m in record.extra.get("mounts", [])
         ),
@@ -125,7 +127,7 @@ def exec_env(record: SandboxRecord) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def _locked(name: str) -> Iterator[None]:
+def locked(name: str) -> Iterator[None]:
     """Serializes life-cycle changes of one sandbox across processes."""
     locks = paths.data_dir() / "locks"
     locks.mkdir(exist_ok=True)
@@ -134,7 +136,7 @@ def _locked(name: str) -> Iterator[None]:
         yield
 
 
-def _now() -> str:
+def now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
@@ -177,6 +179,33 @@ def list_sandboxes() -> list[SandboxRecord]:
     return [reconcile(r) for r in state.all_records()]
 
 
+def register(record: SandboxRecord, vmm: Backend, *, hold: str) -> None:
+    """Record a new sandbox and make its disk; on any failure nothing of it is left."""
+    with locked(record.name):
+        state.insert(record)  # fails if the name is taken, before anything is made
+        try:
+            store.hold(hold, record.name)
+            vmm.prepare(spec_of(record))
+        except BaseException:
+            vmm.cleanup(spec_of(record), keep_disk=False)
+            store.release(record.name)
+            state.delete(record.name)
+            raise
+    audit.record("create", record.name, image=record.image, backend=vmm.name, **record.extra)
+
+
+def new_record(name: str, backend: str, **fields: Any) -> SandboxRecord:
+    return SandboxRecord(
+        name=name,
+        backend=backend,
+        status="stopped",
+        pid=None,
+        rundir=str(runtime_base() / secrets.token_hex(6)),
+        created_at=now(),
+        **fields,
+    )
+
+
 def create(
     name: str,
     *,
@@ -212,18 +241,14 @@ def create(
     vmlinux = kernel_artifact.current()
     if vmlinux is None:
         raise AgentkernelError("no guest kernel: run `agentkernel setup`")
-    record = SandboxRecord(
-        name=name,
-        backend=vmm.name,
+    record = new_record(
+        name,
+        vmm.name,
         image=img.name,
         image_digest=img.digest,
         vcpus=vcpus,
         memory_mb=memory_mb,
         profile=policy.profile,
-        status="stopped",
-        pid=None,
-        rundir=str(runtime_base() / secrets.token_hex(6)),
-        created_at=_now(),
         extra={
             "kernel": str(vmlinux),
             "image_path": str(img.path),
@@ -232,19 +257,7 @@ def create(
             "lifetime_s": lifetime,
         },
     )
-    with _locked(name):
-        state.insert(record)  # fails if the name is taken, before anything is made
-        try:
-            store.hold(img.name, name)
-            vmm.prepare(spec_of(record))
-        except BaseException:
-            vmm.cleanup(spec_of(record), keep_disk=False)
-            store.release(name)
-            state.delete(name)
-            raise
-    audit.record(
-        "create", name, image=img.name, backend=vmm.name, policy=record.extra["policy"], mounts=mounts
-    )
+    register(record, vmm, hold=img.name)
     return record
 
 
@@ -258,7 +271,7 @@ async def start(name: str, *, timeout: float = BOOT_TIMEOUT) -> SandboxRecord:
 async def _booted(name: str, *, timeout: float) -> AsyncIterator[tuple[SandboxRecord, Connection]]:
     """Boot the sandbox and keep the first agent connection open for the caller."""
     stack = contextlib.AsyncExitStack()
-    with _locked(name):
+    with locked(name):
         record = get(name)
         if record.status == "running":
             raise AgentkernelError(f"sandbox '{name}' is already running")
@@ -272,6 +285,10 @@ async def _booted(name: str, *, timeout: float) -> AsyncIterator[tuple[SandboxRe
         state.update(name, status="running", pid=pid, extra=extra)
         record.status, record.pid, record.extra = "running", pid, extra
         try:
+            if spec.restore is not None:
+                await cast(SnapshotBackend, backend).resume(spec, pid)
+                extra["restore_from"] = None  # resumed once; later starts boot from its own disk
+                state.update(name, extra=extra)
             conn = await stack.enter_async_context(_session(backend, spec, pid, timeout=timeout))
             _configure(conn, record)
             for mount in spec.mounts:
@@ -332,7 +349,7 @@ async def ephemeral(
 
 async def stop(name: str, *, timeout: float = STOP_TIMEOUT) -> SandboxRecord:
     """Power the guest off cleanly (filesystems synced); kill the VMM if it does not exit in time."""
-    with _locked(name):
+    with locked(name):
         record = get(name)
         backend = get_backend(record.backend)
         spec = spec_of(record)
@@ -357,7 +374,7 @@ async def _shutdown(backend: Backend, spec: VMSpec, pid: int, timeout: float) ->
 
 def remove(name: str, *, force: bool = False) -> None:
     """Delete a sandbox and everything it has on disk. A running one needs `force`."""
-    with _locked(name):
+    with locked(name):
         record = get(name)
         backend = get_backend(record.backend)
         spec = spec_of(record)
