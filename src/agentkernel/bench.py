@@ -54,7 +54,20 @@ def cli_run_to_start(image: str, *flags: str) -> float:
     """Seconds from launching `agentkernel run` to the command's first output."""
     start = time.monotonic()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agentkernel", "run", "--image", image, *flags, "--", "echo", "started"],
+        [
+            sys.executable,
+            "-m",
+            "agentkernel",
+            "run",
+            "--backend",
+            "qemu",
+            "--image",
+            image,
+            *flags,
+            "--",
+            "echo",
+            "started",
+        ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -106,7 +119,7 @@ def lifecycle(*, runs: int = 5, image: str = "base") -> dict[str, Any]:
             ours.append(cli_run_to_start(image, "--no-network"))  # the same VM as the bare one
             networked.append(cli_run_to_start(image))  # the default profile: network through a gateway
     name = f"bench-{secrets.token_hex(3)}"
-    sandboxes.create(name, image=image)
+    sandboxes.create(name, image=image, backend="qemu")
     try:
         asyncio.run(sandboxes.start(name))
         exec_times, stop_time = asyncio.run(_exec_and_stop(name, rounds=max(10, runs * 4)))

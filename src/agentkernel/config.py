@@ -190,6 +190,8 @@ class Policy:
     domains: Domains = field(default_factory=Domains)
 
 
+MAX_PROCS = {"permissive": 4096, "moderate": 1024, "restrictive": 256}  # processes per sandbox
+
 PROFILES: dict[str, Policy] = {
     "permissive": Policy(
         "permissive", network=True, mount_cwd=True, mount_home=True, pass_env=True, read_only=False

@@ -89,9 +89,17 @@ def container_status() -> BackendStatus:
     return BackendStatus(*container.status())
 
 
-def choose_backend(statuses: dict[str, BackendStatus] | None = None, current: Accel | None = None) -> str:
+def choose_backend(
+    statuses: dict[str, BackendStatus] | None = None,
+    current: Accel | None = None,
+    *,
+    needs_network: bool = False,
+) -> str:
     """The backend for a new sandbox when none is asked for: Firecracker (hardware KVM and its binary)
-    > QEMU with hardware KVM > a working container engine > QEMU with TCG software emulation."""
+    > QEMU with hardware KVM > a working container engine > QEMU with TCG software emulation.
+
+    The container backend has no egress gateway yet, so a sandbox with network skips it.
+    """
     acc = current or accel()
     found = statuses if statuses is not None else backends(acc)
 
@@ -103,7 +111,7 @@ def choose_backend(statuses: dict[str, BackendStatus] | None = None, current: Ac
         return "firecracker"
     if acc.name == "kvm" and usable("qemu"):
         return "qemu"
-    if usable("container"):
+    if usable("container") and not needs_network:
         return "container"
     if usable("qemu"):
         return "qemu"

@@ -9,6 +9,7 @@ import pytest
 
 from agentkernel.backends import container, seccomp
 from agentkernel.backends.base import VMSpec
+from agentkernel.config import MAX_PROCS
 from agentkernel.hostinfo import Accel, BackendStatus, choose_backend
 
 ENGINE = container.Engine("podman", "/usr/bin/podman", "4.3.1", ("--runtime", "/usr/sbin/runc"), 20000)
@@ -68,7 +69,7 @@ def test_every_container_is_hardened(profile: str, tmp_path: Path) -> None:
     assert cmd[:3] == ["/usr/bin/podman", "--runtime", "/usr/sbin/runc"]
     assert cmd[-1] == container.AGENT_PATH and "--init" not in cmd and "--rm" not in cmd
     for flag in ("--cap-drop=ALL", "--security-opt no-new-privileges", "--network none", "--cpus 2",
-                 "--memory 300m", "--memory-swap 300m", f"--pids-limit {container.PIDS[profile]}",
+                 "--memory 300m", "--memory-swap 300m", f"--pids-limit {MAX_PROCS[profile]}",
                  "--tmpfs /tmp:", "--tmpfs /run:", f"seccomp={seccomp.asset_path(profile)}",
                  f"AGENTKERNEL_LISTEN={container.GUEST_RUNDIR}/agent.sock",
                  f"{spec.rundir}:{container.GUEST_RUNDIR}:rw"):  # fmt: skip

@@ -49,7 +49,7 @@ def audit_entries() -> list[dict[str, object]]:
 PROBE = (
     "timeout 10 wget -q -O - http://{target}/ 2>&1; echo; "  # through the gateway (proxy variables set)
     "http_proxy= timeout 5 wget -q -O - http://{direct}/ 2>&1; echo; "  # straight out, around it
-    "ip -o link | cut -d: -f2 | tr -d ' ' | tr '\\n' ' '"
+    "ls /sys/class/net | tr '\\n' ' '"
 )
 
 

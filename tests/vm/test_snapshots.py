@@ -44,7 +44,7 @@ def in_use(ram: str) -> bool:
 
 def test_snapshot_and_forks(cli_home: Path) -> None:
     shm_before = ram_files()
-    ok("create", "--no-network", "origin")
+    ok("create", "--backend", "qemu", "--no-network", "origin")
     ok("start", "origin")
     ok("exec", "origin", "--", "sh", "-c", "echo on-disk > /root/f; echo in-memory > /tmp/m; sync")
     ok("snapshot", "create", "origin", "snap")
@@ -71,7 +71,7 @@ def test_snapshot_and_forks(cli_home: Path) -> None:
 
 def test_bad_snapshot_requests_leave_nothing(cli_home: Path) -> None:
     assert "no snapshot named 'ghost'" in one_line_error("fork", "ghost", "newbox")
-    ok("create", "--no-network", "idle")
+    ok("create", "--backend", "qemu", "--no-network", "idle")
     assert "not running" in one_line_error("snapshot", "create", "idle", "s")
     assert json.loads(ok("snapshot", "list", "--json")) == []
     assert [s["name"] for s in json.loads(ok("list", "--json"))] == ["idle"]
@@ -79,7 +79,7 @@ def test_bad_snapshot_requests_leave_nothing(cli_home: Path) -> None:
 
 
 def test_snapshot_of_another_kernel_is_refused(cli_home: Path) -> None:
-    ok("create", "--no-network", "src")
+    ok("create", "--backend", "qemu", "--no-network", "src")
     ok("start", "src")
     ok("snapshot", "create", "src", "old")
     meta = cli_home / "snapshots" / "old" / "snapshot.json"

@@ -39,6 +39,7 @@ class VMSpec:
     egress: EgressRules | None = None  # None: no network at all, the guest has only lo
     read_only: bool = False  # the root disk is read-only (host-enforced); /tmp is a tmpfs
     mounts: tuple[Mount, ...] = ()
+    max_procs: int | None = None  # processes in the guest's sandbox cgroup
 
     @property
     def console_log(self) -> Path:

@@ -39,6 +39,7 @@ from typing import Any
 from agentkernel import paths
 from agentkernel.backends import rootfs, seccomp
 from agentkernel.backends.base import VMSpec
+from agentkernel.config import MAX_PROCS
 from agentkernel.errors import AgentkernelError
 from agentkernel.protocol.client import AgentConnectionError, Connection
 
@@ -63,7 +64,6 @@ FILE_CAPS = (
     "FOWNER",  # chmod/utime on files root does not own (tar, cp -p, package managers)
 )
 CAPS = {"permissive": AGENT_CAPS + FILE_CAPS, "moderate": AGENT_CAPS + FILE_CAPS, "restrictive": AGENT_CAPS}
-PIDS = {"permissive": 4096, "moderate": 1024, "restrictive": 256}
 
 
 class EngineUnavailable(AgentkernelError):
@@ -216,7 +216,7 @@ def hardening_flags(
     """The flags every container gets: capabilities, seccomp, limits, no network, tmpfs."""
     if profile not in CAPS:
         raise AgentkernelError(f"unknown security profile {profile!r}")
-    pids = PIDS[profile]
+    pids = MAX_PROCS[profile]
     flags = [
         "--cap-drop=ALL",
         *(f"--cap-add={cap}" for cap in CAPS[profile]),

@@ -202,7 +202,12 @@ class QemuBackend:
                     conn = await Connection.open_unix(
                         sock, timeout=max(0.1, deadline - time.monotonic()), shared_stream=True
                     )
-                    await conn.hello(hostname=spec.name, timeout=max(0.1, deadline - time.monotonic()))
+                    await conn.hello(
+                        hostname=spec.name,
+                        max_procs=spec.max_procs,
+                        memory_mb=spec.memory_mb,
+                        timeout=max(0.1, deadline - time.monotonic()),
+                    )
                     return conn
                 except AgentConnectionError:
                     if time.monotonic() > deadline or not self.is_alive(spec, pid):

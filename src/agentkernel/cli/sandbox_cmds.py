@@ -105,7 +105,7 @@ def _options(
     command: list[str],
     *,
     image: str | None,
-    backend: str,
+    backend: str | None,
     vcpus: int | None,
     memory: int | None,
     profile: str | None,
@@ -136,7 +136,9 @@ def _options(
 
 
 IMAGE = typer.Option(None, "--image", help="Image (default: agentkernel.toml, else detected).")
-BACKEND = typer.Option("qemu", "--backend", help="Backend to run on.")
+BACKEND = typer.Option(
+    None, "--backend", help="qemu, container (default: chosen for this host, see `status`)."
+)
 VCPUS = typer.Option(None, "--vcpus", help="Virtual CPUs (default 1).")
 MEMORY = typer.Option(None, "--memory", help="Memory in MB (default 512).")
 PROFILE = typer.Option(
@@ -154,7 +156,7 @@ LIFETIME = typer.Option(None, "--lifetime", help="Stop the sandbox this many sec
 def run(
     command: list[str] = typer.Argument(..., metavar="-- CMD...", help="The command to run."),
     image: str | None = IMAGE,
-    backend: str = BACKEND,
+    backend: str | None = BACKEND,
     vcpus: int | None = VCPUS,
     memory: int | None = MEMORY,
     profile: str | None = PROFILE,
@@ -210,7 +212,7 @@ def run(
 def create(
     name: str = typer.Argument(..., help="Sandbox name."),
     image: str | None = IMAGE,
-    backend: str = BACKEND,
+    backend: str | None = BACKEND,
     vcpus: int | None = VCPUS,
     memory: int | None = MEMORY,
     profile: str | None = PROFILE,

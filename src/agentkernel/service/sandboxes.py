@@ -22,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, cast
 
-from agentkernel import paths
+from agentkernel import hostinfo, paths
 from agentkernel.artifacts import kernel as kernel_artifact
 from agentkernel.backends import get_backend
 from agentkernel.backends.base import Backend, Mount, SnapshotBackend, VMSpec
@@ -40,7 +40,7 @@ from agentkernel.service import audit
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 BOOT_TIMEOUT = 120.0
 STOP_TIMEOUT = 10.0
-POWERED_OFF = b"reboot: Restarting system"
+POWERED_OFF = (b"reboot: Restarting system", b"agentkernel-agent: shutting down")  # VM, container
 WORKSPACE = "/workspace"
 PASS_ENV = frozenset({"LANG", "LANGUAGE", "TZ", "TERM", "COLORTERM"})  # with pass_env, plus LC_*
 
@@ -166,7 +166,8 @@ def _powered_off(spec: VMSpec) -> bool:
     try:
         with spec.console_log.open("rb") as f:
             f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
-            return POWERED_OFF in f.read()
+            tail = f.read()
+            return any(marker in tail for marker in POWERED_OFF)
     except OSError:
         return False
 
@@ -213,7 +214,7 @@ def create(
     vcpus: int = 1,
     memory_mb: int = 512,
     profile: str = "moderate",
-    backend: str = "qemu",
+    backend: str | None = None,
     policy: Policy | None = None,
     mount_dir: Path | None = None,
     lifetime: float | None = None,
@@ -236,7 +237,9 @@ def create(
         raise AgentkernelError(f"--vcpus must be between 1 and 32 (got {vcpus})")
     if not 64 <= memory_mb <= 65536:
         raise AgentkernelError(f"--memory must be between 64 and 65536 MB (got {memory_mb})")
-    vmm = get_backend(backend)
+    vmm = get_backend(
+        backend or hostinfo.choose_backend(needs_network=policy.network), profile=policy.profile
+    )
     img = store.get(image)
     vmlinux = kernel_artifact.current()
     if vmlinux is None:

@@ -1,0 +1,624 @@
+"""Firecracker: hardware-KVM microVMs configured over Firecracker's REST API (docs/firecracker.md).
+
+Same kernel, images, agent and protocol as QEMU. Firecracker takes raw block files only, so the root
+disk is the sandbox's own copy of the image made with `cp --reflink=auto --sparse=always`: it shares
+blocks where the filesystem can (XFS, btrfs) and copies the used blocks elsewhere; a read-only root
+opens the immutable image itself. Firecracker runs detached in its own session, optionally through
+its jailer (chroot, uid/gid, cgroup limits, new mount and pid namespaces). The host reaches the agent
+through Firecracker's hybrid vsock socket: every connection is an independent agent connection.
+With network on, the guest's NIC is a tap device in a network namespace of the sandbox's own, where
+nftables lets through only TCP to the proxy address, which socat hands to the egress gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import ipaddress
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agentkernel import hostinfo, paths
+from agentkernel.artifacts.run import require
+from agentkernel.backends.base import VMSpec
+from agentkernel.backends.firecracker_api import FirecrackerAPI
+from agentkernel.backends.qemu import AGENT_PATH, MAX_UNIX_PATH
+from agentkernel.errors import AgentkernelError
+from agentkernel.hostinfo import Accel
+from agentkernel.network import launcher as gateway
+from agentkernel.protocol.client import VSOCK_PORT, AgentConnectionError, Connection
+
+AGENT_PORTS = 1024  # vsock connections are independent; this only bounds the service's port locks
+GUEST_CID = 3
+ROOT_DRIVE = "rootfs"
+IFACE = "eth0"
+TAP = "tap0"  # inside the sandbox's own network namespace, so the name never clashes
+NETNS_DIR = Path("/run/netns")
+JAILER_ENV = "AGENTKERNEL_JAILER"
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+CGROUP_PARENT = "agentkernel"
+VMM_OVERHEAD_MB = 64  # memory.max headroom over the guest's RAM for Firecracker itself
+START_TIMEOUT = 10.0
+NEEDS = "firecracker backend needs the firecracker binary on PATH and hardware KVM (/dev/kvm with vmx/svm)"
+NETWORK_NEEDS_ROOT = (
+    "a firecracker sandbox with network needs root to create its network namespace, tap device and "
+    "nftables rules: run agentkernel as root, or turn the network off (--no-network)"
+)
+
+
+def api_socket(spec: VMSpec) -> Path:
+    return spec.rundir / "fc.sock"
+
+
+def vsock_socket(spec: VMSpec) -> Path:
+    return spec.rundir / "v.sock"
+
+
+def disk(spec: VMSpec) -> Path:
+    """The root disk: the sandbox's own copy, or the immutable image itself when it is read-only."""
+    return spec.image if spec.read_only else spec.workdir / "rootfs.ext4"
+
+
+def log_file(spec: VMSpec) -> Path:
+    return spec.workdir / "firecracker.log"
+
+
+def metrics_file(spec: VMSpec) -> Path:
+    return spec.workdir / "metrics.json"
+
+
+def forwarder_pidfile(spec: VMSpec) -> Path:
+    return spec.rundir / "forwarder.pid"
+
+
+def jail_link(spec: VMSpec) -> Path:
+    """A symlink to the sandbox's jail directory while it has one (cleanup finds the jail by it)."""
+    return spec.rundir / "jail"
+
+
+def instance_id(spec: VMSpec) -> str:
+    """The microVM's id (jailer --id, network namespace): readable, unique per run directory, and
+    within the jailer's rules (letters, digits and hyphens, at most 64)."""
+    digest = hashlib.sha256(str(spec.rundir).encode()).hexdigest()[:12]
+    return f"ak-{re.sub(r'[^A-Za-z0-9-]', '-', spec.name)[:32]}-{digest}"
+
+
+def kernel_cmdline(spec: VMSpec) -> str:
+    """QEMU's command line for Firecracker's devices: reboot=k resets through the i8042 controller,
+    which ends the Firecracker process (the agent's power-off); panic=1 reboots, and so ends it too."""
+    mode = "ro" if spec.read_only else "rw"
+    args = (
+        f"console=ttyS0 reboot=k panic=1 pci=off root=/dev/vda {mode} rootfstype=ext4 quiet init={AGENT_PATH}"
+    )
+    return f"{args} {gateway.GUEST_IP_ARG}" if spec.egress is not None else args
+
+
+# -- API request bodies (tests validate each against ref/firecracker/firecracker.yaml) -----------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The file paths Firecracker is given: host paths, or paths inside the jail's chroot. Sockets
+    need no entry: a jail mirrors the run directory's path, so theirs are the same either way."""
+
+    kernel: str
+    disk: str
+    log: str
+    metrics: str
+
+
+def host_layout(spec: VMSpec) -> Layout:
+    return Layout(str(spec.kernel), str(disk(spec)), str(log_file(spec)), str(metrics_file(spec)))
+
+
+JAIL_LAYOUT = Layout("/vmlinux", "/rootfs.ext4", "/firecracker.log", "/metrics.json")
+
+
+def logger_body(layout: Layout) -> dict[str, Any]:
+    return {"log_path": layout.log, "level": "Info", "show_level": True, "show_log_origin": False}
+
+
+def metrics_body(layout: Layout) -> dict[str, Any]:
+    return {"metrics_path": layout.metrics}
+
+
+def machine_config_body(spec: VMSpec) -> dict[str, Any]:
+    return {"vcpu_count": spec.vcpus, "mem_size_mib": spec.memory_mb, "smt": False}
+
+
+def boot_source_body(spec: VMSpec, layout: Layout) -> dict[str, Any]:
+    return {"kernel_image_path": layout.kernel, "boot_args": kernel_cmdline(spec)}
+
+
+def drive_body(spec: VMSpec, layout: Layout) -> dict[str, Any]:
+    return {
+        "drive_id": ROOT_DRIVE,
+        "path_on_host": layout.disk,
+        "is_root_device": True,
+        "is_read_only": spec.read_only,
+    }
+
+
+def vsock_body(spec: VMSpec) -> dict[str, Any]:
+    return {"guest_cid": GUEST_CID, "uds_path": str(vsock_socket(spec))}
+
+
+def network_body() -> dict[str, Any]:
+    return {"iface_id": IFACE, "host_dev_name": TAP}
+
+
+def action_body(action: str) -> dict[str, Any]:
+    return {"action_type": action}
+
+
+def config_requests(spec: VMSpec, layout: Layout) -> list[tuple[str, dict[str, Any]]]:
+    """Every PUT that configures the microVM, in order, before InstanceStart. The logger comes first
+    so that Firecracker logs whatever goes wrong after it to the sandbox's log file."""
+    requests = [
+        ("/logger", logger_body(layout)),
+        ("/metrics", metrics_body(layout)),
+        ("/machine-config", machine_config_body(spec)),
+        ("/boot-source", boot_source_body(spec, layout)),
+        (f"/drives/{ROOT_DRIVE}", drive_body(spec, layout)),
+        ("/vsock", vsock_body(spec)),
+        ("/entropy", {}),  # virtio-rng, as under QEMU
+    ]
+    if spec.egress is not None:
+        requests.append((f"/network-interfaces/{IFACE}", network_body()))
+    return requests
+
+
+# -- network: a namespace with a tap device, nftables, and a forwarder to the gateway ----------------
+
+
+def netns_name(spec: VMSpec) -> str:
+    return instance_id(spec)
+
+
+def proxy_address() -> tuple[str, int, int]:
+    """Where the guest sends proxied traffic (host, port) and the prefix length of its subnet."""
+    host, port = gateway.GUEST_PROXY.split(":")
+    netmask = gateway.GUEST_IP_ARG.removeprefix("ip=").split(":")[3]
+    return host, int(port), ipaddress.IPv4Network(f"0.0.0.0/{netmask}").prefixlen
+
+
+def nft_ruleset() -> str:
+    """The namespace's firewall: the guest reaches TCP to the proxy address and nothing else."""
+    host, port, _ = proxy_address()
+    return f"""table inet agentkernel {{
+  chain input {{ type filter hook input priority filter; policy drop;
+    iifname "lo" accept
+    iifname "{TAP}" ip daddr {host} tcp dport {port} accept
+  }}
+  chain forward {{ type filter hook forward priority filter; policy drop; }}
+  chain output {{ type filter hook output priority filter; policy drop;
+    oifname "lo" accept
+    oifname "{TAP}" ip saddr {host} tcp sport {port} accept
+  }}
+}}"""
+
+
+def network_commands(spec: VMSpec, *, owner: tuple[int, int] | None = None) -> list[list[str]]:
+    """The commands (as root) that wire a sandbox's tap device to its egress gateway: a network
+    namespace of its own holding the tap, the proxy address on the host side of the tap, and the
+    firewall. `owner` (uid, gid) lets a jailed, unprivileged Firecracker open the tap."""
+    ns = netns_name(spec)
+    host, _, prefix = proxy_address()
+    user = ["user", str(owner[0]), "group", str(owner[1])] if owner else []
+    return [
+        ["ip", "netns", "add", ns],
+        ["ip", "-n", ns, "link", "set", "lo", "up"],
+        ["ip", "-n", ns, "tuntap", "add", "dev", TAP, "mode", "tap", *user],
+        ["ip", "-n", ns, "addr", "add", f"{host}/{prefix}", "dev", TAP],
+        ["ip", "-n", ns, "link", "set", TAP, "up"],
+        ["ip", "netns", "exec", ns, "nft", nft_ruleset()],
+    ]
+
+
+def forwarder_command(spec: VMSpec) -> list[str]:
+    """socat in the namespace: connections to the proxy address go to the gateway's Unix socket."""
+    host, port, _ = proxy_address()
+    return [
+        "ip", "netns", "exec", netns_name(spec),
+        "socat", f"TCP-LISTEN:{port},bind={host},reuseaddr,fork",
+        f"UNIX-CONNECT:{gateway.socket_path(spec.rundir)}",
+    ]  # fmt: skip
+
+
+def setup_network(spec: VMSpec, *, owner: tuple[int, int] | None = None) -> None:
+    """Create the namespace, tap and firewall and start the forwarder (the gateway runs already)."""
+    if os.geteuid() != 0:
+        raise AgentkernelError(NETWORK_NEEDS_ROOT)
+    require("ip", "iproute2")
+    require("nft", "nftables")
+    require("socat", "socat")
+    teardown_network(spec)  # whatever a killed earlier run left
+    for cmd in network_commands(spec, owner=owner):
+        _run_network_command(cmd)
+    with (spec.rundir / "forwarder.log").open("ab") as log:
+        forwarder = subprocess.Popen(
+            forwarder_command(spec),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+    forwarder_pidfile(spec).write_text(str(forwarder.pid))
+
+
+def _run_network_command(cmd: list[str]) -> None:
+    try:
+        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        detail = " ".join(proc.stderr.split())[:300] or f"exit status {proc.returncode}"
+        failed = proc.returncode != 0
+    except OSError as exc:
+        detail, failed = str(exc), True
+    if failed:
+        shown = " ".join(cmd[:6]) + (" ..." if len(cmd) > 6 else "")
+        raise AgentkernelError(f"cannot set up the sandbox network: `{shown}` failed: {detail}")
+
+
+def teardown_network(spec: VMSpec) -> None:
+    """Stop the forwarder (its whole process group: one child per connection) and delete the
+    namespace, which takes the tap device and the firewall with it. Does nothing when there is none."""
+    with contextlib.suppress(OSError, ValueError):
+        pid = int(forwarder_pidfile(spec).read_text())
+        if str(gateway.socket_path(spec.rundir)).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+            os.killpg(pid, signal.SIGKILL)
+    forwarder_pidfile(spec).unlink(missing_ok=True)
+    if (NETNS_DIR / netns_name(spec)).exists():
+        subprocess.run(
+            ["ip", "netns", "del", netns_name(spec)], stdin=subprocess.DEVNULL, capture_output=True
+        )
+
+
+# -- the jailer ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Jailer:
+    """How each Firecracker process is confined by Firecracker's jailer (ref/firecracker/jailer.md)."""
+
+    uid: int
+    gid: int
+    chroot_base: Path
+
+    @classmethod
+    def from_env(cls) -> Jailer | None:
+        """Jailed when AGENTKERNEL_JAILER=1: as AGENTKERNEL_JAILER_UID/_GID (default 65534, nobody)
+        under AGENTKERNEL_JAILER_CHROOT_BASE (default <data dir>/jailer, which must be on the
+        filesystem of the sandbox disks: the jail holds hard links to them)."""
+        if os.environ.get(JAILER_ENV) != "1":
+            return None
+        try:
+            uid = int(os.environ.get(f"{JAILER_ENV}_UID", "65534"))
+            gid = int(os.environ.get(f"{JAILER_ENV}_GID", "65534"))
+        except ValueError:
+            raise AgentkernelError(f"{JAILER_ENV}_UID and {JAILER_ENV}_GID must be numbers") from None
+        base = os.environ.get(f"{JAILER_ENV}_CHROOT_BASE")
+        return cls(uid, gid, Path(base) if base else paths.data_dir() / "jailer")
+
+    def jail_dir(self, spec: VMSpec, exec_name: str) -> Path:
+        """<chroot base>/<exec file name>/<id>, as the jailer names it; the chroot is its `root`."""
+        return self.chroot_base / exec_name / instance_id(spec)
+
+    def argv(self, spec: VMSpec, *, jailer: str, firecracker: str, netns: Path | None) -> list[str]:
+        """The jailer command: chroot, uid/gid, cgroup v2 limits (memory and CPU of the VM), a new
+        pid namespace, the sandbox's network namespace; Firecracker's own arguments after `--`."""
+        memory = (spec.memory_mb + VMM_OVERHEAD_MB) * 1024 * 1024
+        argv = [
+            jailer,
+            "--id", instance_id(spec),
+            "--exec-file", firecracker,
+            "--uid", str(self.uid),
+            "--gid", str(self.gid),
+            "--chroot-base-dir", str(self.chroot_base),
+            "--cgroup-version", "2",
+            "--parent-cgroup", CGROUP_PARENT,
+            "--cgroup", f"memory.max={memory}",
+            "--cgroup", f"cpu.max={spec.vcpus * 100000} 100000",
+            "--new-pid-ns",
+        ]  # fmt: skip
+        if netns is not None:
+            argv += ["--netns", str(netns)]
+        return [*argv, "--", "--api-sock", str(api_socket(spec))]
+
+    def build(self, spec: VMSpec, exec_name: str) -> Path:
+        """A fresh chroot for one run (the jailer refuses a stale pid file): hard links to the kernel,
+        the root disk and the log files, and the run directory's path for the sockets, owned by the
+        jail's uid. Returns the chroot."""
+        jail = self.jail_dir(spec, exec_name)
+        shutil.rmtree(jail, ignore_errors=True)
+        root = jail / "root"
+        sockets = root / str(spec.rundir).lstrip("/")
+        sockets.mkdir(parents=True, mode=0o700)
+        os.chown(sockets, self.uid, self.gid)
+        writable = [log_file(spec), metrics_file(spec)] + ([] if spec.read_only else [disk(spec)])
+        for source, name in (
+            (spec.kernel, JAIL_LAYOUT.kernel),
+            (disk(spec), JAIL_LAYOUT.disk),
+            (log_file(spec), JAIL_LAYOUT.log),
+            (metrics_file(spec), JAIL_LAYOUT.metrics),
+        ):
+            _link(source, root / name.lstrip("/"), writable=source in writable)
+            if source in writable:
+                os.chown(source, self.uid, self.gid)
+        return root
+
+
+def _link(source: Path, dest: Path, *, writable: bool) -> None:
+    """Hard-link `source` into a jail; across filesystems a read-only file is copied instead."""
+    try:
+        os.link(source, dest)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV or writable:
+            raise AgentkernelError(
+                f"cannot link {source} into the jail at {dest}: {exc.strerror} "
+                "(the jail must be on the filesystem of the sandbox disks)"
+            ) from None
+        _copy(source, dest)
+
+
+def _copy(source: Path, dest: Path) -> None:
+    """A copy that shares blocks where the filesystem can (reflink) and keeps holes as holes."""
+    proc = subprocess.run(
+        ["cp", "--reflink=auto", "--sparse=always", str(source), str(dest)], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        raise AgentkernelError(f"cannot copy {source} to {dest}: {' '.join(proc.stderr.split())[:300]}")
+
+
+# -- the backend ---------------------------------------------------------------------------------------
+
+
+def require_host(accel: Accel) -> str:
+    """The firecracker binary, or one line saying what this host lacks."""
+    binary = shutil.which("firecracker")
+    if binary and accel.name == "kvm":
+        return binary
+    missing = ([] if binary else ["no firecracker binary on PATH"]) + ([accel.note] if accel.note else [])
+    raise AgentkernelError(f"{NEEDS}: {'; '.join(missing)}")
+
+
+def check_spec(spec: VMSpec) -> None:
+    """Refuse what Firecracker cannot do, before anything is made."""
+    if spec.mounts:
+        raise AgentkernelError(
+            "the firecracker backend cannot share host directories (Firecracker has no virtio-9p): "
+            "run without --mount-cwd/--dir, or use --backend qemu"
+        )
+    if spec.image_format != "raw" or spec.restore is not None:
+        raise AgentkernelError(
+            "the firecracker backend boots raw images only and has no snapshots yet: use --backend qemu"
+        )
+
+
+class FirecrackerBackend:
+    name = "firecracker"
+    agent_ports = AGENT_PORTS
+
+    def __init__(self, accel: Accel | None = None, *, jailer: Jailer | None = None) -> None:
+        self.accel = accel or hostinfo.accel()
+        self.jailer = jailer
+
+    def prepare(self, spec: VMSpec) -> None:
+        """The sandbox's own raw copy of the image (a read-only root uses the image itself)."""
+        require_host(self.accel)
+        check_spec(spec)
+        spec.workdir.mkdir(parents=True, exist_ok=True)
+        if not spec.read_only:
+            _copy(spec.image, disk(spec))
+            disk(spec).chmod(0o600)  # images are read-only files; this copy is the guest's to write
+
+    def start(self, spec: VMSpec) -> int:
+        """Launch Firecracker (or the jailer) detached, configure the microVM over the API, boot it."""
+        firecracker = require_host(self.accel)
+        check_spec(spec)
+        jailer = require("jailer", "jailer (from Firecracker's release)") if self.jailer else None
+        if len(str(vsock_socket(spec))) > MAX_UNIX_PATH:
+            raise AgentkernelError(f"run directory path too long for Unix sockets: {spec.rundir}")
+        spec.rundir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for stale in (api_socket(spec), vsock_socket(spec), jail_link(spec), spec.console_log):
+            stale.unlink(missing_ok=True)
+        for log in (log_file(spec), metrics_file(spec)):
+            log.write_bytes(b"")  # Firecracker writes these from the start without truncating
+        pid = None
+        try:
+            netns = None
+            if spec.egress is not None:
+                gateway.start(spec.name, spec.egress, spec.rundir)
+                owner = (self.jailer.uid, self.jailer.gid) if self.jailer else None
+                setup_network(spec, owner=owner)
+                netns = NETNS_DIR / netns_name(spec)
+            if self.jailer and jailer:
+                pid, layout = self._launch_jailed(spec, self.jailer, jailer, firecracker, netns)
+            else:
+                argv = [firecracker, "--id", instance_id(spec), "--api-sock", str(api_socket(spec))]
+                if netns is not None:
+                    argv = ["ip", "netns", "exec", netns.name, *argv]
+                pid, layout = self._launch(spec, argv).pid, host_layout(spec)
+            if spec.egress is not None:
+                gateway.wait_ready(spec.rundir)
+            self._configure(spec, pid, layout)
+            return pid
+        except BaseException:
+            if pid is not None:
+                self.kill(spec, pid)
+            teardown_network(spec)
+            gateway.stop(spec.rundir)
+            raise
+
+    def _launch(self, spec: VMSpec, argv: list[str]) -> subprocess.Popen[bytes]:
+        """Start `argv` in its own session; the guest's serial console (Firecracker's stdout) and
+        whatever Firecracker prints before its logger is set go to the console log."""
+        with spec.console_log.open("ab") as out:
+            return subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
+            )
+
+    def _launch_jailed(
+        self, spec: VMSpec, jail: Jailer, jailer: str, firecracker: str, netns: Path | None
+    ) -> tuple[int, Layout]:
+        """Build the chroot, run the jailer; with --new-pid-ns it exits once it has written the pid."""
+        exec_name = Path(firecracker).resolve().name
+        root = jail.build(spec, exec_name)
+        jail_link(spec).symlink_to(root.parent)
+        for sock in (api_socket(spec), vsock_socket(spec)):
+            sock.symlink_to(root / str(sock).lstrip("/"))
+        proc = self._launch(spec, jail.argv(spec, jailer=jailer, firecracker=firecracker, netns=netns))
+        try:
+            code = proc.wait(START_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AgentkernelError(f"the jailer did not finish within {START_TIMEOUT:g}s") from None
+        try:
+            pid = int((root / f"{exec_name}.pid").read_text())
+        except (OSError, ValueError):
+            raise AgentkernelError(
+                f"the jailer failed (exit status {code}): {_tail(spec.console_log)}"
+            ) from None
+        return pid, JAIL_LAYOUT
+
+    def _configure(self, spec: VMSpec, pid: int, layout: Layout) -> None:
+        with FirecrackerAPI(api_socket(spec)) as api:
+            deadline = time.monotonic() + START_TIMEOUT
+            while not api.ready():
+                if not self.is_alive(spec, pid):
+                    raise AgentkernelError(f"firecracker exited at start: {failure_detail(spec)}")
+                if time.monotonic() > deadline:
+                    raise AgentkernelError(
+                        f"firecracker's API did not answer within {START_TIMEOUT:g}s: {failure_detail(spec)}"
+                    )
+                time.sleep(0.005)
+            try:
+                for path, body in config_requests(spec, layout):
+                    api.put(path, body)
+                api.put("/actions", action_body("InstanceStart"))
+            except AgentkernelError as exc:
+                if self.is_alive(spec, pid):
+                    raise
+                raise AgentkernelError(f"{exc}; firecracker exited: {failure_detail(spec)}") from None
+
+    async def connect(self, spec: VMSpec, pid: int, *, port: int = 0, timeout: float = 60.0) -> Connection:
+        """A new vsock connection to the agent (`port` is not needed: each connection is independent),
+        waiting while the guest boots; fails fast, with Firecracker's log, if Firecracker exits."""
+        deadline = time.monotonic() + timeout
+        sock = vsock_socket(spec)
+        last = "its vsock socket does not exist yet"
+        while True:
+            if not self.is_alive(spec, pid):
+                raise AgentkernelError(f"the microVM is not running: {failure_detail(spec)}")
+            if sock.exists():
+                try:
+                    return await self._greet(spec, sock, deadline)
+                except AgentConnectionError as exc:
+                    last = str(exc)
+            if time.monotonic() > deadline:
+                raise AgentkernelError(
+                    f"the agent did not answer within {timeout:g}s ({last}): {failure_detail(spec)}"
+                )
+            await asyncio.sleep(0.02)
+
+    async def _greet(self, spec: VMSpec, sock: Path, deadline: float) -> Connection:
+        conn = await open_vsock(sock, timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+        try:
+            await conn.hello(
+                hostname=spec.name,
+                max_procs=spec.max_procs,
+                memory_mb=spec.memory_mb,
+                timeout=max(0.1, deadline - time.monotonic()),
+            )
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+
+    def is_alive(self, spec: VMSpec, pid: int) -> bool:
+        """`pid` runs (not a zombie) and its command line names this sandbox's API socket."""
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return False
+        state = stat.rsplit(")", 1)[-1].split()[0]
+        return state not in ("Z", "X") and str(api_socket(spec)).encode() in cmdline.split(b"\0")
+
+    def stop(self, spec: VMSpec, pid: int, *, timeout: float = 10.0) -> bool:
+        """Ctrl+Alt+Del, then SIGKILL after `timeout`; whether the VM ended by itself. Our kernel has no
+        i8042 keyboard driver, so the guest never sees the keys: the agent's SHUTDOWN is the graceful
+        way (docs/firecracker.md)."""
+        if self.is_alive(spec, pid):
+            with contextlib.suppress(AgentkernelError), FirecrackerAPI(api_socket(spec), timeout=2) as api:
+                api.put("/actions", action_body("SendCtrlAltDel"))
+            deadline = time.monotonic() + timeout
+            while self.is_alive(spec, pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
+        ended = not self.is_alive(spec, pid)
+        self.kill(spec, pid)
+        return ended
+
+    def kill(self, spec: VMSpec, pid: int) -> None:
+        if self.is_alive(spec, pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 5
+            while self.is_alive(spec, pid) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        teardown_network(spec)
+        gateway.stop(spec.rundir)
+
+    def cleanup(self, spec: VMSpec, *, keep_disk: bool) -> None:
+        teardown_network(spec)
+        gateway.stop(spec.rundir)
+        if jail_link(spec).is_symlink():
+            jail = jail_link(spec).readlink()
+            shutil.rmtree(jail, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                (CGROUP_ROOT / CGROUP_PARENT / jail.name).rmdir()  # the jailer leaves it behind
+        shutil.rmtree(spec.rundir, ignore_errors=True)
+        if not keep_disk:
+            shutil.rmtree(spec.workdir, ignore_errors=True)
+
+
+async def open_vsock(sock: Path, *, timeout: float) -> Connection:
+    """Firecracker's hybrid vsock handshake (`CONNECT 52000` / `OK <port>`), then an agent connection
+    on that stream. (Connection.open_firecracker cannot be used: its read loop starts before it reads
+    the OK line, and asyncio refuses two readers of one stream.)"""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(sock)), timeout)
+    except (OSError, TimeoutError) as exc:
+        raise AgentConnectionError(f"cannot connect to the vsock socket {sock}: {exc}") from None
+    writer.write(f"CONNECT {VSOCK_PORT}\n".encode())
+    try:
+        line = await asyncio.wait_for(reader.readline(), timeout)
+    except (OSError, TimeoutError, ValueError) as exc:
+        line = f"{type(exc).__name__}".encode()
+    if not line.startswith(b"OK "):
+        writer.close()
+        raise AgentConnectionError(f"vsock CONNECT {VSOCK_PORT} via {sock} refused (no agent listening yet)")
+    return Connection(reader, writer)
+
+
+def failure_detail(spec: VMSpec) -> str:
+    """Firecracker's last log lines and the guest's last console lines, on one bounded line."""
+    return f"firecracker log: {_tail(log_file(spec))} || console: {_tail(spec.console_log)}"
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            text = f.read(4096).decode(errors="replace")
+    except OSError:
+        return "none"
+    tail = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
+    return " | ".join(tail)[:1000] or "none"

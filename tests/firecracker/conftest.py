@@ -1,0 +1,116 @@
+"""Fixtures for the Firecracker backend's tests: specs on scratch files, and the fake firecracker
+(and jailer) on PATH where a test runs the backend's processes (see fake_firecracker.py for why)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agentkernel.backends.base import VMSpec
+from agentkernel.backends.firecracker import FirecrackerBackend
+from agentkernel.hostinfo import Accel
+from tests.conftest import REPO
+
+KVM = Accel("kvm", "")
+MakeSpec = Callable[..., VMSpec]
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> tuple[Path, Path]:
+    """A stand-in kernel and a sparse 64 MiB raw image with data at both ends (0444, as in the store)."""
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(b"\x7fELF fake kernel")
+    image = tmp_path / "image.ext4"
+    with image.open("wb") as f:
+        f.write(b"head of the image")
+        f.seek(64 << 20)
+        f.write(b"tail of the image")
+    image.chmod(0o444)
+    return kernel, image
+
+
+@pytest.fixture
+def make_spec(tmp_path: Path, files: tuple[Path, Path]) -> Iterator[MakeSpec]:
+    """VMSpecs over the scratch files, each with a short run directory; whatever process still
+    names one of those directories on its command line is killed afterwards."""
+    rundirs: list[Path] = []
+
+    def make(name: str = "fc1", **fields: Any) -> VMSpec:
+        rundirs.append(Path(tempfile.mkdtemp(prefix="akfc-")))
+        fields = {"kernel": files[0], "image": files[1], **fields}
+        return VMSpec(name, workdir=tmp_path / "sandboxes" / name, rundir=rundirs[-1], **fields)
+
+    yield make
+    for rundir in rundirs:
+        kill_processes_naming(str(rundir))
+        shutil.rmtree(rundir, ignore_errors=True)
+
+
+def processes_naming(text: str) -> list[int]:
+    """The live (not zombie) processes whose command line contains `text`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if (
+                proc.name.isdigit()
+                and text.encode() in (proc / "cmdline").read_bytes()
+                and (proc / "stat").read_text().rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+            ):
+                found.append(int(proc.name))
+        except OSError:
+            pass
+    return found
+
+
+def kill_processes_naming(text: str) -> None:
+    for pid in processes_naming(text):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@dataclass
+class Fake:
+    """The fake firecracker and jailer installed on PATH, and what the fake firecracker recorded."""
+
+    bin: Path
+    record: Path
+
+    def requests(self) -> list[dict[str, Any]]:
+        if not self.record.exists():
+            return []
+        return [json.loads(line) for line in self.record.read_text().splitlines()]
+
+    def api_calls(self) -> list[tuple[str, str, Any]]:
+        return [(r["method"], r["path"], r["body"]) for r in self.requests() if "method" in r]
+
+
+@pytest.fixture
+def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Fake:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for program, module in (("firecracker", "fake_firecracker"), ("jailer", "fake_jailer")):
+        script = bin_dir / program
+        script.write_text(
+            f'#!/bin/sh\nPYTHONPATH="{REPO}" exec "{sys.executable}" -m tests.firecracker.{module} "$@"\n'
+        )
+        script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    record = tmp_path / "requests.jsonl"
+    monkeypatch.setenv("FAKE_FC_RECORD", str(record))
+    return Fake(bin_dir, record)
+
+
+@pytest.fixture
+def backend(fake: Fake) -> FirecrackerBackend:
+    return FirecrackerBackend(KVM)
