@@ -17,13 +17,24 @@ from typing import Any
 
 import pytest
 
+from agentkernel.artifacts import kernel as kernel_artifact
 from agentkernel.backends.base import VMSpec
 from agentkernel.backends.firecracker import FirecrackerBackend
 from agentkernel.hostinfo import Accel
+from agentkernel.images import store
 from tests.conftest import REPO
 
 KVM = Accel("kvm", "")
 MakeSpec = Callable[..., VMSpec]
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> tuple[Path, Path]:
+    """The guest kernel and base image `agentkernel setup` built (as tests/vm use them)."""
+    vmlinux = kernel_artifact.current()
+    if vmlinux is None:
+        pytest.fail("no guest kernel: run `agentkernel setup` first (install.sh does)")
+    return vmlinux, store.get("base").path
 
 
 @pytest.fixture

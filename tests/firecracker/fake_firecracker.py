@@ -55,7 +55,9 @@ class FakeFirecracker:
     def __init__(self, instance: str, api_sock: Path) -> None:
         self.instance = instance
         self.api_sock = api_sock
-        self.root = Path(os.environ.get("FAKE_FC_ROOT", "/"))
+        self.jailed = "FAKE_FC_ROOT" in os.environ
+        if self.jailed:
+            os.chdir(os.environ["FAKE_FC_ROOT"])  # socket paths inside a jail are short: keep them so
         self.record = os.environ.get("FAKE_FC_RECORD")
         self.config: dict[str, Any] = {}
         self.started = False
@@ -64,7 +66,7 @@ class FakeFirecracker:
 
     def path(self, guest_path: str) -> Path:
         """A path as Firecracker was given it, on this host (under the jail's root when jailed)."""
-        return self.root / guest_path.lstrip("/")
+        return Path(guest_path.lstrip("/")) if self.jailed else Path(guest_path)
 
     def note(self, entry: dict[str, Any]) -> None:
         if self.record:

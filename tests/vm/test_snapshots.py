@@ -55,6 +55,8 @@ def test_snapshot_and_forks(cli_home: Path) -> None:
     for fork in ("one", "two"):
         out = ok("exec", fork, "--", "sh", "-c", "cat /root/f /tmp/m; hostname")
         assert out == f"on-disk\nin-memory\n{fork}\n".encode()
+    random = "head -c 16 /dev/urandom | od -An -tx1"
+    assert ok("exec", "one", "--", "sh", "-c", random) != ok("exec", "two", "--", "sh", "-c", random)
     ok("exec", "two", "--", "sh", "-c", "echo changed > /root/f")
     assert ok("exec", "one", "--", "cat", "/root/f") == b"on-disk\n"  # forks write their own copy
     assert ok("exec", "origin", "--", "cat", "/root/f") == b"after\n"

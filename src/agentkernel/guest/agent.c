@@ -443,6 +443,29 @@ static bool hello_ok(const uint8_t *p, size_t n)
 	       rec.f[F_MAGIC].n == 8 && !memcmp(rec.f[F_MAGIC].p, "AGENTKRN", 8);
 }
 
+/* <linux/random.h> is not among musl's headers: the two ioctls, as the kernel defines them. */
+#define RNDADDENTROPY 0x40085203   /* _IOW('R', 0x03, int[2]) */
+#define RNDRESEEDCRNG 0x5207       /* _IO('R', 0x07) */
+#define MAX_ENTROPY 512
+
+/* Host randomness from HELLO, credited and used at once: a VM resumed from a snapshot would
+ * otherwise draw the same random numbers as every other copy of that snapshot. */
+static void reseed(const struct field *f)
+{
+	struct { int bits, size; uint8_t buf[MAX_ENTROPY]; } info;
+	int fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+	if (fd < 0) {
+		setup_failed("open /dev/urandom");
+		return;
+	}
+	info.size = f->n < MAX_ENTROPY ? (int)f->n : MAX_ENTROPY;
+	info.bits = info.size * 8;
+	memcpy(info.buf, f->p, (size_t)info.size);
+	if (ioctl(fd, RNDADDENTROPY, &info) || ioctl(fd, RNDRESEEDCRNG))
+		setup_failed("reseeding the random number generator");
+	close(fd);
+}
+
 static const char *do_hello(struct conn *c, const uint8_t *p, size_t n)
 {
 	if (!hello_ok(p, n))
@@ -458,6 +481,8 @@ static const char *do_hello(struct conn *c, const uint8_t *p, size_t n)
 		if (clock_settime(CLOCK_REALTIME, &ts))
 			setup_failed("clock_settime");
 	}
+	if (rec.has[F_ENTROPY])
+		reseed(&rec.f[F_ENTROPY]);
 	limits_apply(&rec);
 	static const char desc[] = "agentkernel-agent protocol 1";
 	struct rb b = { 0 };

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 import time
@@ -41,6 +42,7 @@ VSOCK_PORT = 52000
 WINDOW_GRANT_STEP = INITIAL_WINDOW // 4
 READ_CHUNK = 64 * 1024
 HELLO_RETRY = 0.25
+ENTROPY_BYTES = 64
 RESYNC = bytes(MAX_PAYLOAD + 16)
 ENDING_TYPES = (FrameType.EXIT, FrameType.ERROR, FrameType.OK)
 
@@ -301,7 +303,13 @@ class Connection:
         memory_mb: int | None = None,
     ) -> str:
         """Greet the agent. `max_procs` and `memory_mb` limit the guest's processes (protocol.md)."""
-        fields: list[tuple[Tag, int | bytes | str]] = [(Tag.VERSION, VERSION), (Tag.MAGIC, MAGIC)]
+        # Fresh host randomness on every greeting reseeds the guest's generator, so copies resumed from
+        # one snapshot do not share their random numbers.
+        fields: list[tuple[Tag, int | bytes | str]] = [
+            (Tag.VERSION, VERSION),
+            (Tag.MAGIC, MAGIC),
+            (Tag.ENTROPY, os.urandom(ENTROPY_BYTES)),
+        ]
         if hostname:
             fields.append((Tag.HOSTNAME, hostname.encode()))
         if set_clock:

@@ -87,6 +87,7 @@ class Tag(IntEnum):
     RECURSIVE = 28
     MAX_PROCS = 29
     MEMORY_MB = 30
+    ENTROPY = 31
 
 
 @dataclass(frozen=True)
