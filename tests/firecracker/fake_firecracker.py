@@ -38,6 +38,7 @@ from typing import Any
 from agentkernel.protocol.frames import (
     MAGIC,
     VERSION,
+    FieldValue,
     FrameDecoder,
     FrameType,
     Tag,
@@ -188,7 +189,11 @@ class FakeFirecracker:
                             "max_procs": record.int(Tag.MAX_PROCS),
                         }
                     )
-                    reply = [(Tag.VERSION, VERSION), (Tag.MAGIC, MAGIC), (Tag.MESSAGE, "fake agent")]
+                    reply: list[tuple[Tag, FieldValue]] = [
+                        (Tag.VERSION, VERSION),
+                        (Tag.MAGIC, MAGIC),
+                        (Tag.MESSAGE, "fake agent"),
+                    ]
                     writer.write(encode(0, FrameType.HELLO, encode_record(reply)))
                 elif frame.type is FrameType.PING:
                     writer.write(encode(0, FrameType.PONG, frame.payload))

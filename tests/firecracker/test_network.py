@@ -22,6 +22,7 @@ from agentkernel.backends import firecracker as fc
 from agentkernel.backends import qemu
 from agentkernel.backends.base import VMSpec
 from agentkernel.backends.qemu import QemuBackend
+from agentkernel.errors import AgentkernelError
 from agentkernel.hostinfo import accel
 from agentkernel.network import launcher as gateway
 from agentkernel.network.policy import EgressRules
@@ -69,9 +70,9 @@ def test_commands(make_spec: MakeSpec) -> None:
     ]  # fmt: skip
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="checks the error of an unprivileged user")
-def test_without_root_one_line(make_spec: MakeSpec) -> None:
-    with pytest.raises(fc.AgentkernelError) as info:
+def test_without_root_one_line(make_spec: MakeSpec, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(AgentkernelError) as info:
         fc.setup_network(make_spec(egress=RULES))
     assert str(info.value) == fc.NETWORK_NEEDS_ROOT
 

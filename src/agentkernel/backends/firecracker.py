@@ -93,8 +93,9 @@ def instance_id(spec: VMSpec) -> str:
 
 
 def kernel_cmdline(spec: VMSpec) -> str:
-    """QEMU's command line for Firecracker's devices: reboot=k resets through the i8042 controller,
-    which ends the Firecracker process (the agent's power-off); panic=1 reboots, and so ends it too."""
+    """The kernel command line of QEMU's sandboxes, for Firecracker's machine: reboot=k resets through
+    the i8042 controller, which ends the Firecracker process (the agent's power-off); panic=1
+    reboots a second after a panic, which ends it too."""
     mode = "ro" if spec.read_only else "rw"
     args = (
         f"console=ttyS0 reboot=k panic=1 pci=off root=/dev/vda {mode} rootfstype=ext4 quiet init={AGENT_PATH}"
@@ -403,6 +404,8 @@ def check_spec(spec: VMSpec) -> None:
 
 
 class FirecrackerBackend:
+    """The Backend protocol on Firecracker; `jailer` confines each VMM (Jailer.from_env())."""
+
     name = "firecracker"
     agent_ports = AGENT_PORTS
 
@@ -601,7 +604,8 @@ async def open_vsock(sock: Path, *, timeout: float) -> Connection:
     try:
         line = await asyncio.wait_for(reader.readline(), timeout)
     except (OSError, TimeoutError, ValueError) as exc:
-        line = f"{type(exc).__name__}".encode()
+        writer.close()
+        raise AgentConnectionError(f"vsock CONNECT {VSOCK_PORT} via {sock} failed: {exc!r}") from None
     if not line.startswith(b"OK "):
         writer.close()
         raise AgentConnectionError(f"vsock CONNECT {VSOCK_PORT} via {sock} refused (no agent listening yet)")

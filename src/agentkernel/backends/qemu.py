@@ -102,7 +102,9 @@ def command(
     if accel.name == "kvm":
         acc = ["-accel", "kvm", "-cpu", "host"]
     else:
-        acc = ["-accel", "tcg,thread=multi" if spec.vcpus > 1 else "tcg", "-cpu", "max"]
+        # Without TSC in the CPU flags the kernel skips its TSC calibration, which under emulation
+        # takes about a second on every other boot; timekeeping falls back to jiffies.
+        acc = ["-accel", "tcg,thread=multi" if spec.vcpus > 1 else "tcg", "-cpu", "max,-tsc,-rdtscp"]
     readonly = "readonly=on" if spec.read_only else "readonly=off"
     cmd = [
         qemu,

@@ -42,6 +42,7 @@ VSOCK_PORT = 52000
 WINDOW_GRANT_STEP = INITIAL_WINDOW // 4
 READ_CHUNK = 64 * 1024
 HELLO_RETRY = 0.25
+RESYNC_AFTER = 5.0
 ENTROPY_BYTES = 64
 RESYNC = bytes(MAX_PAYLOAD + 16)
 ENDING_TYPES = (FrameType.EXIT, FrameType.ERROR, FrameType.OK)
@@ -322,12 +323,17 @@ class Connection:
         # answered; the agent answers each one it sees, and replies after the first are ignored.
         deadline = time.monotonic() + timeout
         hello = encode(0, FrameType.HELLO, encode_record(fields))
-        first = True
+        resync_at = time.monotonic() + RESYNC_AFTER if self._shared else float("inf")
         while True:
-            # On a port, an agent left mid-frame by an earlier client is reset by a run of zero
-            # bytes (an invalid frame), after which it scans for the next HELLO.
-            await self.send_raw(hello if first or not self._shared else RESYNC + hello)
-            first = False
+            # On a port, an agent left mid-frame by an earlier client is reset by a run of zero bytes
+            # (an invalid frame), after which it scans for the next HELLO. That costs the guest time
+            # to read, so it is sent once, and only when plain HELLOs went unanswered for a while (a
+            # booting guest answers late, and must not be made to wade through zeros first).
+            if time.monotonic() >= resync_at:
+                resync_at = float("inf")
+                await self.send_raw(RESYNC + hello)
+            else:
+                await self.send_raw(hello)
             try:
                 frame = await self._control_reply(
                     FrameType.HELLO, min(HELLO_RETRY, deadline - time.monotonic())
