@@ -76,7 +76,7 @@ def backends(current: Accel | None = None) -> dict[str, BackendStatus]:
     elif acc.name != "kvm":
         result["firecracker"] = BackendStatus(False, f"firecracker needs hardware KVM: {acc.note}")
     else:
-        result["firecracker"] = BackendStatus(False, "the firecracker backend is not implemented yet")
+        result["firecracker"] = BackendStatus(True, f"{firecracker} with KVM")
     result["container"] = container_status()
     return result
 
@@ -107,7 +107,8 @@ def choose_backend(
         status = found.get(name)
         return status is not None and status.available
 
-    if acc.name == "kvm" and usable("firecracker"):
+    # Firecracker's network (a tap in a namespace of its own) needs root.
+    if acc.name == "kvm" and usable("firecracker") and (not needs_network or os.geteuid() == 0):
         return "firecracker"
     if acc.name == "kvm" and usable("qemu"):
         return "qemu"

@@ -5,8 +5,6 @@ from __future__ import annotations
 from agentkernel.backends.base import Backend
 from agentkernel.errors import AgentkernelError
 
-NAMES = ("qemu", "container")
-
 
 def get_backend(name: str, *, profile: str = "moderate") -> Backend:
     """The backend `name`. `profile` is the sandbox's security profile: the container backend builds
@@ -16,6 +14,10 @@ def get_backend(name: str, *, profile: str = "moderate") -> Backend:
         from agentkernel.backends.qemu import QemuBackend
 
         return QemuBackend()
+    if name == "firecracker":
+        from agentkernel.backends.firecracker import FirecrackerBackend, Jailer
+
+        return FirecrackerBackend(jailer=Jailer.from_env())
     if name == "container":
         from agentkernel.backends.container import ContainerBackend
 

@@ -35,7 +35,7 @@ from agentkernel.backends.qemu import AGENT_PATH, MAX_UNIX_PATH
 from agentkernel.errors import AgentkernelError
 from agentkernel.hostinfo import Accel
 from agentkernel.network import launcher as gateway
-from agentkernel.protocol.client import VSOCK_PORT, AgentConnectionError, Connection
+from agentkernel.protocol.client import AgentConnectionError, Connection
 
 AGENT_PORTS = 1024  # vsock connections are independent; this only bounds the service's port locks
 GUEST_CID = 3
@@ -532,7 +532,9 @@ class FirecrackerBackend:
             await asyncio.sleep(0.02)
 
     async def _greet(self, spec: VMSpec, sock: Path, deadline: float) -> Connection:
-        conn = await open_vsock(sock, timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+        conn = await Connection.open_firecracker(
+            sock, timeout=max(0.1, min(5.0, deadline - time.monotonic()))
+        )
         try:
             await conn.hello(
                 hostname=spec.name,
@@ -590,26 +592,6 @@ class FirecrackerBackend:
         shutil.rmtree(spec.rundir, ignore_errors=True)
         if not keep_disk:
             shutil.rmtree(spec.workdir, ignore_errors=True)
-
-
-async def open_vsock(sock: Path, *, timeout: float) -> Connection:
-    """Firecracker's hybrid vsock handshake (`CONNECT 52000` / `OK <port>`), then an agent connection
-    on that stream. (Connection.open_firecracker cannot be used: its read loop starts before it reads
-    the OK line, and asyncio refuses two readers of one stream.)"""
-    try:
-        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(sock)), timeout)
-    except (OSError, TimeoutError) as exc:
-        raise AgentConnectionError(f"cannot connect to the vsock socket {sock}: {exc}") from None
-    writer.write(f"CONNECT {VSOCK_PORT}\n".encode())
-    try:
-        line = await asyncio.wait_for(reader.readline(), timeout)
-    except (OSError, TimeoutError, ValueError) as exc:
-        writer.close()
-        raise AgentConnectionError(f"vsock CONNECT {VSOCK_PORT} via {sock} failed: {exc!r}") from None
-    if not line.startswith(b"OK "):
-        writer.close()
-        raise AgentConnectionError(f"vsock CONNECT {VSOCK_PORT} via {sock} refused (no agent listening yet)")
-    return Connection(reader, writer)
 
 
 def failure_detail(spec: VMSpec) -> str:

@@ -57,10 +57,20 @@ def start(sandbox: str, rules: EgressRules, rundir: Path) -> int:
 
 def wait_ready(rundir: Path, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
+    pid = int((rundir / "gateway.pid").read_text())
     while not socket_path(rundir).exists():
-        if time.monotonic() > deadline or not _pid(rundir):
+        if time.monotonic() > deadline or not _running(pid):
             raise AgentkernelError(f"the egress gateway did not start: see {rundir / 'gateway.log'}")
         time.sleep(0.01)
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` exists and is not a zombie (it is our child, just started: no reuse to fear)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
 
 def stop(rundir: Path) -> None:

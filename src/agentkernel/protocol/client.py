@@ -267,18 +267,22 @@ class Connection:
     async def open_firecracker(
         cls, uds: Path, port: int = VSOCK_PORT, *, timeout: float = 10.0
     ) -> Connection:
-        """Firecracker's hybrid vsock: connect to its Unix socket and ask for the guest port."""
-        conn = await cls.open_unix(uds, timeout=timeout)
-        conn._writer.write(f"CONNECT {port}\n".encode())
+        """Firecracker's hybrid vsock: connect to its Unix socket and ask for the guest port. The
+        handshake is read before the Connection (whose reader task owns the stream) exists."""
         try:
-            line = await asyncio.wait_for(conn._reader.readline(), timeout)
+            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(uds)), timeout)
+        except (OSError, TimeoutError) as exc:
+            raise AgentConnectionError(f"cannot connect to the vsock socket {uds}: {exc}") from None
+        writer.write(f"CONNECT {port}\n".encode())
+        try:
+            line = await asyncio.wait_for(reader.readline(), timeout)
         except (OSError, TimeoutError, ValueError) as exc:
-            await conn.close()
-            raise AgentConnectionError(f"vsock CONNECT {port} via {uds} failed: {exc}") from None
+            writer.close()
+            raise AgentConnectionError(f"vsock CONNECT {port} via {uds} failed: {exc!r}") from None
         if not line.startswith(b"OK "):
-            await conn.close()
-            raise AgentConnectionError(f"vsock CONNECT {port} via {uds} refused (no agent listening?)")
-        return conn
+            writer.close()
+            raise AgentConnectionError(f"vsock CONNECT {port} via {uds} refused (no agent listening yet)")
+        return cls(reader, writer)
 
     @classmethod
     async def open_vsock(cls, cid: int, port: int = VSOCK_PORT, *, timeout: float = 10.0) -> Connection:
