@@ -1,7 +1,7 @@
 """Firecracker's API spec as JSON-schema validators of request bodies.
 
 firecracker.yaml here is an unchanged copy of Firecracker's src/firecracker/swagger/firecracker.yaml
-(API 1.17.0-dev, Apache-2.0: see FIRECRACKER-NOTICE), as in /work/shared/ref/firecracker/. Swagger 2.0
+(API 1.17.0-dev, Apache-2.0: see FIRECRACKER-NOTICE). Swagger 2.0
 definitions are JSON Schema draft 4 plus a few annotations the validator ignores. Firecracker's
 parser also refuses fields it does not know (serde's deny_unknown_fields), which the spec does not
 say, so every object definition is checked strictly here: a misspelt field fails the test.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -77,3 +78,22 @@ class SnapshotBackend(Backend, Protocol):
 
     async def resume(self, spec: VMSpec, pid: int) -> None:
         """Finish a start from `spec.restore`: load the saved state into the new VM and run it."""
+
+
+TAIL_BYTES = 4096
+
+
+def file_tail(path: Path) -> bytes:
+    """The end of a log the guest or a VMM wrote (bounded: never the whole file); b"" if unreadable."""
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - TAIL_BYTES))
+            return f.read(TAIL_BYTES)
+    except OSError:
+        return b""
+
+
+def tail_line(text: str, lines: int = 5) -> str:
+    """The last non-empty lines of `text`, joined on one line of at most 1000 characters."""
+    tail = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
+    return " | ".join(tail)[:1000]

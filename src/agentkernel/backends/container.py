@@ -38,7 +38,7 @@ from typing import Any
 
 from agentkernel import paths
 from agentkernel.backends import rootfs, seccomp
-from agentkernel.backends.base import VMSpec
+from agentkernel.backends.base import VMSpec, file_tail, tail_line
 from agentkernel.config import MAX_PROCS
 from agentkernel.errors import AgentkernelError
 from agentkernel.protocol.client import AgentConnectionError, Connection
@@ -428,20 +428,16 @@ class ContainerBackend:
 
     def console_tail(self, spec: VMSpec, lines: int = 5) -> str:
         """The agent's last log lines (podman: its log file; docker: `docker logs`), on one line."""
-        try:
-            with spec.console_log.open("rb") as f:
-                f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
-                text = f.read(4096).decode(errors="replace")
-        except OSError:
+        text = file_tail(spec.console_log).decode(errors="replace")
+        if not text:
             proc = self.engine.run("logs", "--tail", str(lines), container_name(spec))
             text = proc.stdout + proc.stderr
-        tail = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
         # k8s-file lines are "TIME STREAM F message": keep the message.
-        tail = [
+        messages = [
             t.split(" ", 3)[3] if t.count(" ") >= 3 and t.split(" ")[1] in ("stdout", "stderr") else t
-            for t in tail
+            for t in text.splitlines()
         ]
-        return " | ".join(tail)[:1000] or "no output from the container"
+        return tail_line("\n".join(messages), lines) or "no output from the container"
 
 
 def status() -> tuple[bool, str]:

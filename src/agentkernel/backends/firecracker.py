@@ -29,7 +29,7 @@ from typing import Any
 
 from agentkernel import hostinfo, paths
 from agentkernel.artifacts.run import require
-from agentkernel.backends.base import VMSpec
+from agentkernel.backends.base import VMSpec, file_tail, tail_line
 from agentkernel.backends.firecracker_api import FirecrackerAPI
 from agentkernel.backends.qemu import AGENT_PATH, MAX_UNIX_PATH
 from agentkernel.errors import AgentkernelError
@@ -599,12 +599,5 @@ def failure_detail(spec: VMSpec) -> str:
     return f"firecracker log: {_tail(log_file(spec))} || console: {_tail(spec.console_log)}"
 
 
-def _tail(path: Path, lines: int = 5) -> str:
-    try:
-        with path.open("rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
-            text = f.read(4096).decode(errors="replace")
-    except OSError:
-        return "none"
-    tail = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
-    return " | ".join(tail)[:1000] or "none"
+def _tail(path: Path) -> str:
+    return tail_line(file_tail(path).decode(errors="replace")) or "none"

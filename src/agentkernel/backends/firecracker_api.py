@@ -1,4 +1,4 @@
-"""A client for Firecracker's REST API on its Unix socket (/work/shared/ref/firecracker/firecracker.yaml).
+"""A client for Firecracker's REST API on its Unix socket (the API spec: tests/firecracker/firecracker.yaml).
 
 Every failure becomes one AgentkernelError line naming the request: an error response carries
 `{"fault_message": ...}` (the spec's Error definition), which is quoted; a socket that does not answer

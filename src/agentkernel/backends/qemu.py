@@ -21,7 +21,7 @@ from pathlib import Path
 
 from agentkernel import hostinfo
 from agentkernel.artifacts.run import require
-from agentkernel.backends.base import VMSpec
+from agentkernel.backends.base import VMSpec, file_tail, tail_line
 from agentkernel.backends.qmp import Qmp
 from agentkernel.errors import AgentkernelError
 from agentkernel.hostinfo import Accel
@@ -313,13 +313,6 @@ def _backing_image(qcow2: Path) -> Path:
     return Path(json.loads(proc.stdout)[-1]["filename"])
 
 
-def console_tail(spec: VMSpec, lines: int = 5) -> str:
-    """The last lines the guest printed on its console, on one line (bounded: the guest wrote them)."""
-    try:
-        with spec.console_log.open("rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
-            text = f.read(4096).decode(errors="replace")
-    except OSError:
-        return "no console output"
-    tail = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
-    return " | ".join(tail)[:1000] or "no console output"
+def console_tail(spec: VMSpec) -> str:
+    """The last lines the guest printed on its console, on one line."""
+    return tail_line(file_tail(spec.console_log).decode(errors="replace")) or "no console output"

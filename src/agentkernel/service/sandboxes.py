@@ -25,7 +25,7 @@ from typing import Any, cast
 from agentkernel import hostinfo, paths
 from agentkernel.artifacts import kernel as kernel_artifact
 from agentkernel.backends import get_backend
-from agentkernel.backends.base import Backend, Mount, SnapshotBackend, VMSpec
+from agentkernel.backends.base import Backend, Mount, SnapshotBackend, VMSpec, file_tail
 from agentkernel.config import PROFILES, Config, Policy, image_name
 from agentkernel.detect import detect_image
 from agentkernel.errors import AgentkernelError
@@ -163,13 +163,8 @@ def reconcile(record: SandboxRecord) -> SandboxRecord:
 
 
 def _powered_off(spec: VMSpec) -> bool:
-    try:
-        with spec.console_log.open("rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
-            tail = f.read()
-            return any(marker in tail for marker in POWERED_OFF)
-    except OSError:
-        return False
+    tail = file_tail(spec.console_log)
+    return any(marker in tail for marker in POWERED_OFF)
 
 
 def get(name: str) -> SandboxRecord:
