@@ -182,3 +182,17 @@ def test_audit_records_lifecycle_exec_and_files(cli_home: Path, tmp_path: Path) 
     assert events[2][1] == 2 and events[3][2] == 1000
     text = cli("audit", "--sandbox", "aud").stdout.decode()
     assert "exit_code=2" in text
+
+
+def test_dns_is_answered_by_the_gateway(cli_home: Path) -> None:
+    Path("agentkernel.toml").write_text('[security.domains]\nblock = ["blocked.example"]\n')
+    script = (
+        "import socket\n"
+        "try:\n    socket.getaddrinfo('blocked.example', 80)\n"
+        "except OSError:\n    print('refused')"
+    )
+    result = cli("run", "--image", "python", "--", "python3", "-c", script)
+    assert result.returncode == 0 and result.stdout == b"refused\n"
+    dns = [e for e in audit_entries() if e["event"] == "network" and e["method"] == "DNS"]
+    assert dns and all(e["host"] == "blocked.example" and not e["allowed"] for e in dns)
+    assert "blocked by" in str(dns[0]["reason"])

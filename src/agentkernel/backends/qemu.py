@@ -77,10 +77,15 @@ def network_args(spec: VMSpec) -> list[str]:
     every packet except connections to the proxy address, which go to the egress gateway's socket."""
     if spec.egress is None:
         return []
-    host, port = gateway.GUEST_PROXY.split(":")
-    forward = f"tcp:{host}:{port}-cmd:socat STDIO UNIX-CONNECT:{gateway.socket_path(spec.rundir)}"
+    forwards = ",".join(
+        f"guestfwd=tcp:{address}-cmd:socat STDIO UNIX-CONNECT:{sock}"
+        for address, sock in (
+            (gateway.GUEST_PROXY, gateway.socket_path(spec.rundir)),
+            (gateway.GUEST_DNS, gateway.dns_socket_path(spec.rundir)),
+        )
+    )
     return [
-        "-netdev", f"user,id=net0,restrict=on,ipv6=off,guestfwd={forward}",
+        "-netdev", f"user,id=net0,restrict=on,ipv6=off,{forwards}",
         "-device", "virtio-net-device,netdev=net0",
     ]  # fmt: skip
 

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from agentkernel.network.dns import Resolver
 from agentkernel.network.policy import Decision, EgressRules, IPAddress
 from agentkernel.service import audit
 
@@ -151,6 +152,12 @@ class Gateway:
             reason=decision.reason,
         )
 
+    def dns_decision(self, name: str, addresses: list[str]) -> bool:
+        resolved = [ipaddress.ip_address(a) for a in addresses]
+        decision = self.rules.decide(name, resolved)
+        self._audit(Request("DNS", name, 53, b"", 0), decision, resolved)
+        return decision.allowed
+
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.slots.locked():
             await _respond(writer, 503, "too many connections")
@@ -272,14 +279,19 @@ async def _respond(writer: asyncio.StreamWriter, status: int, reason: str) -> No
         await writer.drain()
 
 
-async def serve(sandbox: str, rules: EgressRules, path: Path) -> None:
+async def serve(sandbox: str, rules: EgressRules, path: Path, dns_path: Path) -> None:
     gateway = Gateway(sandbox, rules)
-    server = await asyncio.start_unix_server(gateway.handle, path=str(path), limit=MAX_HEAD)
+    proxy = await asyncio.start_unix_server(
+        gateway.handle, path=str(dns_path.with_name(".proxy.tmp")), limit=MAX_HEAD
+    )
+    resolver = await asyncio.start_unix_server(Resolver(gateway.dns_decision).handle, path=str(dns_path))
+    # The proxy socket appears last, under its real name: its existence means both are ready.
+    dns_path.with_name(".proxy.tmp").rename(path)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signo in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signo, stop.set)
-    async with server:
+    async with proxy, resolver:
         await stop.wait()
 
 
@@ -287,12 +299,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="agentkernel egress gateway for one sandbox")
     parser.add_argument("--sandbox", required=True)
     parser.add_argument("--socket", required=True, type=Path)
+    parser.add_argument("--dns-socket", required=True, type=Path)
     parser.add_argument("--rules", required=True, help="JSON: allow, block, allowlist_only")
     args = parser.parse_args()
     data = json.loads(args.rules)
     rules = EgressRules(tuple(data["allow"]), tuple(data["block"]), bool(data["allowlist_only"]))
     os.umask(0o077)
-    asyncio.run(serve(args.sandbox, rules, args.socket))
+    asyncio.run(serve(args.sandbox, rules, args.socket, args.dns_socket))
 
 
 if __name__ == "__main__":

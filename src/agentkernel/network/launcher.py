@@ -16,11 +16,17 @@ from agentkernel.errors import AgentkernelError
 from agentkernel.network.policy import EgressRules
 
 GUEST_PROXY = "10.0.2.100:3128"  # where the guest sends proxied traffic; the VMM forwards it here
+GUEST_DNS = "10.0.2.100:53"  # DNS over TCP, answered by the gateway
+RESOLV_CONF = "nameserver 10.0.2.100\noptions use-vc\n"  # the guest's resolver: TCP to the gateway
 GUEST_IP_ARG = "ip=10.0.2.15::10.0.2.2:255.255.255.0::eth0:off"
 
 
 def socket_path(rundir: Path) -> Path:
     return rundir / "gateway.sock"
+
+
+def dns_socket_path(rundir: Path) -> Path:
+    return rundir / "dns.sock"
 
 
 def proxy_env() -> dict[str, str]:
@@ -40,11 +46,13 @@ def proxy_env() -> dict[str, str]:
 def start(sandbox: str, rules: EgressRules, rundir: Path) -> int:
     sock = socket_path(rundir)
     sock.unlink(missing_ok=True)
+    dns_socket_path(rundir).unlink(missing_ok=True)
     with (rundir / "gateway.log").open("ab") as log:
         proc = subprocess.Popen(
             [
                 sys.executable, "-m", "agentkernel.network.gateway",
-                "--sandbox", sandbox, "--socket", str(sock), "--rules", json.dumps(asdict(rules)),
+                "--sandbox", sandbox, "--socket", str(sock), "--dns-socket", str(dns_socket_path(rundir)),
+                "--rules", json.dumps(asdict(rules)),
             ],
             stdin=subprocess.DEVNULL,
             stdout=log,

@@ -288,9 +288,11 @@ async def _booted(name: str, *, timeout: float) -> AsyncIterator[tuple[SandboxRe
                 extra["restore_from"] = None  # resumed once; later starts boot from its own disk
                 state.update(name, extra=extra)
             conn = await stack.enter_async_context(_session(backend, spec, pid, timeout=timeout))
-            _configure(conn, record)
             for mount in spec.mounts:
                 await _mount(conn, mount)
+            if spec.egress is not None and not spec.read_only and spec.restore is None:
+                await conn.write_file("/etc/resolv.conf", _chunks(gateway.RESOLV_CONF.encode()))
+            _configure(conn, record)  # from here on, what runs is the caller's: audited
         except BaseException:
             await stack.aclose()
             backend.kill(spec, pid)
@@ -301,6 +303,10 @@ async def _booted(name: str, *, timeout: float) -> AsyncIterator[tuple[SandboxRe
     audit.record("start", name, ok=True, pid=pid)
     async with stack:
         yield record, conn
+
+
+async def _chunks(data: bytes) -> AsyncIterator[bytes]:
+    yield data
 
 
 async def _mount(conn: Connection, mount: Mount) -> None:
