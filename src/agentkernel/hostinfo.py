@@ -58,27 +58,27 @@ def accel() -> Accel:
     return detect_accel()
 
 
+def qemu_status(acc: Accel) -> BackendStatus:
+    qemu = shutil.which("qemu-system-x86_64")
+    if not qemu:
+        return BackendStatus(False, "qemu-system-x86_64 not found: apt-get install -y qemu-system-x86")
+    how = "with KVM" if acc.name == "kvm" else f"with TCG software emulation ({acc.note})"
+    return BackendStatus(True, f"{qemu} {how}")
+
+
+def firecracker_status(acc: Accel) -> BackendStatus:
+    firecracker = shutil.which("firecracker")
+    if not firecracker:
+        return BackendStatus(False, "firecracker binary not found on PATH")
+    if acc.name != "kvm":
+        return BackendStatus(False, f"firecracker needs hardware KVM: {acc.note}")
+    return BackendStatus(True, f"{firecracker} with KVM")
+
+
 def backends(current: Accel | None = None) -> dict[str, BackendStatus]:
     """Each backend, whether it can run sandboxes here, and why (not)."""
     acc = current or accel()
-    qemu = shutil.which("qemu-system-x86_64")
-    result = {
-        "qemu": BackendStatus(
-            bool(qemu),
-            (f"{qemu} with KVM" if acc.name == "kvm" else f"{qemu} with TCG software emulation ({acc.note})")
-            if qemu
-            else "qemu-system-x86_64 not found: apt-get install -y qemu-system-x86",
-        ),
-    }
-    firecracker = shutil.which("firecracker")
-    if not firecracker:
-        result["firecracker"] = BackendStatus(False, "firecracker binary not found on PATH")
-    elif acc.name != "kvm":
-        result["firecracker"] = BackendStatus(False, f"firecracker needs hardware KVM: {acc.note}")
-    else:
-        result["firecracker"] = BackendStatus(True, f"{firecracker} with KVM")
-    result["container"] = container_status()
-    return result
+    return {"qemu": qemu_status(acc), "firecracker": firecracker_status(acc), "container": container_status()}
 
 
 def container_status() -> BackendStatus:
@@ -101,10 +101,14 @@ def choose_backend(
     The container backend has no egress gateway yet, so a sandbox with network skips it.
     """
     acc = current or accel()
-    found = statuses if statuses is not None else backends(acc)
+    checks = {
+        "qemu": lambda: qemu_status(acc),
+        "firecracker": lambda: firecracker_status(acc),
+        "container": container_status,  # probes an engine: asked only when it could be chosen
+    }
 
     def usable(name: str) -> bool:
-        status = found.get(name)
+        status = statuses.get(name) if statuses is not None else checks[name]()
         return status is not None and status.available
 
     # Firecracker's network (a tap in a namespace of its own) needs root.
@@ -112,9 +116,10 @@ def choose_backend(
         return "firecracker"
     if acc.name == "kvm" and usable("qemu"):
         return "qemu"
-    if usable("container") and not needs_network:
+    if not needs_network and usable("container"):
         return "container"
     if usable("qemu"):
         return "qemu"
+    found = statuses if statuses is not None else backends(acc)
     reasons = "; ".join(f"{name}: {status.reason}" for name, status in found.items())
     raise AgentkernelError(f"no backend can run sandboxes here: {reasons}")

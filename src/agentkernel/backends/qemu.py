@@ -221,7 +221,7 @@ class QemuBackend:
                         raise
             if time.monotonic() > deadline:
                 raise AgentkernelError(f"the agent did not answer within {timeout:g}s: {console_tail(spec)}")
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.005)
 
     def is_alive(self, spec: VMSpec, pid: int) -> bool:
         try:
