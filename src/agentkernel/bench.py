@@ -114,10 +114,13 @@ def lifecycle(*, runs: int = 5, image: str = "base") -> dict[str, Any]:
         backend = qemu.QemuBackend(accel)
         backend.prepare(spec)
         bare, ours, networked = [], [], []
-        for _ in range(runs):  # interleaved, so drift in machine load hits all alike
-            bare.append(bare_boot(spec, accel))
-            ours.append(cli_run_to_start(image, "--no-network"))  # the same VM as the bare one
-            networked.append(cli_run_to_start(image))  # the default profile: network through a gateway
+        try:
+            for _ in range(runs):  # interleaved, so drift in machine load hits all alike
+                bare.append(bare_boot(spec, accel))
+                ours.append(cli_run_to_start(image, "--no-network"))  # the same VM as the bare one
+                networked.append(cli_run_to_start(image))  # the default profile: network through a gateway
+        finally:
+            backend.cleanup(spec, keep_disk=False)  # the bare VM's RAM file and disk
     name = f"bench-{secrets.token_hex(3)}"
     sandboxes.create(name, image=image, backend="qemu")
     try:

@@ -6,12 +6,10 @@ part but the VMM is what a Firecracker sandbox uses."""
 from __future__ import annotations
 
 import asyncio
-import http.server
 import os
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +24,7 @@ from agentkernel.errors import AgentkernelError
 from agentkernel.hostinfo import accel
 from agentkernel.network import launcher as gateway
 from agentkernel.network.policy import EgressRules
+from tests.conftest import HOST_PAGE
 from tests.firecracker.conftest import MakeSpec, processes_naming
 
 RULES = EgressRules(allow=("127.0.0.1",))  # the host's loopback, opened on purpose for the test server
@@ -78,27 +77,6 @@ def test_without_root_one_line(make_spec: MakeSpec, monkeypatch: pytest.MonkeyPa
 
 
 @pytest.fixture
-def host_server() -> Iterator[int]:
-    """An HTTP server on the host's loopback, reachable only through the gateway (RULES allow it)."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = b"host page via the gateway"
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1]
-    server.shutdown()
-
-
-@pytest.fixture
 def wired(isolated_home: Path, tmp_path: Path) -> Iterator[VMSpec]:
     """A sandbox's gateway and network namespace (torn down afterwards, whatever happened)."""
     rundir = Path(tempfile.mkdtemp(prefix="akfc-"))
@@ -141,10 +119,10 @@ def test_wiring_reaches_the_gateway_and_comes_apart(wired: VMSpec, host_server: 
             capture_output=True,
             text=True,
         ).stdout
-        if "host page via the gateway" in answer:
+        if HOST_PAGE in answer:
             break
         time.sleep(0.05)
-    assert "host page via the gateway" in answer
+    assert HOST_PAGE in answer
     forwarder = int(fc.forwarder_pidfile(vm).read_text())
     fc.teardown_network(vm)
     assert not (fc.NETNS_DIR / fc.netns_name(vm)).exists()
@@ -198,7 +176,7 @@ def test_guest_on_the_tap(
             )
             done = await conn.run(["sh", "-c", script], env=gateway.proxy_env())
             out = done.stdout.decode()
-            assert "host page via the gateway" in out
+            assert HOST_PAGE in out
             assert "other-port-hidden" in out and "gateway-ip-dead" in out
             assert "10.0.2.15/24" in out
         finally:

@@ -2,39 +2,15 @@
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import cli
+from tests.conftest import HOST_PAGE, cli
 
 pytestmark = pytest.mark.vm
-
-
-@pytest.fixture
-def host_server() -> Iterator[int]:
-    """An HTTP server on the host's loopback: what a sandbox must not reach unless allowed."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = b"host secret page"
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1]
-    server.shutdown()
 
 
 def sandbox_sh(script: str, *args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -61,7 +37,7 @@ def test_host_loopback_and_metadata_are_unreachable(cli_home: Path, host_server:
     ):
         code, out, _ = sandbox_sh(PROBE.format(target=target, direct=direct), "--profile", profile)
         assert code == 0
-        assert "host secret page" not in out
+        assert HOST_PAGE not in out
         links = out.strip().splitlines()[-1].split()
         if profile == "restrictive":
             assert links == ["lo"]  # no network device at all
@@ -84,7 +60,7 @@ def test_explicitly_allowed_server_is_reachable_and_blocked_domain_refused(
         "wget -q -O - http://blocked.example/ 2>&1; echo done"
     )
     assert code == 0
-    assert "host secret page" in out
+    assert HOST_PAGE in out
     assert "403 Forbidden" in out
     decisions = {(e["host"], e["allowed"]) for e in audit_entries() if e["event"] == "network"}
     assert ("127.0.0.1", True) in decisions and ("blocked.example", False) in decisions

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import shlex
@@ -52,7 +53,8 @@ def qmp_socket(spec: VMSpec) -> Path:
 def ram_file(spec: VMSpec) -> Path:
     """The guest's RAM, a shared file on tmpfs: a snapshot then saves it without copying it through
     the migration stream, and resumed copies map the snapshot's file privately (copy-on-write)."""
-    return Path("/dev/shm") / f"agentkernel-{os.getuid()}-{spec.rundir.name}.ram"
+    run_id = hashlib.sha256(str(spec.rundir.absolute()).encode()).hexdigest()[:16]
+    return Path("/dev/shm") / f"agentkernel-{os.getuid()}-{run_id}.ram"
 
 
 def memory_args(spec: VMSpec) -> list[str]:
