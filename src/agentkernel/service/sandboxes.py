@@ -1,6 +1,6 @@
 """Sandbox life cycle: create, start, stop, remove, list, and sessions to run commands in one.
 
-This is the one implementation behind the CLI (and later the HTTP API and MCP server). A sandbox's
+This is the one implementation behind the CLI, the HTTP API and the MCP server. A sandbox's
 record lives in SQLite; its VMM runs detached; any process reaches its agent through the sandbox's
 sockets. Status is reconciled with reality on every read: a VMM that died shows as failed (or stopped,
 when the guest powered itself off).
