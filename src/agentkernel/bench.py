@@ -7,6 +7,7 @@ compare like with like on a shared, noisy machine.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import statistics
@@ -14,7 +15,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Coroutine
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +24,10 @@ from agentkernel import hostinfo
 from agentkernel.artifacts import kernel as kernel_artifact
 from agentkernel.backends import qemu
 from agentkernel.backends.base import VMSpec
+from agentkernel.config import PROFILES
 from agentkernel.errors import AgentkernelError
 from agentkernel.images import store
-from agentkernel.service import sandboxes
+from agentkernel.service import sandboxes, snapshots
 
 READY = b"agentkernel-agent: ready"
 
@@ -98,10 +101,6 @@ def _median(samples: list[float]) -> float:
     return statistics.median(samples)
 
 
-def _repeat(fn: Callable[[], float], runs: int) -> list[float]:
-    return [fn() for _ in range(runs)]
-
-
 def lifecycle(*, runs: int = 5, image: str = "base") -> dict[str, Any]:
     accel = hostinfo.accel()
     vmlinux = kernel_artifact.current()
@@ -146,3 +145,61 @@ def lifecycle(*, runs: int = 5, image: str = "base") -> dict[str, Any]:
         },
         "cpus": os.cpu_count(),
     }
+
+
+def pss_bytes(pid: int) -> int:
+    """Proportional set size of a process: its fair share of pages it shares with others."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    raise AgentkernelError(f"no Pss in /proc/{pid}/smaps_rollup")
+
+
+async def _timed(coro: Coroutine[Any, Any, Any]) -> float:
+    start = time.monotonic()
+    await coro
+    return time.monotonic() - start
+
+
+def snapshot_figures(*, forks: int = 10, image: str = "base") -> dict[str, Any]:
+    """Cold boot-to-ready against restore-to-ready, and host memory (PSS) of a cold VMM against that of
+    each of `forks` idle copies resumed from one snapshot, measured in one run."""
+    tag = secrets.token_hex(3)
+    source, snapshot = f"bench-cold-{tag}", f"bench-snap-{tag}"
+    no_network = replace(PROFILES["moderate"], network=False)  # like the bare boot: no gateway
+    names = [f"bench-fork-{tag}-{i}" for i in range(forks)]
+    made: list[str] = []
+    try:
+        sandboxes.create(source, image=image, backend="qemu", policy=no_network)
+        made.append(source)
+        cold = asyncio.run(_timed(sandboxes.start(source)))
+        asyncio.run(snapshots.create(source, snapshot))
+        restores = []
+        for name in names:
+            restores.append(asyncio.run(_timed(snapshots.fork(snapshot, name))))
+            made.append(name)
+        time.sleep(1)  # let the resumed guests settle before their memory is read
+        cold_pss = pss_bytes(_pid(source))
+        fork_pss = [pss_bytes(_pid(name)) for name in names]
+    finally:
+        for name in made:
+            sandboxes.remove(name, force=True)
+        with contextlib.suppress(AgentkernelError):
+            snapshots.remove(snapshot)
+    restore = _median(restores)
+    return {
+        "cold_boot_to_ready_s": round(cold, 3),
+        "restore_to_ready_s": round(restore, 3),
+        "restore_over_cold": round(restore / cold, 3),
+        "cold_pss_bytes": cold_pss,
+        "restored_pss_bytes_mean": int(statistics.mean(fork_pss)),
+        "restored_over_cold_pss": round(statistics.mean(fork_pss) / cold_pss, 3),
+        "forks": forks,
+    }
+
+
+def _pid(name: str) -> int:
+    pid = sandboxes.get(name).pid
+    if pid is None:
+        raise AgentkernelError(f"sandbox {name} is not running")
+    return pid

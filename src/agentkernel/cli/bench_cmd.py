@@ -16,6 +16,7 @@ def bench(
     from agentkernel import bench as benchmarks  # imported here: keeps every other command's start fast
 
     result = benchmarks.lifecycle(runs=runs, image=image)
+    result["snapshots"] = snap = benchmarks.snapshot_figures(image=image)
     if json_out:
         print_json(result)
         return
@@ -28,3 +29,11 @@ def bench(
     console.print(f"`run` with network (gateway):    {result['run_with_network_to_command_start_s']:.3f} s")
     console.print(f"exec round trip of `true`:       {result['exec_round_trip_true_s'] * 1000:.1f} ms")
     console.print(f"stop:                            {result['stop_s']:.3f} s")
+    console.print(
+        f"cold boot to ready {snap['cold_boot_to_ready_s']:.3f} s, restore to ready "
+        f"{snap['restore_to_ready_s']:.3f} s ({snap['restore_over_cold']:.2f} of cold)"
+    )
+    console.print(
+        f"VMM memory (PSS): cold {snap['cold_pss_bytes'] / 2**20:.1f} MiB, each of {snap['forks']} restored "
+        f"{snap['restored_pss_bytes_mean'] / 2**20:.1f} MiB ({snap['restored_over_cold_pss']:.2f} of cold)"
+    )
