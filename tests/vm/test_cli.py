@@ -207,9 +207,11 @@ def test_bad_config_names_file_key_and_reason(cli_home: Path) -> None:
 
 
 def test_signals_reach_the_guest_process(running: str) -> None:
+    # The signal goes to the command's process group: "ready" comes only after the background child
+    # has exec'd sleep, or a child caught between fork and exec would run the trap too.
     proc = subprocess.Popen(
         [sys.executable, "-m", "agentkernel", "exec", running, "--", "sh", "-c",
-         'trap "echo got INT; exit 9" INT; echo ready; sleep 30 & wait'],
+         'trap "echo got INT; exit 9" INT; sleep 30 & sleep 0.3; echo ready; wait'],
         stdout=subprocess.PIPE,
     )  # fmt: skip
     assert proc.stdout is not None
