@@ -76,3 +76,35 @@ def test_attach_shell_follows_terminal_size(cli_home: Path) -> None:
         if proc.poll() is None:
             proc.kill()
         os.close(master)
+
+
+def run_on_terminal(*args: str) -> bytes:
+    """Run the CLI with its stdin, stdout and stderr on a pseudo-terminal; what it printed."""
+    master, slave = os.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agentkernel", *args], stdin=slave, stdout=slave, stderr=slave
+    )
+    os.close(slave)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the terminal's last user went away
+            break
+        if not chunk:
+            break
+        output += chunk
+    proc.wait(timeout=60)
+    os.close(master)
+    return output
+
+
+def test_software_emulation_is_said_once(cli_home: Path) -> None:
+    from agentkernel import hostinfo
+
+    if hostinfo.accel().name != "tcg":
+        pytest.skip("this host has KVM: there is no emulation to tell about")
+    first = run_on_terminal("run", "--", "echo", "hi")
+    second = run_on_terminal("run", "--", "echo", "hi")
+    assert b"run under emulation" in first and b"run under emulation" not in second
+    assert b"hi" in first and b"hi" in second

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import typer
 
+from agentkernel import hostinfo, paths
 from agentkernel.cli.output import console, err_console, print_json
 from agentkernel.cli.streams import attach_process, raw_terminal, terminal_size
 from agentkernel.config import load_config, resolve_policy
@@ -55,6 +56,17 @@ def _note(message: str) -> None:
     """Progress for people at a terminal; scripts reading our stdout never see it."""
     if sys.stderr.isatty():
         err_console.print(f"[dim]{message}[/dim]")
+
+
+def _note_accel_once() -> None:
+    """Say once per data dir, to a person at a terminal, that VMs here run without KVM (slower)."""
+    marker = paths.data_dir() / ".told-no-kvm"
+    acc = hostinfo.accel()
+    if acc.name == "tcg" and sys.stderr.isatty() and not marker.exists():
+        err_console.print(
+            f"[yellow]note:[/yellow] no usable KVM, VMs run under software emulation: {acc.note}"
+        )
+        marker.touch()
 
 
 async def _exec(
@@ -124,6 +136,7 @@ def _options(
     if directory is not None and not directory.is_dir():
         raise AgentkernelError(f"--dir {directory}: no such directory")
     _note(f"image {chosen} ({why}), profile {policy.profile}")
+    _note_accel_once()
     return {
         "image": chosen,
         "backend": backend,
