@@ -63,9 +63,7 @@ def _note_accel_once() -> None:
     marker = paths.data_dir() / ".told-no-kvm"
     acc = hostinfo.accel()
     if acc.name == "tcg" and sys.stderr.isatty() and not marker.exists():
-        err_console.print(
-            f"[yellow]note:[/yellow] no usable KVM, VMs run under software emulation: {acc.note}"
-        )
+        err_console.print(f"[yellow]note:[/yellow] no usable KVM, so VMs run under emulation: {acc.note}")
         marker.touch()
 
 
