@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import hmac
-import ipaddress
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from agentkernel.api.problems import problem, response
 from agentkernel.errors import AgentkernelError
+from agentkernel.network.policy import is_loopback_name
 
 OPEN_PATHS = frozenset({"/health"})
 API_KEY_ENV = "AGENTKERNEL_API_KEY"
@@ -41,18 +41,9 @@ class BearerAuth:
         await denied(scope, receive, send)
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_listen_address(host: str, key: str | None) -> None:
     """Refuse to serve beyond this machine without a key: the API runs commands as a user of it."""
-    if not key and not is_loopback(host):
+    if not key and not is_loopback_name(host):
         raise AgentkernelError(
             f"refusing to listen on {host} without an API key: set {API_KEY_ENV} "
             "(or listen on 127.0.0.1, the default)"

@@ -6,7 +6,6 @@ enters the store only when complete. skopeo's failures become one sentence namin
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import subprocess
@@ -17,6 +16,7 @@ from agentkernel.artifacts.run import require, step
 from agentkernel.errors import AgentkernelError
 from agentkernel.images import builder, oci, store
 from agentkernel.images.model import Image
+from agentkernel.network.policy import is_loopback_name
 
 COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 REFERENCE = re.compile(
@@ -73,12 +73,7 @@ def registry_of(ref: str) -> str:
 def is_loopback(registry: str) -> bool:
     """Whether `registry` is on this machine: such registries are spoken to over plain HTTP."""
     host = registry[1 : registry.find("]")] if registry.startswith("[") else registry.split(":")[0]
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_name(host)
 
 
 def _copy(ref: str, layout: Path, tmp: Path, log: Path) -> None:

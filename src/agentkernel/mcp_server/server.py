@@ -299,9 +299,9 @@ def run(transport: Literal["stdio", "http"], *, host: str, port: int, project_di
     if transport == "stdio":
         server.run("stdio")
         return
-    from agentkernel.api.auth import is_loopback
+    from agentkernel.network.policy import is_loopback_name
 
-    if not is_loopback(host):
+    if not is_loopback_name(host):
         raise AgentkernelError(
             f"refusing to serve MCP on {host}: it has no authentication, so it listens on loopback only"
         )
