@@ -27,6 +27,7 @@ from agentkernel.backends.base import VMSpec
 from agentkernel.config import PROFILES
 from agentkernel.errors import AgentkernelError
 from agentkernel.images import store
+from agentkernel.pool import control
 from agentkernel.service import sandboxes, snapshots
 
 READY = b"agentkernel-agent: ready"
@@ -66,6 +67,7 @@ def cli_run_to_start(image: str, *flags: str) -> float:
             "qemu",
             "--image",
             image,
+            "--no-pool",
             *flags,
             "--",
             "echo",
@@ -203,3 +205,74 @@ def _pid(name: str) -> int:
     if pid is None:
         raise AgentkernelError(f"sandbox {name} is not running")
     return pid
+
+
+POOL_SIZE = 2
+
+
+def pool_figures(*, runs: int = 5, image: str = "base") -> dict[str, Any]:
+    """`run -- true` cold against through the warm pool, in process (the service calls `run` makes)
+    and through the CLI, measured side by side with a pool daemon this benchmark starts."""
+    if control.running_pid() is not None:
+        raise AgentkernelError("the pool daemon is running: stop it first (the benchmark starts its own)")
+    spec = {"images": [image], "size": POOL_SIZE, "profile": "moderate", "network": False, "vcpus": 1,
+            "memory_mb": 512, "backend": "qemu", "max_age": 3600, "health_interval": 60}  # fmt: skip
+    options = {"image": image, "backend": "qemu", "policy": replace(PROFILES["moderate"], network=False)}
+    cold, pooled, cli_cold, cli_pooled = [], [], [], []
+    control.start(spec)
+    try:
+        control.wait_ready(lambda _status: None)
+        for _ in range(runs):
+            cold.append(asyncio.run(_run_true(pool=False, **options)))
+            pooled.append(asyncio.run(_run_true(pool=True, **options)))
+            control.wait_ready(lambda _status: None)
+            cli_cold.append(_cli_run_true("--no-pool"))
+            cli_pooled.append(_cli_run_true())
+            control.wait_ready(lambda _status: None)
+        handed_out = control.status()["pools"][0]["handed_out"]
+    finally:
+        control.stop()
+    if handed_out != 2 * runs:
+        raise AgentkernelError(f"the pool handed out {handed_out} sandboxes for {2 * runs} pooled runs")
+    cold_s, pooled_s = _median(cold), _median(pooled)
+    cli_cold_s, cli_pooled_s = _median(cli_cold), _median(cli_pooled)
+    return {
+        "cold_run_true_s": round(cold_s, 3),
+        "pool_run_true_s": round(pooled_s, 4),
+        "pool_over_cold": round(pooled_s / cold_s, 3),
+        "cli_cold_run_true_s": round(cli_cold_s, 3),
+        "cli_pool_run_true_s": round(cli_pooled_s, 3),
+        "cli_pool_over_cold": round(cli_pooled_s / cli_cold_s, 3),
+        "pool_size": POOL_SIZE,
+    }
+
+
+async def _run_true(*, pool: bool, **options: Any) -> float:
+    """Seconds for what `run -- true` does: a sandbox (new or from the pool), the command, removal."""
+    start = time.monotonic()
+    async with sandboxes.ephemeral(pool=pool, **options) as (_name, conn):
+        done = await conn.run(["true"])
+    if done.status.exit_code != 0:
+        raise AgentkernelError("`true` failed in the sandbox")
+    return time.monotonic() - start
+
+
+def _cli_run_true(*flags: str) -> float:
+    cmd = [
+        sys.executable,
+        "-m",
+        "agentkernel",
+        "run",
+        "--backend",
+        "qemu",
+        "--no-network",
+        *flags,
+        "--",
+        "true",
+    ]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True)
+    elapsed = time.monotonic() - start
+    if proc.returncode != 0:
+        raise AgentkernelError(f"`agentkernel run` failed: {proc.stderr.decode(errors='replace').strip()}")
+    return elapsed

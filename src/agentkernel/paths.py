@@ -5,6 +5,8 @@ from pathlib import Path
 
 from platformdirs import user_data_dir
 
+from agentkernel.errors import AgentkernelError
+
 
 def data_dir() -> Path:
     home = os.environ.get("AGENTKERNEL_HOME")
@@ -37,3 +39,14 @@ def _sub(name: str) -> Path:
     path = data_dir() / name
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def runtime_dir() -> Path:
+    """A short, private directory for sockets (Unix socket paths are limited to 107 bytes)."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(xdg) / "agentkernel" if xdg else Path(f"/tmp/agentkernel-{os.getuid()}")
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = base.lstat()
+    if base.is_symlink() or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise AgentkernelError(f"{base} is not a private directory of this user: refusing to use it")
+    return base

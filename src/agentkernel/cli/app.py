@@ -11,6 +11,7 @@ from agentkernel.cli import (
     agent_cmds,
     audit_cmd,
     bench_cmd,
+    daemon_cmds,
     images_cmd,
     sandbox_cmds,
     server_cmds,
@@ -50,6 +51,7 @@ app.command("status")(status_cmd.status)
 app.command("bench")(bench_cmd.bench)
 app.command("audit")(audit_cmd.audit)
 app.add_typer(snapshot_cmds.app, name="snapshot")
+app.add_typer(daemon_cmds.app, name="daemon")
 app.command("fork")(snapshot_cmds.fork)
 app.add_typer(images_cmd.app, name="image")
 app.command("serve")(server_cmds.serve)

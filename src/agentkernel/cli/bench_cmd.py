@@ -17,6 +17,7 @@ def bench(
 
     result = benchmarks.lifecycle(runs=runs, image=image)
     result["snapshots"] = snap = benchmarks.snapshot_figures(image=image)
+    result["pool"] = pool = benchmarks.pool_figures(runs=runs, image=image)
     if json_out:
         print_json(result)
         return
@@ -36,4 +37,12 @@ def bench(
     console.print(
         f"VMM memory (PSS): cold {snap['cold_pss_bytes'] / 2**20:.1f} MiB, each of {snap['forks']} restored "
         f"{snap['restored_pss_bytes_mean'] / 2**20:.1f} MiB ({snap['restored_over_cold_pss']:.2f} of cold)"
+    )
+    console.print(
+        f"`run -- true` in process: cold {pool['cold_run_true_s']:.3f} s, "
+        f"through the pool {pool['pool_run_true_s']:.3f} s ({pool['pool_over_cold']:.2f} of cold)"
+    )
+    console.print(
+        f"`agentkernel run -- true`: cold {pool['cli_cold_run_true_s']:.3f} s, "
+        f"through the pool {pool['cli_pool_run_true_s']:.3f} s ({pool['cli_pool_over_cold']:.2f} of cold)"
     )

@@ -182,8 +182,12 @@ def run(
     interactive: bool = typer.Option(False, "--interactive", "-i", help="Pass stdin to the command."),
     keep: bool = typer.Option(False, "--keep", help="Keep the sandbox running afterwards."),
     name: str | None = typer.Option(None, "--name", help="Name for the sandbox (default: run-XXXXXXXX)."),
+    no_pool: bool = typer.Option(False, "--no-pool", help="Boot a new sandbox even if the pool has one."),
 ) -> None:
-    """Run a command in a new sandbox, stream its output, exit with its exit code, then remove it."""
+    """Run a command in a new sandbox, stream its output, exit with its exit code, then remove it.
+
+    When the pool daemon runs (`agentkernel daemon start`) and keeps sandboxes of this kind, one of
+    them is taken instead of booting."""
     command = command_args(command)
     if not command:
         raise AgentkernelError("no command given: agentkernel run -- CMD...")
@@ -203,7 +207,7 @@ def run(
     )
 
     async def go() -> ExitStatus:
-        async with sandboxes.ephemeral(name=name, keep=keep, **options) as (sandbox, conn):
+        async with sandboxes.ephemeral(name=name, keep=keep, pool=not no_pool, **options) as (sandbox, conn):
             if keep:
                 _note(f"sandbox {sandbox} is kept: remove it with `agentkernel rm -f {sandbox}`")
             return await _exec_on(
@@ -275,9 +279,12 @@ def remove(
         console.print(name)
 
 
-def list_cmd(json_out: bool = typer.Option(False, "--json", help="Print a JSON array.")) -> None:
+def list_cmd(
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON array."),
+    show_all: bool = typer.Option(False, "--all", "-a", help="Include the pool daemon's ready sandboxes."),
+) -> None:
     """List sandboxes."""
-    records = sandboxes.list_sandboxes()
+    records = sandboxes.list_sandboxes(pooled=show_all)
     if json_out:
         print_json([r.public() for r in records])
         return

@@ -32,6 +32,7 @@ from agentkernel.errors import AgentkernelError
 from agentkernel.images import store
 from agentkernel.network import launcher as gateway
 from agentkernel.network.policy import EgressRules
+from agentkernel.pool import wire
 from agentkernel.protocol.client import Connection
 from agentkernel.sandbox import state
 from agentkernel.sandbox.state import SandboxRecord
@@ -53,17 +54,6 @@ def validate_name(name: str) -> str:
             "starting with a letter or digit"
         )
     return name
-
-
-def runtime_base() -> Path:
-    """A short, private directory for sockets (Unix socket paths are limited to 107 bytes)."""
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    base = Path(xdg) / "agentkernel" if xdg else Path(f"/tmp/agentkernel-{os.getuid()}")
-    base.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = base.lstat()
-    if base.is_symlink() or info.st_uid != os.getuid() or info.st_mode & 0o077:
-        raise AgentkernelError(f"{base} is not a private directory of this user: refusing to use it")
-    return base
 
 
 def spec_of(record: SandboxRecord) -> VMSpec:
@@ -96,7 +86,7 @@ def spec_of(record: SandboxRecord) -> VMSpec:
     )
 
 
-def _policy_record(policy: Policy) -> dict[str, Any]:
+def policy_record(policy: Policy) -> dict[str, Any]:
     data = asdict(policy)
     data["domains"] = policy.domains.model_dump()
     return data
@@ -171,8 +161,9 @@ def get(name: str) -> SandboxRecord:
     return reconcile(state.get(validate_name(name)))
 
 
-def list_sandboxes() -> list[SandboxRecord]:
-    return [reconcile(r) for r in state.all_records()]
+def list_sandboxes(*, pooled: bool = False) -> list[SandboxRecord]:
+    """All sandboxes; those the pool daemon keeps ready (not yet anyone's) only with `pooled`."""
+    return [reconcile(r) for r in state.all_records() if pooled or not r.extra.get("pool")]
 
 
 def register(record: SandboxRecord, vmm: Backend, *, hold: str) -> None:
@@ -196,7 +187,7 @@ def new_record(name: str, backend: str, **fields: Any) -> SandboxRecord:
         backend=backend,
         status="stopped",
         pid=None,
-        rundir=str(runtime_base() / secrets.token_hex(6)),
+        rundir=str(paths.runtime_dir() / secrets.token_hex(6)),
         created_at=now(),
         **fields,
     )
@@ -213,12 +204,13 @@ def create(
     policy: Policy | None = None,
     mount_dir: Path | None = None,
     lifetime: float | None = None,
+    pool: str | None = None,
 ) -> SandboxRecord:
     """Make a sandbox (its own disk over the image); it is not started.
 
     `policy` defaults to the profile's; `mount_dir` is shared at /workspace (the current directory
     when the policy mounts it and none is given); `lifetime` stops the sandbox that many seconds after
-    each start.
+    each start; `pool` marks it as kept ready by the pool daemon for that pool key.
     """
     validate_name(name)
     if policy is None:
@@ -250,9 +242,10 @@ def create(
         extra={
             "kernel": str(vmlinux),
             "image_path": str(img.path),
-            "policy": _policy_record(policy),
+            "policy": policy_record(policy),
             "mounts": mounts,
             "lifetime_s": lifetime,
+            "pool": pool,
         },
     )
     register(record, vmm, hold=img.name)
@@ -337,18 +330,73 @@ def _watchdog(spec: VMSpec, pid: int, lifetime: float) -> None:
 
 @contextlib.asynccontextmanager
 async def ephemeral(
-    *, name: str | None = None, keep: bool = False, **options: Any
+    *, name: str | None = None, keep: bool = False, pool: bool = True, **options: Any
 ) -> AsyncIterator[tuple[str, Connection]]:
     """A new sandbox (`options` as for `create`), booted, with a connection to its agent; removed
-    afterwards unless `keep`."""
-    name = validate_name(name) if name else new_ephemeral_name()
-    create(name, **options)
+    afterwards unless `keep`. With `pool` (and no `name`), a ready one from the pool daemon is taken
+    when it has one of this kind."""
+    stack = contextlib.AsyncExitStack()
+    pooled = take_pooled(**options) if pool and name is None else None
+    if pooled is not None:
+        try:
+            conn = await stack.enter_async_context(session(pooled, timeout=5.0))
+        except AgentkernelError:
+            remove(pooled, force=True)  # it died after it was handed out: boot a new one instead
+            pooled = None
+    name = pooled or (validate_name(name) if name else new_ephemeral_name())
     try:
-        async with _booted(name, timeout=BOOT_TIMEOUT) as (_record, conn):
+        if pooled is None:
+            create(name, **options)
+            _record, conn = await stack.enter_async_context(_booted(name, timeout=BOOT_TIMEOUT))
+        async with stack:
             yield name, conn
     finally:
         if not keep:
             remove(name, force=True)
+
+
+def pool_key(
+    *, image: str, backend: str | None, vcpus: int, memory_mb: int, policy: Policy
+) -> str | None:
+    """The pool key of sandboxes made with these settings (None: no guest kernel yet)."""
+    vmlinux = kernel_artifact.current()
+    if vmlinux is None:
+        return None
+    return wire.pool_key(
+        image_digest=store.get(image).digest,
+        kernel=str(vmlinux),
+        backend=backend,
+        vcpus=vcpus,
+        memory_mb=memory_mb,
+        policy=policy_record(policy),
+    )
+
+
+def take_pooled(
+    *,
+    image: str = "base",
+    vcpus: int = 1,
+    memory_mb: int = 512,
+    profile: str = "moderate",
+    backend: str | None = None,
+    policy: Policy | None = None,
+    mount_dir: Path | None = None,
+    lifetime: float | None = None,
+) -> str | None:
+    """A ready sandbox of this kind from the pool daemon, now the caller's; None if there is none.
+
+    Sandboxes that share host directories or have a lifetime are never pooled.
+    """
+    policy = policy or PROFILES.get(profile)
+    if policy is None or mount_dir is not None or policy.mount_cwd or policy.mount_home or lifetime:
+        return None
+    if not wire.socket_path().exists():
+        return None
+    key = pool_key(image=image, backend=backend, vcpus=vcpus, memory_mb=memory_mb, policy=policy)
+    name = wire.acquire(key) if key else None
+    if name is not None:
+        audit.record("pool_acquire", name)
+    return name
 
 
 async def stop(name: str, *, timeout: float = STOP_TIMEOUT) -> SandboxRecord:

@@ -1,0 +1,96 @@
+"""`agentkernel daemon start|stop|status`: the warm pool that `run` takes ready sandboxes from."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import typer
+
+from agentkernel.cli.output import console, err_console, print_json
+from agentkernel.config import PROFILES
+from agentkernel.errors import AgentkernelError
+from agentkernel.images import store
+from agentkernel.pool import control
+
+app = typer.Typer(help="The warm pool of ready sandboxes that `run` uses.", no_args_is_help=True)
+
+
+@app.command("start")
+def start(
+    images: list[str] = typer.Option(["base"], "--image", help="Keep sandboxes of this image (repeatable)."),
+    size: int = typer.Option(2, "--size", min=1, max=200, help="Ready sandboxes per image."),
+    profile: str = typer.Option("moderate", "--profile", help="Their security profile."),
+    network: bool | None = typer.Option(None, "--network/--no-network", help="Override its network."),
+    vcpus: int = typer.Option(1, "--vcpus", min=1, max=32, help="Their virtual CPUs."),
+    memory: int = typer.Option(512, "--memory", min=64, max=65536, help="Their memory in MB."),
+    backend: str | None = typer.Option(None, "--backend", help="Their backend (default: as `run`)."),
+    max_age: float = typer.Option(600, "--max-age", min=1, help="Replace ready ones older than this (s)."),
+    health_interval: float = typer.Option(15, "--health-interval", min=0.5, help="Seconds between checks."),
+    wait: bool = typer.Option(False, "--wait", help="Return once every pool is full."),
+) -> None:
+    """Start the pool daemon in the background."""
+    if profile not in PROFILES:
+        raise AgentkernelError(f"unknown security profile {profile!r}: use {', '.join(PROFILES)}")
+    for image in images:
+        store.get(image)  # a missing image is an error now, not a pool that never fills
+    spec = {
+        "images": list(dict.fromkeys(images)),
+        "size": size,
+        "profile": profile,
+        "network": network,
+        "vcpus": vcpus,
+        "memory_mb": memory,
+        "backend": backend,
+        "max_age": max_age,
+        "health_interval": health_interval,
+    }
+    pid = control.start(spec)
+    console.print(f"pool daemon started (pid {pid}); log: {control.log_file()}")
+    if wait:
+        control.wait_ready(_progress)
+        if sys.stderr.isatty():
+            err_console.print()
+        console.print("pool ready")
+
+
+def _progress(status: dict[str, Any]) -> None:
+    if sys.stderr.isatty():
+        filled = ", ".join(f"{p['image']} {len(p['ready'])}/{p['size']}" for p in status["pools"])
+        err_console.print(f"filling: {filled}", end="\r")
+
+
+@app.command("stop")
+def stop() -> None:
+    """Stop the pool daemon; its ready sandboxes are removed (handed-out ones are not touched)."""
+    pid = control.stop()
+    console.print(f"pool daemon stopped (pid {pid})")
+
+
+@app.command("status")
+def status(json_out: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+    """Show whether the daemon runs, and each pool's ready sandboxes."""
+    pid = control.running_pid()
+    if pid is None:
+        if json_out:
+            print_json({"running": False})
+            return
+        console.print("pool daemon: not running")
+        raise typer.Exit(1)
+    current = control.status()
+    if json_out:
+        print_json({"running": True, **current})
+        return
+    console.print(
+        f"pool daemon: running (pid {current['pid']}, up {current['uptime_s']:.0f} s, "
+        f"max age {current['max_age_s']:g} s); acquires of kinds not kept: {current['misses']}"
+    )
+    for pool in current["pools"]:
+        network = "network" if pool["network"] else "no network"
+        console.print(
+            f"  {pool['image']:<10} {len(pool['ready'])}/{pool['size']} ready  "
+            f"({pool['profile']}, {network}, {pool['vcpus']} vcpu, {pool['memory_mb']} MB)  "
+            f"handed out {pool['handed_out']}, found empty {pool['empty_acquires']}"
+        )
+        if pool["last_error"]:
+            console.print(f"    last error: {pool['last_error']}")

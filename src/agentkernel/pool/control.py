@@ -1,0 +1,106 @@
+"""Starting, stopping and asking the pool daemon, for the CLI and the benchmarks."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from agentkernel import paths
+from agentkernel.backends.base import file_tail, tail_line
+from agentkernel.errors import AgentkernelError
+from agentkernel.pool import wire
+
+
+def log_file() -> Path:
+    return paths.logs_dir() / "daemon.log"
+
+
+def running_pid() -> int | None:
+    """The daemon's pid, or None. It holds a lock on its pid file for life, so a stale file is told
+    apart from a live daemon without trusting the pid in it."""
+    try:
+        f = wire.pid_file().open()
+    except FileNotFoundError:
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = f.read().strip()
+            return int(text) if text.isdigit() else -1
+        return None
+
+
+def start(spec: dict[str, Any], *, timeout: float = 30.0) -> int:
+    """Start the daemon detached; return its pid once it answers on its socket."""
+    if (pid := running_pid()) is not None:
+        raise AgentkernelError(
+            f"the pool daemon is already running (pid {pid}): `agentkernel daemon stop` first"
+        )
+    with log_file().open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agentkernel.pool.daemon", json.dumps(spec)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            detail = tail_line(file_tail(log_file()).decode(errors="replace"), lines=2)
+            raise AgentkernelError(f"the pool daemon exited at once: {detail}")
+        try:
+            wire.request({"op": "status"}, timeout=1.0)
+            return proc.pid
+        except wire.DaemonUnavailable:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise AgentkernelError(f"the pool daemon did not answer within {timeout:g}s") from None
+            time.sleep(0.05)
+
+
+def status() -> dict[str, Any]:
+    return wire.request({"op": "status"})
+
+
+def wait_ready(progress: Callable[[dict[str, Any]], None], *, timeout: float = 600.0) -> dict[str, Any]:
+    """Wait until every pool is full; `progress` sees each status on the way."""
+    deadline = time.monotonic() + timeout
+    while True:
+        current = status()
+        progress(current)
+        if all(len(pool["ready"]) >= pool["size"] for pool in current["pools"]):
+            return current
+        if time.monotonic() > deadline:
+            errors = "; ".join(p["last_error"] for p in current["pools"] if p["last_error"])
+            raise AgentkernelError(
+                f"the pool did not fill within {timeout:g}s{': ' + errors if errors else ''}"
+            )
+        time.sleep(0.2)
+
+
+def stop(*, timeout: float = 60.0) -> int:
+    """Ask the daemon to remove its ready sandboxes and exit; kill it if it does not in time."""
+    pid = running_pid()
+    if pid is None:
+        raise AgentkernelError("the pool daemon is not running")
+    with contextlib.suppress(wire.DaemonUnavailable):  # alive but not answering: killed below
+        wire.request({"op": "stop"})
+    deadline = time.monotonic() + timeout
+    while running_pid() is not None:
+        if time.monotonic() > deadline:
+            if pid > 0:
+                os.kill(pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    return pid

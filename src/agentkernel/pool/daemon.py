@@ -1,0 +1,424 @@
+"""The pool daemon: keeps `size` ready sandboxes of each configured kind and hands each out once.
+
+Ready sandboxes are ordinary sandbox records marked with their pool key (hidden from `list`). Where the
+backend can snapshot, the first sandbox of a kind is booted once and snapshotted into a template, and
+every pooled sandbox is resumed from that template (a fraction of a boot); otherwise each is booted.
+A handed-out sandbox belongs to its taker, who removes it: the pool never takes one back.
+
+Two threads: the main one serves requests on the socket (an acquire is answered from memory, never
+waiting for a boot), the worker refills, checks health (the VMM alive, the agent answering) and
+replaces sandboxes older than the maximum age. Restarted, the daemon adopts the ready sandboxes a
+previous run left, so none are orphaned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import fcntl
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from agentkernel import hostinfo
+from agentkernel.backends import get_backend
+from agentkernel.config import Config, Policy, resolve_policy
+from agentkernel.errors import AgentkernelError
+from agentkernel.pool import wire
+from agentkernel.sandbox import state
+from agentkernel.service import audit, sandboxes, snapshots
+
+log = logging.getLogger("agentkernel.pool")
+TEMPLATE_PREFIX = "pool-template-"
+WARM_UP = (["true"], ["/bin/sh", "-c", "echo warm >/dev/null"], ["cat", "/proc/uptime"])
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of sandbox the pool keeps ready."""
+
+    image: str
+    size: int
+    policy: Policy
+    vcpus: int = 1
+    memory_mb: int = 512
+    backend: str | None = None  # None: what `run` would choose on this host
+
+    def key(self) -> str | None:
+        return sandboxes.pool_key(
+            image=self.image, backend=self.backend, vcpus=self.vcpus, memory_mb=self.memory_mb,
+            policy=self.policy,
+        )  # fmt: skip
+
+
+@dataclass
+class Slot:
+    """The pool of one kind: its ready sandboxes (oldest first) and counters."""
+
+    kind: Kind
+    key: str | None = None
+    ready: deque[tuple[str, float]] = field(default_factory=deque)  # (name, ready since)
+    handed_out: int = 0
+    empty: int = 0  # acquires that found no ready sandbox
+    failures: int = 0  # consecutive failed refills (backs off)
+    last_error: str | None = None
+
+    def public(self) -> dict[str, Any]:
+        now = time.time()
+        return {
+            "image": self.kind.image,
+            "size": self.kind.size,
+            "vcpus": self.kind.vcpus,
+            "memory_mb": self.kind.memory_mb,
+            "profile": self.kind.policy.profile,
+            "network": self.kind.policy.network,
+            "backend": self.kind.backend,
+            "key": self.key,
+            "ready": [{"name": name, "age_s": round(now - since, 1)} for name, since in self.ready],
+            "handed_out": self.handed_out,
+            "empty_acquires": self.empty,
+            "last_error": self.last_error,
+        }
+
+
+class Pool:
+    def __init__(self, kinds: list[Kind], *, max_age: float, health_interval: float) -> None:
+        self.slots = [Slot(kind) for kind in kinds]
+        self.max_age = max_age
+        self.health_interval = health_interval
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.misses = 0  # acquires for a kind this pool does not keep
+        self.started = time.time()
+
+    # -- requests (main thread) ------------------------------------------------------------------
+
+    def acquire(self, key: str) -> str | None:
+        with self.lock:
+            slot = next((s for s in self.slots if s.key == key), None)
+            if slot is None:
+                self.misses += 1
+                return None
+            while slot.ready:
+                name, _since = slot.ready.popleft()
+                if self._hand_out(name):
+                    slot.handed_out += 1
+                    self.wake.set()
+                    return name
+            slot.empty += 1
+            self.wake.set()
+            return None
+
+    def _hand_out(self, name: str) -> bool:
+        """Make a ready sandbox its taker's (no longer pooled), if it is still alive."""
+        try:
+            with sandboxes.locked(name):
+                record = sandboxes.get(name)
+                if record.status != "running":
+                    raise AgentkernelError(f"pooled sandbox {name} is {record.status}")
+                state.update(name, extra={**record.extra, "pool": None})
+        except AgentkernelError as exc:
+            log.warning("dropping %s: %s", name, exc)
+            _discard(name)
+            return False
+        log.info("handed out %s", name)
+        return True
+
+    def status(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "pid": os.getpid(),
+                "uptime_s": round(time.time() - self.started, 1),
+                "max_age_s": self.max_age,
+                "health_interval_s": self.health_interval,
+                "misses": self.misses,
+                "pools": [slot.public() for slot in self.slots],
+            }
+
+    # -- the worker thread ---------------------------------------------------------------------
+
+    def adopt(self) -> None:
+        """Take back the ready sandboxes a previous daemon left; remove pooled ones of other kinds."""
+        for slot in self.slots:
+            slot.key = slot.kind.key()
+        keys = {slot.key: slot for slot in self.slots}
+        for record in state.all_records():
+            mark = record.extra.get("pool")
+            if not mark:
+                continue
+            record = sandboxes.reconcile(record)
+            owner = keys.get(mark)
+            if owner is not None and record.status == "running" and len(owner.ready) < owner.kind.size:
+                owner.ready.append((record.name, time.time()))
+                log.info("adopted %s", record.name)
+            else:
+                _discard(record.name)
+        templates = {TEMPLATE_PREFIX + str(slot.key) for slot in self.slots}
+        for snapshot in snapshots.list_snapshots():
+            if snapshot.name.startswith(TEMPLATE_PREFIX) and snapshot.name not in templates:
+                with contextlib.suppress(AgentkernelError):  # refused while sandboxes still use it
+                    snapshots.remove(snapshot.name)
+
+    def work(self) -> None:
+        """Refill, check health, retire old sandboxes; until stopped."""
+        next_check = 0.0
+        while not self.stopping.is_set():
+            if time.monotonic() >= next_check:
+                self._check()
+                next_check = time.monotonic() + self.health_interval
+            for slot in self.slots:
+                self._refill(slot)
+            self.wake.wait(timeout=min(1.0, max(0.0, next_check - time.monotonic())))
+            self.wake.clear()
+
+    def _refill(self, slot: Slot) -> None:
+        try:
+            key = slot.kind.key()
+        except AgentkernelError as exc:
+            slot.last_error = str(exc)
+            return
+        if key != slot.key:  # the image or kernel changed: what is ready is of an old kind
+            with self.lock:
+                old, slot.ready, slot.key = list(slot.ready), deque(), key
+            for name, _since in old:
+                _discard(name)
+        while not self.stopping.is_set() and key is not None:
+            with self.lock:
+                if len(slot.ready) >= slot.kind.size:
+                    return
+            try:
+                name = self._make(slot.kind, key)
+            except Exception as exc:  # a failed boot must not end the daemon: report it and back off
+                slot.failures += 1
+                slot.last_error = str(exc) or type(exc).__name__
+                log.error("cannot make a %s sandbox: %s", slot.kind.image, slot.last_error)
+                self.stopping.wait(min(60.0, 2.0**slot.failures))
+                return
+            slot.failures, slot.last_error = 0, None
+            with self.lock:
+                slot.ready.append((name, time.time()))
+            log.info("ready: %s (%s)", name, slot.kind.image)
+
+    def _make(self, kind: Kind, key: str) -> str:
+        name = sandboxes.new_ephemeral_name()
+        options = _create_options(kind)
+        template = _template(kind, key) if _can_snapshot(kind) else None
+        if template is None:
+            sandboxes.create(name, pool=key, **options)
+            asyncio.run(sandboxes.start(name))
+        else:
+            asyncio.run(snapshots.fork(template, name, extra={"pool": key}))
+        try:
+            asyncio.run(_warm_up(name))
+        except BaseException:
+            _discard(name)
+            raise
+        return name
+
+    def _check(self) -> None:
+        """Drop sandboxes that died, stopped answering or are older than the maximum age."""
+        now = time.time()
+        for slot in self.slots:
+            with self.lock:
+                entries = list(slot.ready)
+            for name, since in entries:
+                problem = "older than the maximum age" if now - since > self.max_age else _unhealthy(name)
+                if problem is None:
+                    continue
+                with self.lock:
+                    if (name, since) not in slot.ready:
+                        continue  # handed out meanwhile
+                    slot.ready.remove((name, since))
+                log.info("replacing %s: %s", name, problem)
+                _discard(name)
+
+    def drain(self) -> None:
+        """Remove every ready sandbox, and templates no sandbox uses any more."""
+        with self.lock:
+            names = [name for slot in self.slots for name, _ in slot.ready]
+            for slot in self.slots:
+                slot.ready.clear()
+        for name in names:
+            _discard(name)
+        for snapshot in snapshots.list_snapshots():
+            if snapshot.name.startswith(TEMPLATE_PREFIX):
+                with contextlib.suppress(AgentkernelError):
+                    snapshots.remove(snapshot.name)
+
+
+def _create_options(kind: Kind) -> dict[str, Any]:
+    return {
+        "image": kind.image,
+        "vcpus": kind.vcpus,
+        "memory_mb": kind.memory_mb,
+        "backend": kind.backend,
+        "policy": kind.policy,
+    }
+
+
+def _can_snapshot(kind: Kind) -> bool:
+    name = kind.backend or hostinfo.choose_backend(needs_network=kind.policy.network)
+    return hasattr(get_backend(name, profile=kind.policy.profile), "snapshot")
+
+
+def _template(kind: Kind, key: str) -> str:
+    """The snapshot pooled sandboxes of `kind` resume from, made by booting one sandbox once."""
+    name = TEMPLATE_PREFIX + key
+    with contextlib.suppress(AgentkernelError):
+        return snapshots.get(name).name
+    source = f"{TEMPLATE_PREFIX}{key[:8]}-boot"
+    _discard(source)  # left by a daemon that died while making the template
+    sandboxes.create(source, pool=f"template:{key}", **_create_options(kind))
+    try:
+        asyncio.run(sandboxes.start(source))
+        asyncio.run(snapshots.create(source, name))
+    finally:
+        sandboxes.remove(source, force=True)
+    log.info("template %s made", name)
+    return name
+
+
+async def _warm_up(name: str) -> None:
+    """Run a few commands once, so the taker's first command does not pay for first-time work in a
+    new VMM (under emulation: translating the guest's code for process start, about 0.1 s)."""
+    async with sandboxes.session(name, timeout=30.0) as conn:
+        for argv in WARM_UP * 2:
+            done = await conn.run(argv, limit=1024)
+            if done.status.exit_code != 0:
+                raise AgentkernelError(f"warm-up command failed in {name}")
+
+
+def _unhealthy(name: str) -> str | None:
+    """Why a ready sandbox cannot be handed out (its VMM is gone, its agent is silent), or None."""
+
+    async def ping() -> None:
+        async with sandboxes.session(name, timeout=5.0) as conn:
+            await conn.ping()
+
+    try:
+        asyncio.run(ping())
+    except (AgentkernelError, OSError, TimeoutError) as exc:
+        return str(exc) or type(exc).__name__
+    return None
+
+
+def _discard(name: str) -> None:
+    with contextlib.suppress(AgentkernelError):
+        sandboxes.remove(name, force=True)
+
+
+# -- the process ----------------------------------------------------------------------------------
+
+
+async def serve(pool: Pool, shutdown: asyncio.Event) -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), timeout=5)
+            reply = answer(pool, line, shutdown)
+        except (ValueError, TimeoutError, OSError) as exc:  # a line over the limit, a silent client
+            reply = {"ok": False, "error": f"bad request: {exc}"}
+        with contextlib.suppress(OSError):
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+            writer.close()
+
+    path = wire.socket_path()
+    path.unlink(missing_ok=True)
+    server = await asyncio.start_unix_server(handle, path=str(path), limit=64 * 1024)
+    path.chmod(0o600)
+    async with server:
+        await shutdown.wait()
+    path.unlink(missing_ok=True)
+
+
+def answer(pool: Pool, line: bytes, shutdown: asyncio.Event) -> dict[str, Any]:
+    try:
+        message = json.loads(line)
+    except ValueError:
+        return {"ok": False, "error": "not a JSON line"}
+    op = message.get("op") if isinstance(message, dict) else None
+    if op == "acquire" and isinstance(message.get("key"), str):
+        return {"ok": True, "sandbox": pool.acquire(message["key"])}
+    if op == "status":
+        return {"ok": True, **pool.status()}
+    if op == "stop":
+        shutdown.set()
+        return {"ok": True, "pid": os.getpid()}
+    return {"ok": False, "error": f"unknown request {str(op)[:40]!r}"}
+
+
+def _hold_pid_file() -> TextIO:
+    """The pid file, locked for the daemon's life: a second daemon on this data dir refuses to run."""
+    f = wire.pid_file().open("a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise AgentkernelError("a pool daemon is already running for this data dir") from None
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def run(kinds: list[Kind], *, max_age: float, health_interval: float) -> None:
+    pid_file = _hold_pid_file()
+    pool = Pool(kinds, max_age=max_age, health_interval=health_interval)
+    audit.record("daemon_start", None, pid=os.getpid(), pools=[k.image for k in kinds])
+    pool.adopt()
+
+    async def main() -> None:
+        shutdown = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, shutdown.set)
+        worker = threading.Thread(target=pool.work, name="pool-worker", daemon=True)
+        worker.start()
+        await serve(pool, shutdown)
+        pool.stopping.set()
+        pool.wake.set()
+        await asyncio.to_thread(worker.join)
+
+    try:
+        asyncio.run(main())
+    finally:
+        pool.drain()
+        audit.record("daemon_stop", None, pid=os.getpid())
+        wire.pid_file().unlink(missing_ok=True)
+        pid_file.close()
+
+
+def kinds_from(spec: dict[str, Any]) -> list[Kind]:
+    policy = resolve_policy(Config(), profile=spec["profile"], network=spec.get("network"))
+    policy = dataclasses.replace(policy, mount_cwd=False, mount_home=False)  # pooled: nothing shared
+    return [
+        Kind(image, spec["size"], policy, spec["vcpus"], spec["memory_mb"], spec.get("backend"))
+        for image in spec["images"]
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m agentkernel.pool.daemon")
+    parser.add_argument("spec", help="the pools, as JSON (written by `agentkernel daemon start`)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    spec = json.loads(args.spec)
+    try:
+        run(kinds_from(spec), max_age=spec["max_age"], health_interval=spec["health_interval"])
+    except AgentkernelError as exc:
+        log.error("%s", exc)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

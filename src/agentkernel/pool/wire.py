@@ -1,0 +1,88 @@
+"""Talking to the pool daemon: its socket, the key of a kind of sandbox, one request at a time.
+
+Requests and replies are single JSON lines on a Unix socket in the user's private runtime directory.
+Only the standard library is imported here: `run` calls this before anything heavy is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+from agentkernel import paths
+from agentkernel.errors import AgentkernelError
+
+MAX_LINE = 1 << 20  # a status reply with many sandboxes stays far below this
+
+
+def socket_path() -> Path:
+    """One daemon per data dir: the socket's name is derived from the data dir's path."""
+    tag = hashlib.sha256(str(paths.data_dir().resolve()).encode()).hexdigest()[:12]
+    return paths.runtime_dir() / f"pool-{tag}.sock"
+
+
+def pid_file() -> Path:
+    return paths.data_dir() / "daemon.pid"
+
+
+def pool_key(*, image_digest: str, kernel: str, backend: str | None, vcpus: int, memory_mb: int,
+             policy: dict[str, Any]) -> str:  # fmt: skip
+    """Sandboxes with equal keys are interchangeable: same image and kernel, resources and policy."""
+    kind = {
+        "image_digest": image_digest,
+        "kernel": kernel,
+        "backend": backend,
+        "vcpus": vcpus,
+        "memory_mb": memory_mb,
+        "policy": policy,
+    }
+    return hashlib.sha256(json.dumps(kind, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class DaemonUnavailable(AgentkernelError):
+    pass
+
+
+def request(message: dict[str, Any], *, timeout: float = 5.0) -> dict[str, Any]:
+    """Send one request and return the daemon's reply; DaemonUnavailable when none is running."""
+    path = socket_path()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+            sock.sendall(json.dumps(message).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+                if len(data) > MAX_LINE:
+                    raise AgentkernelError("the pool daemon's reply is too long")
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise DaemonUnavailable(
+            "the pool daemon is not running (start it with `agentkernel daemon start`)"
+        ) from None
+    except OSError as exc:
+        raise DaemonUnavailable(f"the pool daemon did not answer: {exc}") from None
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        raise AgentkernelError("the pool daemon sent a malformed reply") from None
+    if not isinstance(reply, dict):
+        raise AgentkernelError("the pool daemon sent a malformed reply")
+    if not reply.get("ok"):
+        raise AgentkernelError(f"the pool daemon refused: {reply.get('error', 'no reason given')}")
+    return reply
+
+
+def acquire(key: str) -> str | None:
+    """A ready sandbox of kind `key`, now the caller's; None when no daemon runs or it has none."""
+    try:
+        name = request({"op": "acquire", "key": key}, timeout=2.0).get("sandbox")
+    except AgentkernelError:
+        return None
+    return name if isinstance(name, str) else None

@@ -1,0 +1,143 @@
+"""The warm pool daemon with real sandboxes: each handed out once, replaced, adopted after a restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agentkernel.pool import wire
+from tests.conftest import cli
+
+pytestmark = pytest.mark.vm
+
+
+def ok(*args: str) -> str:
+    result = cli(*args, timeout=300)
+    assert result.returncode == 0, result.stderr.decode()
+    return result.stdout.decode()
+
+
+def one_line_error(*args: str) -> str:
+    result = cli(*args, timeout=120)
+    assert result.returncode != 0
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in lines[0], lines
+    return lines[0]
+
+
+def status() -> dict[str, Any]:
+    return json.loads(ok("daemon", "status", "--json"))
+
+
+def ready(current: dict[str, Any] | None = None) -> list[str]:
+    current = current or status()
+    return [entry["name"] for entry in current["pools"][0]["ready"]]
+
+
+def names(*flags: str) -> set[str]:
+    return {s["name"] for s in json.loads(ok("list", "--json", *flags))}
+
+
+def vmm_pids(home: Path) -> set[int]:
+    """QEMU processes running a sandbox of this data dir."""
+    found = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if proc.name.isdigit() and b"qemu-system" in cmdline and str(home).encode() in cmdline:
+            found.add(int(proc.name))
+    return found
+
+
+def wait_for(predicate: Any, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.3)
+
+
+@pytest.fixture
+def pool_home(cli_home: Path) -> Iterator[Path]:
+    yield cli_home
+    cli("daemon", "stop", timeout=120)
+
+
+def test_pool_hands_out_each_sandbox_once(pool_home: Path) -> None:
+    ok("daemon", "start", "--backend", "qemu", "--size", "2", "--wait")
+    pooled = set(ready())
+    assert len(pooled) == 2
+    assert names() == set() and names("--all") == pooled  # kept ready, hidden from a plain list
+    assert {s["name"] for s in json.loads(ok("snapshot", "list", "--json"))} == {
+        "pool-template-" + status()["pools"][0]["key"]
+    }
+
+    # The guest's hostname is its sandbox's name: each run is served by a pooled one, never twice.
+    first = ok("run", "--backend", "qemu", "--", "hostname").strip()
+    assert first in pooled
+    second = ok("run", "--backend", "qemu", "--", "sh", "-c", "hostname; echo $http_proxy").split()
+    assert second[0] in pooled and second[0] != first
+    assert second[1] == "http://10.0.2.100:3128"  # the default profile's network, through its gateway
+    assert not {first, second[0]} & names("--all")  # removed after use
+    wait_for(lambda: len(ready()) == 2, "the pool to refill")
+    assert not {first, second[0]} & set(ready())
+    assert status()["pools"][0]["handed_out"] == 2
+
+    cold = ok("run", "--backend", "qemu", "--no-pool", "--", "hostname").strip()
+    assert cold.startswith("run-") and cold not in pooled
+    ok("run", "--backend", "qemu", "--memory", "256", "--", "true")  # a kind the pool does not keep
+    current = status()
+    assert current["pools"][0]["handed_out"] == 2 and current["misses"] == 1
+
+    ok("daemon", "stop")
+    assert names("--all") == set()
+    assert json.loads(ok("snapshot", "list", "--json")) == []
+    assert vmm_pids(pool_home) == set()
+    assert not wire.socket_path().exists() and not wire.pid_file().exists()
+    assert cli("daemon", "status").returncode == 1
+
+
+def test_pool_replaces_dead_and_old_sandboxes_and_is_adopted_after_a_restart(pool_home: Path) -> None:
+    start = ("daemon", "start", "--backend", "qemu", "--no-network", "--size", "2", "--health-interval", "1")
+    ok(*start, "--wait")
+    before = ready()
+    victim = next(s for s in json.loads(ok("list", "--all", "--json")) if s["name"] == before[0])
+    os.kill(victim["pid"], signal.SIGKILL)
+    wait_for(lambda: before[0] not in ready() and len(ready()) == 2, "the dead sandbox to be replaced")
+    assert before[0] not in names("--all")
+    survivors = set(ready())
+
+    # The daemon dies; its ready sandboxes run on, and a new daemon takes them back.
+    daemon_pid = status()["pid"]
+    os.kill(daemon_pid, signal.SIGKILL)
+    wait_for(lambda: cli("daemon", "status").returncode != 0, "the daemon to be gone")
+    assert names("--all") == survivors
+    vmms = vmm_pids(pool_home)
+    ok(*start, "--wait")
+    assert set(ready()) == survivors
+    assert vmm_pids(pool_home) == vmms  # adopted, not booted again, none orphaned
+    assert ok("run", "--backend", "qemu", "--no-network", "--", "hostname").strip() in survivors
+    ok("daemon", "stop")
+
+    ok("daemon", "start", "--backend", "qemu", "--no-network", "--size", "1", "--max-age", "2",
+       "--health-interval", "0.5", "--wait")  # fmt: skip
+    first = ready()
+    wait_for(lambda: ready() and ready() != first, "a sandbox past its maximum age to be replaced")
+    assert not set(first) & names("--all")
+
+
+def test_daemon_usage_errors(pool_home: Path) -> None:
+    assert cli("daemon", "status").returncode == 1
+    assert "not running" in one_line_error("daemon", "stop")
+    assert "no image" in one_line_error("daemon", "start", "--image", "no-such-image").lower()
+    assert "unknown security profile" in one_line_error("daemon", "start", "--profile", "lax")
+    ok("daemon", "start", "--backend", "qemu", "--no-network", "--size", "1")
+    assert "already running" in one_line_error("daemon", "start")
