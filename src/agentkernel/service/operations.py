@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 
@@ -149,6 +150,10 @@ class Operations:
             raise
 
     def _create(self, name: str, settings: SandboxSettings, command: Sequence[str]) -> SandboxRecord:
+        return sandboxes.create(name, **self._options(settings, command))
+
+    def _options(self, settings: SandboxSettings, command: Sequence[str]) -> dict[str, Any]:
+        """`sandboxes.create` options from the request, then agentkernel.toml, then the defaults."""
         config, _ = load_config(search_from=self.project_dir)
         image, _why = sandboxes.choose_image(list(command), settings.image, config, self.project_dir)
         try:
@@ -158,14 +163,13 @@ class Operations:
         except AgentkernelError as exc:
             raise UnknownImageError("image", str(exc)) from None
         policy = resolve_policy(config, profile=settings.profile)
-        return sandboxes.create(
-            name,
-            image=image,
-            vcpus=settings.vcpus or config.resources.vcpus or 1,
-            memory_mb=settings.memory_mb or config.resources.memory_mb or 512,
-            policy=policy,
-            mount_dir=self.project_dir if policy.mount_cwd else None,
-        )
+        return {
+            "image": image,
+            "vcpus": settings.vcpus or config.resources.vcpus or 1,
+            "memory_mb": settings.memory_mb or config.resources.memory_mb or 512,
+            "policy": policy,
+            "mount_dir": self.project_dir if policy.mount_cwd else None,
+        }
 
     async def start(self, name: str) -> SandboxRecord:
         if (await self.get(name)).status == "running":
@@ -184,13 +188,18 @@ class Operations:
 
     @contextlib.asynccontextmanager
     async def ephemeral(self, command: Sequence[str], settings: SandboxSettings) -> AsyncIterator[Connection]:
-        """A new sandbox for one command (its image chosen as `agentkernel run` does); removed after."""
-        record = await self.create(sandboxes.new_ephemeral_name(), settings, start=True, command=command)
+        """A new sandbox for one command (its image chosen as `agentkernel run` does), from the pool
+        daemon when it has one of this kind; removed after."""
+        options = await anyio.to_thread.run_sync(self._options, settings, command)
+        name = await anyio.to_thread.run_sync(functools.partial(sandboxes.take_pooled, **options))
+        if name is None:
+            record = await self.create(sandboxes.new_ephemeral_name(), settings, start=True, command=command)
+            name = record.name
         try:
-            yield await self.pool.get(record.name)
+            yield await self.pool.get(name)
         finally:
             with anyio.CancelScope(shield=True):
-                await self.remove(record.name, force=True)
+                await self.remove(name, force=True)
 
     # -- commands -----------------------------------------------------------------------------
 
