@@ -48,7 +48,7 @@ def _root(
 
 app.command("setup")(setup_cmd.setup)
 app.command("status")(status_cmd.status)
-app.command("bench")(bench_cmd.bench)
+app.add_typer(bench_cmd.app, name="bench")
 app.command("audit")(audit_cmd.audit)
 app.add_typer(snapshot_cmds.app, name="snapshot")
 app.add_typer(daemon_cmds.app, name="daemon")

@@ -1,18 +1,27 @@
-"""`agentkernel bench`: figures, not pass/fail."""
+"""`agentkernel bench` and `bench stress`: figures, not pass/fail."""
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
-from agentkernel.cli.output import console, print_json
+from agentkernel.cli.output import console, err_console, print_json
+
+app = typer.Typer(invoke_without_command=True)
 
 
+@app.callback()
 def bench(
+    ctx: typer.Context,
     runs: int = typer.Option(5, "--runs", min=1, max=50, help="Repetitions of each boot measurement."),
     image: str = typer.Option("base", "--image", help="Image to boot."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Measure boot, run, exec and stop against a bare QEMU boot of the same kernel and image."""
+    """Measure boot, run, exec and stop against a bare QEMU boot of the same kernel and image, snapshots
+    and the warm pool."""
+    if ctx.invoked_subcommand is not None:
+        return
     from agentkernel import bench as benchmarks  # imported here: keeps every other command's start fast
 
     result = benchmarks.lifecycle(runs=runs, image=image)
@@ -46,3 +55,50 @@ def bench(
         f"`agentkernel run -- true`: cold {pool['cli_cold_run_true_s']:.3f} s, "
         f"through the pool {pool['cli_pool_run_true_s']:.3f} s ({pool['cli_pool_over_cold']:.2f} of cold)"
     )
+
+
+@app.command("stress")
+def stress(
+    count: int = typer.Option(100, "--count", min=1, max=1000, help="Sandboxes to run."),
+    concurrency: int = typer.Option(4, "--concurrency", min=1, max=64, help="How many start at once."),
+    image: str = typer.Option("base", "--image", help="Image to boot."),
+    network: bool = typer.Option(False, "--network/--no-network", help="Give each its network gateway."),
+    mode: str = typer.Option(
+        "snapshot",
+        "--mode",
+        help="snapshot: resume each from one snapshot; pool: take each from a pool filled first "
+        "(untimed); cold: boot each.",
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Start many sandboxes (all up at the peak), check each command's output, remove them all, and
+    count what is left behind."""
+    from agentkernel import stress as stress_test
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if sys.stderr.isatty():
+            err_console.print(f"{stage}: {done}/{total}", end="\r")
+
+    result = stress_test.stress(
+        count=count, concurrency=concurrency, mode=mode, image=image, network=network, progress=progress
+    )
+    if json_out:
+        print_json(result)
+    else:
+        console.print(
+            f"{result['succeeded']}/{result['count']} succeeded in {result['total_s']:.2f} s "
+            f"(mode {mode}, concurrency {concurrency}; preparation {result['prepare_s']:.2f} s)"
+        )
+        for stage, p in result["stages"].items():
+            if p["p50"] is not None:
+                console.print(
+                    f"  {stage:<7} p50 {p['p50']:.3f} s  p95 {p['p95']:.3f} s  p99 {p['p99']:.3f} s"
+                )
+        console.print(
+            f"  peak RSS of the VMMs and this process: {result['peak_host_rss_bytes'] / 2**30:.2f} GiB"
+        )
+        console.print("  left behind: " + ", ".join(f"{k} {v}" for k, v in result["leaks"].items()))
+        for error in result["errors"]:
+            console.print(f"  error: {error}")
+    if result["failed"] or any(result["leaks"].values()):
+        raise typer.Exit(1)

@@ -107,6 +107,11 @@ def get(name: str) -> SandboxRecord:
     return _record(row)
 
 
+def exists(name: str) -> bool:
+    with _db() as db:
+        return db.execute("SELECT 1 FROM sandboxes WHERE name = ?", (name,)).fetchone() is not None
+
+
 def all_records() -> list[SandboxRecord]:
     with _db() as db:
         rows = db.execute("SELECT * FROM sandboxes ORDER BY created_at, name").fetchall()

@@ -121,9 +121,14 @@ def locked(name: str) -> Iterator[None]:
     """Serializes life-cycle changes of one sandbox across processes."""
     locks = paths.data_dir() / "locks"
     locks.mkdir(exist_ok=True)
-    with (locks / f"{name}.lock").open("w") as f:
+    path = locks / f"{name}.lock"
+    with path.open("w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
-        yield
+        try:
+            yield
+        finally:
+            if not state.exists(name):  # removed, or never was: no lock file stays behind
+                path.unlink(missing_ok=True)
 
 
 def now() -> str:
@@ -438,8 +443,6 @@ def remove(name: str, *, force: bool = False) -> None:
         store.release(name)
         state.delete(name)
     audit.record("remove", name)
-    with contextlib.suppress(OSError):
-        (paths.data_dir() / "locks" / f"{name}.lock").unlink()
 
 
 @contextlib.asynccontextmanager
