@@ -19,7 +19,7 @@ import pytest
 
 from agentkernel.artifacts import kernel as kernel_artifact
 from agentkernel.backends.base import VMSpec
-from agentkernel.backends.firecracker import FirecrackerBackend
+from agentkernel.backends.firecracker import FirecrackerBackend, instance_id
 from agentkernel.hostinfo import Accel
 from agentkernel.images import store
 from tests.conftest import REPO
@@ -97,13 +97,15 @@ class Fake:
     bin: Path
     record: Path
 
-    def requests(self) -> list[dict[str, Any]]:
+    def requests(self, vm: VMSpec | None = None) -> list[dict[str, Any]]:
+        """What every fake firecracker recorded, or only `vm`'s."""
         if not self.record.exists():
             return []
-        return [json.loads(line) for line in self.record.read_text().splitlines()]
+        entries = [json.loads(line) for line in self.record.read_text().splitlines()]
+        return [e for e in entries if vm is None or e["id"] == instance_id(vm)]
 
-    def api_calls(self) -> list[tuple[str, str, Any]]:
-        return [(r["method"], r["path"], r["body"]) for r in self.requests() if "method" in r]
+    def api_calls(self, vm: VMSpec | None = None) -> list[tuple[str, str, Any]]:
+        return [(r["method"], r["path"], r["body"]) for r in self.requests(vm) if "method" in r]
 
 
 @pytest.fixture

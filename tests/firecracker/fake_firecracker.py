@@ -3,11 +3,13 @@ the registries this project reaches, and the host's /dev/kvm is a PVM hypervisor
 
 Run as `python -m tests.firecracker.fake_firecracker --id ID --api-sock PATH` (the arguments
 firecracker takes; the jailer's timing arguments are accepted too). It serves the
-REST API on PATH as Firecracker does (HTTP/1.1 on a Unix socket): 204 for an accepted PUT, 200 with a
-body for GET / and GET /version, and 400 with {"fault_message": ...} for a path the API lacks, a body
-that firecracker.yaml rejects (strictly: unknown fields too), a body id that differs from the path's,
-a file that cannot be opened, a pre-boot resource after InstanceStart, or InstanceStart without a
-kernel. An existing API socket is refused, as Firecracker refuses it.
+REST API on PATH as Firecracker does (HTTP/1.1 on a Unix socket): 204 for an accepted PUT or PATCH,
+200 with a body for GET / and GET /version, and 400 with {"fault_message": ...} for a path the API
+lacks, a body that firecracker.yaml rejects (strictly: unknown fields too), a body id that differs
+from the path's, a file that cannot be opened, a tap device its network namespace lacks, a pre-boot
+request after the microVM started (InstanceStart or a snapshot load) or a post-boot one before, or
+InstanceStart without a kernel. An existing API socket is refused, as Firecracker refuses it. Paths
+it is given resolve as Firecracker's do: relative ones against its working directory.
 
 On InstanceStart it "boots": it binds the vsock socket (uds_path) at once and, for a short boot time,
 closes connections after `CONNECT <port>` (no guest listener yet), then answers `CONNECT 52000` with
@@ -15,13 +17,27 @@ closes connections after `CONNECT <port>` (no guest listener yet), then answers 
 kernel's restart line on the console and exits, as Firecracker exits when the guest reboots.
 SendCtrlAltDel is accepted and changes nothing, as with our kernel, which has no i8042 driver.
 
+Snapshots, as Firecracker's snapshot doc describes them: PATCH /vm pauses (the guest then answers
+nothing on vsock until resumed) and resumes. PUT /snapshot/create (Full only) needs a paused
+microVM; it writes the state file (JSON here: the configuration but logger and metrics, and the
+guest's identity) and a sparse memory file of the guest's size, and resets the vsock device: open
+connections close. PUT /snapshot/load is refused once anything but the logger and metrics is
+configured, and needs exactly one of mem_backend and mem_file_path; then, as Firecracker does, a
+load that fails answers 400 and ends the process. It applies vsock_override and network_overrides
+(an override of an interface the snapshot lacks fails), opens the drive at the path the snapshot
+recorded, checks the taps, binds the vsock socket (an existing path fails, as bind does), and is
+paused, or running with resume_vm. A restored guest's agent says whose memory it runs:
+"fake agent (memory of <id of the instance that booted it>)".
+
 Environment:
-  FAKE_FC_RECORD=<file>  append every API request and every HELLO's fields to it (JSON lines)
-  FAKE_FC_FAIL=<path>    answer PUT <path> with 400
-  FAKE_FC_CRASH=start    log an error and exit while handling InstanceStart, without answering
-  FAKE_FC_CRASH=boot     answer InstanceStart, then panic (console, log) and exit
-  FAKE_FC_BOOT_TIME=<s>  how long the guest boots (0.3 s)
-  FAKE_FC_ROOT=<dir>     resolve every path under <dir>, as a jailed firecracker sees its chroot
+  FAKE_FC_RECORD=<file>   append every API request (with the instance id) and every HELLO's fields
+                          to it (JSON lines)
+  FAKE_FC_FAIL=<path>     answer PUT or PATCH <path> with 400
+  FAKE_FC_CRASH=start     log an error and exit while handling InstanceStart, without answering
+  FAKE_FC_CRASH=boot      answer InstanceStart, then panic (console, log) and exit
+  FAKE_FC_CRASH=snapshot  write half a memory file, log an error and exit, while creating a snapshot
+  FAKE_FC_BOOT_TIME=<s>   how long the guest boots (0.3 s)
+  FAKE_FC_ROOT=<dir>      resolve every path under <dir>, as a jailed firecracker sees its chroot
 """
 
 from __future__ import annotations
@@ -31,6 +47,7 @@ import asyncio
 import datetime as dt
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -50,6 +67,15 @@ from tests.firecracker import spec
 
 REASONS = {200: "OK", 204: "No Content", 400: "Bad Request"}
 PRE_BOOT_ONLY = "The requested operation is not supported after starting the microVM."
+POST_BOOT_ONLY = "The requested operation is not supported before starting the microVM."
+POST_BOOT = {("PATCH", "/vm"), ("PUT", "/snapshot/create")}
+NOT_SAVED = ("/logger", "/metrics")  # configuration a snapshot does not hold, and all a load allows
+SNAPSHOT_MAGIC = "fake firecracker microVM state"
+MiB = 1 << 20
+
+
+class LoadError(Exception):
+    """A snapshot load that failed: Firecracker answers, then ends the process."""
 
 
 class FakeFirecracker:
@@ -61,8 +87,12 @@ class FakeFirecracker:
             os.chdir(os.environ["FAKE_FC_ROOT"])  # socket paths inside a jail are short: keep them so
         self.record = os.environ.get("FAKE_FC_RECORD")
         self.config: dict[str, Any] = {}
-        self.started = False
-        self.booted = False
+        self.state = "Not started"  # InstanceInfo's: Not started, Running, Paused
+        self.running = asyncio.Event()  # the guest's vCPUs run
+        self.booted = False  # the guest's agent listens
+        self.guest = instance  # which instance booted the guest whose memory this one runs
+        self.vsock_clients: set[asyncio.StreamWriter] = set()
+        self.exit_after_answer = False
         self.log: Any = None
 
     def path(self, guest_path: str) -> Path:
@@ -72,13 +102,20 @@ class FakeFirecracker:
     def note(self, entry: dict[str, Any]) -> None:
         if self.record:
             with open(self.record, "a") as f:
-                f.write(json.dumps(entry) + "\n")
+                f.write(json.dumps({**entry, "id": self.instance}) + "\n")
 
     def write_log(self, level: str, message: str) -> None:
         if self.log is not None:
             now = dt.datetime.now().isoformat()
             self.log.write(f"{now} [{self.instance}:main:{level}] {message}\n")
             self.log.flush()
+
+    def set_state(self, state: str) -> None:
+        self.state = state
+        if state == "Running":
+            self.running.set()
+        else:
+            self.running.clear()
 
     # -- the API ----------------------------------------------------------------------------------
 
@@ -89,11 +126,10 @@ class FakeFirecracker:
             return 400, fault("The request body is not valid JSON.")
         self.note({"method": method, "path": path, "body": body})
         if method == "GET" and path == "/":
-            state = "Running" if self.started else "Not started"
             return 200, {
                 "app_name": "Firecracker",
                 "id": self.instance,
-                "state": state,
+                "state": self.state,
                 "vmm_version": "1.17.0",
             }
         if method == "GET" and path == "/version":
@@ -106,11 +142,18 @@ class FakeFirecracker:
             return 400, fault(f"An error occurred when deserializing the json body of a request: {errors[0]}")
         if path == os.environ.get("FAKE_FC_FAIL"):
             return 400, fault(f"Fake failure requested for {path}:\nsecond line of the fault.")
-        if self.started and path != "/actions":
-            return 400, fault(PRE_BOOT_ONLY)
         assert isinstance(body, dict)
         if path == "/actions":
             return self.action(body["action_type"])
+        started = self.state != "Not started"
+        if (method, path) in POST_BOOT:
+            if not started:
+                return 400, fault(POST_BOOT_ONLY)
+            return self.pause_or_resume(body["state"]) if path == "/vm" else self.create_snapshot(body)
+        if started:
+            return 400, fault(PRE_BOOT_ONLY)
+        if path == "/snapshot/load":
+            return self.load_snapshot(body)
         return self.configure(path, body)
 
     def configure(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
@@ -121,27 +164,116 @@ class FakeFirecracker:
             self.path(body["metrics_path"]).touch()
         elif path == "/boot-source" and not self.path(body["kernel_image_path"]).is_file():
             return 400, fault("Cannot open the kernel image: No such file or directory (os error 2)")
-        elif path.startswith("/drives/"):
+        elif problem := self.device_problem(path, body):
+            return 400, fault(problem)
+        self.config[path] = body
+        return 204, None
+
+    def device_problem(self, path: str, body: dict[str, Any]) -> str:
+        """Why Firecracker could not open a drive's file or a NIC's tap ("" if it can)."""
+        if path.startswith("/drives/"):
             disk = self.path(body["path_on_host"])
             mode = os.R_OK if body["is_read_only"] else os.R_OK | os.W_OK
             if not disk.is_file() or not os.access(disk, mode):
-                return 400, fault(f"Unable to open the block device {body['path_on_host']}")
-        self.config[path] = body
-        return 204, None
+                return f"Unable to open the block device {body['path_on_host']}"
+        if path.startswith("/network-interfaces/"):
+            return tap_problem(body["host_dev_name"])
+        return ""
 
     def action(self, action: str) -> tuple[int, dict[str, Any] | None]:
         if action != "InstanceStart":
             return 204, None  # SendCtrlAltDel reaches no driver in our guest; FlushMetrics: nothing to flush
-        if self.started:
+        if self.state != "Not started":
             return 400, fault("The microVM is already running.")
         if "/boot-source" not in self.config:
             return 400, fault("Cannot start microvm without kernel configuration.")
         if os.environ.get("FAKE_FC_CRASH") == "start":
             self.write_log("ERROR", "Failed to start microVM: fake start failure")
             os._exit(1)
-        self.started = True
+        self.set_state("Running")
         asyncio.get_running_loop().create_task(self.boot())
         return 204, None
+
+    def pause_or_resume(self, wanted: str) -> tuple[int, dict[str, Any] | None]:
+        self.set_state("Paused" if wanted == "Paused" else "Running")  # a repeated request changes nothing
+        return 204, None
+
+    def create_snapshot(self, body: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
+        if self.state != "Paused":
+            return 400, fault("Cannot create a snapshot: the microVM is not paused.")
+        if body.get("snapshot_type", "Full") != "Full":
+            return 400, fault("The fake firecracker takes Full snapshots only.")
+        state_file, memory_file = self.path(body["snapshot_path"]), self.path(body["mem_file_path"])
+        for file in (state_file, memory_file):
+            if not file.parent.is_dir():
+                return 400, fault(f"Cannot create the snapshot file {file}: No such file or directory")
+        size = self.config["/machine-config"]["mem_size_mib"] * MiB
+        with memory_file.open("wb") as f:  # truncated and overwritten if it exists, as Firecracker does
+            f.write(f"fake guest memory of {self.guest}\n".encode())
+            if os.environ.get("FAKE_FC_CRASH") == "snapshot":
+                self.write_log("ERROR", "Failed to create the snapshot: fake failure while writing memory")
+                os._exit(1)
+            f.truncate(size)
+        saved = {k: v for k, v in self.config.items() if k not in NOT_SAVED}
+        state = {"magic": SNAPSHOT_MAGIC, "config": saved, "booted": self.booted}
+        state_file.write_text(json.dumps(state))
+        for client in self.vsock_clients:  # the vsock device is reset: connections close
+            client.close()
+        self.write_log("INFO", "Snapshot created")
+        return 204, None
+
+    def load_snapshot(self, body: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
+        if set(self.config) - set(NOT_SAVED):
+            return 400, fault(
+                "Loading a microVM snapshot not allowed after configuring boot-specific resources."
+            )
+        if ("mem_backend" in body) == ("mem_file_path" in body):
+            return 400, fault("Exactly one of mem_backend and mem_file_path must be given.")
+        try:
+            self.restore(body)
+        except LoadError as exc:
+            self.write_log("ERROR", f"Loading the snapshot failed: {exc}")
+            self.exit_after_answer = True
+            return 400, fault(f"Load snapshot error: {exc}")
+        return 204, None
+
+    def restore(self, body: dict[str, Any]) -> None:
+        backend = body.get("mem_backend", {"backend_type": "File", "backend_path": body.get("mem_file_path")})
+        if backend["backend_type"] != "File":
+            raise LoadError("the fake firecracker has no Uffd memory backend")
+        try:
+            state = json.loads(self.path(body["snapshot_path"]).read_text())
+            memory = self.path(backend["backend_path"])
+            with memory.open("rb") as f:  # Firecracker maps it privately: only ever read
+                header = f.readline()
+            size = memory.stat().st_size
+        except (OSError, ValueError) as exc:
+            raise LoadError(f"cannot read the snapshot files: {exc}") from None
+        config = state.get("config", {}) if state.get("magic") == SNAPSHOT_MAGIC else {}
+        if size != config.get("/machine-config", {}).get("mem_size_mib", -1) * MiB:
+            raise LoadError("the state file or the memory file is not a snapshot's")
+        for override in body.get("network_overrides", []):
+            key = f"/network-interfaces/{override['iface_id']}"
+            if key not in config:
+                raise LoadError(f"the snapshot has no network interface {override['iface_id']}")
+            config[key] = {**config[key], "host_dev_name": override["host_dev_name"]}
+        vsock = config["/vsock"] = {**config["/vsock"], **body.get("vsock_override", {})}
+        for path, device in config.items():
+            if problem := self.device_problem(path, device):
+                raise LoadError(problem)
+        uds = self.path(vsock["uds_path"])
+        listener = socket.socket(socket.AF_UNIX)
+        try:
+            listener.bind(str(uds))
+        except OSError as exc:
+            listener.close()
+            raise LoadError(f"cannot bind the vsock socket {vsock['uds_path']}: {exc.strerror}") from None
+        self.config.update(config)
+        self.guest = header.removeprefix(b"fake guest memory of ").decode().strip()
+        self.booted = state["booted"]
+        self.set_state("Running" if body.get("resume_vm") else "Paused")
+        asyncio.get_running_loop().create_task(self.serve_vsock_on(listener))
+        self.write_log("INFO", "Snapshot loaded")
 
     async def serve_api(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -155,6 +287,8 @@ class FakeFirecracker:
                 extra = f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n" if data else ""
                 writer.write(f"HTTP/1.1 {status} {REASONS[status]}\r\n{extra}\r\n".encode() + data)
                 await writer.drain()
+                if self.exit_after_answer:
+                    os._exit(1)
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
 
@@ -163,7 +297,11 @@ class FakeFirecracker:
     async def boot(self) -> None:
         vsock = self.config["/vsock"]["uds_path"]
         await asyncio.start_unix_server(self.serve_vsock, path=str(self.path(vsock)))
+        await self.finish_boot()
+
+    async def finish_boot(self) -> None:
         await asyncio.sleep(float(os.environ.get("FAKE_FC_BOOT_TIME", "0.3")))
+        await self.running.wait()
         if os.environ.get("FAKE_FC_CRASH") == "boot":
             print("Kernel panic - not syncing: fake guest failure", flush=True)
             self.write_log("ERROR", "Vmm is stopping: the guest panicked (fake)")
@@ -171,14 +309,30 @@ class FakeFirecracker:
         print("fake guest: booted, agent listening on vsock port 52000", flush=True)
         self.booted = True
 
+    async def serve_vsock_on(self, listener: socket.socket) -> None:
+        await asyncio.start_unix_server(self.serve_vsock, sock=listener)
+        if not self.booted:  # snapshotted while booting: it boots on
+            await self.finish_boot()
+
     async def serve_vsock(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.vsock_clients.add(writer)
+        try:
+            await self.agent(reader, writer)
+        except ConnectionError:
+            pass
+        finally:
+            self.vsock_clients.discard(writer)
+            writer.close()
+
+    async def agent(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         line = await reader.readline()
+        await self.running.wait()  # a paused guest answers nothing
         if line != b"CONNECT 52000\n" or not self.booted:
-            writer.close()  # nothing listens on that guest port (yet): Firecracker drops the connection
-            return
+            return  # nothing listens on that guest port (yet): Firecracker drops the connection
         writer.write(b"OK 1073741824\n")
         decoder = FrameDecoder()
         while data := await reader.read(65536):
+            await self.running.wait()
             for frame in decoder.feed(data):
                 if frame.type is FrameType.HELLO:
                     record = decode_record(frame.payload)
@@ -189,10 +343,15 @@ class FakeFirecracker:
                             "max_procs": record.int(Tag.MAX_PROCS),
                         }
                     )
+                    message = (
+                        "fake agent"
+                        if self.guest == self.instance
+                        else f"fake agent (memory of {self.guest})"
+                    )
                     reply: list[tuple[Tag, FieldValue]] = [
                         (Tag.VERSION, VERSION),
                         (Tag.MAGIC, MAGIC),
-                        (Tag.MESSAGE, "fake agent"),
+                        (Tag.MESSAGE, message),
                     ]
                     writer.write(encode(0, FrameType.HELLO, encode_record(reply)))
                 elif frame.type is FrameType.PING:
@@ -200,7 +359,14 @@ class FakeFirecracker:
                 elif frame.type is FrameType.SHUTDOWN:
                     print("reboot: Restarting system", flush=True)
                     os._exit(0)
-        writer.close()
+
+
+def tap_problem(name: str) -> str:
+    """Why Firecracker could not open tap `name` in its network namespace ("" if it can). Firecracker
+    running with CAP_NET_ADMIN would create a missing one; sandboxes always make theirs first."""
+    with open("/proc/net/dev") as f:  # the devices of this process's network namespace
+        devices = {line.split(":")[0].strip() for line in f.readlines()[2:]}
+    return "" if name in devices else f"Could not open the tap device {name}: no such device"
 
 
 def fault(message: str) -> dict[str, Any]:

@@ -35,6 +35,7 @@ def api(fake: Fake, make_spec: MakeSpec, monkeypatch: pytest.MonkeyPatch) -> Ite
             str(sock),
         ],
         env={**os.environ, "PYTHONPATH": str(REPO)},
+        cwd=sock.parent,  # as the backend runs firecracker: in the run directory
     )
     client = FirecrackerAPI(sock)
     try:
@@ -52,7 +53,7 @@ def api(fake: Fake, make_spec: MakeSpec, monkeypatch: pytest.MonkeyPatch) -> Ite
 def test_configure_and_start(api: FirecrackerAPI, fake: Fake, make_spec: MakeSpec) -> None:
     vm = make_spec()
     vm.workdir.mkdir(parents=True)
-    fc.disk(vm).write_bytes(b"disk")
+    (api.socket.parent / fc.DRIVE_PATH).write_bytes(b"disk")  # the drive's path is relative
     assert api.request("GET", "/")["state"] == "Not started"
     for path, body in fc.config_requests(vm, fc.host_layout(vm)):
         api.put(path, body)

@@ -99,7 +99,7 @@ def test_life_cycle(backend: FirecrackerBackend, make_spec: MakeSpec, fake: Fake
 
     run(sessions())
     hellos = [r for r in fake.requests() if "hello" in r]
-    assert hellos[0] == {"hello": "fc1", "memory_mb": 256, "max_procs": 100}
+    assert hellos[0] == {"hello": "fc1", "memory_mb": 256, "max_procs": 100, "id": fc.instance_id(vm)}
     for _ in range(500):
         if not backend.is_alive(vm, pid):
             break

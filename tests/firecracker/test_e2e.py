@@ -1,17 +1,19 @@
 """End to end with the real firecracker binary, the built guest kernel, the base image and the agent:
-create, start, exec, stop and remove through the backend. Runs wherever firecracker is on PATH and
-hardware KVM is usable; skipped elsewhere (as here: no binary, and /dev/kvm is PVM without vmx/svm)."""
+create, start, exec, stop and remove, snapshots and forks, through the backend. Runs wherever
+firecracker is on PATH and hardware KVM is usable; skipped elsewhere (as here: no binary, and
+/dev/kvm is PVM without vmx/svm)."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -23,6 +25,7 @@ from agentkernel.network import launcher as gateway
 from agentkernel.network.policy import EgressRules
 from tests.firecracker.conftest import MakeSpec, kill_processes_naming
 
+T = TypeVar("T")
 RUNNABLE = bool(shutil.which("firecracker")) and detect_accel().name == "kvm"
 pytestmark = [
     pytest.mark.vm,
@@ -30,8 +33,8 @@ pytestmark = [
 ]
 
 
-def run(coro: Coroutine[Any, Any, None]) -> None:
-    asyncio.run(asyncio.wait_for(coro, 120))
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(asyncio.wait_for(coro, 120))
 
 
 @pytest.fixture
@@ -174,3 +177,140 @@ def test_jailed(new_spec: MakeSpec, tmp_path: Path) -> None:
         backend.kill(vm, pid)
         backend.cleanup(vm, keep_disk=False)
     assert not list((tmp_path / "jails").glob(f"*/{fc.instance_id(vm)}"))
+
+
+def fork_of(new_spec: MakeSpec, name: str, snapshot: Path, **fields: Any) -> VMSpec:
+    """A fork's spec as the service makes it: the snapshot's disk as image, the snapshot to restore."""
+    return new_spec(name, image=snapshot / FirecrackerBackend.snapshot_disk, restore=snapshot, **fields)
+
+
+def resumed(backend: FirecrackerBackend, vm: VMSpec) -> int:
+    backend.prepare(vm)
+    pid = backend.start(vm)
+    run(backend.resume(vm, pid))
+    return pid
+
+
+async def output(backend: FirecrackerBackend, vm: VMSpec, pid: int, script: str) -> bytes:
+    conn = await backend.connect(vm, pid, timeout=60)
+    try:
+        done = await conn.run(["sh", "-c", script], env=gateway.proxy_env() if vm.egress else None)
+        assert done.status.exit_code == 0, done.stderr
+        return done.stdout
+    finally:
+        await conn.close()
+
+
+def test_snapshot_and_forks(new_spec: MakeSpec, tmp_path: Path) -> None:
+    """A Full snapshot of a running microVM and two forks of it: each resumes the memory and disk as
+    they were, with its own disk copy, vsock socket, hostname, clock and random numbers; the source
+    runs on; a stopped fork boots from its own disk."""
+    backend = FirecrackerBackend()
+    origin = new_spec("fcorigin", memory_mb=256)
+    backend.prepare(origin)
+    pids = {origin.name: backend.start(origin)}
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    forks = [fork_of(new_spec, name, snap, memory_mb=256) for name in ("fcone", "fctwo")]
+    random = "head -c 16 /dev/urandom | od -An -tx1"
+    try:
+        run(
+            output(
+                backend,
+                origin,
+                pids[origin.name],
+                "echo on-disk > /root/f && sync && echo in-memory > /tmp/m",
+            )
+        )
+        start = time.monotonic()
+        run(backend.snapshot(origin, pids[origin.name], snap))
+        print(f"snapshot of 256 MiB: {time.monotonic() - start:.2f}s")
+        run(output(backend, origin, pids[origin.name], "echo after > /root/f"))  # the source runs on
+        time.sleep(2)  # the forks' clocks must not resume at the snapshot's time
+        for vm in forks:
+            start = time.monotonic()
+            pids[vm.name] = resumed(backend, vm)
+            out = run(output(backend, vm, pids[vm.name], "cat /root/f /tmp/m; hostname; date +%s"))
+            print(f"restore to agent answer: {time.monotonic() - start:.2f}s")
+            f, m, hostname, clock = out.decode().split()
+            assert (f, m, hostname) == ("on-disk", "in-memory", vm.name)
+            assert abs(int(clock) - time.time()) < 2
+        one, two = forks
+        assert run(output(backend, one, pids[one.name], random)) != run(
+            output(backend, two, pids[two.name], random)
+        )
+        run(output(backend, two, pids[two.name], "echo changed > /root/f && sync"))
+        assert run(output(backend, one, pids[one.name], "cat /root/f")) == b"on-disk\n"
+        assert run(output(backend, origin, pids[origin.name], "cat /root/f")) == b"after\n"
+
+        async def power_off() -> None:
+            conn = await backend.connect(one, pids[one.name], timeout=30)
+            await conn.shutdown()
+            await conn.close()
+
+        run(power_off())
+        wait_exit(backend, one, pids[one.name])
+        backend.cleanup(one, keep_disk=True)
+        cold = dataclasses.replace(one, restore=None)  # as the service starts it after the first time
+        pids[one.name] = backend.start(cold)
+        assert run(output(backend, cold, pids[one.name], "cat /root/f")) == b"on-disk\n"
+    finally:
+        for vm in (origin, *forks):
+            if vm.name in pids:
+                backend.kill(vm, pids[vm.name])
+            backend.cleanup(vm, keep_disk=False)
+
+
+@pytest.mark.skipif(RUNNABLE and os.geteuid() != 0, reason="the tap device and nftables need root")
+def test_forks_with_network(new_spec: MakeSpec, isolated_home: Path, tmp_path: Path) -> None:
+    """Each fork gets its own tap in its own namespace and reaches the network through its own gateway."""
+    backend = FirecrackerBackend()
+    rules = EgressRules(block=("blocked.example",))
+    origin = new_spec("fcnetorigin", egress=rules)
+    backend.prepare(origin)
+    pids = {origin.name: backend.start(origin)}
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    forks = [fork_of(new_spec, name, snap, egress=rules) for name in ("fcnetone", "fcnettwo")]
+    try:
+        run(output(backend, origin, pids[origin.name], "true"))
+        run(backend.snapshot(origin, pids[origin.name], snap))
+        for vm in forks:
+            pids[vm.name] = resumed(backend, vm)
+            out = run(
+                output(
+                    backend, vm, pids[vm.name], "timeout 10 wget -q -O - http://blocked.example/ 2>&1; true"
+                )
+            )
+            assert b"403 Forbidden" in out
+    finally:
+        for vm in (origin, *forks):
+            if vm.name in pids:
+                backend.kill(vm, pids[vm.name])
+            backend.cleanup(vm, keep_disk=False)
+    assert not [vm for vm in (origin, *forks) if (fc.NETNS_DIR / fc.netns_name(vm)).exists()]
+
+
+@pytest.mark.skipif(
+    RUNNABLE and (os.geteuid() != 0 or not shutil.which("jailer")),
+    reason="the jailer needs root and its binary on PATH",
+)
+def test_jailed_snapshot_and_fork(new_spec: MakeSpec, tmp_path: Path) -> None:
+    backend = FirecrackerBackend(jailer=Jailer(65534, 65534, tmp_path / "jails"))
+    origin = new_spec("fcjailorigin")
+    backend.prepare(origin)
+    pids = {origin.name: backend.start(origin)}
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    fork = fork_of(new_spec, "fcjailfork", snap)
+    try:
+        run(output(backend, origin, pids[origin.name], "echo jailed > /root/f && sync"))
+        run(backend.snapshot(origin, pids[origin.name], snap))
+        pids[fork.name] = resumed(backend, fork)
+        assert run(output(backend, fork, pids[fork.name], "cat /root/f")) == b"jailed\n"
+        assert "\nUid:\t65534\t" in Path(f"/proc/{pids[fork.name]}/status").read_text()
+    finally:
+        for vm in (origin, fork):
+            if vm.name in pids:
+                backend.kill(vm, pids[vm.name])
+            backend.cleanup(vm, keep_disk=False)

@@ -23,15 +23,29 @@ def test_every_body_matches_the_spec(
 ) -> None:
     vm = make_spec(vcpus=vcpus, memory_mb=memory_mb, read_only=read_only, egress=NETWORK if network else None)
     layout = fc.JAIL_LAYOUT if jailed else fc.host_layout(vm)
-    requests = [*fc.config_requests(vm, layout)]
-    requests += [("/actions", fc.action_body(a)) for a in ("InstanceStart", "SendCtrlAltDel")]
-    for path, body in requests:
-        assert spec.body_errors("PUT", path, body) == [], path
-        assert {204, "default"} <= spec.response_codes("PUT", path)  # success, and errors as Error
-    sent = dict(requests)
+    requests = [("PUT", path, body) for path, body in fc.config_requests(vm, layout)]
+    requests += [("PUT", "/actions", fc.action_body(a)) for a in ("InstanceStart", "SendCtrlAltDel")]
+    requests += [("PATCH", "/vm", fc.vm_state_body(state)) for state in ("Paused", "Resumed")]
+    requests += [("PUT", "/snapshot/create", fc.snapshot_create_body("/s/vmstate", "/s/memory"))]
+    restore = make_spec(
+        vcpus=vcpus, memory_mb=memory_mb, read_only=read_only, egress=vm.egress, restore=Path("/s")
+    )
+    restore_puts = fc.config_requests(restore, layout)
+    load = fc.snapshot_load_body(restore, *fc.restore_files(restore, jailed=jailed))
+    requests += [("PUT", path, body) for path, body in restore_puts] + [("PUT", "/snapshot/load", load)]
+    for method, path, body in requests:
+        assert spec.body_errors(method, path, body) == [], path
+        assert {204, "default"} <= spec.response_codes(method, path)  # success, and errors as Error
+    sent = {path: body for method, path, body in requests if method == "PUT"}
     assert ("/network-interfaces/eth0" in sent) is network
     assert sent["/drives/rootfs"]["is_read_only"] is read_only
     assert sent["/machine-config"] == {"vcpu_count": vcpus, "mem_size_mib": memory_mb, "smt": False}
+    assert [path for path, _ in restore_puts] == ["/logger", "/metrics"]  # all a load allows before it
+    assert load["mem_backend"]["backend_type"] == "File" and load["resume_vm"] is True
+    assert load["vsock_override"] == {"uds_path": str(restore.rundir / "v.sock")}
+    assert load.get("network_overrides") == (
+        [{"iface_id": "eth0", "host_dev_name": "tap0"}] if network else None
+    )
 
 
 def test_the_validation_is_strict(make_spec: MakeSpec) -> None:
@@ -43,8 +57,27 @@ def test_the_validation_is_strict(make_spec: MakeSpec) -> None:
     assert spec.body_errors("PUT", "/drives/rootfs", {"drive_id": "other", "is_root_device": True})
     assert spec.body_errors("PUT", "/actions", {"action_type": "Reboot"})
     assert spec.body_errors("PUT", "/boot-source", {"boot_args": "console=ttyS0"})
+    assert spec.body_errors("PATCH", "/vm", {"state": "Stopped"})
+    assert spec.body_errors("PUT", "/snapshot/create", {"snapshot_type": "Full", "snapshot_path": "/s"})
+    assert spec.body_errors(
+        "PUT", "/snapshot/create", {**fc.snapshot_create_body("/a", "/b"), "type": "Full"}
+    )
+    load = fc.snapshot_load_body(make_spec(restore=Path("/s")), "/s/vmstate", "/s/memory")
+    assert spec.body_errors("PUT", "/snapshot/load", {**load, "mem_backend": {"backend_type": "File"}})
+    assert spec.body_errors("PUT", "/snapshot/load", {**load, "vsock_override": {"path": "/v.sock"}})
+    assert spec.body_errors("PUT", "/snapshot/load", {**load, "network_overrides": [{"iface_id": "eth0"}]})
     with pytest.raises(KeyError):
         spec.operation("PUT", "/no-such-resource")
+
+
+def test_a_restore_cannot_move_a_drive() -> None:
+    """Why the drive's path is relative (firecracker.disk_link): a load can be told another vsock
+    socket and other taps, but no other drive file; and PATCH /drives is post-boot only, after the
+    load has opened the drive at the recorded path."""
+    load = spec.load()["definitions"]["SnapshotLoadParams"]["properties"]
+    assert {"vsock_override", "network_overrides"} <= set(load)
+    assert not [name for name in load if "drive" in name or "block" in name]
+    assert "Post-boot only" in spec.operation("PATCH", "/drives/rootfs")[1]["summary"]
 
 
 def test_kernel_command_line(make_spec: MakeSpec) -> None:
@@ -63,14 +96,20 @@ def test_paths_firecracker_is_given(make_spec: MakeSpec, files: tuple[Path, Path
     vm = make_spec()
     sent = dict(fc.config_requests(vm, fc.host_layout(vm)))
     assert sent["/boot-source"]["kernel_image_path"] == str(files[0])
-    assert sent["/drives/rootfs"]["path_on_host"] == str(vm.workdir / "rootfs.ext4")
     assert sent["/vsock"] == {"guest_cid": 3, "uds_path": str(vm.rundir / "v.sock")}
     assert sent["/logger"]["log_path"] == str(vm.workdir / "firecracker.log")
     assert sent["/metrics"] == {"metrics_path": str(vm.workdir / "metrics.json")}
-    read_only = make_spec(read_only=True)
-    assert dict(fc.config_requests(read_only, fc.host_layout(read_only)))["/drives/rootfs"][
-        "path_on_host"
-    ] == str(files[1])  # the immutable image itself, opened read-only
+    # The drive is relative: the run directory's link (the sandbox's copy, or the immutable image for
+    # a read-only root), or the jail's root; a snapshot then restores with each fork's own disk.
     jailed = dict(fc.config_requests(vm, fc.JAIL_LAYOUT))
+    assert sent["/drives/rootfs"]["path_on_host"] == jailed["/drives/rootfs"]["path_on_host"] == "rootfs.ext4"
+    assert fc.disk_link(vm) == vm.rundir / "rootfs.ext4" and fc.disk(vm) == vm.workdir / "rootfs.ext4"
+    assert fc.disk(make_spec(read_only=True)) == files[1]
     assert jailed["/boot-source"]["kernel_image_path"] == "/vmlinux"
     assert jailed["/vsock"]["uds_path"] == str(vm.rundir / "v.sock")  # the jail mirrors the run dir
+    restore = make_spec(restore=Path("snapshots/s"))  # relative: made absolute for firecracker
+    assert fc.restore_files(restore, jailed=False) == (
+        str(Path.cwd() / "snapshots/s/vmstate"),
+        str(Path.cwd() / "snapshots/s/memory"),
+    )
+    assert fc.restore_files(restore, jailed=True) == ("/restore.vmstate", "/restore.memory")

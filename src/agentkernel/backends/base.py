@@ -35,7 +35,7 @@ class VMSpec:
     rundir: Path  # sockets and pid file, on a short path (Unix socket paths are limited to 107 bytes)
     vcpus: int = 1
     memory_mb: int = 512
-    image_format: str = "raw"  # "qcow2" when the backing file is a snapshot's disk
+    image_format: str = "raw"  # a fork's is its backend's snapshot_disk_format (qcow2 under QEMU)
     restore: Path | None = None  # a snapshot directory to resume from instead of booting
     egress: EgressRules | None = None  # None: no network at all, the guest has only lo
     read_only: bool = False  # the root disk is read-only (host-enforced); /tmp is a tmpfs
@@ -72,6 +72,9 @@ class Backend(Protocol):
 
 class SnapshotBackend(Backend, Protocol):
     """A backend that can save a running VM (memory, devices, disk) and resume copies of it."""
+
+    snapshot_disk: str  # the disk's file name in a snapshot directory: a fork's image
+    snapshot_disk_format: str  # that file's format (qcow2 over the image, or a raw copy)
 
     async def snapshot(self, spec: VMSpec, pid: int, dest: Path) -> None:
         """Save the running VM into the empty directory `dest`; the VM runs on afterwards."""

@@ -8,6 +8,8 @@ its jailer (chroot, uid/gid, cgroup limits, new mount and pid namespaces). The h
 through Firecracker's hybrid vsock socket: every connection is an independent agent connection.
 With network on, the guest's NIC is a tap device in a network namespace of the sandbox's own, where
 nftables lets through only TCP to the proxy address, which socat hands to the egress gateway.
+Snapshots are Firecracker's Full snapshots (state and memory files) plus a raw copy of the disk; a
+fork maps the memory file privately and gets its own disk copy, vsock socket and tap device.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +52,11 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 CGROUP_PARENT = "agentkernel"
 VMM_OVERHEAD_MB = 64  # memory.max headroom over the guest's RAM for Firecracker itself
 START_TIMEOUT = 10.0
+SNAPSHOT_TIMEOUT = 300.0  # writing or mapping the guest's whole memory
+SNAPSHOT_STATE = "vmstate"  # the files of a snapshot directory: Firecracker's microVM state,
+SNAPSHOT_MEMORY = "memory"  # the guest memory (a Full snapshot),
+SNAPSHOT_DISK = "rootfs.ext4"  # and a raw copy of the root disk
+DRIVE_PATH = "rootfs.ext4"  # the root drive as Firecracker is given it: relative, see disk_link()
 NEEDS = "firecracker backend needs the firecracker binary on PATH and hardware KVM (/dev/kvm with vmx/svm)"
 NETWORK_NEEDS_ROOT = (
     "a firecracker sandbox with network needs root to create its network namespace, tap device and "
@@ -68,6 +77,17 @@ def disk(spec: VMSpec) -> Path:
     return spec.image if spec.read_only else spec.workdir / "rootfs.ext4"
 
 
+def disk_link(spec: VMSpec) -> Path:
+    """A link to the root disk where an unjailed Firecracker runs (its working directory).
+
+    A snapshot records the drive's path as Firecracker was given it and a restore opens that path
+    again: the API spec has overrides for the vsock socket and taps but none for drives. So every
+    Firecracker is given the same relative path, DRIVE_PATH, which each resolves to its own disk:
+    this link in its run directory, or the hard link at the root of its jail (a jail's working
+    directory). A snapshot taken jailed restores unjailed and the other way round."""
+    return spec.rundir / DRIVE_PATH
+
+
 def log_file(spec: VMSpec) -> Path:
     return spec.workdir / "firecracker.log"
 
@@ -83,6 +103,20 @@ def forwarder_pidfile(spec: VMSpec) -> Path:
 def jail_link(spec: VMSpec) -> Path:
     """A symlink to the sandbox's jail directory while it has one (cleanup finds the jail by it)."""
     return spec.rundir / "jail"
+
+
+def jail_root(spec: VMSpec) -> Path | None:
+    """The root of the running sandbox's jail; None when it runs unjailed (whatever the environment
+    of the process asking says: another one started it)."""
+    link = jail_link(spec)
+    return link.readlink() / "root" if link.is_symlink() else None
+
+
+def jail_files(kind: str) -> tuple[str, str]:
+    """State and memory file paths at a jail's root: "restore", links to the snapshot a restore loads,
+    or "snapshot", what a snapshot writes (then moved out). They differ so that a snapshot of a
+    restored VM never overwrites the files it was restored from."""
+    return f"/{kind}.{SNAPSHOT_STATE}", f"/{kind}.{SNAPSHOT_MEMORY}"
 
 
 def instance_id(spec: VMSpec) -> str:
@@ -103,25 +137,25 @@ def kernel_cmdline(spec: VMSpec) -> str:
     return f"{args} {gateway.GUEST_IP_ARG}" if spec.egress is not None else args
 
 
-# -- API request bodies (tests validate each against ref/firecracker/firecracker.yaml) -----------------
+# -- API request bodies (tests validate each against tests/firecracker/firecracker.yaml) ---------------
 
 
 @dataclass(frozen=True)
 class Layout:
-    """The file paths Firecracker is given: host paths, or paths inside the jail's chroot. Sockets
-    need no entry: a jail mirrors the run directory's path, so theirs are the same either way."""
+    """The file paths Firecracker is given: absolute host paths (an unjailed Firecracker runs in the
+    run directory), or paths inside the jail's chroot. Sockets need no entry: a jail mirrors the run
+    directory's path, so theirs are the same either way; nor does the drive (DRIVE_PATH)."""
 
     kernel: str
-    disk: str
     log: str
     metrics: str
 
 
 def host_layout(spec: VMSpec) -> Layout:
-    return Layout(str(spec.kernel), str(disk(spec)), str(log_file(spec)), str(metrics_file(spec)))
+    return Layout(*(str(p.absolute()) for p in (spec.kernel, log_file(spec), metrics_file(spec))))
 
 
-JAIL_LAYOUT = Layout("/vmlinux", "/rootfs.ext4", "/firecracker.log", "/metrics.json")
+JAIL_LAYOUT = Layout("/vmlinux", "/firecracker.log", "/metrics.json")
 
 
 def logger_body(layout: Layout) -> dict[str, Any]:
@@ -140,10 +174,10 @@ def boot_source_body(spec: VMSpec, layout: Layout) -> dict[str, Any]:
     return {"kernel_image_path": layout.kernel, "boot_args": kernel_cmdline(spec)}
 
 
-def drive_body(spec: VMSpec, layout: Layout) -> dict[str, Any]:
+def drive_body(spec: VMSpec) -> dict[str, Any]:
     return {
         "drive_id": ROOT_DRIVE,
-        "path_on_host": layout.disk,
+        "path_on_host": DRIVE_PATH,
         "is_root_device": True,
         "is_read_only": spec.read_only,
     }
@@ -163,19 +197,56 @@ def action_body(action: str) -> dict[str, Any]:
 
 def config_requests(spec: VMSpec, layout: Layout) -> list[tuple[str, dict[str, Any]]]:
     """Every PUT that configures the microVM, in order, before InstanceStart. The logger comes first
-    so that Firecracker logs whatever goes wrong after it to the sandbox's log file."""
-    requests = [
-        ("/logger", logger_body(layout)),
-        ("/metrics", metrics_body(layout)),
+    so that Firecracker logs whatever goes wrong after it to the sandbox's log file. A restore gets
+    only the logger and metrics, all Firecracker takes before a snapshot load: the snapshot holds
+    the rest."""
+    requests = [("/logger", logger_body(layout)), ("/metrics", metrics_body(layout))]
+    if spec.restore is not None:
+        return requests
+    requests += [
         ("/machine-config", machine_config_body(spec)),
         ("/boot-source", boot_source_body(spec, layout)),
-        (f"/drives/{ROOT_DRIVE}", drive_body(spec, layout)),
+        (f"/drives/{ROOT_DRIVE}", drive_body(spec)),
         ("/vsock", vsock_body(spec)),
         ("/entropy", {}),  # virtio-rng, as under QEMU
     ]
     if spec.egress is not None:
         requests.append((f"/network-interfaces/{IFACE}", network_body()))
     return requests
+
+
+def vm_state_body(state: str) -> dict[str, Any]:
+    return {"state": state}  # Paused or Resumed
+
+
+def snapshot_create_body(vmstate: str, memory: str) -> dict[str, Any]:
+    return {"snapshot_type": "Full", "snapshot_path": vmstate, "mem_file_path": memory}
+
+
+def snapshot_load_body(spec: VMSpec, vmstate: str, memory: str) -> dict[str, Any]:
+    """Load a snapshot and run it. The File backend maps the memory file privately: pages are read
+    from the shared file and copied on write, so every restore writes only its own memory. The
+    vsock socket is this sandbox's (the snapshot names its source's); so is the tap, which has the
+    same name in every sandbox's own namespace but is said anyway, so that a restore never depends
+    on what its source used. The drive needs no override (see disk_link)."""
+    body: dict[str, Any] = {
+        "snapshot_path": vmstate,
+        "mem_backend": {"backend_type": "File", "backend_path": memory},
+        "vsock_override": {"uds_path": str(vsock_socket(spec))},
+        "resume_vm": True,
+    }
+    if spec.egress is not None:
+        body["network_overrides"] = [network_body()]
+    return body
+
+
+def restore_files(spec: VMSpec, *, jailed: bool) -> tuple[str, str]:
+    """The state and memory files a restore loads, as Firecracker sees them."""
+    if jailed:
+        return jail_files("restore")
+    assert spec.restore is not None
+    saved = spec.restore.absolute()
+    return str(saved / SNAPSHOT_STATE), str(saved / SNAPSHOT_MEMORY)
 
 
 # -- network: a namespace with a tap device, nftables, and a forwarder to the gateway ----------------
@@ -287,7 +358,7 @@ def teardown_network(spec: VMSpec) -> None:
 
 @dataclass(frozen=True)
 class Jailer:
-    """How each Firecracker process is confined by Firecracker's jailer (ref/firecracker/jailer.md)."""
+    """How each Firecracker process is confined by Firecracker's jailer (Firecracker's docs/jailer.md)."""
 
     uid: int
     gid: int
@@ -335,8 +406,8 @@ class Jailer:
 
     def build(self, spec: VMSpec, exec_name: str) -> Path:
         """A fresh chroot for one run (the jailer refuses a stale pid file): hard links to the kernel,
-        the root disk and the log files, and the run directory's path for the sockets, owned by the
-        jail's uid. Returns the chroot."""
+        the root disk, the log files and, for a restore, the snapshot's state and memory files, and
+        the run directory's path for the sockets, owned by the jail's uid. Returns the chroot."""
         jail = self.jail_dir(spec, exec_name)
         shutil.rmtree(jail, ignore_errors=True)
         root = jail / "root"
@@ -344,15 +415,21 @@ class Jailer:
         sockets.mkdir(parents=True, mode=0o700)
         os.chown(sockets, self.uid, self.gid)
         writable = [log_file(spec), metrics_file(spec)] + ([] if spec.read_only else [disk(spec)])
-        for source, name in (
+        links = [
             (spec.kernel, JAIL_LAYOUT.kernel),
-            (disk(spec), JAIL_LAYOUT.disk),
+            (disk(spec), DRIVE_PATH),
             (log_file(spec), JAIL_LAYOUT.log),
             (metrics_file(spec), JAIL_LAYOUT.metrics),
-        ):
+        ]
+        if spec.restore is not None:
+            saved = (spec.restore / SNAPSHOT_STATE, spec.restore / SNAPSHOT_MEMORY)
+            links += zip(saved, jail_files("restore"), strict=True)
+        for source, name in links:
             _link(source, root / name.lstrip("/"), writable=source in writable)
             if source in writable:
                 os.chown(source, self.uid, self.gid)
+            elif not source.stat().st_mode & stat.S_IROTH:
+                os.chown(source, -1, self.gid)  # a snapshot's file (0440): the jail reads it as its group
         return root
 
 
@@ -397,10 +474,8 @@ def check_spec(spec: VMSpec) -> None:
             "the firecracker backend cannot share host directories (Firecracker has no virtio-9p): "
             "run without --mount-cwd/--dir, or use --backend qemu"
         )
-    if spec.image_format != "raw" or spec.restore is not None:
-        raise AgentkernelError(
-            "the firecracker backend boots raw images only and has no snapshots yet: use --backend qemu"
-        )
+    if spec.image_format != "raw":
+        raise AgentkernelError("the firecracker backend boots raw images only: use --backend qemu")
 
 
 class FirecrackerBackend:
@@ -408,6 +483,8 @@ class FirecrackerBackend:
 
     name = "firecracker"
     agent_ports = AGENT_PORTS
+    snapshot_disk = SNAPSHOT_DISK
+    snapshot_disk_format = "raw"
 
     def __init__(self, accel: Accel | None = None, *, jailer: Jailer | None = None) -> None:
         self.accel = accel or hostinfo.accel()
@@ -423,15 +500,17 @@ class FirecrackerBackend:
             disk(spec).chmod(0o600)  # images are read-only files; this copy is the guest's to write
 
     def start(self, spec: VMSpec) -> int:
-        """Launch Firecracker (or the jailer) detached, configure the microVM over the API, boot it."""
+        """Launch Firecracker (or the jailer) detached, configure the microVM over the API, boot it;
+        for a restore, leave it waiting for resume() instead."""
         firecracker = require_host(self.accel)
         check_spec(spec)
         jailer = require("jailer", "jailer (from Firecracker's release)") if self.jailer else None
         if len(str(vsock_socket(spec))) > MAX_UNIX_PATH:
             raise AgentkernelError(f"run directory path too long for Unix sockets: {spec.rundir}")
         spec.rundir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for stale in (api_socket(spec), vsock_socket(spec), jail_link(spec), spec.console_log):
-            stale.unlink(missing_ok=True)
+        stale = (api_socket(spec), vsock_socket(spec), jail_link(spec), disk_link(spec), spec.console_log)
+        for path in stale:
+            path.unlink(missing_ok=True)
         for log in (log_file(spec), metrics_file(spec)):
             log.write_bytes(b"")  # Firecracker writes these from the start without truncating
         pid = None
@@ -445,10 +524,11 @@ class FirecrackerBackend:
             if self.jailer and jailer:
                 pid, layout = self._launch_jailed(spec, self.jailer, jailer, firecracker, netns)
             else:
+                disk_link(spec).symlink_to(disk(spec).absolute())
                 argv = [firecracker, "--id", instance_id(spec), "--api-sock", str(api_socket(spec))]
                 if netns is not None:
                     argv = ["ip", "netns", "exec", netns.name, *argv]
-                pid, layout = self._launch(spec, argv).pid, host_layout(spec)
+                pid, layout = self._launch(spec, argv, cwd=spec.rundir).pid, host_layout(spec)
             if spec.egress is not None:
                 gateway.wait_ready(spec.rundir)
             self._configure(spec, pid, layout)
@@ -460,12 +540,12 @@ class FirecrackerBackend:
             gateway.stop(spec.rundir)
             raise
 
-    def _launch(self, spec: VMSpec, argv: list[str]) -> subprocess.Popen[bytes]:
+    def _launch(self, spec: VMSpec, argv: list[str], *, cwd: Path | None = None) -> subprocess.Popen[bytes]:
         """Start `argv` in its own session; the guest's serial console (Firecracker's stdout) and
         whatever Firecracker prints before its logger is set go to the console log."""
         with spec.console_log.open("ab") as out:
             return subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=cwd, start_new_session=True
             )
 
     def _launch_jailed(
@@ -502,14 +582,64 @@ class FirecrackerBackend:
                         f"firecracker's API did not answer within {START_TIMEOUT:g}s: {failure_detail(spec)}"
                     )
                 time.sleep(0.005)
-            try:
+            with self._explained(spec, pid):
                 for path, body in config_requests(spec, layout):
                     api.put(path, body)
-                api.put("/actions", action_body("InstanceStart"))
-            except AgentkernelError as exc:
+                if spec.restore is None:
+                    api.put("/actions", action_body("InstanceStart"))
+
+    @contextlib.contextmanager
+    def _explained(self, spec: VMSpec, pid: int) -> Iterator[None]:
+        """Failed requests to Firecracker `pid`: once it has exited, with its log and console tails."""
+        try:
+            yield
+        except AgentkernelError as exc:
+            if self.is_alive(spec, pid):
+                raise
+            raise AgentkernelError(f"{exc}; firecracker exited: {failure_detail(spec)}") from None
+
+    async def snapshot(self, spec: VMSpec, pid: int, dest: Path) -> None:
+        """Pause, have Firecracker write its state and memory files, copy the disk while the guest
+        cannot write it, and resume, whatever failed (see _snapshot)."""
+        await asyncio.to_thread(self._snapshot, spec, pid, dest)
+
+    def _snapshot(self, spec: VMSpec, pid: int, dest: Path) -> None:
+        """A jailed Firecracker writes into its jail's root; the files are moved out and given back to
+        us, so that no jail can write what forks map. Taking a snapshot resets the source's vsock
+        device: its open agent connections close (Firecracker's snapshot doc); new ones work."""
+        jail = jail_root(spec)
+        saved = (dest / SNAPSHOT_STATE, dest / SNAPSHOT_MEMORY)
+        if jail is None:
+            given = (str(saved[0].absolute()), str(saved[1].absolute()))
+            written: list[Path] = []  # straight into dest
+        else:
+            given = jail_files("snapshot")
+            written = [jail / name.lstrip("/") for name in given]
+        with FirecrackerAPI(api_socket(spec), timeout=SNAPSHOT_TIMEOUT) as api, self._explained(spec, pid):
+            api.patch("/vm", vm_state_body("Paused"))
+            try:
+                api.put("/snapshot/create", snapshot_create_body(*given))
+                if written:  # out of the jail
+                    for source, target in zip(written, saved, strict=True):
+                        shutil.move(source, target)
+                        os.chown(target, os.getuid(), os.getgid())
+                _copy(disk(spec), dest / SNAPSHOT_DISK)
+                for path in (*saved, dest / SNAPSHOT_DISK):
+                    path.chmod(0o440)  # read by forks, written by none
+            finally:
+                for path in written:
+                    path.unlink(missing_ok=True)
                 if self.is_alive(spec, pid):
-                    raise
-                raise AgentkernelError(f"{exc}; firecracker exited: {failure_detail(spec)}") from None
+                    api.patch("/vm", vm_state_body("Resumed"))
+
+    async def resume(self, spec: VMSpec, pid: int) -> None:
+        """Load `spec.restore` into the Firecracker start() left waiting, and run it."""
+        await asyncio.to_thread(self._load, spec, pid)
+
+    def _load(self, spec: VMSpec, pid: int) -> None:
+        body = snapshot_load_body(spec, *restore_files(spec, jailed=jail_root(spec) is not None))
+        with FirecrackerAPI(api_socket(spec), timeout=SNAPSHOT_TIMEOUT) as api, self._explained(spec, pid):
+            api.put("/snapshot/load", body)
 
     async def connect(self, spec: VMSpec, pid: int, *, port: int = 0, timeout: float = 60.0) -> Connection:
         """A new vsock connection to the agent (`port` is not needed: each connection is independent),

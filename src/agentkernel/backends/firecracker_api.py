@@ -69,6 +69,9 @@ class FirecrackerAPI:
     def put(self, path: str, body: dict[str, Any]) -> None:
         self.request("PUT", path, body)
 
+    def patch(self, path: str, body: dict[str, Any]) -> None:
+        self.request("PATCH", path, body)
+
     def ready(self) -> bool:
         """Whether the API answers yet (GET / describes the instance once the socket is up)."""
         if not self.socket.exists():

@@ -144,6 +144,8 @@ def command(
 class QemuBackend:
     name = "qemu"
     agent_ports = AGENT_PORTS
+    snapshot_disk = "disk.qcow2"
+    snapshot_disk_format = "qcow2"
 
     def __init__(self, accel: Accel | None = None) -> None:
         self.accel = accel or hostinfo.accel()

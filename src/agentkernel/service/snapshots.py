@@ -1,10 +1,11 @@
 """Snapshots of running sandboxes, and new sandboxes forked from them.
 
-A snapshot is a directory `snapshots/<name>/` with the VM's saved device state (`state`), its RAM
-(`ram`, a sparse file) and its disk (`disk.qcow2`, over the immutable image), plus `snapshot.json`.
-It is written in a scratch directory and renamed into place, so a failure leaves nothing. A fork
-resumes a copy: its RAM maps the snapshot's file privately and its disk is a new overlay over the
-snapshot's disk, so one snapshot can be forked many times and every fork writes only its own copy.
+A snapshot is a directory `snapshots/<name>/` with what the backend saved: the VM's device state, its
+RAM and its disk (QEMU: `disk.qcow2` over the immutable image; Firecracker: a raw `rootfs.ext4`; the
+backend's `snapshot_disk`), plus `snapshot.json`. It is written in a scratch directory and renamed
+into place, so a failure leaves nothing. A fork resumes a copy: its RAM maps the snapshot's file
+privately and its disk is its own overlay or copy of the snapshot's disk, so one snapshot can be
+forked many times and every fork writes only its own copy.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ async def fork(name: str, new_sandbox: str) -> SandboxRecord:
             f"snapshot '{name}' was made with a kernel that is no longer installed ({kernel}): "
             "it cannot be resumed; take a new snapshot"
         )
-    backend = get_backend(meta["backend"])
+    backend = cast(SnapshotBackend, get_backend(meta["backend"]))
     record = sandboxes.new_record(
         new_sandbox,
         backend.name,
@@ -143,8 +144,8 @@ async def fork(name: str, new_sandbox: str) -> SandboxRecord:
         profile=meta["profile"],
         extra={
             "kernel": str(kernel),
-            "image_path": str(snapshot.path / "disk.qcow2"),
-            "image_format": "qcow2",
+            "image_path": str(snapshot.path / backend.snapshot_disk),
+            "image_format": backend.snapshot_disk_format,
             "restore_from": str(snapshot.path),
             "snapshot": name,
             "policy": meta["policy"],
