@@ -122,8 +122,9 @@ def remove(name: str) -> None:
     audit.record("snapshot_remove", None, snapshot=name)
 
 
-async def fork(name: str, new_sandbox: str) -> SandboxRecord:
-    """A new running sandbox resumed from snapshot `name`, with memory, devices and disk as they were."""
+async def fork(name: str, new_sandbox: str, *, extra: dict[str, Any] | None = None) -> SandboxRecord:
+    """A new running sandbox resumed from snapshot `name`, with memory, devices and disk as they were
+    (`extra` is added to its record)."""
     snapshot = get(name)
     sandboxes.validate_name(new_sandbox)
     meta = snapshot.meta
@@ -151,6 +152,7 @@ async def fork(name: str, new_sandbox: str) -> SandboxRecord:
             "policy": meta["policy"],
             "mounts": [],
             "lifetime_s": meta["lifetime_s"],
+            **(extra or {}),
         },
     )
     sandboxes.register(record, backend, hold=store.HOLD_PREFIX + _hold_name(name))
