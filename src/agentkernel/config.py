@@ -18,18 +18,22 @@ reported instead of silently ignored. Every problem becomes an AgentkernelError 
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic_core import ErrorDetails
+from annotated_types import Ge, Le, Predicate
 
 from agentkernel.errors import AgentkernelError
 from agentkernel.images.store import check_name
+
+if TYPE_CHECKING:
+    from pydantic import TypeAdapter
+    from pydantic_core import ErrorDetails
 
 FILENAME = "agentkernel.toml"
 
@@ -54,59 +58,68 @@ def image_name(value: str) -> str:
     return RUNTIME_IMAGES.get(repository, value)
 
 
-def _domain_pattern(value: str) -> str:
-    value = value.lower()
-    if len(value) > 253 or not DOMAIN_PATTERN.fullmatch(value):
-        raise ValueError("must be a domain pattern (like pypi.org or *.pypi.org)")
-    return value
+def _is_sandbox_name(value: str) -> bool:
+    return SANDBOX_NAME.fullmatch(value) is not None
 
 
-DomainPattern = Annotated[str, AfterValidator(_domain_pattern)]
+def _is_image_name(value: str) -> bool:
+    try:
+        image_name(value)
+    except AgentkernelError:
+        return False
+    return True
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+def _is_domain_pattern(value: str) -> bool:
+    return len(value) <= 253 and DOMAIN_PATTERN.fullmatch(value.lower()) is not None
 
 
+CHECK_REASONS = {
+    _is_sandbox_name.__name__: (
+        "must be 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
+    ),
+    _is_image_name.__name__: "must be an image name (like python or myimg:latest)",
+    _is_domain_pattern.__name__: "must be a domain pattern (like pypi.org or *.pypi.org)",
+}
+
+# The sections are plain frozen dataclasses, so reading the defaults costs nothing; a file is checked
+# by pydantic (imported only then) against their types and the constraints in their annotations.
+
+
+class _Section:
+    __pydantic_config__: ClassVar[dict[str, Any]] = {"extra": "forbid"}
+
+
+@dataclass(frozen=True)
 class Sandbox(_Section):
-    name: str | None = None
-    base_image: str | None = None
-    """Already mapped by image_name()."""
-
-    @field_validator("name")
-    @classmethod
-    def _check_name(cls, value: str | None) -> str | None:
-        if value is not None and not SANDBOX_NAME.fullmatch(value):
-            raise ValueError("must be 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit")
-        return value
-
-    @field_validator("base_image")
-    @classmethod
-    def _map_image(cls, value: str | None) -> str | None:
-        try:
-            return None if value is None else image_name(value)
-        except AgentkernelError:
-            raise ValueError("must be an image name (like python or myimg:latest)") from None
+    name: Annotated[str, Predicate(_is_sandbox_name)] | None = None
+    base_image: Annotated[str, Predicate(_is_image_name)] | None = None
+    """Mapped by image_name() once the file is checked."""
 
 
+@dataclass(frozen=True)
 class Agent(_Section):
     preferred: AgentName | None = None
 
 
+@dataclass(frozen=True)
 class Resources(_Section):
-    vcpus: int | None = Field(default=None, ge=1, le=32)
-    memory_mb: int | None = Field(default=None, ge=64, le=65536)
-    disk_mb: int | None = Field(default=None, ge=64, le=1024 * 1024)
+    vcpus: Annotated[int, Ge(1), Le(32)] | None = None
+    memory_mb: Annotated[int, Ge(64), Le(65536)] | None = None
+    disk_mb: Annotated[int, Ge(64), Le(1024 * 1024)] | None = None
 
 
+@dataclass(frozen=True)
 class Domains(_Section):
-    """Domain patterns: `pypi.org` matches that name only, `*.pypi.org` its subdomains."""
+    """Domain patterns: `pypi.org` matches that name only, `*.pypi.org` its subdomains (lower case
+    once the file is checked)."""
 
-    allow: tuple[DomainPattern, ...] = Field(default=(), strict=False)  # lax: TOML gives lists
-    block: tuple[DomainPattern, ...] = Field(default=(), strict=False)
+    allow: tuple[Annotated[str, Predicate(_is_domain_pattern)], ...] = ()
+    block: tuple[Annotated[str, Predicate(_is_domain_pattern)], ...] = ()
     allowlist_only: bool = False
 
 
+@dataclass(frozen=True)
 class Security(_Section):
     """A profile, and overrides of its settings (None: the profile decides)."""
 
@@ -116,20 +129,44 @@ class Security(_Section):
     mount_home: bool | None = None
     pass_env: bool | None = None
     read_only: bool | None = None
-    domains: Domains = Domains()
+    domains: Domains = field(default_factory=Domains)
 
 
+@dataclass(frozen=True)
 class Network(_Section):
-    vsock_cid: int | None = Field(default=None, ge=3, le=2**32 - 2)
+    vsock_cid: Annotated[int, Ge(3), Le(2**32 - 2)] | None = None
     """0-2 are reserved (hypervisor, local, host); 2**32 - 1 means any."""
 
 
+@dataclass(frozen=True)
 class Config(_Section):
-    sandbox: Sandbox = Sandbox()
-    agent: Agent = Agent()
-    resources: Resources = Resources()
-    security: Security = Security()
-    network: Network = Network()
+    sandbox: Sandbox = field(default_factory=Sandbox)
+    agent: Agent = field(default_factory=Agent)
+    resources: Resources = field(default_factory=Resources)
+    security: Security = field(default_factory=Security)
+    network: Network = field(default_factory=Network)
+
+
+@functools.cache
+def _validator() -> TypeAdapter[Config]:
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(Config)
+
+
+def _checked(data: dict[str, Any]) -> Config:
+    """`data` (parsed TOML) as a Config, strictly typed: the TOML types must be the fields' own.
+    Raises pydantic's ValidationError."""
+    config = _validator().validate_json(json.dumps(data, default=str), strict=True)
+    sandbox, domains = config.sandbox, config.security.domains
+    if sandbox.base_image is not None:
+        sandbox = replace(sandbox, base_image=image_name(sandbox.base_image))
+    domains = replace(
+        domains,
+        allow=tuple(p.lower() for p in domains.allow),
+        block=tuple(p.lower() for p in domains.block),
+    )
+    return replace(config, sandbox=sandbox, security=replace(config.security, domains=domains))
 
 
 def find_config(start: Path) -> Path | None:
@@ -170,8 +207,10 @@ def load_config(path: Path | None = None, *, search_from: Path | None = None) ->
         raise AgentkernelError(f"{shown}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise AgentkernelError(f"{shown}: {_syntax_error(str(exc), text)}") from None
+    from pydantic import ValidationError
+
     try:
-        return Config.model_validate(data), path
+        return _checked(data), path
     except ValidationError as exc:
         problems = "; ".join(_problem(error) for error in exc.errors())
         raise AgentkernelError(f"{shown}: {problems}") from None
@@ -267,7 +306,7 @@ TYPE_REASONS = {
     "bool_type": "must be true or false",
     "string_type": "must be a string",
     "tuple_type": "must be a list",
-    "model_type": "must be a table",
+    "dataclass_type": "must be a table",
 }
 
 
@@ -276,7 +315,7 @@ def _problem(error: ErrorDetails) -> str:
     where = "".join(f"[{part}]" if isinstance(part, int) else "." + _key(part) for part in error["loc"])
     where = where.removeprefix(".") or "(top level)"
     kind, ctx = error["type"], error.get("ctx", {})
-    if kind == "extra_forbidden":
+    if kind == "unexpected_keyword_argument":
         return f"{where}: unknown key"
     if kind == "missing":
         return f"{where}: required"
@@ -286,8 +325,9 @@ def _problem(error: ErrorDetails) -> str:
         reason = f"must be at most {ctx['le']}"
     elif kind == "literal_error":
         reason = "must be one of " + ", ".join(re.findall(r"'([^']*)'", ctx["expected"]))
-    elif kind == "value_error":
-        reason = str(ctx["error"])
+    elif kind == "predicate_failed":
+        check = re.search(r"Predicate '?([\w.]+)'? failed", error["msg"])
+        reason = CHECK_REASONS.get(check[1] if check else "", "is not valid")
     else:
         reason = TYPE_REASONS.get(kind) or error["msg"][:1].lower() + error["msg"][1:]
     return f"{where}: {reason} (got {_value(error['input'])})"

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -336,5 +337,5 @@ def test_resolve_policy_rejects_an_unknown_profile() -> None:
 
 def test_models_are_frozen() -> None:
     config = Config()
-    with pytest.raises(ValueError, match="frozen"):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         config.security.profile = "permissive"

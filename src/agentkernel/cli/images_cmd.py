@@ -31,7 +31,7 @@ def list_images(json_out: bool = typer.Option(False, "--json", help="Print a JSO
 
     images = store.list_images()
     if json_out:
-        print_json([img.model_dump(mode="json") for img in images])
+        print_json([img.public() for img in images])
         return
     if not images:
         console.print("no images: run `agentkernel setup`")

@@ -15,8 +15,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from agentkernel.errors import AgentkernelError
 from agentkernel.images.layers import apply_layer
 from agentkernel.images.model import ImageConfig
@@ -150,14 +148,16 @@ def _image_config(document: dict[str, Any]) -> ImageConfig:
     if not isinstance(config, dict):
         raise AgentkernelError("the image config is malformed: 'config' is not an object")
     try:
-        return ImageConfig(
-            env=config.get("Env") or (),
-            workdir=config.get("WorkingDir") or "",
-            entrypoint=config.get("Entrypoint") or (),
-            cmd=config.get("Cmd") or (),
+        return ImageConfig.from_dict(
+            {
+                "env": config.get("Env") or (),
+                "workdir": config.get("WorkingDir") or "",
+                "entrypoint": config.get("Entrypoint") or (),
+                "cmd": config.get("Cmd") or (),
+            }
         )
-    except ValidationError as exc:
-        raise AgentkernelError(f"the image config is malformed: {exc.errors()[0]['msg']}") from None
+    except ValueError as exc:
+        raise AgentkernelError(f"the image config is malformed: {exc}") from None
 
 
 def _digest_of(digest: str, data: bytes) -> str:

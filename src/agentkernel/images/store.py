@@ -23,8 +23,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import quote, unquote
 
-from pydantic import ValidationError
-
 from agentkernel import paths
 from agentkernel.artifacts.cache import sha256_file
 from agentkernel.artifacts.run import warn
@@ -132,12 +130,12 @@ def get(name: str) -> Image:
     digest = _read_ref(name)
     blob = _images() / digest
     try:
-        record = ImageRecord.model_validate_json((blob / RECORD).read_bytes())
-    except (OSError, ValidationError):
+        record = ImageRecord.from_json((blob / RECORD).read_bytes())
+    except (OSError, ValueError):
         raise CorruptImageError(
             f"image {name} is damaged (its record is missing or unreadable): {_fix(name)}"
         ) from None
-    return Image(**record.model_dump(), name=name, path=blob / ROOTFS)
+    return Image(**vars(record), name=name, path=blob / ROOTFS)
 
 
 def list_images() -> list[Image]:
@@ -188,7 +186,7 @@ def _put_blob(ext4: Path, record: ImageRecord, blob: Path) -> None:
         made = tmp / record.digest
         made.mkdir()
         _move_sparse(ext4, made / ROOTFS)
-        (made / RECORD).write_text(record.model_dump_json(indent=2) + "\n")
+        (made / RECORD).write_text(record.to_json() + "\n")
         for path in (made / ROOTFS, made / RECORD):
             path.chmod(0o444)
         if blob.exists():  # a damaged copy: move it aside first, a directory cannot be renamed over
@@ -207,10 +205,10 @@ def _move_sparse(src: Path, dest: Path) -> None:
 
 def _intact(blob: Path, digest: str) -> bool:
     try:
-        return ImageRecord.model_validate_json((blob / RECORD).read_bytes()).digest == digest and (
+        return ImageRecord.from_json((blob / RECORD).read_bytes()).digest == digest and (
             sha256_file(blob / ROOTFS) == digest
         )
-    except (OSError, ValidationError):
+    except (OSError, ValueError):
         return False
 
 

@@ -87,9 +87,7 @@ def spec_of(record: SandboxRecord) -> VMSpec:
 
 
 def policy_record(policy: Policy) -> dict[str, Any]:
-    data = asdict(policy)
-    data["domains"] = policy.domains.model_dump()
-    return data
+    return asdict(policy)
 
 
 def _mounts(policy: Policy, mount_dir: Path | None) -> list[dict[str, Any]]:
@@ -349,9 +347,10 @@ async def ephemeral(
             remove(pooled, force=True)  # it died after it was handed out: boot a new one instead
             pooled = None
     name = pooled or (validate_name(name) if name else new_ephemeral_name())
+    if pooled is None:
+        create(name, **options)  # leaves nothing behind when it fails
     try:
         if pooled is None:
-            create(name, **options)
             _record, conn = await stack.enter_async_context(_booted(name, timeout=BOOT_TIMEOUT))
         async with stack:
             yield name, conn
@@ -360,9 +359,7 @@ async def ephemeral(
             remove(name, force=True)
 
 
-def pool_key(
-    *, image: str, backend: str | None, vcpus: int, memory_mb: int, policy: Policy
-) -> str | None:
+def pool_key(*, image: str, backend: str | None, vcpus: int, memory_mb: int, policy: Policy) -> str | None:
     """The pool key of sandboxes made with these settings (None: no guest kernel yet)."""
     vmlinux = kernel_artifact.current()
     if vmlinux is None:
