@@ -162,29 +162,32 @@ def test_logs(running: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "args",
+    ("args", "says"),
     [
-        ("create", ""),
-        ("create", "../x"),
-        ("create", "x" * 64),
-        ("create", "a;rm -rf /"),
-        ("create", "ok-name", "--image", "no-such-image"),
-        ("create", "ok-name", "--memory", "1"),
-        ("start", "unknown"),
-        ("exec", "unknown", "--", "true"),
-        ("rm", "unknown"),
-        ("cp", "unknown:/etc/passwd", "/tmp/x"),
-        ("run", "--image", "no-such-image", "--", "true"),
+        (("create", ""), "invalid sandbox name"),
+        (("create", "../x"), "invalid sandbox name"),
+        (("create", "x" * 64), "invalid sandbox name"),
+        (("create", "a;rm -rf /"), "invalid sandbox name"),
+        (("create", "ok-name", "--image", "no-such-image"), "no image named no-such-image"),
+        (("create", "ok-name", "--memory", "1"), "--memory must be between"),
+        (("start", "unknown"), "no sandbox named 'unknown'"),
+        (("exec", "unknown", "--", "true"), "no sandbox named 'unknown'"),
+        (("rm", "unknown"), "no sandbox named 'unknown'"),
+        (("cp", "unknown:/etc/passwd", "/tmp/x"), "no sandbox named 'unknown'"),
+        (("run", "--image", "no-such-image", "--", "true"), "no image named no-such-image"),
+        (("run", "--memory", "1", "--", "true"), "--memory must be between"),
+        (("run", "--name", "bad/name", "--", "true"), "invalid sandbox name"),
     ],
 )
-def test_bad_input_is_one_line(cli_home: Path, args: tuple[str, ...]) -> None:
+def test_bad_input_is_one_line(cli_home: Path, args: tuple[str, ...], says: str) -> None:
     result = cli(*args)
     assert result.returncode != 0
     lines = result.stderr.decode().strip().splitlines()
     assert len(lines) == 1, lines
-    assert lines[0].startswith("agentkernel: error:")
+    assert lines[0].startswith("agentkernel: error:") and says in lines[0], lines[0]
     assert sandbox_list() == {}
     assert not (cli_home / "sandboxes").exists() or not list((cli_home / "sandboxes").iterdir())
+    assert not (cli_home / "locks").exists() or not list((cli_home / "locks").iterdir())
 
 
 def test_exec_on_stopped_sandbox(cli_home: Path) -> None:
