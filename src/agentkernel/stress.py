@@ -110,6 +110,7 @@ def _template(tag: str, options: dict[str, Any]) -> str:
     sandboxes.create(source, **options)
     try:
         asyncio.run(sandboxes.start(source))
+        asyncio.run(sandboxes.warm_up(source))
         asyncio.run(snapshots.create(source, template))
     finally:
         sandboxes.remove(source, force=True)

@@ -39,7 +39,6 @@ from agentkernel.service import audit, sandboxes, snapshots
 
 log = logging.getLogger("agentkernel.pool")
 TEMPLATE_PREFIX = "pool-template-"
-WARM_UP = (["true"], ["/bin/sh", "-c", "echo warm >/dev/null"], ["cat", "/proc/uptime"])
 
 
 @dataclass(frozen=True)
@@ -219,7 +218,7 @@ class Pool:
         else:
             asyncio.run(snapshots.fork(template, name, extra={"pool": key}))
         try:
-            asyncio.run(_warm_up(name))
+            asyncio.run(sandboxes.warm_up(name))
         except BaseException:
             _discard(name)
             raise
@@ -281,21 +280,12 @@ def _template(kind: Kind, key: str) -> str:
     sandboxes.create(source, pool=f"template:{key}", **_create_options(kind))
     try:
         asyncio.run(sandboxes.start(source))
+        asyncio.run(sandboxes.warm_up(source))  # its page cache then holds what commands need
         asyncio.run(snapshots.create(source, name))
     finally:
         sandboxes.remove(source, force=True)
     log.info("template %s made", name)
     return name
-
-
-async def _warm_up(name: str) -> None:
-    """Run a few commands once, so the taker's first command does not pay for first-time work in a
-    new VMM (under emulation: translating the guest's code for process start, about 0.1 s)."""
-    async with sandboxes.session(name, timeout=30.0) as conn:
-        for argv in WARM_UP * 2:
-            done = await conn.run(argv, limit=1024)
-            if done.status.exit_code != 0:
-                raise AgentkernelError(f"warm-up command failed in {name}")
 
 
 def _unhealthy(name: str) -> str | None:

@@ -11,6 +11,7 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from agentkernel import paths
@@ -68,13 +69,18 @@ class NoSuchSandboxError(AgentkernelError):
         super().__init__(f"no sandbox named '{name}' (see `agentkernel list`)")
 
 
+_ready: set[Path] = set()  # databases this process has already set up
+
+
 @contextmanager
 def _db() -> Iterator[sqlite3.Connection]:
-    conn = sqlite3.connect(paths.data_dir() / "state.db", timeout=30, isolation_level=None)
+    path = paths.data_dir() / "state.db"
+    conn = sqlite3.connect(path, timeout=30, isolation_level=None)
     try:
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA busy_timeout=30000")
-        conn.execute(SCHEMA)
+        if path not in _ready or not path.exists():
+            conn.execute("PRAGMA journal_mode=WAL")  # kept in the file: once is enough
+            conn.execute(SCHEMA)
+            _ready.add(path)
         conn.row_factory = sqlite3.Row
         yield conn
     finally:

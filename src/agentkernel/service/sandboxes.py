@@ -359,6 +359,20 @@ async def ephemeral(
             remove(name, force=True)
 
 
+WARM_UP = (["true"], ["/bin/sh", "-c", "echo warm >/dev/null"], ["cat", "/proc/uptime"])
+
+
+async def warm_up(name: str) -> None:
+    """Run a few small commands in a running sandbox, twice. The guest reads their programs into its
+    page cache (a snapshot taken afterwards keeps it), and a new VMM under emulation translates the
+    code they run: about 0.1 s that the first command run in it would otherwise pay."""
+    async with session(name, timeout=30.0) as conn:
+        for argv in WARM_UP * 2:
+            done = await conn.run(argv, limit=1024)
+            if done.status.exit_code != 0:
+                raise AgentkernelError(f"warm-up command {argv[0]} failed in sandbox '{name}'")
+
+
 def pool_key(*, image: str, backend: str | None, vcpus: int, memory_mb: int, policy: Policy) -> str | None:
     """The pool key of sandboxes made with these settings (None: no guest kernel yet)."""
     vmlinux = kernel_artifact.current()

@@ -10,6 +10,7 @@ forked many times and every fork writes only its own copy.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import tempfile
@@ -122,6 +123,18 @@ def remove(name: str) -> None:
     audit.record("snapshot_remove", None, snapshot=name)
 
 
+def _digest(path: Path) -> str:
+    """The file's sha256, computed once per process for as long as the file is unchanged (every fork
+    checks the kernel, and a pool or a stress run forks many times)."""
+    info = path.stat()
+    return _digest_of(path, info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _digest_of(path: Path, _inode: int, _size: int, _mtime_ns: int) -> str:
+    return sha256_file(path)
+
+
 async def fork(name: str, new_sandbox: str, *, extra: dict[str, Any] | None = None) -> SandboxRecord:
     """A new running sandbox resumed from snapshot `name`, with memory, devices and disk as they were
     (`extra` is added to its record)."""
@@ -129,7 +142,7 @@ async def fork(name: str, new_sandbox: str, *, extra: dict[str, Any] | None = No
     sandboxes.validate_name(new_sandbox)
     meta = snapshot.meta
     kernel = Path(meta["kernel"])
-    if not kernel.is_file() or sha256_file(kernel) != meta["kernel_sha256"]:
+    if not kernel.is_file() or _digest(kernel) != meta["kernel_sha256"]:
         raise AgentkernelError(
             f"snapshot '{name}' was made with a kernel that is no longer installed ({kernel}): "
             "it cannot be resumed; take a new snapshot"
