@@ -359,7 +359,12 @@ async def ephemeral(
             remove(name, force=True)
 
 
-WARM_UP = (["true"], ["/bin/sh", "-c", "echo warm >/dev/null"], ["cat", "/proc/uptime"])
+WARM_UP = (
+    ["true"],
+    ["echo", "warm"],
+    ["/bin/sh", "-c", "ls / >/dev/null; echo >&2"],
+    ["cat", "/proc/uptime"],
+)
 
 
 async def warm_up(name: str) -> None:
