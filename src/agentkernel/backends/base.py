@@ -100,3 +100,18 @@ def tail_line(text: str, lines: int = 5) -> str:
     """The last non-empty lines of `text`, joined on one line of at most 1000 characters."""
     tail = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
     return " | ".join(tail)[:1000]
+
+
+PANIC = b"Kernel panic - not syncing: "
+
+
+def exit_reason(console_log: Path) -> str:
+    """Why a sandbox ended without a shutdown, as far as the end of its console log tells."""
+    tail = file_tail(console_log)
+    at = tail.rfind(PANIC)
+    if at < 0:
+        return "its VMM process ended without a shutdown (killed, or crashed)"
+    line = tail[at + len(PANIC) :].split(b"\n", 1)[0].decode(errors="replace").strip()[:300]
+    if line.startswith("Attempted to kill init!"):  # the agent is the guest's init
+        return f"the guest agent (PID 1) died and the guest kernel panicked: {line}"
+    return f"the guest kernel panicked: {line}"

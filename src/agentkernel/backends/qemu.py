@@ -32,6 +32,9 @@ from agentkernel.protocol.client import AgentConnectionError, Connection
 AGENT_PATH = "/sbin/agentkernel-agent"
 MAX_UNIX_PATH = 107
 AGENT_PORTS = 4
+# A host I/O error (a full disk under the overlay) reaches the guest as an I/O error, so the command
+# writing fails; QEMU's default (werror=enospc) would pause the VM, and every command in it would hang.
+DISK_ERRORS = "werror=report,rerror=report"
 
 
 def agent_socket(spec: VMSpec, port: int) -> Path:
@@ -123,7 +126,7 @@ def command(
         "-m", str(spec.memory_mb),
         "-kernel", str(spec.kernel),
         "-append", kernel_cmdline(spec),
-        "-drive", f"id=root,file={disk(spec)},format=qcow2,if=none,discard=unmap,{readonly}",
+        "-drive", f"id=root,file={disk(spec)},format=qcow2,if=none,discard=unmap,{readonly},{DISK_ERRORS}",
         "-device", "virtio-blk-device,drive=root",
         "-device", "virtio-rng-device",
         "-device", f"virtio-serial-device,max_ports={AGENT_PORTS + 1}",

@@ -86,6 +86,10 @@ def main() -> None:
     except AgentkernelError as exc:
         print(f"agentkernel: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except OSError as exc:  # on the host's side: a full disk, a file it may not read or write
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"agentkernel: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        sys.exit(1)
     except (KeyboardInterrupt, typer.Abort):
         print("agentkernel: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -25,7 +25,7 @@ from typing import Any, cast
 from agentkernel import hostinfo, paths
 from agentkernel.artifacts import kernel as kernel_artifact
 from agentkernel.backends import get_backend
-from agentkernel.backends.base import Backend, Mount, SnapshotBackend, VMSpec, file_tail
+from agentkernel.backends.base import Backend, Mount, SnapshotBackend, VMSpec, exit_reason, file_tail
 from agentkernel.config import PROFILES, Config, Policy, image_name
 from agentkernel.detect import detect_image
 from agentkernel.errors import AgentkernelError
@@ -33,7 +33,7 @@ from agentkernel.images import store
 from agentkernel.network import launcher as gateway
 from agentkernel.network.policy import EgressRules
 from agentkernel.pool import wire
-from agentkernel.protocol.client import Connection
+from agentkernel.protocol.client import AgentConnectionError, Connection
 from agentkernel.sandbox import state
 from agentkernel.sandbox.state import SandboxRecord
 from agentkernel.service import audit
@@ -41,6 +41,7 @@ from agentkernel.service import audit
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 BOOT_TIMEOUT = 120.0
 STOP_TIMEOUT = 10.0
+VMM_EXIT_WAIT = 1.0
 POWERED_OFF = (b"reboot: Restarting system", b"agentkernel-agent: shutting down")  # VM, container
 WORKSPACE = "/workspace"
 PASS_ENV = frozenset({"LANG", "LANGUAGE", "TZ", "TERM", "COLORTERM"})  # with pass_env, plus LC_*
@@ -147,8 +148,10 @@ def reconcile(record: SandboxRecord) -> SandboxRecord:
     if expired:
         record.status, record.extra["stop_reason"] = "stopped", "lifetime exceeded"
         audit.record("expired", record.name)
+    elif _powered_off(spec):
+        record.status = "stopped"
     else:
-        record.status = "stopped" if _powered_off(spec) else "failed"
+        record.status, record.extra["stop_reason"] = "failed", exit_reason(spec.console_log)
     record.pid = None
     backend.cleanup(spec, keep_disk=True)
     state.update(record.name, status=record.status, pid=None, extra=record.extra)
@@ -482,8 +485,24 @@ async def _session(backend: Backend, spec: VMSpec, pid: int, *, timeout: float) 
         conn = await backend.connect(spec, pid, port=port, timeout=max(0.1, deadline - time.monotonic()))
         try:
             yield conn
+        except AgentConnectionError:
+            await _raise_if_ended(backend, spec, pid)
+            raise
         finally:
             await conn.close()
+
+
+async def _raise_if_ended(backend: Backend, spec: VMSpec, pid: int) -> None:
+    """A lost agent connection is most often a VM that ended (its VMM closes the socket as it exits):
+    if so, the error says that, and why."""
+    deadline = time.monotonic() + VMM_EXIT_WAIT
+    while backend.is_alive(spec, pid):
+        if time.monotonic() > deadline:
+            return
+        await asyncio.sleep(0.02)
+    record = get(spec.name)
+    reason = record.extra.get("stop_reason")
+    raise AgentConnectionError(f"sandbox '{spec.name}' {record.status}" + (f": {reason}" if reason else ""))
 
 
 @contextlib.asynccontextmanager
