@@ -54,7 +54,7 @@ def test_download_into_a_full_directory(
     full = tmpfs(tmp_path / "full", "1m")
     result = cli("cp", f"{box.name}:/tmp/blob", str(full / "blob"), timeout=TIMEOUT)
     assert result.returncode == 1
-    assert error_line(result.stderr) == "No space left on device"
+    assert error_line(result.stderr) == f"cp: cannot write {full / 'blob'}: No space left on device"
     assert list(full.iterdir()) == []  # no partial file: neither the target nor its .part
     # The agent finished with the aborted transfer: the same file still comes over whole.
     ok("cp", f"{box.name}:/tmp/blob", str(tmp_path / "blob"))

@@ -224,6 +224,27 @@ def test_signals_reach_the_guest_process(running: str) -> None:
     assert (proc.returncode, out) == (9, b"got INT\n")
 
 
+def test_a_second_signal_stops_waiting_for_a_command_that_ignores_the_first(running: str) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agentkernel", "exec", running, "--", "sh", "-c",
+         'trap "" TERM; echo ready; sleep 60'],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"ready\n"
+    proc.send_signal(signal.SIGTERM)  # forwarded, and ignored by the guest's shell
+    time.sleep(0.5)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert err.decode().strip() == (
+        "agentkernel: error: stopped waiting for the command after a second SIGTERM; "
+        "it may still run in the sandbox"
+    )
+
+
 def test_image_removed_under_a_sandbox_stays_until_the_sandbox_goes(cli_home: Path, tmp_path: Path) -> None:
     # This test needs an image store of its own, not the shared one.
     (cli_home / "images").unlink()

@@ -390,6 +390,8 @@ async def _download(name: str, remote: str, local: Path) -> None:
                     f.write(chunk)
             tmp.chmod(info.mode & 0o777)
             tmp.replace(local)
+        except OSError as exc:
+            raise AgentkernelError(f"cp: cannot write {local}: {exc.strerror or exc}") from None
         finally:
             tmp.unlink(missing_ok=True)
 

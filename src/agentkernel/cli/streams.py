@@ -15,6 +15,7 @@ import tty
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
+from agentkernel.errors import AgentkernelError
 from agentkernel.protocol.client import ExitStatus, Process
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
@@ -77,15 +78,27 @@ async def attach_process(proc: Process, *, stdin: bool, tty_mode: bool) -> ExitS
 
     if tty_mode and os.isatty(1):
         on(signal.SIGWINCH, lambda: proc.resize(*terminal_size()))
+    given_up: asyncio.Future[signal.Signals] = loop.create_future()
     if not tty_mode:  # on a terminal, ^C reaches the guest as a keystroke; otherwise pass signals on
+        forwarded: set[signal.Signals] = set()
+
+        async def forward(signo: signal.Signals) -> None:
+            if forwarded and not given_up.done():  # a second one: the user wants out, answer or not
+                given_up.set_result(signo)
+            forwarded.add(signo)
+            await proc.signal(signo)
+
         for signo in FORWARDED_SIGNALS:
-            on(signo, functools.partial(proc.signal, signo))
-    out, err = sys.stdout.buffer, sys.stderr.buffer
+            on(signo, functools.partial(forward, signo))
+    copier = asyncio.create_task(_copy_output(proc))
     try:
-        async for chunk in proc.output():
-            stream = out if chunk.stream == "stdout" else err
-            stream.write(chunk.data)
-            stream.flush()
+        waiting: set[asyncio.Future[Any]] = {copier, given_up}
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if not copier.done():
+            copier.cancel()
+            signo = given_up.result()
+            raise GaveUpError(signo)
+        copier.result()
     finally:
         for signo in handled:
             loop.remove_signal_handler(signo)
@@ -95,3 +108,21 @@ async def attach_process(proc: Process, *, stdin: bool, tty_mode: bool) -> ExitS
                 await feeder
     assert proc.status is not None
     return proc.status
+
+
+async def _copy_output(proc: Process) -> None:
+    out, err = sys.stdout.buffer, sys.stderr.buffer
+    async for chunk in proc.output():
+        stream = out if chunk.stream == "stdout" else err
+        stream.write(chunk.data)
+        stream.flush()
+
+
+class GaveUpError(AgentkernelError):
+    """A second signal arrived before the command ended: we stop waiting, as a shell would."""
+
+    def __init__(self, signo: signal.Signals) -> None:
+        super().__init__(
+            f"stopped waiting for the command after a second {signo.name}; it may still run in the sandbox"
+        )
+        self.exit_code = 128 + signo
