@@ -60,7 +60,7 @@ def bench(
 @app.command("stress")
 def stress(
     count: int = typer.Option(100, "--count", min=1, max=1000, help="Sandboxes to run."),
-    concurrency: int = typer.Option(4, "--concurrency", min=1, max=64, help="How many start at once."),
+    concurrency: int = typer.Option(6, "--concurrency", min=1, max=64, help="How many start at once."),
     image: str = typer.Option("base", "--image", help="Image to boot."),
     network: bool = typer.Option(False, "--network/--no-network", help="Give each its network gateway."),
     mode: str = typer.Option(
