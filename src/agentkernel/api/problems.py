@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
+from starlette.routing import Route
 
 from agentkernel.errors import AgentkernelError
 from agentkernel.protocol.client import AgentConnectionError, ExecError, FileOpError
@@ -144,6 +145,18 @@ def _validation_problem(exc: RequestValidationError) -> Problem:
     return problem(422, "invalid_field", f"{field}: {error.get('msg', 'invalid')}", field=field)
 
 
+def _allowed(request: Request) -> str:
+    """The methods of every route at the request's path (Starlette names those of one route only)."""
+    path = request.scope["path"]
+    methods = {
+        method
+        for route in request.app.routes
+        if isinstance(route, Route) and route.methods and route.path_regex.fullmatch(path)
+        for method in route.methods
+    }
+    return ", ".join(sorted(methods))
+
+
 def install(app: FastAPI) -> None:
     """Route every error of `app` through problem details."""
 
@@ -151,8 +164,11 @@ def install(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)
         return response(_validation_problem(exc))
 
-    async def on_error(_request: Request, exc: Exception) -> JSONResponse:
-        return response(from_exception(exc))
+    async def on_error(request: Request, exc: Exception) -> JSONResponse:
+        headers = None
+        if isinstance(exc, HTTPException) and exc.status_code == 405:
+            headers = {"Allow": _allowed(request)}
+        return response(from_exception(exc), headers=headers)
 
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(HTTPException, on_error)

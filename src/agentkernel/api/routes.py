@@ -36,6 +36,8 @@ def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
 SSE: dict[int | str, dict[str, Any]] = {
     200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"}
 }
+BODY = problems(400, 413)
+"""What a JSON body can get: 400 when it is no JSON, 413 when it is over the limit (limits.py)."""
 router = APIRouter(responses=problems(401, 422))
 
 
@@ -56,7 +58,7 @@ async def health() -> Health:
     return Health(status="ok", version=__version__)
 
 
-@router.post("/run", tags=["run"], responses=problems(502))
+@router.post("/run", tags=["run"], responses={**BODY, **problems(502)})
 async def run(body: RunRequest, ops: Ops) -> RunResult:
     """Run a command in a new sandbox that is removed afterwards; answers when it has exited."""
     command = _command(body)
@@ -70,7 +72,7 @@ async def run(body: RunRequest, ops: Ops) -> RunResult:
     tags=["run"],
     status_code=200,
     response_class=EventStreamResponse,
-    responses={**SSE, **problems(502)},
+    responses={**SSE, **BODY, **problems(502)},
 )
 async def run_stream(body: RunRequest, ops: Ops) -> EventStreamResponse:
     """Like /run, with the output sent as Server-Sent Events while the command runs."""
@@ -89,7 +91,7 @@ async def list_sandboxes(ops: Ops) -> list[Sandbox]:
     return [Sandbox.of(r) for r in await ops.list_sandboxes()]
 
 
-@router.post("/sandboxes", tags=["sandboxes"], status_code=201, responses=problems(409))
+@router.post("/sandboxes", tags=["sandboxes"], status_code=201, responses={**BODY, **problems(409)})
 async def create_sandbox(body: CreateRequest, ops: Ops) -> Sandbox:
     """Create a sandbox and (unless `start` is false) boot it."""
     return Sandbox.of(await ops.create(body.name, _settings(body), start=body.start))
@@ -118,7 +120,7 @@ async def stop_sandbox(name: Name, ops: Ops) -> Sandbox:
     return Sandbox.of(await ops.stop(name))
 
 
-@router.post("/sandboxes/{name}/exec", tags=["commands"], responses=problems(404, 409, 502))
+@router.post("/sandboxes/{name}/exec", tags=["commands"], responses={**BODY, **problems(404, 409, 502)})
 async def exec_in_sandbox(name: Name, body: ExecRequest, ops: Ops) -> RunResult:
     """Run a command in a running sandbox; answers when it has exited."""
     proc = await ops.exec(name, _command(body))
@@ -130,7 +132,7 @@ async def exec_in_sandbox(name: Name, body: ExecRequest, ops: Ops) -> RunResult:
     tags=["commands"],
     status_code=200,
     response_class=EventStreamResponse,
-    responses={**SSE, **problems(404, 409, 502)},
+    responses={**SSE, **BODY, **problems(404, 409, 502)},
 )
 async def exec_stream(name: Name, body: ExecRequest, ops: Ops) -> EventStreamResponse:
     """Like exec, with the output sent as Server-Sent Events while the command runs."""

@@ -76,15 +76,20 @@ for _name, _fn, _aliases in (
         app.command(_alias, context_settings=settings, hidden=_alias != _name)(_fn)
 
 
+def one_line(message: str) -> str:
+    """`message` with control characters escaped: what a user typed, quoted in it, stays on its line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+
+
 def main() -> None:
     """Entry point: expected errors become one line on stderr and a non-zero exit, never a traceback."""
     try:
         code = app(standalone_mode=False)
     except typer.TyperException as exc:  # usage errors: bad options, missing arguments
-        print(f"agentkernel: error: {exc.format_message()} (see --help)", file=sys.stderr)
+        print(f"agentkernel: error: {one_line(exc.format_message())} (see --help)", file=sys.stderr)
         sys.exit(exc.exit_code)
     except AgentkernelError as exc:
-        print(f"agentkernel: error: {exc}", file=sys.stderr)
+        print(f"agentkernel: error: {one_line(str(exc))}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except OSError as exc:  # on the host's side: a full disk, a file it may not read or write
         where = f"{exc.filename}: " if exc.filename else ""

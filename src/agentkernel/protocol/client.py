@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import time
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from errno import EBUSY
@@ -45,7 +46,26 @@ HELLO_RETRY = 0.25
 RESYNC_AFTER = 5.0
 ENTROPY_BYTES = 64
 RESYNC = bytes(MAX_PAYLOAD + 16)
+START_TIMEOUT = 60.0
+"""Seconds the agent has to answer an EXEC with STARTED or ERROR (it does once the program runs)."""
+TIMEOUT_GRACE = 10.0
+"""Seconds past a command's `timeout` after which the host stops waiting for the agent to end it."""
+MAX_TIMEOUT = 100 * 365 * 86400.0
+"""Longest command timeout, in seconds (the protocol's milliseconds go far beyond)."""
+CLOSE_TIMEOUT = 2.0
+"""Seconds `close` waits for what was sent to be written before it drops it."""
 ENDING_TYPES = (FrameType.EXIT, FrameType.ERROR, FrameType.OK)
+FILE_REPLIES = frozenset({FrameType.OK, FrameType.ERROR})
+REPLIES = {
+    FrameType.EXEC: frozenset(
+        {FrameType.STARTED, FrameType.STDOUT, FrameType.STDERR, FrameType.EXIT, FrameType.ERROR}
+    ),
+    FrameType.GET: frozenset({FrameType.INFO, FrameType.DATA, *FILE_REPLIES}),
+    FrameType.LIST: frozenset({FrameType.ENTRY, *FILE_REPLIES}),
+}
+"""The frames the agent may send on a channel, by the operation that opened it (PUT, STAT, MKDIR and
+REMOVE: FILE_REPLIES). Each may come once, but for data and ENTRY; an empty DATA (the end of a GET's
+data) once too."""
 
 
 Observer = Callable[[str, dict[str, Any]], None]
@@ -92,20 +112,61 @@ class Output:
     data: bytes
 
 
+class _Inbox:
+    """A channel's frames that its reader has not taken yet. Data that arrives behind unread data of the
+    same type is appended to it: unread data costs its bytes, which the window bounds, and not an object
+    per frame, which the window does not."""
+
+    def __init__(self, channel: int) -> None:
+        self._channel = channel
+        self._items: deque[Frame | tuple[FrameType, bytearray] | None] = deque()
+        self._ready = asyncio.Event()
+
+    def put(self, frame: Frame | None) -> None:
+        last = self._items[-1] if self._items else None
+        if frame is not None and frame.type in DATA_TYPES and frame.payload and last is not None:
+            if isinstance(last, tuple) and last[0] is frame.type:
+                last[1].extend(frame.payload)
+                return
+            if isinstance(last, Frame) and last.type is frame.type and last.payload:
+                self._items[-1] = (frame.type, bytearray(last.payload) + frame.payload)
+                return
+        self._items.append(frame)
+        self._ready.set()
+
+    async def get(self) -> Frame | None:
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        return self.get_nowait()
+
+    def get_nowait(self) -> Frame | None:
+        item = self._items.popleft()
+        return Frame(self._channel, item[0], bytes(item[1])) if isinstance(item, tuple) else item
+
+    def empty(self) -> bool:
+        return not self._items
+
+
 class _Channel:
-    def __init__(self, conn: Connection, cid: int) -> None:
+    def __init__(self, conn: Connection, cid: int, op: FrameType) -> None:
         self.conn = conn
         self.id = cid
-        self.frames: asyncio.Queue[Frame | None] = asyncio.Queue()
+        self.op = op
+        self.frames = _Inbox(cid)
         self.recv_window = INITIAL_WINDOW
         self.consumed = 0
         self.send_window = INITIAL_WINDOW
         self.send_ready = asyncio.Event()
         self.send_ready.set()
         self.closed = False
-        self.is_exec = False
         self.abandoned = False
         self.ended_once = False
+        self.seen: set[FrameType] = set()  # those of the frames that may come once that did
+
+    @property
+    def is_exec(self) -> bool:
+        return self.op is FrameType.EXEC
 
     async def next(self) -> Frame:
         frame = await self.frames.get()
@@ -139,11 +200,12 @@ class _Channel:
 class Process:
     """A command running in the guest."""
 
-    def __init__(self, channel: _Channel, pid: int, argv: list[str]) -> None:
+    def __init__(self, channel: _Channel, pid: int, argv: list[str], *, timeout: float | None) -> None:
         self._ch = channel
         self.pid = pid
         self.argv = argv
         self._started = time.monotonic()
+        self._give_up_at = None if not timeout else self._started + timeout + TIMEOUT_GRACE
         self._status: ExitStatus | None = None
 
     async def write(self, data: bytes) -> None:
@@ -163,7 +225,7 @@ class Process:
     async def output(self) -> AsyncIterator[Output]:
         """Output as the process produces it, until it exits; then `status` is set."""
         while self._status is None:
-            frame = await self._ch.next()
+            frame = await self._next()
             if frame.type is FrameType.STDOUT:
                 yield Output("stdout", frame.payload)
             elif frame.type is FrameType.STDERR:
@@ -186,6 +248,19 @@ class Process:
                 raise error
             elif frame.type is not FrameType.WINDOW:
                 raise self._ch.conn.violation(f"unexpected {frame.type.name} frame during exec")
+
+    async def _next(self) -> Frame:
+        """The next frame. Past the command's timeout and its grace, waiting for the agent stops."""
+        if self._give_up_at is None or not self._ch.frames.empty():
+            return await self._ch.next()
+        try:
+            async with asyncio.timeout(self._give_up_at - time.monotonic()):
+                return await self._ch.next()
+        except TimeoutError:
+            self.abandon()
+            raise AgentConnectionError(
+                f"the agent did not end the command within {TIMEOUT_GRACE:g}s of its timeout"
+            ) from None
 
     def abandon(self) -> None:
         """Kill the process (its whole group) and drop whatever it still sends, without waiting."""
@@ -323,10 +398,31 @@ class Connection:
             fields.append((Tag.MAX_PROCS, max_procs))
         if memory_mb is not None:
             fields.append((Tag.MEMORY_MB, memory_mb))
-        # A serial port drops what arrives while the guest has it closed, so HELLO is repeated until
-        # answered; the agent answers each one it sees, and replies after the first are ignored.
-        deadline = time.monotonic() + timeout
         hello = encode(0, FrameType.HELLO, encode_record(fields))
+        try:
+            async with asyncio.timeout(timeout):
+                frame = await self._hello_answer(hello)
+        except TimeoutError:
+            # Given up, and with it whatever the guest did not read: a guest that never reads would
+            # otherwise keep the connection, and the task reading it, for good.
+            self._fail(AgentConnectionError(f"the agent did not answer within {timeout:g}s"))
+            raise self.failure() from None
+        self._greeted = True
+        while not self._control.empty():  # answers to repeated HELLOs that came with the first
+            self._control.get_nowait()
+        if self.broken:
+            raise self.failure()
+        record = decode_record(frame.payload)
+        if record.bytes(Tag.MAGIC) != MAGIC:
+            raise self.violation("agent HELLO lacks the protocol magic")
+        if record.int(Tag.VERSION) != VERSION:
+            raise self.violation(f"agent speaks protocol version {record.int(Tag.VERSION)}, not {VERSION}")
+        self.agent_info = record.str(Tag.MESSAGE)
+        return self.agent_info
+
+    async def _hello_answer(self, hello: bytes) -> Frame:
+        """Send `hello` until the agent answers. A serial port drops what arrives while the guest has
+        it closed, so HELLO is repeated; the agent answers each one it sees."""
         resync_at = time.monotonic() + RESYNC_AFTER if self._shared else float("inf")
         while True:
             # On a port, an agent left mid-frame by an earlier client is reset by a run of zero bytes
@@ -339,23 +435,10 @@ class Connection:
             else:
                 await self.send_raw(hello)
             try:
-                frame = await self._control_reply(
-                    FrameType.HELLO, min(HELLO_RETRY, deadline - time.monotonic())
-                )
-                break
+                return await self._control_reply(FrameType.HELLO, HELLO_RETRY)
             except AgentConnectionError:
                 if self.broken:
                     raise self.failure() from None
-                if time.monotonic() >= deadline:
-                    raise AgentConnectionError(f"the agent did not answer within {timeout:g}s") from None
-        self._greeted = True
-        record = decode_record(frame.payload)
-        if record.bytes(Tag.MAGIC) != MAGIC:
-            raise self.violation("agent HELLO lacks the protocol magic")
-        if record.int(Tag.VERSION) != VERSION:
-            raise self.violation(f"agent speaks protocol version {record.int(Tag.VERSION)}, not {VERSION}")
-        self.agent_info = record.str(Tag.MESSAGE)
-        return self.agent_info
 
     async def ping(self, *, timeout: float = 10) -> float:
         """Round trip time of a PING, in seconds."""
@@ -393,17 +476,25 @@ class Connection:
         gid: int | None = None,
         timeout: float | None = None,
         pty: tuple[int, int] | None = None,
+        start_timeout: float = START_TIMEOUT,
     ) -> Process:
-        """Start `argv` in the guest. `pty` is (rows, cols) to run it on a terminal."""
+        """Start `argv` in the guest. `pty` is (rows, cols) to run it on a terminal.
+
+        The guest kills the command after `timeout` seconds; should it not, the host gives up on it
+        TIMEOUT_GRACE seconds later. An agent that does not start it within `start_timeout` seconds
+        gets it killed, and AgentConnectionError is raised.
+        """
         if not argv:
             raise AgentkernelError("no command given")
+        if timeout is not None and not 0 <= timeout <= MAX_TIMEOUT:  # NaN too
+            raise AgentkernelError(f"the timeout must be from 0 to {MAX_TIMEOUT:g} seconds (got {timeout:g})")
         fields: list[tuple[Tag, int | bytes | str]] = [
-            (Tag.ARGV, a.encode() if isinstance(a, str) else a) for a in argv
+            (Tag.ARGV, _raw(a) if isinstance(a, str) else a) for a in argv
         ]
         merged = {**self.default_env, **(env or {})}
-        fields += [(Tag.ENV, f"{k}={v}".encode()) for k, v in merged.items()]
+        fields += [(Tag.ENV, _raw(f"{k}={v}")) for k, v in merged.items()]
         if cwd:
-            fields.append((Tag.CWD, cwd.encode()))
+            fields.append((Tag.CWD, _raw(cwd)))
         if uid is not None:
             fields.append((Tag.UID, uid))
         if gid is not None:
@@ -412,10 +503,16 @@ class Connection:
             fields.append((Tag.TIMEOUT_MS, max(1, int(timeout * 1000))))
         if pty:
             fields += [(Tag.PTY, 1), (Tag.ROWS, pty[0]), (Tag.COLS, pty[1])]
-        channel = self._open_channel()
-        channel.is_exec = True
+        channel = self._open_channel(FrameType.EXEC)
         await self.send(channel.id, FrameType.EXEC, encode_record(fields))
-        frame = await channel.next()
+        try:
+            async with asyncio.timeout(start_timeout):
+                frame = await channel.next()
+        except TimeoutError:
+            self.abandon(channel)
+            raise AgentConnectionError(
+                f"the agent did not start the command within {start_timeout:g}s"
+            ) from None
         if frame.type is FrameType.ERROR:
             self.release(channel)
             raise _exec_error(decode_record(frame.payload))
@@ -423,7 +520,7 @@ class Connection:
             raise self.violation(f"expected STARTED, got {frame.type.name}")
         pid = decode_record(frame.payload).int(Tag.PID)
         shown = [a if isinstance(a, str) else a.decode(errors="replace") for a in argv]
-        return Process(channel, pid if pid is not None else -1, shown)
+        return Process(channel, pid if pid is not None else -1, shown, timeout=timeout)
 
     async def run(
         self,
@@ -454,7 +551,7 @@ class Connection:
     # -- files ------------------------------------------------------------------------------
 
     async def _file_op(self, ftype: FrameType, fields: list[tuple[Tag, int | bytes | str]]) -> _Channel:
-        channel = self._open_channel()
+        channel = self._open_channel(ftype)
         await self.send(channel.id, ftype, encode_record(fields))
         return channel
 
@@ -470,7 +567,7 @@ class Connection:
 
     async def read_file(self, path: str) -> AsyncGenerator[bytes, None]:
         """The file's bytes as they arrive. Raises FileOpError if the guest cannot read it."""
-        channel = await self._file_op(FrameType.GET, [(Tag.PATH, path.encode())])
+        channel = await self._file_op(FrameType.GET, [(Tag.PATH, _raw(path))])
         ended = False
         size = 0
         try:
@@ -495,10 +592,10 @@ class Connection:
 
     async def write_file(self, path: str, chunks: AsyncIterator[bytes], *, mode: int = 0o644) -> int:
         """Write a guest file from `chunks`; the guest renames it into place only when all arrived."""
-        channel = await self._file_op(FrameType.PUT, [(Tag.PATH, path.encode()), (Tag.MODE, mode)])
+        channel = await self._file_op(FrameType.PUT, [(Tag.PATH, _raw(path)), (Tag.MODE, mode)])
         try:
             async for chunk in chunks:
-                if channel.frames.qsize():  # an early ERROR (say, no such directory): stop sending
+                if not channel.frames.empty():  # an early ERROR (say, no such directory): stop sending
                     break
                 await channel.send_data(FrameType.DATA, chunk)
             else:
@@ -518,11 +615,11 @@ class Connection:
         return await self._finish(channel, await channel.next())
 
     async def stat(self, path: str) -> FileInfo:
-        record = await self._simple(FrameType.STAT, [(Tag.PATH, path.encode())])
+        record = await self._simple(FrameType.STAT, [(Tag.PATH, _raw(path))])
         return _file_info(record, name=path.rstrip("/").rsplit("/", 1)[-1])
 
     async def list_dir(self, path: str, *, limit: int = 100_000) -> list[FileInfo]:
-        channel = await self._file_op(FrameType.LIST, [(Tag.PATH, path.encode())])
+        channel = await self._file_op(FrameType.LIST, [(Tag.PATH, _raw(path))])
         entries: list[FileInfo] = []
         while True:
             frame = await channel.next()
@@ -536,22 +633,22 @@ class Connection:
 
     async def mkdir(self, path: str, *, mode: int = 0o755, parents: bool = False) -> None:
         await self._simple(
-            FrameType.MKDIR, [(Tag.PATH, path.encode()), (Tag.MODE, mode), (Tag.PARENTS, int(parents))]
+            FrameType.MKDIR, [(Tag.PATH, _raw(path)), (Tag.MODE, mode), (Tag.PARENTS, int(parents))]
         )
 
     async def remove(self, path: str, *, recursive: bool = False) -> None:
-        await self._simple(FrameType.REMOVE, [(Tag.PATH, path.encode()), (Tag.RECURSIVE, int(recursive))])
+        await self._simple(FrameType.REMOVE, [(Tag.PATH, _raw(path)), (Tag.RECURSIVE, int(recursive))])
 
     # -- plumbing ----------------------------------------------------------------------------
 
-    def _open_channel(self) -> _Channel:
+    def _open_channel(self, op: FrameType) -> _Channel:
         if self.broken:
             raise self.failure()
         if len(self._channels) >= MAX_CHANNELS:
             raise AgentkernelError(f"too many operations at once on one connection (limit {MAX_CHANNELS})")
         while self._next_id in self._channels:
             self._next_id = self._next_id % 65535 + 1
-        channel = _Channel(self, self._next_id)
+        channel = _Channel(self, self._next_id, op)
         self._channels[channel.id] = channel
         self._next_id = self._next_id % 65535 + 1
         return channel
@@ -596,6 +693,8 @@ class Connection:
         if frame.type in DATA_TYPES and frame.payload:  # keep the sender going until it ends
             channel.recv_window += len(frame.payload)
             self._write_now(channel.id, FrameType.WINDOW, encode_record([(Tag.BYTES, len(frame.payload))]))
+        elif frame.type is FrameType.STARTED:  # given up on before it started: the SIGKILL came too early
+            self._write_now(channel.id, FrameType.SIGNAL, encode_record([(Tag.SIGNAL, signal.SIGKILL)]))
         elif frame.type in ENDING_TYPES:
             aborted = frame.type is FrameType.ERROR and decode_record(frame.payload).int(Tag.ERRNO) == EBUSY
             if channel.is_exec or aborted or channel.ended_once:
@@ -634,15 +733,20 @@ class Connection:
         self._fail(AgentConnectionError(f"the sandbox agent broke the protocol: {what}"))
         return self.failure()
 
-    def _fail(self, error: AgentConnectionError) -> None:
+    def _fail(self, error: AgentConnectionError, *, flush: bool = False) -> None:
+        """Break the connection: every waiter gets `error`. What is still to be sent is dropped, unless
+        `flush` (the host is closing it): then the socket closes once that is written."""
         if self._error is None:
             self._error = error
         for channel in self._channels.values():
-            channel.frames.put_nowait(None)
+            channel.frames.put(None)
             channel.send_ready.set()
         with contextlib.suppress(asyncio.QueueFull):
             self._control.put_nowait(None)
-        self._writer.close()
+        if flush:
+            self._writer.close()
+        else:
+            self._writer.transport.abort()
 
     async def _read_loop(self) -> None:
         try:
@@ -658,7 +762,7 @@ class Connection:
         except OSError as exc:
             self._fail(AgentConnectionError(f"lost the connection to the sandbox agent: {exc}"))
         except asyncio.CancelledError:
-            self._fail(AgentConnectionError("the connection to the sandbox agent is closed"))
+            self._fail(AgentConnectionError("the connection to the sandbox agent is closed"), flush=True)
 
     def _dispatch(self, frame: Frame) -> None:
         if frame.channel == 0:
@@ -687,24 +791,56 @@ class Connection:
             channel.recv_window -= len(frame.payload)
             if channel.recv_window < 0:
                 raise ProtocolError(f"channel {frame.channel} sent more data than its window allows")
+        _check_reply(channel, frame)
         if channel.abandoned:
             self._abandoned_frame(channel, frame)
         else:
-            channel.frames.put_nowait(frame)
+            channel.frames.put(frame)
 
     async def close(self) -> None:
+        """Close once what was sent is written, or after CLOSE_TIMEOUT seconds without: a guest that
+        does not read must not keep the socket open."""
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._writer.close()
-        with contextlib.suppress(OSError, RuntimeError):
-            await self._writer.wait_closed()
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self._writer.wait_closed()
+        except TimeoutError:
+            self._writer.transport.abort()
+        except (OSError, RuntimeError):
+            pass
 
     async def __aenter__(self) -> Connection:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _check_reply(channel: _Channel, frame: Frame) -> None:
+    """Refuse what the channel's operation does not allow (REPLIES). What a channel holds unread is
+    then bounded by its window and REPLIES, however slowly its reader takes it."""
+    if frame.type not in REPLIES.get(channel.op, FILE_REPLIES):
+        raise ProtocolError(f"{frame.type.name} frame on channel {channel.id}, which runs {channel.op.name}")
+    if channel.abandoned:
+        return  # an abandoned file operation may end twice (see Connection.abandon)
+    if not channel.seen.isdisjoint(ENDING_TYPES):
+        raise ProtocolError(f"{frame.type.name} frame on channel {channel.id} after its end")
+    if frame.type is FrameType.ENTRY or (frame.type in DATA_TYPES and frame.payload):
+        return
+    if frame.type in (FrameType.STDOUT, FrameType.STDERR):
+        raise ProtocolError(f"empty {frame.type.name} frame on channel {channel.id}")
+    if frame.type in channel.seen:
+        raise ProtocolError(f"second {frame.type.name} frame on channel {channel.id}")
+    channel.seen.add(frame.type)
+
+
+def _raw(text: str) -> bytes:
+    """Text as the bytes it came from: arguments and paths that were not UTF-8 reach the guest as given
+    (Python holds their bytes as lone surrogates)."""
+    return text.encode(errors="surrogateescape")
 
 
 async def _feed(proc: Process, data: bytes) -> None:

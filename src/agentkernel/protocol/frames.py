@@ -90,7 +90,7 @@ class Tag(IntEnum):
     ENTROPY = 31
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Frame:
     channel: int
     type: FrameType
