@@ -177,6 +177,11 @@ def test_logs(running: str) -> None:
         (("run", "--image", "no-such-image", "--", "true"), "no image named no-such-image"),
         (("run", "--memory", "1", "--", "true"), "--memory must be between"),
         (("run", "--name", "bad/name", "--", "true"), "invalid sandbox name"),
+        (("run", "--vcpus", "0", "--", "true"), "--vcpus must be between 1 and 32 (got 0)"),
+        (("run", "--timeout", "nan", "--", "true"), "--timeout must be more than 0"),
+        (("run", "--timeout", "-1", "--", "true"), "--timeout must be more than 0"),
+        (("exec", "--timeout", "inf", "unknown", "--", "true"), "--timeout must be more than 0"),
+        (("cp", "unknown:/", "."), "names no file"),
     ],
 )
 def test_bad_input_is_one_line(cli_home: Path, args: tuple[str, ...], says: str) -> None:

@@ -212,6 +212,7 @@ class QemuBackend:
             if not self.is_alive(spec, pid):
                 raise AgentkernelError(f"the VM is not running: {console_tail(spec)}")
             if sock.exists():
+                conn = None
                 try:
                     conn = await Connection.open_unix(
                         sock, timeout=max(0.1, deadline - time.monotonic()), shared_stream=True
@@ -224,8 +225,12 @@ class QemuBackend:
                     )
                     return conn
                 except AgentConnectionError:
+                    if conn is not None:
+                        await conn.close()
                     if time.monotonic() > deadline or not self.is_alive(spec, pid):
-                        raise
+                        raise AgentConnectionError(
+                            f"the agent did not answer within {timeout:g}s: {console_tail(spec)}"
+                        ) from None
             if time.monotonic() > deadline:
                 raise AgentkernelError(f"the agent did not answer within {timeout:g}s: {console_tail(spec)}")
             await asyncio.sleep(0.005)

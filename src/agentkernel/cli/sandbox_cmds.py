@@ -40,6 +40,17 @@ def parse_env(pairs: list[str]) -> dict[str, str]:
     return env
 
 
+MAX_TIMEOUT = 7 * 86400.0
+
+
+def check_timeout(timeout: float | None) -> None:
+    """`--timeout` is checked before anything boots (typer takes "nan" and "inf" as numbers)."""
+    if timeout is not None and not 0 < timeout <= MAX_TIMEOUT:
+        raise AgentkernelError(
+            f"--timeout must be more than 0 and at most {MAX_TIMEOUT:g} seconds (got {timeout:g})"
+        )
+
+
 def command_args(command: list[str]) -> list[str]:
     """The command after an optional `--` (which stays in the arguments once parsing stops at it)."""
     return command[1:] if command[:1] == ["--"] else command
@@ -138,8 +149,8 @@ def _options(
     return {
         "image": chosen,
         "backend": backend,
-        "vcpus": vcpus or config.resources.vcpus or 1,
-        "memory_mb": memory or config.resources.memory_mb or 512,
+        "vcpus": vcpus if vcpus is not None else config.resources.vcpus or 1,
+        "memory_mb": memory if memory is not None else config.resources.memory_mb or 512,
         "policy": policy,
         "mount_dir": directory,
         "lifetime": lifetime,
@@ -191,6 +202,7 @@ def run(
     command = command_args(command)
     if not command:
         raise AgentkernelError("no command given: agentkernel run -- CMD...")
+    check_timeout(timeout)
     variables = parse_env(env)
     options = _options(
         command,
@@ -309,6 +321,7 @@ def exec_cmd(
     timeout: float | None = typer.Option(None, "--timeout", help="Kill the command after this many seconds."),
 ) -> None:
     """Run a command in a running sandbox; exits with its exit code (128+N if killed by signal N)."""
+    check_timeout(timeout)
     status = _await(
         _exec(
             name,
@@ -378,7 +391,10 @@ async def _upload(name: str, local: Path, remote: str) -> None:
 
 async def _download(name: str, remote: str, local: Path) -> None:
     if local.is_dir():
-        local = local / remote.rstrip("/").rsplit("/", 1)[-1]
+        base = remote.rstrip("/").rsplit("/", 1)[-1]
+        if not base:
+            raise AgentkernelError(f"cp: {name}:{remote} names no file to copy")
+        local = local / base
     tmp = local.with_name(f".{local.name}.part")
     async with sandboxes.session(name) as conn:
         info = await conn.stat(remote)

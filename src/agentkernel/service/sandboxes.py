@@ -118,6 +118,7 @@ def exec_env(record: SandboxRecord) -> dict[str, str]:
 @contextlib.contextmanager
 def locked(name: str) -> Iterator[None]:
     """Serializes life-cycle changes of one sandbox across processes."""
+    validate_name(name)  # before the name becomes a path
     locks = paths.data_dir() / "locks"
     locks.mkdir(exist_ok=True)
     path = locks / f"{name}.lock"
