@@ -36,11 +36,11 @@ def bench(
     console.print(f"bare QEMU boot to agent ready:   {result['bare_qemu_boot_to_agent_s']:.3f} s")
     console.print(f"`run --no-network` to cmd start: {result['run_to_command_start_s']:.3f} s")
     console.print(f"our overhead on the bare VMM:    {result['overhead_ratio'] * 100:.1f} %")
-    console.print(f"`run` with network (gateway):    {result['run_with_network_to_command_start_s']:.3f} s")
     console.print(
         f"  of which: CLI start {result['cli_start_s']:.3f} s (`agentkernel --version`), "
         f"the first command in a new VM {result['first_exec_in_new_vm_s']:.3f} s (read, run the first time)"
     )
+    console.print(f"`run` with network (gateway):    {result['run_with_network_to_command_start_s']:.3f} s")
     console.print(f"exec round trip of `true`:       {result['exec_round_trip_true_s'] * 1000:.1f} ms")
     console.print(f"stop:                            {result['stop_s']:.3f} s")
     console.print(
