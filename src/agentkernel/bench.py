@@ -54,25 +54,16 @@ def bare_boot(spec: VMSpec, accel: hostinfo.Accel) -> float:
         proc.wait()
 
 
+def agentkernel_run(*args: str) -> list[str]:
+    """The command line of `agentkernel run --backend qemu ARGS...` in this Python."""
+    return [sys.executable, "-m", "agentkernel", "run", "--backend", "qemu", *args]
+
+
 def cli_run_to_start(image: str, *flags: str) -> float:
     """Seconds from launching `agentkernel run` to the command's first output."""
     start = time.monotonic()
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "agentkernel",
-            "run",
-            "--backend",
-            "qemu",
-            "--image",
-            image,
-            "--no-pool",
-            *flags,
-            "--",
-            "echo",
-            "started",
-        ],
+        agentkernel_run("--image", image, "--no-pool", *flags, "--", "echo", "started"),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -267,20 +258,10 @@ async def _run_true(*, pool: bool, **options: Any) -> float:
 
 
 def _cli_run_true(*flags: str) -> float:
-    cmd = [
-        sys.executable,
-        "-m",
-        "agentkernel",
-        "run",
-        "--backend",
-        "qemu",
-        "--no-network",
-        *flags,
-        "--",
-        "true",
-    ]
     start = time.monotonic()
-    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True)
+    proc = subprocess.run(
+        agentkernel_run("--no-network", *flags, "--", "true"), stdin=subprocess.DEVNULL, capture_output=True
+    )
     elapsed = time.monotonic() - start
     if proc.returncode != 0:
         raise AgentkernelError(f"`agentkernel run` failed: {proc.stderr.decode(errors='replace').strip()}")
