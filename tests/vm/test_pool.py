@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 
 from agentkernel.pool import wire
+from agentkernel.service.operations import Operations, SandboxSettings
 from tests.conftest import cli
 
 pytestmark = pytest.mark.vm
@@ -65,6 +67,16 @@ def wait_for(predicate: Any, what: str, timeout: float = 60.0) -> None:
         time.sleep(0.3)
 
 
+async def hostname_through_the_service(project: Path) -> str:
+    ops = Operations(project)
+    try:
+        async with ops.ephemeral(["hostname"], SandboxSettings(image="base")) as conn:
+            done = await conn.run(["hostname"])
+    finally:
+        await ops.close()
+    return done.stdout.decode().strip()
+
+
 @pytest.fixture
 def pool_home(cli_home: Path) -> Iterator[Path]:
     yield cli_home
@@ -72,7 +84,7 @@ def pool_home(cli_home: Path) -> Iterator[Path]:
 
 
 def test_pool_hands_out_each_sandbox_once(pool_home: Path) -> None:
-    ok("daemon", "start", "--backend", "qemu", "--size", "2", "--wait")
+    ok("daemon", "start", "--size", "2", "--wait")  # the backend `run` would choose: QEMU (network on)
     pooled = set(ready())
     assert len(pooled) == 2
     assert names() == set() and names("--all") == pooled  # kept ready, hidden from a plain list
@@ -81,9 +93,9 @@ def test_pool_hands_out_each_sandbox_once(pool_home: Path) -> None:
     }
 
     # The guest's hostname is its sandbox's name: each run is served by a pooled one, never twice.
-    first = ok("run", "--backend", "qemu", "--", "hostname").strip()
+    first = ok("run", "--", "hostname").strip()
     assert first in pooled
-    second = ok("run", "--backend", "qemu", "--", "sh", "-c", "hostname; echo $http_proxy").split()
+    second = ok("run", "--", "sh", "-c", "hostname; echo $http_proxy").split()
     assert second[0] in pooled and second[0] != first
     assert second[1] == "http://10.0.2.100:3128"  # the default profile's network, through its gateway
     assert not {first, second[0]} & names("--all")  # removed after use
@@ -91,11 +103,16 @@ def test_pool_hands_out_each_sandbox_once(pool_home: Path) -> None:
     assert not {first, second[0]} & set(ready())
     assert status()["pools"][0]["handed_out"] == 2
 
-    cold = ok("run", "--backend", "qemu", "--no-pool", "--", "hostname").strip()
+    cold = ok("run", "--no-pool", "--", "hostname").strip()
     assert cold.startswith("run-") and cold not in pooled
-    ok("run", "--backend", "qemu", "--memory", "256", "--", "true")  # a kind the pool does not keep
+    ok("run", "--memory", "256", "--", "true")  # a kind the pool does not keep
     current = status()
     assert current["pools"][0]["handed_out"] == 2 and current["misses"] == 1
+
+    # The HTTP API's and the MCP server's one-command runs go through the same service call.
+    via_service = asyncio.run(hostname_through_the_service(pool_home))
+    assert via_service in set(ready(current))
+    assert status()["pools"][0]["handed_out"] == 3
 
     ok("daemon", "stop")
     assert names("--all") == set()
