@@ -88,6 +88,7 @@ def test_pool_hands_out_each_sandbox_once(pool_home: Path) -> None:
     pooled = set(ready())
     assert len(pooled) == 2
     assert names() == set() and names("--all") == pooled  # kept ready, hidden from a plain list
+    assert json.loads(ok("status", "--json"))["pool"]["ready"] == {"base": 2}
     assert {s["name"] for s in json.loads(ok("snapshot", "list", "--json"))} == {
         "pool-template-" + status()["pools"][0]["key"]
     }

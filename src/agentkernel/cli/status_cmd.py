@@ -29,3 +29,11 @@ def status(json_out: bool = typer.Option(False, "--json", help="Print one JSON o
     for img in info["images"]:
         console.print(f"image {img['name']}: {human_size(img['size_bytes'])} {img['path']}")
     console.print(f"data dir: {info['data_dir']}")
+    pool = info["pool"]
+    if not pool["running"]:
+        console.print("pool daemon: not running (`agentkernel daemon start` keeps sandboxes ready)")
+    elif "error" in pool:
+        console.print(f"pool daemon: not answering: {pool['error']}")
+    else:
+        ready = ", ".join(f"{image} {n}" for image, n in pool["ready"].items())
+        console.print(f"pool daemon: running (pid {pool['pid']}); ready: {ready}")

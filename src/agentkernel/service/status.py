@@ -6,7 +6,9 @@ from typing import Any
 
 from agentkernel import hostinfo, paths
 from agentkernel.artifacts import agent, kernel
+from agentkernel.errors import AgentkernelError
 from agentkernel.images import store
+from agentkernel.pool import control
 
 
 def status() -> dict[str, Any]:
@@ -26,4 +28,17 @@ def status() -> dict[str, Any]:
             for img in store.list_images()
         ],
         "data_dir": str(paths.data_dir()),
+        "pool": _pool(),
     }
+
+
+def _pool() -> dict[str, Any]:
+    """Whether the pool daemon runs, and how many sandboxes it has ready per image."""
+    if control.running_pid() is None:
+        return {"running": False}
+    try:
+        current = control.status()
+    except AgentkernelError as exc:
+        return {"running": True, "error": str(exc)}
+    ready = {p["image"]: len(p["ready"]) for p in current["pools"]}
+    return {"running": True, "pid": current["pid"], "ready": ready}
