@@ -215,11 +215,12 @@ def pool_figures(*, runs: int = 5, image: str = "base") -> dict[str, Any]:
     and through the CLI, measured side by side with a pool daemon this benchmark starts."""
     if control.running_pid() is not None:
         raise AgentkernelError("the pool daemon is running: stop it first (the benchmark starts its own)")
-    spec = {"images": [image], "size": POOL_SIZE, "profile": "moderate", "network": False, "vcpus": 1,
-            "memory_mb": 512, "backend": "qemu", "max_age": 3600, "health_interval": 60}  # fmt: skip
-    options = {"image": image, "backend": "qemu", "policy": replace(PROFILES["moderate"], network=False)}
+    policy = replace(PROFILES["moderate"], network=False)
+    options = {"image": image, "backend": "qemu", "policy": policy}
     cold, pooled, cli_cold, cli_pooled = [], [], [], []
-    control.start(spec)
+    control.start(
+        images=[image], size=POOL_SIZE, policy=policy, backend="qemu", max_age=3600, health_interval=60
+    )
     try:
         control.wait_ready(lambda _status: None)
         for _ in range(runs):

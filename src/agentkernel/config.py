@@ -228,6 +228,13 @@ class Policy:
     read_only: bool
     domains: Domains = field(default_factory=Domains)
 
+    @classmethod
+    def from_record(cls, data: dict[str, Any]) -> Policy:
+        """A policy from its record (`dataclasses.asdict` of one, as JSON keeps it)."""
+        domains = data["domains"]
+        rules = Domains(tuple(domains["allow"]), tuple(domains["block"]), domains["allowlist_only"])
+        return cls(**{**data, "domains": rules})
+
 
 MAX_PROCS = {"permissive": 4096, "moderate": 1024, "restrictive": 256}  # processes per sandbox
 

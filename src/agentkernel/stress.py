@@ -65,7 +65,7 @@ def stress(
     prepared = time.monotonic()
     template = _template(tag, options) if mode == "snapshot" else None
     if mode == "pool":
-        _fill_pool(count, image, network)
+        _fill_pool(count, options)
     prepare_s = time.monotonic() - prepared
     try:
         with _MemorySampler() as memory:
@@ -117,12 +117,17 @@ def _template(tag: str, options: dict[str, Any]) -> str:
     return template
 
 
-def _fill_pool(count: int, image: str, network: bool) -> None:
+def _fill_pool(count: int, options: dict[str, Any]) -> None:
     if control.running_pid() is not None:
         raise AgentkernelError("the pool daemon is running: stop it first (the stress test starts its own)")
-    spec = {"images": [image], "size": count, "profile": "moderate", "network": network, "vcpus": 1,
-            "memory_mb": 512, "backend": "qemu", "max_age": 86400, "health_interval": 3600}  # fmt: skip
-    control.start(spec)
+    control.start(
+        images=[options["image"]],
+        size=count,
+        policy=options["policy"],
+        backend=options["backend"],
+        max_age=86400,
+        health_interval=3600,
+    )
     try:
         control.wait_ready(lambda _status: None, timeout=max(600.0, 5.0 * count))
     except BaseException:

@@ -157,5 +157,19 @@ def test_daemon_usage_errors(pool_home: Path) -> None:
     assert "not running" in one_line_error("daemon", "stop")
     assert "no image" in one_line_error("daemon", "start", "--image", "no-such-image").lower()
     assert "unknown security profile" in one_line_error("daemon", "start", "--profile", "lax")
+    assert "cannot be pooled" in one_line_error("daemon", "start", "--profile", "permissive")
     ok("daemon", "start", "--backend", "qemu", "--no-network", "--size", "1")
     assert "already running" in one_line_error("daemon", "start")
+
+
+def test_the_pool_follows_the_project_config(pool_home: Path) -> None:
+    # Started in a project, the pool's sandboxes get its settings, so `run` there can take them.
+    Path("agentkernel.toml").write_text(
+        "[resources]\nmemory_mb = 256\n[security]\nnetwork = false\n"
+        '[security.domains]\nallow = ["pypi.org"]\n'
+    )
+    ok("daemon", "start", "--size", "1", "--wait")
+    pooled = ready()
+    assert status()["pools"][0]["memory_mb"] == 256 and status()["pools"][0]["network"] is False
+    assert ok("run", "--", "hostname").strip() in pooled
+    assert status()["misses"] == 0

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import typer
 
 from agentkernel.cli.output import console, err_console, print_json
-from agentkernel.config import PROFILES
-from agentkernel.errors import AgentkernelError
+from agentkernel.config import load_config, resolve_policy
 from agentkernel.images import store
 from agentkernel.pool import control
 
@@ -20,32 +20,30 @@ app = typer.Typer(help="The warm pool of ready sandboxes that `run` uses.", no_a
 def start(
     images: list[str] = typer.Option(["base"], "--image", help="Keep sandboxes of this image (repeatable)."),
     size: int = typer.Option(2, "--size", min=1, max=200, help="Ready sandboxes per image."),
-    profile: str = typer.Option("moderate", "--profile", help="Their security profile."),
+    profile: str | None = typer.Option(None, "--profile", help="Their security profile (as `run`)."),
     network: bool | None = typer.Option(None, "--network/--no-network", help="Override its network."),
-    vcpus: int = typer.Option(1, "--vcpus", min=1, max=32, help="Their virtual CPUs."),
-    memory: int = typer.Option(512, "--memory", min=64, max=65536, help="Their memory in MB."),
+    vcpus: int | None = typer.Option(None, "--vcpus", min=1, max=32, help="Their virtual CPUs (as `run`)."),
+    memory: int | None = typer.Option(None, "--memory", min=64, max=65536, help="Their memory in MB."),
     backend: str | None = typer.Option(None, "--backend", help="Their backend (default: as `run`)."),
     max_age: float = typer.Option(600, "--max-age", min=1, help="Replace ready ones older than this (s)."),
     health_interval: float = typer.Option(15, "--health-interval", min=0.5, help="Seconds between checks."),
     wait: bool = typer.Option(False, "--wait", help="Return once every pool is full."),
 ) -> None:
-    """Start the pool daemon in the background."""
-    if profile not in PROFILES:
-        raise AgentkernelError(f"unknown security profile {profile!r}: use {', '.join(PROFILES)}")
+    """Start the pool daemon in the background. Its sandboxes get what `run` in this directory would
+    give them (flags, then agentkernel.toml, then the defaults), so that `run` can take them."""
     for image in images:
         store.get(image)  # a missing image is an error now, not a pool that never fills
-    spec = {
-        "images": list(dict.fromkeys(images)),
-        "size": size,
-        "profile": profile,
-        "network": network,
-        "vcpus": vcpus,
-        "memory_mb": memory,
-        "backend": backend,
-        "max_age": max_age,
-        "health_interval": health_interval,
-    }
-    pid = control.start(spec)
+    config, _ = load_config(search_from=Path.cwd())
+    pid = control.start(
+        images=images,
+        size=size,
+        policy=resolve_policy(config, profile=profile, network=network),
+        vcpus=vcpus if vcpus is not None else config.resources.vcpus or 1,
+        memory_mb=memory if memory is not None else config.resources.memory_mb or 512,
+        backend=backend,
+        max_age=max_age,
+        health_interval=health_interval,
+    )
     console.print(f"pool daemon started (pid {pid}); log: {control.log_file()}")
     if wait:
         control.wait_ready(_progress)

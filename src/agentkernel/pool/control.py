@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -16,6 +17,7 @@ from typing import Any
 
 from agentkernel import paths
 from agentkernel.backends.base import file_tail, tail_line
+from agentkernel.config import Policy
 from agentkernel.errors import AgentkernelError
 from agentkernel.pool import wire
 
@@ -40,8 +42,34 @@ def running_pid() -> int | None:
         return None
 
 
-def start(spec: dict[str, Any], *, timeout: float = 30.0) -> int:
-    """Start the daemon detached; return its pid once it answers on its socket."""
+def start(
+    *,
+    images: list[str],
+    size: int,
+    policy: Policy,
+    vcpus: int = 1,
+    memory_mb: int = 512,
+    backend: str | None = None,
+    max_age: float = 600.0,
+    health_interval: float = 15.0,
+    timeout: float = 30.0,
+) -> int:
+    """Start the daemon detached, keeping `size` sandboxes of each image with these settings; return
+    its pid once it answers on its socket."""
+    if policy.mount_cwd or policy.mount_home:
+        raise AgentkernelError(
+            f"the {policy.profile} profile shares host directories: its sandboxes cannot be pooled"
+        )
+    spec = {
+        "images": list(dict.fromkeys(images)),
+        "size": size,
+        "policy": dataclasses.asdict(policy),
+        "vcpus": vcpus,
+        "memory_mb": memory_mb,
+        "backend": backend,
+        "max_age": max_age,
+        "health_interval": health_interval,
+    }
     if (pid := running_pid()) is not None:
         raise AgentkernelError(
             f"the pool daemon is already running (pid {pid}): `agentkernel daemon stop` first"

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import fcntl
 import json
 import logging
@@ -31,7 +30,7 @@ from typing import Any, TextIO
 
 from agentkernel import hostinfo
 from agentkernel.backends import get_backend
-from agentkernel.config import Config, Policy, resolve_policy
+from agentkernel.config import Policy
 from agentkernel.errors import AgentkernelError
 from agentkernel.pool import wire
 from agentkernel.sandbox import state
@@ -389,8 +388,7 @@ def run(kinds: list[Kind], *, max_age: float, health_interval: float) -> None:
 
 
 def kinds_from(spec: dict[str, Any]) -> list[Kind]:
-    policy = resolve_policy(Config(), profile=spec["profile"], network=spec.get("network"))
-    policy = dataclasses.replace(policy, mount_cwd=False, mount_home=False)  # pooled: nothing shared
+    policy = Policy.from_record(spec["policy"])
     return [
         Kind(image, spec["size"], policy, spec["vcpus"], spec["memory_mb"], spec.get("backend"))
         for image in spec["images"]
