@@ -221,21 +221,26 @@ class _MemorySampler:
         self.peak_used = 0
         self._baseline = _host_used()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread = threading.Thread(target=self._every_interval, daemon=True)
 
     def __enter__(self) -> _MemorySampler:
+        self._sample()
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self._sample()  # a run shorter than the interval still has its samples at both ends
+
+    def _every_interval(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
 
     def _sample(self) -> None:
-        while not self._stop.wait(self.interval):
-            rss = _rss(os.getpid()) + sum(_rss(pid) for pid in _vmm_pids())
-            self.peak_rss = max(self.peak_rss, rss)
-            self.peak_used = max(self.peak_used, _host_used() - self._baseline)
+        rss = _rss(os.getpid()) + sum(_rss(pid) for pid in _vmm_pids())
+        self.peak_rss = max(self.peak_rss, rss)
+        self.peak_used = max(self.peak_used, _host_used() - self._baseline)
 
 
 def _rss(pid: int) -> int:
