@@ -158,8 +158,13 @@ def test_daemon_usage_errors(pool_home: Path) -> None:
     assert "no image" in one_line_error("daemon", "start", "--image", "no-such-image").lower()
     assert "unknown security profile" in one_line_error("daemon", "start", "--profile", "lax")
     assert "cannot be pooled" in one_line_error("daemon", "start", "--profile", "permissive")
+    old_log = pool_home / "logs" / "daemon.log"
+    old_log.parent.mkdir(exist_ok=True)
+    old_log.write_bytes(b"x" * (5 << 20))  # a large log from earlier runs
     ok("daemon", "start", "--backend", "qemu", "--no-network", "--size", "1")
     assert "already running" in one_line_error("daemon", "start")
+    assert (pool_home / "logs" / "daemon.log.1").stat().st_size == 5 << 20  # kept once, not appended to
+    assert old_log.stat().st_size < 1 << 20
 
 
 def test_the_pool_follows_the_project_config(pool_home: Path) -> None:

@@ -21,9 +21,18 @@ from agentkernel.config import Policy
 from agentkernel.errors import AgentkernelError
 from agentkernel.pool import wire
 
+MAX_LOG_BYTES = 4 << 20
+
 
 def log_file() -> Path:
     return paths.logs_dir() / "daemon.log"
+
+
+def _rotate_log() -> None:
+    """Keep the previous daemon's log as daemon.log.1 once it is large (each start appends)."""
+    log = log_file()
+    if log.exists() and log.stat().st_size > MAX_LOG_BYTES:
+        log.replace(log.with_name(log.name + ".1"))
 
 
 def running_pid() -> int | None:
@@ -74,6 +83,7 @@ def start(
         raise AgentkernelError(
             f"the pool daemon is already running (pid {pid}): `agentkernel daemon stop` first"
         )
+    _rotate_log()
     with log_file().open("ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "agentkernel.pool.daemon", json.dumps(spec)],
