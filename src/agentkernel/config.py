@@ -282,6 +282,19 @@ def resolve_policy(
     )
 
 
+DEFAULT_VCPUS = 1
+DEFAULT_MEMORY_MB = 512
+
+
+def resolve_resources(config: Config, *, vcpus: int | None, memory_mb: int | None) -> tuple[int, int]:
+    """vCPUs and memory in MB from the flags (None: not given), else `config`, else the defaults."""
+    resources = config.resources
+    return (
+        vcpus if vcpus is not None else resources.vcpus or DEFAULT_VCPUS,
+        memory_mb if memory_mb is not None else resources.memory_mb or DEFAULT_MEMORY_MB,
+    )
+
+
 def _first(*values: bool | None) -> bool:
     return next(value for value in values if value is not None)
 

@@ -106,15 +106,7 @@ def stress(
 
 def _template(tag: str, options: dict[str, Any]) -> str:
     """Boot one sandbox and snapshot it: every stressed sandbox resumes from it."""
-    source, template = f"stress-{tag}-template", f"stress-{tag}"
-    sandboxes.create(source, **options)
-    try:
-        asyncio.run(sandboxes.start(source))
-        asyncio.run(sandboxes.warm_up(source))
-        asyncio.run(snapshots.create(source, template))
-    finally:
-        sandboxes.remove(source, force=True)
-    return template
+    return asyncio.run(snapshots.template(f"stress-{tag}", source=f"stress-{tag}-template", **options)).name
 
 
 def _fill_pool(count: int, options: dict[str, Any]) -> None:

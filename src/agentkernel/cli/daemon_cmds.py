@@ -9,7 +9,7 @@ from typing import Any
 import typer
 
 from agentkernel.cli.output import console, err_console, print_json
-from agentkernel.config import load_config, resolve_policy
+from agentkernel.config import load_config, resolve_policy, resolve_resources
 from agentkernel.images import store
 from agentkernel.pool import control
 
@@ -34,12 +34,13 @@ def start(
     for image in images:
         store.get(image)  # a missing image is an error now, not a pool that never fills
     config, _ = load_config(search_from=Path.cwd())
+    vcpus, memory_mb = resolve_resources(config, vcpus=vcpus, memory_mb=memory)
     pid = control.start(
         images=images,
         size=size,
         policy=resolve_policy(config, profile=profile, network=network),
-        vcpus=vcpus if vcpus is not None else config.resources.vcpus or 1,
-        memory_mb=memory if memory is not None else config.resources.memory_mb or 512,
+        vcpus=vcpus,
+        memory_mb=memory_mb,
         backend=backend,
         max_age=max_age,
         health_interval=health_interval,

@@ -15,7 +15,7 @@ import typer
 from agentkernel import hostinfo, paths
 from agentkernel.cli.output import console, err_console, print_json
 from agentkernel.cli.streams import attach_process, raw_terminal, terminal_size
-from agentkernel.config import load_config, resolve_policy
+from agentkernel.config import load_config, resolve_policy, resolve_resources
 from agentkernel.errors import AgentkernelError
 from agentkernel.protocol.client import Connection, ExitStatus
 from agentkernel.service import sandboxes
@@ -146,11 +146,12 @@ def _options(
         raise AgentkernelError(f"--dir {directory}: no such directory")
     _note(f"image {chosen} ({why}), profile {policy.profile}")
     _note_accel_once()
+    vcpus, memory_mb = resolve_resources(config, vcpus=vcpus, memory_mb=memory)
     return {
         "image": chosen,
         "backend": backend,
-        "vcpus": vcpus if vcpus is not None else config.resources.vcpus or 1,
-        "memory_mb": memory if memory is not None else config.resources.memory_mb or 512,
+        "vcpus": vcpus,
+        "memory_mb": memory_mb,
         "policy": policy,
         "mount_dir": directory,
         "lifetime": lifetime,

@@ -17,7 +17,7 @@ from typing import Any
 
 from agentkernel import paths
 from agentkernel.backends.base import file_tail, tail_line
-from agentkernel.config import Policy
+from agentkernel.config import DEFAULT_MEMORY_MB, DEFAULT_VCPUS, Policy
 from agentkernel.errors import AgentkernelError
 from agentkernel.pool import wire
 
@@ -56,8 +56,8 @@ def start(
     images: list[str],
     size: int,
     policy: Policy,
-    vcpus: int = 1,
-    memory_mb: int = 512,
+    vcpus: int = DEFAULT_VCPUS,
+    memory_mb: int = DEFAULT_MEMORY_MB,
     backend: str | None = None,
     max_age: float = 600.0,
     health_interval: float = 15.0,

@@ -47,9 +47,9 @@ class Kind:
     image: str
     size: int
     policy: Policy
-    vcpus: int = 1
-    memory_mb: int = 512
-    backend: str | None = None  # None: what `run` would choose on this host
+    vcpus: int
+    memory_mb: int
+    backend: str | None  # None: what `run` would choose on this host
 
     def key(self) -> str | None:
         return sandboxes.pool_key(
@@ -276,13 +276,7 @@ def _template(kind: Kind, key: str) -> str:
         return snapshots.get(name).name
     source = f"{TEMPLATE_PREFIX}{key[:8]}-boot"
     _discard(source)  # left by a daemon that died while making the template
-    sandboxes.create(source, pool=f"template:{key}", **_create_options(kind))
-    try:
-        asyncio.run(sandboxes.start(source))
-        asyncio.run(sandboxes.warm_up(source))  # its page cache then holds what commands need
-        asyncio.run(snapshots.create(source, name))
-    finally:
-        sandboxes.remove(source, force=True)
+    asyncio.run(snapshots.template(name, source=source, pool=f"template:{key}", **_create_options(kind)))
     log.info("template %s made", name)
     return name
 

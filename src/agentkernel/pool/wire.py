@@ -1,7 +1,6 @@
-"""Talking to the pool daemon: its socket, the key of a kind of sandbox, one request at a time.
+"""Talking to the pool daemon: its socket, its pid file, one request at a time.
 
 Requests and replies are single JSON lines on a Unix socket in the user's private runtime directory.
-Only the standard library is imported here: `run` calls this before anything heavy is loaded.
 """
 
 from __future__ import annotations
@@ -26,20 +25,6 @@ def socket_path() -> Path:
 
 def pid_file() -> Path:
     return paths.data_dir() / "daemon.pid"
-
-
-def pool_key(*, image_digest: str, kernel: str, backend: str | None, vcpus: int, memory_mb: int,
-             policy: dict[str, Any]) -> str:  # fmt: skip
-    """Sandboxes with equal keys are interchangeable: same image and kernel, resources and policy."""
-    kind = {
-        "image_digest": image_digest,
-        "kernel": kernel,
-        "backend": backend,
-        "vcpus": vcpus,
-        "memory_mb": memory_mb,
-        "policy": policy,
-    }
-    return hashlib.sha256(json.dumps(kind, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class DaemonUnavailable(AgentkernelError):

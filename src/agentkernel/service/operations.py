@@ -21,7 +21,7 @@ from typing import Any
 
 import anyio
 
-from agentkernel.config import load_config, resolve_policy
+from agentkernel.config import load_config, resolve_policy, resolve_resources
 from agentkernel.errors import AgentkernelError
 from agentkernel.images import store
 from agentkernel.protocol.client import Connection, ExitStatus, FileInfo, Process
@@ -163,10 +163,11 @@ class Operations:
         except AgentkernelError as exc:
             raise UnknownImageError("image", str(exc)) from None
         policy = resolve_policy(config, profile=settings.profile)
+        vcpus, memory_mb = resolve_resources(config, vcpus=settings.vcpus, memory_mb=settings.memory_mb)
         return {
             "image": image,
-            "vcpus": settings.vcpus or config.resources.vcpus or 1,
-            "memory_mb": settings.memory_mb or config.resources.memory_mb or 512,
+            "vcpus": vcpus,
+            "memory_mb": memory_mb,
             "policy": policy,
             "mount_dir": self.project_dir if policy.mount_cwd else None,
         }

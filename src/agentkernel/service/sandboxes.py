@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import datetime as dt
 import fcntl
+import hashlib
+import json
 import os
 import re
 import secrets
@@ -26,7 +28,7 @@ from agentkernel import hostinfo, paths
 from agentkernel.artifacts import kernel as kernel_artifact
 from agentkernel.backends import get_backend
 from agentkernel.backends.base import Backend, Mount, SnapshotBackend, VMSpec, exit_reason, file_tail
-from agentkernel.config import PROFILES, Config, Policy, image_name
+from agentkernel.config import DEFAULT_MEMORY_MB, DEFAULT_VCPUS, PROFILES, Config, Policy, image_name
 from agentkernel.detect import detect_image
 from agentkernel.errors import AgentkernelError
 from agentkernel.images import store
@@ -204,8 +206,8 @@ def create(
     name: str,
     *,
     image: str = "base",
-    vcpus: int = 1,
-    memory_mb: int = 512,
+    vcpus: int = DEFAULT_VCPUS,
+    memory_mb: int = DEFAULT_MEMORY_MB,
     profile: str = "moderate",
     backend: str | None = None,
     policy: Policy | None = None,
@@ -383,25 +385,27 @@ async def warm_up(name: str) -> None:
 
 
 def pool_key(*, image: str, backend: str | None, vcpus: int, memory_mb: int, policy: Policy) -> str | None:
-    """The pool key of sandboxes made with these settings (None: no guest kernel yet)."""
+    """The pool key of sandboxes made with these settings (None: no guest kernel yet). Sandboxes with
+    equal keys are interchangeable: same image and kernel, backend, resources and policy."""
     vmlinux = kernel_artifact.current()
     if vmlinux is None:
         return None
-    return wire.pool_key(
-        image_digest=store.get(image).digest,
-        kernel=str(vmlinux),
-        backend=backend,
-        vcpus=vcpus,
-        memory_mb=memory_mb,
-        policy=policy_record(policy),
-    )
+    kind = {
+        "image_digest": store.get(image).digest,
+        "kernel": str(vmlinux),
+        "backend": backend,
+        "vcpus": vcpus,
+        "memory_mb": memory_mb,
+        "policy": policy_record(policy),
+    }
+    return hashlib.sha256(json.dumps(kind, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def take_pooled(
     *,
     image: str = "base",
-    vcpus: int = 1,
-    memory_mb: int = 512,
+    vcpus: int = DEFAULT_VCPUS,
+    memory_mb: int = DEFAULT_MEMORY_MB,
     profile: str = "moderate",
     backend: str | None = None,
     policy: Policy | None = None,

@@ -111,6 +111,18 @@ async def create(sandbox: str, name: str) -> Snapshot:
     return get(name)
 
 
+async def template(name: str, *, source: str, **options: Any) -> Snapshot:
+    """Snapshot `name` of a new sandbox `source` (`options` as for sandboxes.create), booted and warmed
+    so forks start with its page cache; `source` is removed afterwards. Many forks start from one."""
+    sandboxes.create(source, **options)
+    try:
+        await sandboxes.start(source)
+        await sandboxes.warm_up(source)
+        return await create(source, name)
+    finally:
+        sandboxes.remove(source, force=True)
+
+
 def remove(name: str) -> None:
     snapshot = get(name)
     users = [r.name for r in state.all_records() if r.extra.get("snapshot") == name]
