@@ -23,6 +23,15 @@ packages=(
   podman runc crun
 )
 
+# The container backend maps the root of root's containers to unprivileged host ids: reserve 65536 of
+# them for root, once (a range root already has is kept). 700000000 is above the ranges useradd hands
+# out (SUB_UID_MAX), so no user's rootless containers share these ids.
+subids_sudo=""
+[ "$(id -u)" -eq 0 ] || subids_sudo="sudo"
+for file in /etc/subuid /etc/subgid; do
+  grep -qE '^(root|0):' "$file" 2>/dev/null || echo "root:700000000:65536" | $subids_sudo tee -a "$file" >/dev/null
+done
+
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

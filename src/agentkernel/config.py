@@ -1,11 +1,13 @@
 """`agentkernel.toml`: the project's sandbox settings, and the security policy they resolve to.
 
-    [sandbox]           name, base_image
+    [sandbox]           name, base_image, backend
     [agent]             preferred
-    [resources]         vcpus, memory_mb, disk_mb
+    [resources]         vcpus, memory_mb, disk_mb, min_free_disk_mb
     [security]          profile, network, mount_cwd, mount_home, pass_env, read_only
     [security.domains]  allow, block, allowlist_only
     [network]           vsock_cid
+    [secrets.NAME]      from_env or from_file (else the secret store), hosts, in_url, in_body,
+                        upstream_ca: a secret the egress gateway brokers (docs/secrets.md)
 
 Every key is optional; unset resources and vsock_cid are left to the runtime's defaults. Types are
 strict (TOML has them: `vcpus = "2"` is an error, not 2) and unknown keys are errors, so a typo is
@@ -39,6 +41,7 @@ FILENAME = "agentkernel.toml"
 
 ProfileName = Literal["permissive", "moderate", "restrictive"]
 AgentName = Literal["claude", "gemini", "codex", "opencode"]
+BackendName = Literal["qemu", "firecracker", "container"]
 
 RUNTIME_IMAGES = {"python": "python", "node": "node", "rust": "rust", "golang": "go", "go": "go"}
 SANDBOX_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
@@ -70,8 +73,21 @@ def _is_image_name(value: str) -> bool:
     return True
 
 
+def _is_secret_name(value: str) -> bool:
+    return re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", value) is not None
+
+
 def _is_domain_pattern(value: str) -> bool:
-    return len(value) <= 253 and DOMAIN_PATTERN.fullmatch(value.lower()) is not None
+    """The gateway's own normalisation decides, so a pattern it would refuse is refused here."""
+    from agentkernel.network.policy import normalise_pattern  # only when a file is checked
+
+    if len(value) > 253 or DOMAIN_PATTERN.fullmatch(value.lower()) is None:
+        return False
+    try:
+        normalise_pattern(value)
+    except AgentkernelError:
+        return False
+    return True
 
 
 CHECK_REASONS = {
@@ -80,6 +96,7 @@ CHECK_REASONS = {
     ),
     _is_image_name.__name__: "must be an image name (like python or myimg:latest)",
     _is_domain_pattern.__name__: "must be a domain pattern (like pypi.org or *.pypi.org)",
+    _is_secret_name.__name__: "must be an environment variable name (letters, digits, '_')",
 }
 
 # The sections are plain frozen dataclasses, so reading the defaults costs nothing; a file is checked
@@ -95,6 +112,8 @@ class Sandbox(_Section):
     name: Annotated[str, Predicate(_is_sandbox_name)] | None = None
     base_image: Annotated[str, Predicate(_is_image_name)] | None = None
     """Mapped by image_name() once the file is checked."""
+    backend: BackendName | None = None
+    """None: the host's best (a VM whenever a VMM can run); "container" trades the VM for a container."""
 
 
 @dataclass(frozen=True)
@@ -107,6 +126,8 @@ class Resources(_Section):
     vcpus: Annotated[int, Ge(1), Le(32)] | None = None
     memory_mb: Annotated[int, Ge(64), Le(65536)] | None = None
     disk_mb: Annotated[int, Ge(64), Le(1024 * 1024)] | None = None
+    min_free_disk_mb: Annotated[int, Ge(0), Le(1024 * 1024 * 1024)] | None = None
+    """`start` refuses to boot with less free on the host under sandbox disks (service/diskspace)."""
 
 
 @dataclass(frozen=True)
@@ -139,12 +160,28 @@ class Network(_Section):
 
 
 @dataclass(frozen=True)
+class Secret(_Section):
+    """A secret a sandbox can be given with `--secret NAME`: its value stays on the host, the
+    sandbox sees a placeholder, and the egress gateway swaps it in for requests to `hosts` only."""
+
+    from_env: str | None = None
+    from_file: str | None = None
+    """Relative to the directory of agentkernel.toml. Neither: the secret store's value."""
+    hosts: tuple[Annotated[str, Predicate(_is_domain_pattern)], ...] = ()
+    in_url: bool = False
+    in_body: bool = False
+    upstream_ca: str | None = None
+    """A CA file to verify the hosts with instead of the host's trust store."""
+
+
+@dataclass(frozen=True)
 class Config(_Section):
     sandbox: Sandbox = field(default_factory=Sandbox)
     agent: Agent = field(default_factory=Agent)
     resources: Resources = field(default_factory=Resources)
     security: Security = field(default_factory=Security)
     network: Network = field(default_factory=Network)
+    secrets: dict[Annotated[str, Predicate(_is_secret_name)], Secret] = field(default_factory=dict)
 
 
 @functools.cache
@@ -227,16 +264,28 @@ class Policy:
     pass_env: bool
     read_only: bool
     domains: Domains = field(default_factory=Domains)
+    max_procs: int = 0
+    """Processes and threads the sandbox's commands may have at once; 0 (or less): the profile's.
+    Part of the policy so that it is stored with every sandbox, snapshot and pool kind, and no path
+    that makes a VM from a record can leave it out."""
+
+    def __post_init__(self) -> None:
+        if self.max_procs <= 0:
+            if self.profile not in MAX_PROCS:
+                raise AgentkernelError(f"unknown security profile {self.profile!r}")
+            object.__setattr__(self, "max_procs", MAX_PROCS[self.profile])
 
     @classmethod
     def from_record(cls, data: dict[str, Any]) -> Policy:
-        """A policy from its record (`dataclasses.asdict` of one, as JSON keeps it)."""
+        """A policy from its record (`dataclasses.asdict` of one, as JSON keeps it). A record written
+        before policies carried `max_procs` gets its profile's."""
         domains = data["domains"]
         rules = Domains(tuple(domains["allow"]), tuple(domains["block"]), domains["allowlist_only"])
         return cls(**{**data, "domains": rules})
 
 
 MAX_PROCS = {"permissive": 4096, "moderate": 1024, "restrictive": 256}  # processes per sandbox
+DEFAULT_MAX_PROCS = MAX_PROCS["moderate"]  # the default profile's
 
 PROFILES: dict[str, Policy] = {
     "permissive": Policy(

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import get_args
 
+from agentkernel.config import BackendName
 from agentkernel.errors import AgentkernelError
 
 KVM_DEVICE = Path("/dev/kvm")
@@ -89,37 +92,62 @@ def container_status() -> BackendStatus:
     return BackendStatus(*container.status())
 
 
-def choose_backend(
-    statuses: dict[str, BackendStatus] | None = None,
-    current: Accel | None = None,
-    *,
-    needs_network: bool = False,
-) -> str:
-    """The backend for a new sandbox when none is asked for: Firecracker (hardware KVM and its binary)
-    > QEMU with hardware KVM > a working container engine > QEMU with TCG software emulation.
+BACKENDS: tuple[str, ...] = get_args(BackendName)
+VMMS = ("firecracker", "qemu")
 
-    The container backend has no egress gateway yet, so a sandbox with network skips it.
+
+def select_backend(
+    requested: str | None,
+    *,
+    needs_network: bool,
+    kvm: bool,
+    root: bool,
+    status: Callable[[str], BackendStatus],
+) -> str:
+    """The backend for a new sandbox: `requested` if given, else the first that can run here of
+    Firecracker (hardware KVM and its binary) > QEMU with KVM > QEMU with TCG emulation > a container.
+
+    A sandbox runs in a VM whenever a VMM can run at all, slow emulation included: a container shares
+    the host's kernel, so it is chosen only when asked for or when no VMM exists here (and then the
+    caller says so, see isolation_warning). `status` is asked lazily: the container engine's probe
+    runs only when no VMM can. Firecracker's network (a tap in a namespace of its own) needs `root`;
+    the container backend has no network.
     """
-    acc = current or accel()
-    checks = {
+    if requested is not None:
+        if requested not in BACKENDS:
+            raise AgentkernelError(f"unknown backend {requested!r}: use {', '.join(BACKENDS)}")
+        return requested
+    if kvm and status("firecracker").available and (root or not needs_network):
+        return "firecracker"
+    if status("qemu").available:
+        return "qemu"
+    if not needs_network and status("container").available:
+        return "container"
+    reasons = "; ".join(f"{name}: {status(name).reason}" for name in BACKENDS)
+    if needs_network:
+        reasons += "; a sandbox with network needs a VM (the container backend has no network)"
+    raise AgentkernelError(f"no backend can run sandboxes here: {reasons}")
+
+
+def choose_backend(requested: str | None = None, *, needs_network: bool) -> str:
+    """select_backend() with this host's capabilities."""
+    acc = accel()
+    checks: dict[str, Callable[[], BackendStatus]] = {
         "qemu": lambda: qemu_status(acc),
         "firecracker": lambda: firecracker_status(acc),
-        "container": container_status,  # probes an engine: asked only when it could be chosen
+        "container": container_status,
     }
+    return select_backend(
+        requested,
+        needs_network=needs_network,
+        kvm=acc.name == "kvm",
+        root=os.geteuid() == 0,
+        status=lambda name: checks[name](),
+    )
 
-    def usable(name: str) -> bool:
-        status = statuses.get(name) if statuses is not None else checks[name]()
-        return status is not None and status.available
 
-    # Firecracker's network (a tap in a namespace of its own) needs root.
-    if acc.name == "kvm" and usable("firecracker") and (not needs_network or os.geteuid() == 0):
-        return "firecracker"
-    if acc.name == "kvm" and usable("qemu"):
-        return "qemu"
-    if not needs_network and usable("container"):
-        return "container"
-    if usable("qemu"):
-        return "qemu"
-    found = statuses if statuses is not None else backends(acc)
-    reasons = "; ".join(f"{name}: {status.reason}" for name, status in found.items())
-    raise AgentkernelError(f"no backend can run sandboxes here: {reasons}")
+def isolation_warning(backend: str) -> str | None:
+    """The one line said wherever a sandbox runs in a container rather than a VM (None for a VM)."""
+    if backend in VMMS:
+        return None
+    return "warning: this sandbox is a container (it shares the host's kernel), not a virtual machine"

@@ -14,7 +14,10 @@ from agentkernel.agents.catalog import AGENTS, launch
 from agentkernel.images.recipes import RECIPES, _mmdebstrap_args
 from tests.conftest import cli
 
-MCP_ENTRY = {"command": str(Path(sys.executable).parent / "agentkernel"), "args": ["mcp-server"]}
+MCP_ENTRY = {"command": "agentkernel", "args": ["mcp-server"]}
+"""A project's entry: the command from PATH, so the committed file holds no path of this machine."""
+GLOBAL_ENTRY = {"command": str(Path(sys.executable).parent / "agentkernel"), "args": ["mcp-server"]}
+"""The user's own configs name this installation (agents started outside a shell lack its PATH)."""
 
 
 @pytest.fixture
@@ -85,14 +88,14 @@ def test_global_dry_run_and_refusals(tmp_path: Path, home: dict[str, str]) -> No
     assert not (user / ".claude").exists()
 
     ok("plugin", "install", "claude", "--global", env=home)
-    assert json.loads((user / ".claude.json").read_text())["mcpServers"] == {"agentkernel": MCP_ENTRY}
+    assert json.loads((user / ".claude.json").read_text())["mcpServers"] == {"agentkernel": GLOBAL_ENTRY}
     assert json.loads((user / ".claude.json").read_text())["numStartups"] == 3
     ok("plugin", "install", "opencode", "--global", env=home)
     assert (user / ".config" / "opencode" / "opencode.json").is_file()
     ok("plugin", "install", "codex", "--global", env=home)
     assert (
         tomlkit.parse((user / ".codex" / "config.toml").read_text())["mcp_servers"]["agentkernel"]
-        == MCP_ENTRY
+        == GLOBAL_ENTRY
     )
 
     broken = tmp_path / "broken"
@@ -116,6 +119,60 @@ def test_global_dry_run_and_refusals(tmp_path: Path, home: dict[str, str]) -> No
     assert unknown.returncode == 1 and b"unknown plugin target" in unknown.stderr
 
 
+def strings(value: object) -> list[str]:
+    """Every string in a parsed JSON or TOML document, keys included."""
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in (str(k), *strings(v))]
+    if isinstance(value, list):
+        return [s for v in value for s in strings(v)]
+    return [value] if isinstance(value, str) else []
+
+
+def test_project_configs_hold_no_path_of_this_machine(tmp_path: Path, home: dict[str, str]) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    for target in ("claude", "gemini", "codex", "opencode", "mcp"):
+        ok("plugin", "install", target, "--dir", str(project), env=home)
+    configs = {
+        ".mcp.json": json.loads((project / ".mcp.json").read_text()),
+        ".gemini/settings.json": json.loads((project / ".gemini" / "settings.json").read_text()),
+        ".codex/config.toml": tomlkit.parse((project / ".codex" / "config.toml").read_text()).unwrap(),
+        "opencode.json": json.loads((project / "opencode.json").read_text()),
+    }
+    for name, config in configs.items():
+        absolute = [s for s in strings(config) if s.startswith("/")]
+        assert not absolute, (name, absolute)
+    assert configs[".mcp.json"]["mcpServers"]["agentkernel"] == MCP_ENTRY
+    assert configs["opencode.json"]["mcp"]["agentkernel"]["command"] == ["agentkernel", "mcp-server"]
+
+    on_path = {**home, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    assert b"not on PATH" not in cli("plugin", "install", "mcp", "--dir", str(project), env=on_path).stderr
+    elsewhere = {**home, "PATH": "/usr/bin:/bin"}
+    warned = cli("plugin", "install", "mcp", "--dir", str(project), env=elsewhere)
+    assert warned.returncode == 0 and b"`agentkernel` is not on PATH" in warned.stderr
+
+
+def test_dry_run_shows_the_content_and_writes_nothing(tmp_path: Path, home: dict[str, str]) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    before = '{"mcpServers": {"other": {"command": "x"}}}'
+    (project / ".mcp.json").write_text(before)
+    dry = ok("plugin", "install", "claude", "--dir", str(project), "--dry-run", env=home)
+    assert f"would update     {project / '.mcp.json'} (mcpServers.agentkernel)" in dry
+    assert f"--- {project / '.mcp.json'}\n+++ {project / '.mcp.json'}\n" in dry
+    assert f"-{before}\n\\ No newline at end of file\n" in dry
+    assert '+    "agentkernel": {\n+      "command": "agentkernel",\n' in dry
+    skill = project / ".claude" / "skills" / "agentkernel" / "SKILL.md"
+    assert f"would create     {skill} (file)\n--- /dev/null\n+++ {skill}\n" in dry
+    assert "+name: agentkernel\n" in dry and "+# Sandboxed commands with agentkernel\n" in dry
+    assert (project / ".mcp.json").read_text() == before
+    assert not (project / ".claude").exists()
+
+    ok("plugin", "install", "claude", "--dir", str(project), env=home)
+    again = ok("plugin", "install", "claude", "--dir", str(project), "--dry-run", env=home)
+    assert again.count("unchanged") == 2 and "---" not in again  # nothing would change: no diff
+
+
 def test_agents_listing_shows_keys(home: dict[str, str]) -> None:
     env = {**home, "PATH": os.environ["PATH"], "ANTHROPIC_API_KEY": "sk-test", "GEMINI_API_KEY": ""}
     rows = {row["name"]: row for row in json.loads(ok("agents", "--json", env=env))}
@@ -127,7 +184,7 @@ def test_agents_listing_shows_keys(home: dict[str, str]) -> None:
     assert "Claude Code" in table and "set (ANTHROPIC_API_KEY)" in table
 
 
-def test_launch_passes_only_the_agents_key(tmp_path: Path) -> None:
+def test_launch_brokers_only_the_agents_key(tmp_path: Path) -> None:
     environ = {
         "ANTHROPIC_API_KEY": "a",
         "OPENAI_API_KEY": "o",
@@ -135,14 +192,15 @@ def test_launch_passes_only_the_agents_key(tmp_path: Path) -> None:
         "TERM": "xterm",
     }
     claude = launch("claude", tmp_path, environ)
-    assert claude.env == {"ANTHROPIC_API_KEY": "a", "TERM": "xterm"}
+    assert claude.env == {"TERM": "xterm"}  # the key is brokered, never in the sandbox
+    assert claude.secrets == ("ANTHROPIC_API_KEY",)
     assert (claude.workdir, claude.command, claude.project_dir) == (
         "/workspace",
         ["claude"],
         tmp_path.resolve(),
     )
-    assert launch("codex", tmp_path, environ).env == {"OPENAI_API_KEY": "o", "TERM": "xterm"}
-    assert launch("gemini", tmp_path, environ).env == {"TERM": "xterm"}
+    assert launch("codex", tmp_path, environ).secrets == ("OPENAI_API_KEY",)
+    assert launch("gemini", tmp_path, environ).secrets == ()
 
 
 def test_agent_run_refuses_clearly(tmp_path: Path) -> None:

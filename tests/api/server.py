@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,15 +22,18 @@ def free_port() -> int:
 
 
 @contextmanager
-def api_server(cwd: Path, *, api_key: str | None = None, log: Path | None = None) -> Iterator[str]:
-    """The base URL of a server started with the environment of this test (its AGENTKERNEL_HOME)."""
+def api_server(
+    cwd: Path, *, api_key: str | None = None, log: Path | None = None, args: Sequence[str] = ()
+) -> Iterator[str]:
+    """The base URL (on 127.0.0.1) of a server started with the environment of this test (its
+    AGENTKERNEL_HOME) and more `serve` options `args`."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "AGENTKERNEL_API_KEY"}
     if api_key:
         env["AGENTKERNEL_API_KEY"] = api_key
     out = (log or cwd / "server.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agentkernel", "serve", "--port", str(port)],
+        [sys.executable, "-m", "agentkernel", "serve", "--port", str(port), *args],
         cwd=cwd,
         env=env,
         stdout=out,

@@ -44,7 +44,7 @@ def test_bad_requests_are_problems(bare_api: str) -> None:
         problem(http.post("/run", json={"command": ["a\u0000b"]}), 422, "invalid_field", "command")
         problem(http.post("/run", json={"command": ["ls"], "image": "nope"}), 422, "unknown_image", "image")
         problem(
-            http.post("/run", json={"command": ["ls"], "stdin": "x" * (2 << 20)}),
+            http.post("/run", json={"command": ["ls"], "stdin": "x" * (5 << 20)}),
             413,
             "payload_too_large",
             "body",

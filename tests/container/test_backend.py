@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pytest
 
 from agentkernel.backends import rootfs
 from agentkernel.backends.base import Mount
-from agentkernel.backends.container import container_name
+from agentkernel.backends.container import GUEST_RUNDIR, SOCKET, container_name
 from agentkernel.errors import AgentkernelError
 from agentkernel.network.policy import EgressRules
 from agentkernel.protocol.client import Connection
@@ -130,7 +132,7 @@ def test_read_only_root_and_writable_tmp(make_sandbox: MakeSandbox) -> None:
 
 def test_writes_stay_in_the_sandboxes_own_layer(make_sandbox: MakeSandbox) -> None:
     one, two = make_sandbox("cow1"), make_sandbox("cow2")
-    tree = rootfs.ensure_tree(one.spec.image)
+    tree = rootfs.ensure_tree(one.spec.image, shift=one.backend.engine.userns or (0, 0))
     before = rootfs.tree_digest(tree)
 
     async def body() -> None:
@@ -193,6 +195,8 @@ def test_mounts_from_the_host(make_sandbox: MakeSandbox, tmp_path: Path) -> None
     (shared / "README").write_text("hello\n")
     mounts = (Mount(shared, "/workspace", read_only=False), Mount(tmp_path, "/mnt", read_only=True))
     box = make_sandbox("mounts", mounts=mounts)
+    if box.backend.engine.userns:  # the project of the user the container's root is on the host
+        os.chown(shared, *box.backend.engine.userns)
 
     async def body() -> None:
         box.start()
@@ -209,3 +213,64 @@ def test_mounts_from_the_host(make_sandbox: MakeSandbox, tmp_path: Path) -> None
 def test_network_is_refused_until_it_is_supported(make_sandbox: MakeSandbox) -> None:
     with pytest.raises(AgentkernelError, match="no network"):
         make_sandbox("net", egress=EgressRules())
+
+
+def test_root_inside_is_not_root_outside(make_sandbox: MakeSandbox, tmp_path: Path) -> None:
+    """The container's root is uid 0 only in its own user namespace: on the host its processes and
+    the files it makes in a shared directory belong to an unprivileged uid."""
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)  # writable by whichever uid the container's root is
+    os.chmod(tmp_path, 0o755)
+    (tmp_path / "host-only").write_text("secret\n")
+    os.chmod(tmp_path / "host-only", 0o600)
+    box = make_sandbox("userns", mounts=(Mount(shared, "/workspace", read_only=False),
+                                         Mount(tmp_path, "/mnt", read_only=True)))  # fmt: skip
+
+    async def body() -> None:
+        pid = box.start()
+        async with box.connected() as conn:
+            assert (await conn.run(["id", "-u"])).stdout == b"0\n"
+            uid_map = (await conn.run(["cat", "/proc/self/uid_map"])).stdout.split()
+            assert uid_map[:1] == [b"0"] and uid_map[1] != b"0"  # root maps to something else
+            host = {k: v.split() for k, v in (line.split(":", 1) for line in Path(f"/proc/{pid}/status")
+                    .read_text().splitlines())}  # fmt: skip
+            assert all(int(uid) != 0 for uid in host["Uid"]), host["Uid"]
+            assert all(int(gid) != 0 for gid in host["Gid"]), host["Gid"]
+            made = await conn.run(["sh", "-c", "echo x > /workspace/made && chmod 4755 /workspace/made"])
+            assert made.status.exit_code == 0, made.stderr
+            if os.geteuid() == 0:  # host root's own file, 0600: not readable by root in the container
+                denied = await conn.run(["cat", "/mnt/host-only"])
+                assert denied.status.exit_code != 0 and b"secret" not in denied.stdout, denied
+                assert b"host-only" in (await conn.run(["ls", "/mnt"])).stdout.split()  # it is there
+
+    run_async(body())
+    info = (shared / "made").stat()
+    assert info.st_uid != 0 and info.st_gid != 0
+    if box.backend.engine.userns:
+        assert (info.st_uid, info.st_gid) == box.backend.engine.userns
+
+
+def test_a_link_in_place_of_the_agent_socket_is_not_followed(
+    make_sandbox: MakeSandbox, tmp_path: Path
+) -> None:
+    """The container's root owns the directory of the agent's socket: a symlink it puts there, to a
+    socket of the host, is refused rather than connected to."""
+    bait = socket.socket(socket.AF_UNIX)
+    bait.bind(str(tmp_path / "bait.sock"))
+    bait.listen()
+    bait.setblocking(False)
+    box = make_sandbox("swap")
+
+    async def body() -> None:
+        box.start()
+        async with box.connected() as conn:
+            swap = f"ln -sf {tmp_path / 'bait.sock'} {GUEST_RUNDIR}/{SOCKET}"
+            assert (await conn.run(["sh", "-c", swap])).status.exit_code == 0
+        with pytest.raises(AgentkernelError, match="not a socket"):
+            await box.connect(timeout=5)
+
+    run_async(body())
+    with pytest.raises(BlockingIOError):
+        bait.accept()
+    bait.close()

@@ -1,8 +1,11 @@
-"""The container backend's configuration without an engine: seccomp profiles, flags, backend choice."""
+"""The container backend's configuration without an engine: seccomp profiles, flags, id mapping."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,6 @@ import pytest
 from agentkernel.backends import container, seccomp
 from agentkernel.backends.base import VMSpec
 from agentkernel.config import MAX_PROCS
-from agentkernel.hostinfo import Accel, BackendStatus, choose_backend
 
 ENGINE = container.Engine("podman", "/usr/bin/podman", "4.3.1", ("--runtime", "/usr/sbin/runc"), 20000)
 
@@ -63,7 +65,10 @@ def test_clone_cannot_make_namespaces_outside_permissive() -> None:
 
 @pytest.mark.parametrize("profile", seccomp.PROFILES)
 def test_every_container_is_hardened(profile: str, tmp_path: Path) -> None:
-    spec = VMSpec("box", Path("/k"), Path("/i"), tmp_path / "w", tmp_path / "r", vcpus=2, memory_mb=300)
+    spec = VMSpec(
+        "box", Path("/k"), Path("/i"), tmp_path / "w", tmp_path / "r", vcpus=2, memory_mb=300,
+        max_procs=MAX_PROCS[profile],
+    )  # fmt: skip
     cmd = container.create_command(ENGINE, spec, profile, ["--rootfs", "/tree:O"])
     text = " ".join(cmd)
     assert cmd[:3] == ["/usr/bin/podman", "--runtime", "/usr/sbin/runc"]
@@ -81,30 +86,65 @@ def test_every_container_is_hardened(profile: str, tmp_path: Path) -> None:
     assert "--read-only" in read_only
 
 
-STATUS_OK, STATUS_NO = BackendStatus(True, "ok"), BackendStatus(False, "missing")
-KVM, TCG = Accel("kvm", ""), Accel("tcg", "no vmx")
+def test_root_of_a_rootful_container_is_an_unprivileged_host_range(tmp_path: Path) -> None:
+    spec = VMSpec("box", Path("/k"), Path("/i"), tmp_path / "w", tmp_path / "r")
+    mapped = dataclasses.replace(ENGINE, userns=(700000000, 700100000))
+    cmd = container.create_command(mapped, spec, "moderate", ["--rootfs", "/tree:O"])
+    text = " ".join(cmd)
+    assert "--uidmap 0:700000000:65536" in text and "--gidmap 0:700100000:65536" in text
+    assert "--uidmap" not in container.create_command(ENGINE, spec, "moderate", [])  # rootless: its own
+    assert "host uid 700000000" in mapped.describe()
 
 
 @pytest.mark.parametrize(
-    ("accel", "firecracker", "qemu", "engine", "expected"),
+    ("subuid", "subgid", "expected"),
     [
-        (KVM, STATUS_OK, STATUS_OK, STATUS_OK, "firecracker"),
-        (KVM, STATUS_NO, STATUS_OK, STATUS_OK, "qemu"),
-        (TCG, STATUS_NO, STATUS_OK, STATUS_OK, "container"),
-        (TCG, STATUS_OK, STATUS_OK, STATUS_OK, "container"),  # firecracker needs hardware KVM
-        (TCG, STATUS_NO, STATUS_OK, STATUS_NO, "qemu"),
-        (KVM, STATUS_NO, STATUS_NO, STATUS_OK, "container"),
+        ("root:700000000:65536\n", "root:700000000:65536\n", (700000000, 700000000)),
+        ("alice:100000:65536\n0:200000:70000\n", "root:300000:65536\n", (200000, 300000)),
+        ("root:100000:1000\nroot:400000:65536\n", "root:100000:65536\n", (400000, 100000)),
+        ("root:0:65536\n", "root:100000:65536\n", None),  # never host root itself
+        ("alice:100000:65536\n", "root:100000:65536\n", None),
+        ("root:100000:65536\n", None, None),
     ],
 )
-def test_choose_backend(
-    accel: Accel, firecracker: BackendStatus, qemu: BackendStatus, engine: BackendStatus, expected: str
+def test_root_userns_from_subordinate_ids(
+    subuid: str,
+    subgid: str | None,
+    expected: tuple[int, int] | None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    statuses = {"firecracker": firecracker, "qemu": qemu, "container": engine}
-    assert choose_backend(statuses, accel) == expected
+    (tmp_path / "subuid").write_text(subuid)
+    if subgid is not None:
+        (tmp_path / "subgid").write_text(subgid)
+    monkeypatch.setattr(container, "SUBUID", tmp_path / "subuid")
+    monkeypatch.setattr(container, "SUBGID", tmp_path / "subgid")
+    assert container.root_userns() == expected
 
 
-def test_choose_backend_with_nothing_usable() -> None:
-    from agentkernel.errors import AgentkernelError
+@pytest.mark.parametrize(
+    ("options", "used"),
+    [
+        ('["name=apparmor","name=seccomp,profile=builtin","name=cgroupns"] Debian GNU/Linux 12', False),
+        ('["name=seccomp,profile=builtin","name=userns"] Debian GNU/Linux 12', True),  # userns-remap
+        ('["name=seccomp,profile=builtin","name=rootless"] Ubuntu 24.04 LTS', True),
+        ('["name=seccomp,profile=builtin","name=cgroupns"] Docker Desktop', True),  # in its own VM
+    ],
+)
+def test_docker_only_when_its_daemon_maps_ids(options: str, used: bool, tmp_path: Path) -> None:
+    """No Docker daemon runs here: a stand-in answers `docker info` as one would."""
+    docker = tmp_path / "docker"
+    docker.write_text(f"#!/bin/sh\n[ \"$1\" = info ] && echo '{options}'\n")
+    docker.chmod(0o755)
+    assert container._docker_maps_ids(str(docker)) is used
 
-    with pytest.raises(AgentkernelError, match="no backend can run sandboxes here: qemu: missing"):
-        choose_backend({"qemu": STATUS_NO, "container": STATUS_NO}, TCG)
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("podman") is None, reason="needs root and podman")
+def test_rootful_podman_without_a_range_for_root_is_not_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "subuid").write_text("alice:100000:65536\n")
+    monkeypatch.setattr(container, "SUBUID", tmp_path / "subuid")
+    reasons: list[str] = []
+    assert [e for e in container._candidates(reasons) if e.kind == "podman"] == []
+    assert any("give root no range of 65536 ids" in reason for reason in reasons)

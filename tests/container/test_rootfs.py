@@ -76,3 +76,12 @@ def test_ensure_tree_is_cached_per_digest(image: Path, isolated_home: Path) -> N
 def test_unquotable_paths_are_refused() -> None:
     with pytest.raises(AgentkernelError, match="cannot quote"):
         rootfs._quoted('a"b')
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving files to other uids needs root")
+def test_owners_moved_into_a_user_namespace_range(image: Path, isolated_home: Path) -> None:
+    shifted = rootfs.ensure_tree(image, shift=(700000000, 700100000))
+    assert shifted != rootfs.ensure_tree(image)  # a tree of its own per range
+    owners = {(p.lstat().st_uid, p.lstat().st_gid) for p in [shifted, *shifted.rglob("*")]}
+    assert owners == {(700000000, 700100000), (700001000, 700101001)}  # root's, and d/sub's 1000:1001
+    assert stat.S_IMODE((shifted / "d" / "file").stat().st_mode) == 0o4755  # chown kept the set-id bit

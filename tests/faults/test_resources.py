@@ -3,7 +3,10 @@ What failed says so; the sandbox, and the host, go on."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
+import re
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -11,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from agentkernel.errors import AgentkernelError
+from agentkernel.service import diskspace
 from tests.conftest import cli
-from tests.faults.conftest import TIMEOUT, Running, error_line, ok, sandbox
+from tests.faults.conftest import TIMEOUT, Running, error_line, ok, processes_with, sandbox
 
 pytestmark = pytest.mark.vm
 
@@ -20,30 +25,104 @@ pytestmark = pytest.mark.vm
 MEMORY_HOG = "chunks = []\nwhile True:\n    chunks.append(bytearray(16 << 20))"
 
 
+def fill(directory: Path) -> Path:
+    """Write a file in `directory` until its filesystem is full."""
+    filler = directory / "filler"
+    with filler.open("wb", buffering=0) as f, contextlib.suppress(OSError):  # ENOSPC: full
+        while True:
+            f.write(bytes(1 << 20))
+    return filler
+
+
+def root_mount(box: Running) -> str:
+    """The guest's /proc/mounts line for its root filesystem."""
+    return ok("exec", box.name, "--", "grep", " / ", "/proc/mounts").decode()
+
+
 def test_host_disk_full_under_the_sandbox_disk(
-    boot: Callable[..., Running], cli_home: Path, tmpfs: Callable[[Path, str], Path]
+    boot: Callable[..., Running],
+    cli_home: Path,
+    tmpfs: Callable[[Path, str], Path],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The overlay cannot grow: the guest's write fails with an I/O error instead of the VM pausing
-    (QEMU's default for ENOSPC), and the sandbox runs on."""
-    disks = tmpfs(cli_home / "sandboxes", "32m")
+    """The sandbox's disk is reserved whole on the host when it is made, so a full host disk does not
+    reach it: the guest writes (and syncs) as before, fills its own disk and gets ENOSPC in the command
+    that writes, and writes again once it has freed space, its root filesystem read-write throughout.
+    A thin disk would fail the guest's writeback instead: the writes lost without a command seeing it,
+    and the root filesystem read-only after the failed journal write."""
+    monkeypatch.setenv(diskspace.ENV, "1")
+    disks = tmpfs(cli_home / "sandboxes", "448m")  # the base image's disk (331 MiB) and some
     box = boot("box")
-    result = cli(
-        "exec", box.name, "--", "dd", "if=/dev/urandom", "of=/root/big", "bs=1M", "count=64", "conv=fsync",
-        timeout=TIMEOUT,
-    )  # fmt: skip
+    filler = fill(disks)
     assert shutil.disk_usage(disks).free < 1 << 20  # the host filesystem did fill up
+    ok("exec", box.name, "--", "sh", "-c", "dd if=/dev/urandom of=/root/big bs=1M count=64 && sync")
+    result = cli("exec", box.name, "--", "dd", "if=/dev/zero", "of=/root/fill", "bs=1M", timeout=TIMEOUT)
     assert result.returncode == 1
-    assert b"Input/output error" in result.stderr  # the guest sees EIO, not a paused VM
-    assert ok("exec", box.name, "--", "echo", "alive") == b"alive\n"
-    assert sandbox(box.name)["status"] == "running"
+    assert b"No space left on device" in result.stderr  # the guest's own disk is full, and says so
+    assert " rw," in root_mount(box)
+    ok("exec", box.name, "--", "rm", "/root/fill", "/root/big")
+    ok("exec", box.name, "--", "dd", "if=/dev/urandom", "of=/root/again", "bs=1M", "count=16", "conv=fsync")
+    digest = ok("exec", box.name, "--", "sha256sum", "/root/again").split()[0]
+    assert " rw," in root_mount(box)
+    filler.unlink()
     ok("stop", box.name)
     check = subprocess.run(
         ["qemu-img", "check", str(box.workdir / "disk.qcow2")], capture_output=True, timeout=TIMEOUT
     )
-    assert check.returncode in (0, 3), check.stdout  # 3: clusters leaked, harmless; 2 would be corruption
-    ok("rm", box.name)
+    assert check.returncode == 0, check.stdout
+    ok("start", box.name)  # what the guest wrote is on its disk
+    assert ok("exec", box.name, "--", "sha256sum", "/root/again").split()[0] == digest
+    ok("rm", "-f", box.name)
     assert box.leftovers() == []
     assert list(disks.iterdir()) == []
+
+
+def test_create_without_room_for_the_disk(cli_home: Path, tmpfs: Callable[[Path, str], Path]) -> None:
+    disks = tmpfs(cli_home / "sandboxes", "32m")
+    result = cli("create", "box", timeout=TIMEOUT)
+    assert result.returncode == 1
+    line = error_line(result.stderr)
+    assert re.fullmatch(
+        rf"cannot create the sandbox disk: its \d+ MiB are reserved on the host and only (31|32) MiB are "
+        rf"free in {re.escape(str(disks))}",
+        line,
+    ), line
+    assert json.loads(ok("list", "--json")) == []
+    assert list(disks.iterdir()) == []
+    ok("create", "--read-only", "ro")  # a read-only root is never written: nothing to reserve
+    assert (disks / "ro" / "disk.qcow2").stat().st_blocks * 512 < 1 << 20
+
+
+def test_start_below_the_free_space_floor(cli_home: Path) -> None:
+    ok("create", "box")
+    free = shutil.disk_usage(cli_home).free >> 20
+    floor = free + (1 << 20)  # 1 TiB more than there is
+    result = cli("start", "box", env={diskspace.ENV: str(floor)}, timeout=TIMEOUT)
+    assert result.returncode == 1
+    line = error_line(result.stderr)
+    workdir = re.escape(str(cli_home / "sandboxes" / "box"))
+    assert re.fullmatch(
+        rf"not enough free disk space to start a sandbox: \d+ MiB free in {workdir}, {floor} MiB needed "
+        rf"\(resources\.min_free_disk_mb in agentkernel\.toml, or \${diskspace.ENV}\)",
+        line,
+    ), line
+    assert sandbox("box")["status"] == "stopped"  # nothing was started
+    assert processes_with(str(cli_home / "sandboxes" / "box")) == []
+
+
+def test_free_space_floor_from_the_project_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(diskspace.ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert diskspace.floor_mb() == diskspace.DEFAULT_FLOOR_MB
+    (tmp_path / "agentkernel.toml").write_text("[resources]\nmin_free_disk_mb = 5000000\n")
+    assert diskspace.floor_mb() == 5000000
+    with pytest.raises(AgentkernelError, match=r"^not enough free disk space to start a sandbox: \d+ MiB"):
+        diskspace.check_floor(tmp_path)
+    monkeypatch.setenv(diskspace.ENV, "0")
+    diskspace.check_floor(tmp_path)
+    monkeypatch.setenv(diskspace.ENV, "lots")
+    with pytest.raises(AgentkernelError, match=r"AGENTKERNEL_MIN_FREE_DISK_MB must be a whole number"):
+        diskspace.floor_mb()
 
 
 def test_download_into_a_full_directory(

@@ -17,14 +17,21 @@ from typing import Any
 
 import pytest
 
+from agentkernel import hostinfo
 from agentkernel.artifacts import kernel as kernel_artifact
+from agentkernel.backends import firecracker as fc
 from agentkernel.backends.base import VMSpec
 from agentkernel.backends.firecracker import FirecrackerBackend, instance_id
+from agentkernel.config import Policy
 from agentkernel.hostinfo import Accel
 from agentkernel.images import store
+from agentkernel.sandbox import state
 from tests.conftest import REPO
 
 KVM = Accel("kvm", "")
+NO_NETWORK = Policy(
+    "moderate", network=False, mount_cwd=False, mount_home=False, pass_env=False, read_only=False
+)
 MakeSpec = Callable[..., VMSpec]
 
 
@@ -107,17 +114,27 @@ class Fake:
     def api_calls(self, vm: VMSpec | None = None) -> list[tuple[str, str, Any]]:
         return [(r["method"], r["path"], r["body"]) for r in self.requests(vm) if "method" in r]
 
+    def set_version(self, version: str) -> None:
+        """Install a fake firecracker of release `version` (a new file, as an upgrade makes one)."""
+        install(self.bin, "firecracker", "fake_firecracker", f"FAKE_FC_VERSION={version} ")
+
+
+def install(bin_dir: Path, program: str, module: str, env: str = "") -> None:
+    """A script `program` in `bin_dir` that runs tests.firecracker.`module`, replacing any before."""
+    new = bin_dir / f".{program}.new"
+    new.write_text(
+        f'#!/bin/sh\n{env}PYTHONPATH="{REPO}" exec "{sys.executable}" -m tests.firecracker.{module} "$@"\n'
+    )
+    new.chmod(0o755)
+    new.replace(bin_dir / program)
+
 
 @pytest.fixture
 def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Fake:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for program, module in (("firecracker", "fake_firecracker"), ("jailer", "fake_jailer")):
-        script = bin_dir / program
-        script.write_text(
-            f'#!/bin/sh\nPYTHONPATH="{REPO}" exec "{sys.executable}" -m tests.firecracker.{module} "$@"\n'
-        )
-        script.chmod(0o755)
+        install(bin_dir, program, module)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     record = tmp_path / "requests.jsonl"
     monkeypatch.setenv("FAKE_FC_RECORD", str(record))
@@ -127,3 +144,23 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Fake:
 @pytest.fixture
 def backend(fake: Fake) -> FirecrackerBackend:
     return FirecrackerBackend(KVM)
+
+
+@pytest.fixture
+def service(
+    isolated_home: Path, fake: Fake, files: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Path]:
+    """The service on the fake firecracker, with the scratch kernel and image as `base`; the data dir."""
+    kernel, image = files
+    monkeypatch.setattr(hostinfo, "accel", lambda: KVM)
+    monkeypatch.setattr(kernel_artifact, "current", lambda: kernel)
+    monkeypatch.delenv("AGENTKERNEL_JAILER", raising=False)
+    copy = tmp_path / "base.ext4"
+    fc._copy(image, copy)  # the store moves what it adds
+    store.add(copy, "base", source="test")
+    try:
+        yield isolated_home
+    finally:
+        for record in state.all_records():
+            kill_processes_naming(record.rundir)
+            shutil.rmtree(record.rundir, ignore_errors=True)

@@ -2,31 +2,42 @@
 the registries this project reaches, and the host's /dev/kvm is a PVM hypervisor without vmx/svm.
 
 Run as `python -m tests.firecracker.fake_firecracker --id ID --api-sock PATH` (the arguments
-firecracker takes; the jailer's timing arguments are accepted too). It serves the
+firecracker takes; the jailer's timing arguments are accepted too). `--version` prints
+"Firecracker v<release>" first, as Firecracker does; the release (FAKE_FC_VERSION, 1.16.1) is also
+what GET / and GET /version answer, and it decides what the API takes: before 1.16.0,
+SnapshotLoadParams has no vsock_override (400, as serde refuses an unknown field), and a snapshot
+loads only on the minor release that took it (its state format changes between them). It serves the
 REST API on PATH as Firecracker does (HTTP/1.1 on a Unix socket): 204 for an accepted PUT or PATCH,
 200 with a body for GET / and GET /version, and 400 with {"fault_message": ...} for a path the API
 lacks, a body that firecracker.yaml rejects (strictly: unknown fields too), a body id that differs
 from the path's, a file that cannot be opened, a tap device its network namespace lacks, a pre-boot
 request after the microVM started (InstanceStart or a snapshot load) or a post-boot one before, or
 InstanceStart without a kernel. An existing API socket is refused, as Firecracker refuses it. Paths
-it is given resolve as Firecracker's do: relative ones against its working directory.
+it is given resolve as Firecracker's do: relative ones against its working directory. Jailed
+(FAKE_FC_ROOT), it checks that the uid the jailer dropped to could bind its API socket: search
+permission on every folder from the chroot's root down, and write permission in the last.
 
 On InstanceStart it "boots": it binds the vsock socket (uds_path) at once and, for a short boot time,
 closes connections after `CONNECT <port>` (no guest listener yet), then answers `CONNECT 52000` with
 `OK <port>` and speaks just enough of the agent protocol: HELLO, PING, and SHUTDOWN, which prints the
 kernel's restart line on the console and exits, as Firecracker exits when the guest reboots.
-SendCtrlAltDel is accepted and changes nothing, as with our kernel, which has no i8042 driver.
+SendCtrlAltDel is accepted and changes nothing, as in our guest (Linux makes it a SIGINT for
+init, the agent, which has no handler for it).
 
 Snapshots, as Firecracker's snapshot doc describes them: PATCH /vm pauses (the guest then answers
 nothing on vsock until resumed) and resumes. PUT /snapshot/create (Full only) needs a paused
 microVM; it writes the state file (JSON here: the configuration but logger and metrics, and the
-guest's identity) and a sparse memory file of the guest's size, and resets the vsock device: open
-connections close. PUT /snapshot/load is refused once anything but the logger and metrics is
-configured, and needs exactly one of mem_backend and mem_file_path; then, as Firecracker does, a
-load that fails answers 400 and ends the process. It applies vsock_override and network_overrides
-(an override of an interface the snapshot lacks fails), opens the drive at the path the snapshot
-recorded, checks the taps, binds the vsock socket (an existing path fails, as bind does), and is
-paused, or running with resume_vm. A restored guest's agent says whose memory it runs:
+guest's identity and release) and a sparse memory file of the guest's size, and resets the vsock
+device: the guest drops its connections while their host ends stay open, carrying nothing in
+either direction (Firecracker's snapshot doc, "Vsock device reset"). Resuming a microVM paused
+without a snapshot in between leaves the vsock device waiting for an acknowledgement of a reset that
+was never sent (Firecracker 1.16): open host connections carry nothing and new ones are dropped
+after CONNECT, until a later snapshot and resume. PUT /snapshot/load is refused once anything but
+the logger and metrics is configured, and needs exactly one of mem_backend and mem_file_path; then,
+as Firecracker does, a load that fails answers 400 and ends the process. It applies vsock_override
+and network_overrides (an override of an interface the snapshot lacks fails), opens the drive at the
+path the snapshot recorded, checks the taps, binds the vsock socket (an existing path fails, as bind
+does), and is paused, or running with resume_vm. A restored guest's agent says whose memory it runs:
 "fake agent (memory of <id of the instance that booted it>)".
 
 Environment:
@@ -38,6 +49,10 @@ Environment:
   FAKE_FC_CRASH=snapshot  write half a memory file, log an error and exit, while creating a snapshot
   FAKE_FC_BOOT_TIME=<s>   how long the guest boots (0.3 s)
   FAKE_FC_ROOT=<dir>      resolve every path under <dir>, as a jailed firecracker sees its chroot
+  FAKE_FC_UID, _GID       the ids a jailed firecracker runs as (set by fake_jailer.py)
+  FAKE_FC_VERSION=<x.y.z> the release it is (1.16.1)
+  FAKE_FC_NO_RESUME_GATE=1  a release whose resume after a pause without a snapshot keeps vsock working
+  FAKE_FC_CONSOLE_FLOOD=<bytes>  print that much on the console while booting
 """
 
 from __future__ import annotations
@@ -66,12 +81,29 @@ from agentkernel.protocol.frames import (
 from tests.firecracker import spec
 
 REASONS = {200: "OK", 204: "No Content", 400: "Bad Request"}
+FC_VERSION = os.environ.get("FAKE_FC_VERSION", "1.16.1")
+VSOCK_OVERRIDE_SINCE = (1, 16, 0)  # the release that added SnapshotLoadParams.vsock_override
 PRE_BOOT_ONLY = "The requested operation is not supported after starting the microVM."
 POST_BOOT_ONLY = "The requested operation is not supported before starting the microVM."
 POST_BOOT = {("PATCH", "/vm"), ("PUT", "/snapshot/create")}
 NOT_SAVED = ("/logger", "/metrics")  # configuration a snapshot does not hold, and all a load allows
 SNAPSHOT_MAGIC = "fake firecracker microVM state"
 MiB = 1 << 20
+CONSOLE_LINE = len("fake guest: console line 000000000\n")
+
+
+class HostConnection:
+    """A host connection to the guest's agent through the hybrid vsock socket. Once the vsock device
+    is reset (a snapshot) or gated (a resume without one), it stays open on the host side but is
+    dead: nothing the host sends reaches the guest, nothing comes back."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.dead = False
+
+    def write(self, data: bytes) -> None:
+        if not self.dead:
+            self.writer.write(data)
 
 
 class LoadError(Exception):
@@ -91,7 +123,9 @@ class FakeFirecracker:
         self.running = asyncio.Event()  # the guest's vCPUs run
         self.booted = False  # the guest's agent listens
         self.guest = instance  # which instance booted the guest whose memory this one runs
-        self.vsock_clients: set[asyncio.StreamWriter] = set()
+        self.vsock_clients: set[HostConnection] = set()
+        self.snapshot_since_pause = False  # a snapshot queued the vsock reset the guest acknowledges
+        self.vsock_gated = False  # resumed from a pause without a snapshot: host traffic is refused
         self.exit_after_answer = False
         self.log: Any = None
 
@@ -130,15 +164,19 @@ class FakeFirecracker:
                 "app_name": "Firecracker",
                 "id": self.instance,
                 "state": self.state,
-                "vmm_version": "1.17.0",
+                "vmm_version": FC_VERSION,
             }
         if method == "GET" and path == "/version":
-            return 200, {"firecracker_version": "1.17.0"}
+            return 200, {"firecracker_version": FC_VERSION}
         try:
             spec.operation(method, path)
         except KeyError:
             return 400, fault(f"Invalid request method and/or path: {method} {path}.")
-        if errors := spec.body_errors(method, path, body):
+        errors = spec.body_errors(method, path, body)
+        too_new = release(FC_VERSION) < VSOCK_OVERRIDE_SINCE and path == "/snapshot/load"
+        if too_new and isinstance(body, dict) and "vsock_override" in body:
+            errors.insert(0, "unknown field `vsock_override`")  # what serde says of a field it lacks
+        if errors:
             return 400, fault(f"An error occurred when deserializing the json body of a request: {errors[0]}")
         if path == os.environ.get("FAKE_FC_FAIL"):
             return 400, fault(f"Fake failure requested for {path}:\nsecond line of the fault.")
@@ -159,7 +197,7 @@ class FakeFirecracker:
     def configure(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
         if path == "/logger":
             self.log = self.path(body["log_path"]).open("w")
-            self.write_log("INFO", "Running Firecracker v1.17.0 (fake)")
+            self.write_log("INFO", f"Running Firecracker v{FC_VERSION} (fake)")
         elif path == "/metrics":
             self.path(body["metrics_path"]).touch()
         elif path == "/boot-source" and not self.path(body["kernel_image_path"]).is_file():
@@ -182,7 +220,7 @@ class FakeFirecracker:
 
     def action(self, action: str) -> tuple[int, dict[str, Any] | None]:
         if action != "InstanceStart":
-            return 204, None  # SendCtrlAltDel reaches no driver in our guest; FlushMetrics: nothing to flush
+            return 204, None  # SendCtrlAltDel: init ignores it in our guest; FlushMetrics: nothing to flush
         if self.state != "Not started":
             return 400, fault("The microVM is already running.")
         if "/boot-source" not in self.config:
@@ -195,8 +233,21 @@ class FakeFirecracker:
         return 204, None
 
     def pause_or_resume(self, wanted: str) -> tuple[int, dict[str, Any] | None]:
-        self.set_state("Paused" if wanted == "Paused" else "Running")  # a repeated request changes nothing
+        """A repeated request changes nothing. Resuming what was paused without a snapshot in between
+        leaves the vsock device waiting for the guest to acknowledge a reset that was never sent
+        (Firecracker 1.16): host connections, open and new, carry nothing from then on."""
+        if wanted == "Paused" and self.state == "Running":
+            self.snapshot_since_pause = False
+        elif wanted == "Resumed" and self.state == "Paused":
+            self.vsock_gated = not self.snapshot_since_pause and "FAKE_FC_NO_RESUME_GATE" not in os.environ
+            if self.vsock_gated:
+                self.kill_host_connections()
+        self.set_state("Paused" if wanted == "Paused" else "Running")
         return 204, None
+
+    def kill_host_connections(self) -> None:
+        for client in self.vsock_clients:
+            client.dead = True
 
     def create_snapshot(self, body: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
         if self.state != "Paused":
@@ -215,10 +266,12 @@ class FakeFirecracker:
                 os._exit(1)
             f.truncate(size)
         saved = {k: v for k, v in self.config.items() if k not in NOT_SAVED}
-        state = {"magic": SNAPSHOT_MAGIC, "config": saved, "booted": self.booted}
+        state = {"magic": SNAPSHOT_MAGIC, "version": FC_VERSION, "config": saved, "booted": self.booted}
         state_file.write_text(json.dumps(state))
-        for client in self.vsock_clients:  # the vsock device is reset: connections close
-            client.close()
+        # The vsock device is reset: the guest's driver drops its connections when it runs again,
+        # while their host ends stay open, carrying nothing.
+        self.kill_host_connections()
+        self.snapshot_since_pause = True
         self.write_log("INFO", "Snapshot created")
         return 204, None
 
@@ -250,6 +303,9 @@ class FakeFirecracker:
         except (OSError, ValueError) as exc:
             raise LoadError(f"cannot read the snapshot files: {exc}") from None
         config = state.get("config", {}) if state.get("magic") == SNAPSHOT_MAGIC else {}
+        taken_with = state.get("version", "?")
+        if config and release(taken_with)[:2] != release(FC_VERSION)[:2]:  # its state format is another
+            raise LoadError(f"the snapshot's state format is of Firecracker {taken_with}, not {FC_VERSION}")
         if size != config.get("/machine-config", {}).get("mem_size_mib", -1) * MiB:
             raise LoadError("the state file or the memory file is not a snapshot's")
         for override in body.get("network_overrides", []):
@@ -302,6 +358,11 @@ class FakeFirecracker:
     async def finish_boot(self) -> None:
         await asyncio.sleep(float(os.environ.get("FAKE_FC_BOOT_TIME", "0.3")))
         await self.running.wait()
+        flood, line = int(os.environ.get("FAKE_FC_CONSOLE_FLOOD", "0")), 0
+        while line * CONSOLE_LINE < flood:
+            sys.stdout.write("".join(f"fake guest: console line {n:09d}\n" for n in range(line, line + 1000)))
+            line += 1000
+        sys.stdout.flush()
         if os.environ.get("FAKE_FC_CRASH") == "boot":
             print("Kernel panic - not syncing: fake guest failure", flush=True)
             self.write_log("ERROR", "Vmm is stopping: the guest panicked (fake)")
@@ -315,24 +376,27 @@ class FakeFirecracker:
             await self.finish_boot()
 
     async def serve_vsock(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.vsock_clients.add(writer)
+        client = HostConnection(writer)
+        self.vsock_clients.add(client)
         try:
-            await self.agent(reader, writer)
+            await self.agent(reader, client)
         except ConnectionError:
             pass
         finally:
-            self.vsock_clients.discard(writer)
+            self.vsock_clients.discard(client)
             writer.close()
 
-    async def agent(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def agent(self, reader: asyncio.StreamReader, client: HostConnection) -> None:
         line = await reader.readline()
         await self.running.wait()  # a paused guest answers nothing
-        if line != b"CONNECT 52000\n" or not self.booted:
+        if line != b"CONNECT 52000\n" or not self.booted or self.vsock_gated:
             return  # nothing listens on that guest port (yet): Firecracker drops the connection
-        writer.write(b"OK 1073741824\n")
+        client.write(b"OK 1073741824\n")
         decoder = FrameDecoder()
         while data := await reader.read(65536):
             await self.running.wait()
+            if client.dead:
+                continue  # read and dropped: the guest has no connection for it any more
             for frame in decoder.feed(data):
                 if frame.type is FrameType.HELLO:
                     record = decode_record(frame.payload)
@@ -353,12 +417,32 @@ class FakeFirecracker:
                         (Tag.MAGIC, MAGIC),
                         (Tag.MESSAGE, message),
                     ]
-                    writer.write(encode(0, FrameType.HELLO, encode_record(reply)))
+                    client.write(encode(0, FrameType.HELLO, encode_record(reply)))
                 elif frame.type is FrameType.PING:
-                    writer.write(encode(0, FrameType.PONG, frame.payload))
+                    client.write(encode(0, FrameType.PONG, frame.payload))
                 elif frame.type is FrameType.SHUTDOWN:
                     print("reboot: Restarting system", flush=True)
                     os._exit(0)
+
+
+def jailed_uid_may_bind(sock: Path) -> bool:
+    """Whether the uid the jailer dropped to (FAKE_FC_UID and _GID; no other groups) could bind
+    `sock`, a path relative to the chroot: traverse every folder from the chroot's root down
+    and write in the last one. This process runs as root and would be let through anyway."""
+    uid, gid = int(os.environ["FAKE_FC_UID"]), int(os.environ["FAKE_FC_GID"])
+    folders = [Path("."), *reversed(sock.parents[:-1])]
+    for folder in folders:
+        info = folder.stat()
+        if info.st_uid == uid:
+            bits = info.st_mode >> 6
+        elif info.st_gid == gid:
+            bits = info.st_mode >> 3
+        else:
+            bits = info.st_mode
+        wanted = 0o3 if folder == folders[-1] else 0o1  # write and search, or search
+        if uid != 0 and bits & wanted != wanted:
+            return False
+    return True
 
 
 def tap_problem(name: str) -> str:
@@ -369,11 +453,20 @@ def tap_problem(name: str) -> str:
     return "" if name in devices else f"Could not open the tap device {name}: no such device"
 
 
+def release(version: str) -> tuple[int, ...]:
+    """(major, minor, patch) of "1.16.1"; () for what is not a release."""
+    numbers = version.split("-")[0].split(".")
+    return tuple(int(n) for n in numbers) if all(n.isdigit() for n in numbers) else ()
+
+
 def fault(message: str) -> dict[str, Any]:
     return {"fault_message": message}
 
 
 async def main() -> None:
+    if sys.argv[1:] == ["--version"]:
+        print(f"Firecracker v{FC_VERSION}\n")  # the first line as Firecracker prints it
+        return
     parser = argparse.ArgumentParser()
     parser.add_argument("--id", default="anonymous-instance")
     parser.add_argument("--api-sock", required=True)
@@ -384,6 +477,10 @@ async def main() -> None:
     sock = fc.path(args.api_sock)
     if sock.exists():
         print(f"Failed to open the API socket at {args.api_sock}: Address in use", file=sys.stderr)
+        sys.exit(1)
+    if fc.jailed and not jailed_uid_may_bind(sock):
+        denied = "Permission denied (os error 13)"
+        print(f"Failed to open the API socket at {args.api_sock}: {denied}", file=sys.stderr)
         sys.exit(1)
     server = await asyncio.start_unix_server(fc.serve_api, path=str(sock))
     async with server:

@@ -2,11 +2,13 @@
 
 It checks its arguments as jailer.md says the jailer does (id, exec file, chroot base, cgroup and
 resource-limit formats, netns path), then does what the backend relies on, without confining
-anything: it starts the exec file (the fake firecracker), in the network namespace given with --netns
-(through nsenter) and with FAKE_FC_ROOT set to the chroot,
-<chroot base>/<exec file name>/<id>/root, so that every path Firecracker is given resolves inside it;
-writes the child's pid to <chroot>/<exec file name>.pid; and exits, as the jailer does with
---new-pid-ns. The arguments after `--` go to firecracker, after the ones the jailer adds.
+anything: it gives the chroot, <chroot base>/<exec file name>/<id>/root, to --uid and --gid as the
+jailer does; starts the exec file (the fake firecracker), in the network namespace given with --netns
+(through nsenter), with FAKE_FC_ROOT set to the chroot, so that every path Firecracker is given
+resolves inside it, and FAKE_FC_UID and FAKE_FC_GID, the ids the jailer would drop to, so that it
+checks its access to the folders of its sockets as that uid; writes the child's pid to
+<chroot>/<exec file name>.pid; and exits, as the jailer does with --new-pid-ns. The arguments after
+`--` go to firecracker, after the ones the jailer adds.
 """
 
 from __future__ import annotations
@@ -56,10 +58,16 @@ def main() -> None:
     root = Path(args.chroot_base_dir).resolve() / exec_file.name / args.id / "root"
     if not root.is_dir():
         fail(f"no chroot at {root}")
+    os.chown(root, args.uid, args.gid)  # `/` for the jailed Firecracker
     netns = ["nsenter", f"--net={args.netns}", "--"] if args.netns else []
     child = subprocess.Popen(
         [*netns, str(exec_file), "--id", args.id, "--start-time-us", "0", "--start-time-cpu-us", "0", *extra],
-        env={**os.environ, "FAKE_FC_ROOT": str(root)},
+        env={
+            **os.environ,
+            "FAKE_FC_ROOT": str(root),
+            "FAKE_FC_UID": f"{args.uid}",
+            "FAKE_FC_GID": f"{args.gid}",
+        },
     )
     with (root / f"{exec_file.name}.pid").open("x") as pidfile:
         pidfile.write(str(child.pid))

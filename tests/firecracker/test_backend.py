@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,8 @@ from agentkernel.backends.base import Mount
 from agentkernel.backends.firecracker import FirecrackerBackend
 from agentkernel.errors import AgentkernelError
 from agentkernel.hostinfo import Accel
-from tests.firecracker.conftest import KVM, Fake, MakeSpec, processes_naming
+from agentkernel.service import sandboxes
+from tests.firecracker.conftest import KVM, NO_NETWORK, Fake, MakeSpec, processes_naming
 
 PVM = Accel("tcg", "/dev/kvm is present but the CPU has no vmx/svm: a PVM host")
 
@@ -117,16 +120,45 @@ def test_life_cycle(backend: FirecrackerBackend, make_spec: MakeSpec, fake: Fake
     assert not vm.workdir.exists() and not vm.rundir.exists()
 
 
-def test_stop_sends_ctrl_alt_del_then_kills(
-    backend: FirecrackerBackend, make_spec: MakeSpec, fake: Fake
+def test_stop_goes_through_the_agent(service: Path, fake: Fake) -> None:
+    """`stop` asks the agent to power off, as under QEMU: the guest reboots and Firecracker exits by
+    itself. No Ctrl-Alt-Del: Linux makes it a SIGINT for init, the agent, which ignores it."""
+    sandboxes.create("box", backend="firecracker", policy=NO_NETWORK, memory_mb=128)
+    run(sandboxes.start("box"))
+    run(sandboxes.stop("box"))
+    assert sandboxes.get("box").status == "stopped"
+    assert [call for call in fake.api_calls() if call[1] == "/actions"] == [
+        ("PUT", "/actions", {"action_type": "InstanceStart"})
+    ]
+    assert "reboot: Restarting system" in (service / "sandboxes" / "box" / "console.log").read_text()
+
+
+def test_the_console_log_is_bounded(
+    backend: FirecrackerBackend, make_spec: MakeSpec, fake: Fake, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A guest that floods its serial console fills no disk: the console log keeps its last lines,
+    from a line start, within the cap."""
+    cap = 64 << 10
+    monkeypatch.setattr(fc, "CONSOLE_CAP", cap)
+    monkeypatch.setenv("FAKE_FC_CONSOLE_FLOOD", str(4 << 20))
     vm = make_spec()
     backend.prepare(vm)
     pid = backend.start(vm)
-    # As with our kernel (no i8042 driver), the keys change nothing: the VM is killed after the timeout.
-    assert backend.stop(vm, pid, timeout=0.5) is False
-    assert not backend.is_alive(vm, pid)
-    assert ("PUT", "/actions", {"action_type": "SendCtrlAltDel"}) in fake.api_calls()
+
+    async def booted() -> None:
+        conn = await backend.connect(vm, pid, timeout=60)  # the agent listens after the flood
+        await conn.close()
+
+    run(booted())
+    for _ in range(500):
+        if b"agent listening" in vm.console_log.read_bytes():
+            break
+        time.sleep(0.01)
+    text = vm.console_log.read_text()
+    assert vm.console_log.stat().st_size <= cap and stat.S_IMODE(vm.console_log.stat().st_mode) == 0o600
+    assert text.startswith("fake guest: console line ") and "console line 000000000" not in text
+    assert text.endswith("fake guest: booted, agent listening on vsock port 52000\n")
+    backend.kill(vm, pid)
     backend.cleanup(vm, keep_disk=False)
 
 

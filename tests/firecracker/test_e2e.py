@@ -20,9 +20,13 @@ import pytest
 from agentkernel.backends import firecracker as fc
 from agentkernel.backends.base import VMSpec
 from agentkernel.backends.firecracker import FirecrackerBackend, Jailer
+from agentkernel.backends.firecracker_version import check_version
+from agentkernel.errors import AgentkernelError
 from agentkernel.hostinfo import detect_accel
 from agentkernel.network import launcher as gateway
 from agentkernel.network.policy import EgressRules
+from agentkernel.protocol import client
+from agentkernel.protocol.client import AgentConnectionError
 from tests.firecracker.conftest import MakeSpec, kill_processes_naming
 
 T = TypeVar("T")
@@ -95,8 +99,7 @@ def test_create_start_exec_stop_remove(new_spec: MakeSpec) -> None:
         await conn.close()
 
     run(second_boot())
-    # Ctrl+Alt+Del reaches no driver in our kernel (no i8042): the VM is killed after the timeout.
-    assert backend.stop(vm, pid, timeout=2) is False
+    backend.kill(vm, pid)
     assert not backend.is_alive(vm, pid)
     backend.cleanup(vm, keep_disk=False)
     assert not vm.workdir.exists() and not vm.rundir.exists()
@@ -199,6 +202,63 @@ async def output(backend: FirecrackerBackend, vm: VMSpec, pid: int, script: str)
         return done.stdout
     finally:
         await conn.close()
+
+
+def test_release_is_supported() -> None:
+    binary = shutil.which("firecracker")
+    assert binary is not None
+    print(f"Firecracker {check_version(binary)}")
+
+
+def test_a_snapshot_resets_open_connections(new_spec: MakeSpec, tmp_path: Path) -> None:
+    """A command running over a connection when a snapshot is taken: the guest drops the connection
+    and the agent kills the command; the host side fails within the heartbeat's bound instead of
+    waiting for good; a new connection works."""
+    backend = FirecrackerBackend()
+    vm = new_spec("fcreset", memory_mb=256)
+    backend.prepare(vm)
+    pid = backend.start(vm)
+    snap = tmp_path / "snap"
+    snap.mkdir()
+
+    async def body() -> None:
+        conn = await backend.connect(vm, pid, timeout=60)
+        proc = await conn.exec(["sleep", "600"])
+        await backend.snapshot(vm, pid, snap)
+        start = time.monotonic()
+        with pytest.raises(AgentConnectionError):
+            await proc.wait()
+        assert time.monotonic() - start < client.HEARTBEAT_INTERVAL + client.HEARTBEAT_TIMEOUT + 5
+        await conn.close()
+
+    try:
+        run(body())
+        assert run(output(backend, vm, pid, "pidof sleep || echo none")) == b"none\n"
+    finally:
+        backend.kill(vm, pid)
+        backend.cleanup(vm, keep_disk=False)
+
+
+def test_a_failed_snapshot_leaves_no_unreachable_source(new_spec: MakeSpec, tmp_path: Path) -> None:
+    """Firecracker cannot write the snapshot (no such folder): the source either answers afterwards
+    or was stopped, and the error says which."""
+    backend = FirecrackerBackend()
+    vm = new_spec("fcfailed", memory_mb=256)
+    backend.prepare(vm)
+    pid = backend.start(vm)
+    try:
+        run(output(backend, vm, pid, "true"))
+        with pytest.raises(AgentkernelError) as info:
+            run(backend.snapshot(vm, pid, tmp_path / "missing"))
+        print(f"failed snapshot: {info.value}")
+        if backend.is_alive(vm, pid):
+            assert "stopped" not in str(info.value)
+            assert run(output(backend, vm, pid, "echo ok")) == b"ok\n"
+        else:
+            assert "the sandbox was stopped" in str(info.value)
+    finally:
+        backend.kill(vm, pid)
+        backend.cleanup(vm, keep_disk=False)
 
 
 def test_snapshot_and_forks(new_spec: MakeSpec, tmp_path: Path) -> None:

@@ -128,3 +128,57 @@ def test_jailed_life_cycle(make_spec: MakeSpec, fake: Fake, tmp_path: Path) -> N
     backend.kill(vm, pid)
     backend.cleanup(vm, keep_disk=True)
     assert not jail.exists() and not vm.rundir.exists() and fc.disk(vm).exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving files to the jail's uid needs root")
+def test_the_jail_works_whatever_the_umask(make_spec: MakeSpec, fake: Fake, tmp_path: Path) -> None:
+    """The folders on the way to the jail's sockets are made with the modes the jailed uid needs:
+    under umask 077 they would otherwise be root's alone, and the fake firecracker, which checks
+    access as that uid (as the real one meets it), could not bind its API socket."""
+    backend = FirecrackerBackend(KVM, jailer=Jailer(NOBODY, NOBODY, tmp_path / "jails"))
+    vm = make_spec()
+    backend.prepare(vm)
+    umask = os.umask(0o077)
+    try:
+        pid = backend.start(vm)
+    finally:
+        os.umask(umask)
+    root = fc.jail_root(vm)
+    assert root is not None
+    folders = [root.joinpath(*vm.rundir.parts[1:i]) for i in range(2, len(vm.rundir.parts) + 1)]
+    for folder in folders[:-1]:
+        info = folder.stat()
+        assert (stat.S_IMODE(info.st_mode), info.st_uid) == (0o711, 0)  # traversed, not listed
+    info = folders[-1].stat()
+    assert (stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid) == (0o700, NOBODY, NOBODY)
+
+    async def session() -> None:
+        conn = await backend.connect(vm, pid, timeout=30)
+        await conn.close()
+
+    asyncio.run(asyncio.wait_for(session(), 60))
+    backend.kill(vm, pid)
+    backend.cleanup(vm, keep_disk=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving files to the jail's uid needs root")
+def test_the_stand_in_jailer_checks_the_socket_folders(
+    make_spec: MakeSpec, fake: Fake, tmp_path: Path
+) -> None:
+    """A folder the jailed uid cannot search is refused as Firecracker would meet it: the API socket
+    cannot be bound, and the start fails with that line."""
+    backend = FirecrackerBackend(KVM, jailer=Jailer(NOBODY, NOBODY, tmp_path / "jails"))
+    vm = make_spec()
+    backend.prepare(vm)
+    build = Jailer.build
+
+    def closed_build(self: Jailer, spec: object, exec_name: str) -> Path:
+        root = build(self, spec, exec_name)  # type: ignore[arg-type]
+        (root / vm.rundir.parts[1]).chmod(0o700)
+        return root
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Jailer, "build", closed_build)
+        with pytest.raises(AgentkernelError, match=r"firecracker exited at start: .*Permission denied"):
+            backend.start(vm)
+    backend.cleanup(vm, keep_disk=False)

@@ -31,7 +31,7 @@ def test_add_get_list(home: Path) -> None:
     assert store.get("myimg:latest") == image
     assert [i.name for i in store.list_images()] == ["myimg:latest"]
     for path in (image.path, image.path.with_name("image.json")):
-        assert stat.S_IMODE(path.stat().st_mode) == 0o444
+        assert stat.S_IMODE(path.stat().st_mode) == 0o400
     assert os.listdir(paths.tmp_dir()) == []
 
 

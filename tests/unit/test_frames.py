@@ -1,8 +1,27 @@
+import asyncio
+import errno
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
 import pytest
 
+from agentkernel.errors import AgentkernelError
+from agentkernel.protocol.client import (
+    ArgumentsTooLongError,
+    Connection,
+    ExecError,
+    FileOpError,
+    check_arguments,
+)
 from agentkernel.protocol.frames import (
+    ARG_MAX,
+    ARG_POINTER,
     HEADER,
+    MAGIC,
+    MAX_ARG_STRLEN,
+    MAX_FIELDS,
     MAX_PAYLOAD,
+    Frame,
     FrameDecoder,
     FrameType,
     ProtocolError,
@@ -10,6 +29,7 @@ from agentkernel.protocol.frames import (
     decode_record,
     encode,
     encode_record,
+    exec_records,
 )
 
 
@@ -107,3 +127,140 @@ def test_hunting_holds_bounded_memory() -> None:
     for _ in range(100):
         assert dec.feed(b"\xab" * 65536) == []
     assert dec.buffered <= 8
+
+
+def joined(records: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+    """What the agent makes of an EXEC and its ARGS: every argv, then every env, in order."""
+    decoded = [decode_record(r) for r in records]
+    flags = [d.int(Tag.CONTINUED, 0) for d in decoded]
+    assert flags == [1] * (len(records) - 1) + [0]
+    return [a for d in decoded for a in d.all(Tag.ARGV)], [e for d in decoded for e in d.all(Tag.ENV)]
+
+
+def test_small_exec_is_one_record() -> None:
+    records = exec_records([(Tag.CWD, b"/tmp")], [b"echo", b"hi"], [b"A=1"])
+    assert records == [
+        encode_record([(Tag.CWD, b"/tmp"), (Tag.ARGV, b"echo"), (Tag.ARGV, b"hi"), (Tag.ENV, b"A=1")])
+    ]
+
+
+def test_large_exec_is_split_between_fields_and_joins_back() -> None:
+    argv = [b"sh", b"-c", b"echo $#"] + [b"%06d" % i + b"a" * (i % 300) for i in range(7000)]
+    env = [b"V%d=" % i + b"e" * 100_000 for i in range(12)] + [b"X=" + b"x" * (MAX_ARG_STRLEN - 3)]
+    records = exec_records([(Tag.CWD, b"/"), (Tag.TIMEOUT_MS, 5000)], argv, env)
+    assert len(records) > 5
+    assert all(len(r) <= MAX_PAYLOAD for r in records)
+    assert decode_record(records[0]).bytes(Tag.CWD) == b"/"
+    assert all(decode_record(r).bytes(Tag.CWD) is None for r in records[1:])
+    assert joined(records) == (argv, env)
+    for r in records:  # each one a frame the decoder takes
+        assert FrameDecoder().feed(encode(3, FrameType.ARGS, r))[0].payload == r
+
+
+def test_many_small_strings_are_split_by_field_count() -> None:
+    argv = [b""] * 10_000
+    records = exec_records([], argv, [b"A=" for _ in range(5000)])
+    assert all(sum(len(v) for v in decode_record(r).fields.values()) <= MAX_FIELDS for r in records)
+    assert joined(records) == (argv, [b"A="] * 5000)
+
+
+def test_argument_limits_are_linux_execve_limits() -> None:
+    def cost(strings: list[bytes]) -> int:
+        return sum(len(s) + 1 + ARG_POINTER for s in strings)
+
+    longest = "a" * (MAX_ARG_STRLEN - 1)
+    assert check_arguments(["x", longest], {"K": "v" * (MAX_ARG_STRLEN - 3)})[0][1] == longest.encode()
+    with pytest.raises(ArgumentsTooLongError, match=r"argument 1 is 131072 bytes.*131071.*MAX_ARG_STRLEN"):
+        check_arguments(["x", longest + "a"], {})
+    with pytest.raises(
+        ArgumentsTooLongError, match=r"environment variable K is 131072 bytes.*MAX_ARG_STRLEN"
+    ):
+        check_arguments(["x"], {"K": "v" * (MAX_ARG_STRLEN - 2)})
+    chunk = "c" * 100_000
+    argv = ["x"] + [chunk] * 20
+    rest = ARG_MAX - cost([a.encode() for a in argv]) - 1 - ARG_POINTER  # what one more string may hold
+    at_limit = [*argv, "d" * rest]
+    assert cost(check_arguments(at_limit, {})[0]) == ARG_MAX
+    with pytest.raises(
+        ArgumentsTooLongError, match=rf"take {ARG_MAX + 1} bytes.*at most {ARG_MAX} \(ARG_MAX"
+    ):
+        check_arguments([*argv, "d" * (rest + 1)], {})
+    with pytest.raises(ArgumentsTooLongError, match="ARG_MAX"):  # the env counts too
+        check_arguments(at_limit, {"A": ""})
+    assert ArgumentsTooLongError("x").errno == errno.E2BIG
+
+
+async def on_fake_agent(
+    tmp_path: Path, version: int, body: Callable[[Connection], Awaitable[None]]
+) -> list[Frame]:
+    """Run `body` on a connection to a stand-in agent of protocol `version`, which answers each
+    request (once no `continued` says more is coming) with ERROR ENOENT; the frames it got."""
+    got: list[Frame] = []
+
+    async def agent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        dec = FrameDecoder()
+        hello = encode_record([(Tag.VERSION, version), (Tag.MAGIC, MAGIC)])
+        while data := await reader.read(65536):
+            for frame in dec.feed(data):
+                if frame.type is FrameType.HELLO:
+                    writer.write(encode(0, FrameType.HELLO, hello))
+                    continue
+                got.append(frame)
+                if not decode_record(frame.payload).int(Tag.CONTINUED, 0):
+                    error = encode_record([(Tag.ERRNO, errno.ENOENT)])
+                    writer.write(encode(frame.channel, FrameType.ERROR, error))
+
+    server = await asyncio.start_unix_server(agent, path=str(tmp_path / "a.sock"))
+    try:
+        async with await Connection.open_unix(tmp_path / "a.sock", timeout=5) as conn:
+            await conn.hello(set_clock=False)
+            await body(conn)
+    finally:
+        server.close()
+    return got
+
+
+def exec_on_fake_agent(tmp_path: Path, version: int, argv: list[str]) -> tuple[ExecError, list[Frame]]:
+    async def body(conn: Connection) -> None:
+        with pytest.raises(ExecError) as refused:
+            await conn.exec(argv)
+        errors.append(refused.value)
+
+    errors: list[ExecError] = []
+    frames = asyncio.run(on_fake_agent(tmp_path, version, body))
+    return errors[0], frames
+
+
+def test_client_sends_args_frames_to_a_version_2_agent(tmp_path: Path) -> None:
+    argv = ["prog"] + ["a" * 1000] * 1000
+    error, frames = exec_on_fake_agent(tmp_path, 2, argv)
+    assert error.errno == errno.ENOENT  # the agent's answer, after the whole request
+    assert [f.type for f in frames] == [FrameType.EXEC] + [FrameType.ARGS] * 3
+    assert joined([f.payload for f in frames])[0] == [a.encode() for a in argv]
+
+
+def test_client_refuses_a_large_request_to_a_version_1_agent(tmp_path: Path) -> None:
+    error, frames = exec_on_fake_agent(tmp_path, 1, ["prog"] + ["a" * 1000] * 1000)
+    assert isinstance(error, ArgumentsTooLongError) and "protocol 1" in str(error)
+    assert frames == []
+    error, frames = exec_on_fake_agent(tmp_path, 1, ["prog", "x"])
+    assert error.errno == errno.ENOENT and [f.type for f in frames] == [FrameType.EXEC]
+
+
+def test_guest_e2big_is_the_arguments_error() -> None:
+    from agentkernel.protocol.client import _exec_error
+
+    record = decode_record(encode_record([(Tag.ERRNO, errno.E2BIG), (Tag.MESSAGE, "exec: too long")]))
+    assert isinstance(_exec_error(record), ArgumentsTooLongError)
+    assert "ARG_MAX" in str(_exec_error(record))
+
+
+def test_overlong_path_is_refused_before_sending(tmp_path: Path) -> None:
+    async def body(conn: Connection) -> None:
+        with pytest.raises(FileOpError, match="longer than 4095 bytes") as refused:
+            await conn.stat("/" + "a" * MAX_PAYLOAD)
+        assert refused.value.errno == errno.ENAMETOOLONG
+        with pytest.raises(AgentkernelError, match="working directory is longer"):
+            await conn.exec(["true"], cwd="/" + "a" * MAX_PAYLOAD)
+
+    assert asyncio.run(on_fake_agent(tmp_path, 2, body)) == []

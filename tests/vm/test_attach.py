@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import select
 import signal
@@ -108,3 +109,43 @@ def test_software_emulation_is_said_once(cli_home: Path) -> None:
     second = run_on_terminal("run", "--", "echo", "hi")
     assert b"run under emulation" in first and b"run under emulation" not in second
     assert b"hi" in first and b"hi" in second
+
+
+ATTACH_RUNS = 20
+TYPED = b"first line\nsecond line, typed without its newline"
+
+
+def attach_cat(base: str, sandbox: str, *, tty: bool) -> tuple[bytes, dict[str, object]]:
+    """Attach `cat` over the API's WebSocket, send TYPED and the eof control at once; its output and
+    its exit message."""
+    from websockets.sync.client import connect
+
+    url = f"{base}/sandboxes/{sandbox}/attach?command=cat&tty={str(tty).lower()}"
+    output = b""
+    with connect(url, max_size=None) as ws:
+        ws.send(TYPED)
+        ws.send(json.dumps({"type": "eof"}))
+        while True:
+            message = ws.recv(timeout=60)  # a lost EOF leaves cat waiting: fail, do not hang
+            if isinstance(message, bytes):
+                output += message
+            else:
+                return output, json.loads(message)
+
+
+def test_websocket_data_then_eof_always_reaches_cat(cli_home: Path, tmp_path: Path) -> None:
+    """Data, then EOF, in one go: `cat` gets all of it and ends with 0, on pipes and on a terminal.
+    On a terminal the data ends in a partial line: one EOF character only passes that line on."""
+    from agentkernel.client.sync import Client
+    from tests.api.server import api_server
+
+    with api_server(tmp_path) as url, Client(url) as ak, ak.create_sandbox(image="base") as box:
+        base = url.replace("http://", "ws://")
+        for run in range(ATTACH_RUNS):
+            output, exit_message = attach_cat(base, box.name, tty=False)
+            assert (output, exit_message["exit_code"]) == (TYPED, 0), (run, output, exit_message)
+            output, exit_message = attach_cat(base, box.name, tty=True)
+            assert exit_message["exit_code"] == 0, (run, output, exit_message)
+            # The terminal echoes each line, and cat writes it back: each arrives twice, as CRLF.
+            assert output.count(b"first line\r\n") == 2, (run, output)
+            assert output.count(b"second line, typed without its newline") == 2, (run, output)

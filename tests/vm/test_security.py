@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
 
+from agentkernel.service import sandboxes
 from tests.conftest import HOST_PAGE, cli
 
 pytestmark = pytest.mark.vm
@@ -109,6 +112,35 @@ def test_memory_hog_is_killed_and_the_sandbox_survives(cli_home: Path) -> None:
     hog = cli("exec", "hog", "--", "dd", "if=/dev/zero", "of=/dev/null", "bs=230M", "count=1")
     assert hog.returncode == 128 + 9, hog.stderr  # SIGKILL, from the out-of-memory killer
     assert cli("exec", "hog", "--", "echo", "alive").stdout == b"alive\n"
+
+
+@pytest.mark.parametrize("profile", ["permissive", "moderate", "restrictive"])
+def test_after_a_fork_bomb_the_sandbox_answers(cli_home: Path, profile: str) -> None:
+    """A fork bomb sent to the background outlives the command that started it (what a command
+    leaves running lives on), yet the next command answers at once, under every profile: each
+    command's cgroup gets an equal CPU share, and the bomb stays within the profile's process limit.
+    A `kill -9 -1` from the next command ends it."""
+    assert cli("create", "--profile", profile, "--no-network", "bomb").returncode == 0
+    assert cli("start", "bomb").returncode == 0
+    bomb = cli("exec", "bomb", "--", "sh", "-c", "f() { f | f & }; f", timeout=60)
+    assert bomb.returncode == 0, bomb.stderr
+
+    async def echo() -> float:
+        started = time.monotonic()
+        async with sandboxes.session("bomb") as conn:  # what `exec` does, less the CLI's start-up
+            assert (await conn.run(["echo", "alive"])).stdout == b"alive\n"
+        return time.monotonic() - started
+
+    took = asyncio.run(asyncio.wait_for(echo(), 60))
+    print(f"{profile}: `echo alive` answered {took:.2f} s after the fork bomb")
+    assert took < 2.0
+    current = "/sys/fs/cgroup/sandbox/pids.current"
+    assert int(cli("exec", "bomb", "--", "cat", current).stdout) > 10  # the bomb is still there
+    assert cli("exec", "bomb", "--", "kill", "-9", "-1").returncode == 0  # all but itself and the agent
+    end = time.monotonic() + 20  # the killed processes exit and are reaped
+    while (left := cli("exec", "bomb", "--", "cat", current).stdout) != b"1\n" and time.monotonic() < end:
+        time.sleep(0.5)
+    assert left == b"1\n"  # the cat
 
 
 def test_lifetime_stops_the_sandbox(cli_home: Path) -> None:

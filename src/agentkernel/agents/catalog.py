@@ -1,5 +1,6 @@
 """The coding agents agentkernel knows: how to tell whether each is installed and has its key, and how
-to launch one in a sandbox with the project mounted and only its own API key passed in."""
+to launch one in a sandbox with the project mounted and its own API key brokered: the sandbox gets
+a placeholder, the egress gateway sends the key to its provider's API hosts only (docs/secrets.md)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from agentkernel.config import Secret
 from agentkernel.errors import AgentkernelError
 from agentkernel.images.recipes import get_recipe
 from agentkernel.service.sandboxes import WORKSPACE
@@ -50,6 +52,20 @@ AGENTS = {
 }
 
 
+# Where each provider's key may go. Gemini keys can be sent as a `key` query parameter too.
+KEY_HOSTS: dict[str, Secret] = {
+    "ANTHROPIC_API_KEY": Secret(from_env="ANTHROPIC_API_KEY", hosts=("api.anthropic.com",)),
+    "OPENAI_API_KEY": Secret(from_env="OPENAI_API_KEY", hosts=("api.openai.com",)),
+    "GEMINI_API_KEY": Secret(
+        from_env="GEMINI_API_KEY", hosts=("generativelanguage.googleapis.com",), in_url=True
+    ),
+    "GOOGLE_API_KEY": Secret(
+        from_env="GOOGLE_API_KEY", hosts=("generativelanguage.googleapis.com",), in_url=True
+    ),
+    "OPENROUTER_API_KEY": Secret(from_env="OPENROUTER_API_KEY", hosts=("openrouter.ai",)),
+}
+
+
 def get_agent(name: str) -> Agent:
     try:
         return AGENTS[name]
@@ -76,22 +92,24 @@ def passed_keys(agent: Agent, environ: Mapping[str, str]) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Launch:
-    """How `agent run` starts an agent: its image, the project to mount, and its environment."""
+    """How `agent run` starts an agent: its image, the project to mount, its environment, and the
+    secrets (its key variables that are set) to broker, declared as in `KEY_HOSTS`."""
 
     agent: Agent
     project_dir: Path
     env: dict[str, str]
     command: list[str]
     workdir: str = WORKSPACE
+    secrets: tuple[str, ...] = ()
 
 
 def launch(name: str, project_dir: Path, environ: Mapping[str, str] | None = None) -> Launch:
-    """The launch of agent `name` on `project_dir`: the agent's own key variables and TERM, no more."""
+    """The launch of agent `name` on `project_dir`: TERM in its environment, its own key variables
+    (those set) as secrets, no more."""
     agent = get_agent(name)
     directory = project_dir.expanduser().resolve()
     if not directory.is_dir():
         raise AgentkernelError(f"--dir {project_dir}: no such directory")
     environ = os.environ if environ is None else environ
-    env = {var: environ[var] for var in passed_keys(agent, environ)}
-    env["TERM"] = environ.get("TERM", "xterm-256color")
-    return Launch(agent, directory, env, [agent.binary])
+    env = {"TERM": environ.get("TERM", "xterm-256color")}
+    return Launch(agent, directory, env, [agent.binary], secrets=passed_keys(agent, environ))

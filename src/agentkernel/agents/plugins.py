@@ -3,12 +3,19 @@
 Each target's config is merged, never replaced: only our own entry (`agentkernel`) is added or brought
 up to date, keys the user added to it are kept, and everything else in the file stays as it was (TOML
 keeps its comments too). A file that does not parse is reported and left alone. Writes are atomic.
+
+A project's configs are committed and shared, so they start the server as `agentkernel` found on
+PATH and hold no path of this machine. The user's own configs (--global) name this installation's
+script by its absolute path: agents started outside a shell (an editor, a desktop launcher) often
+lack the PATH entry of a virtualenv or ~/.local/bin, and these files never leave the machine.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Mapping
@@ -68,21 +75,54 @@ class Change:
     location: Location
     action: Action
     detail: str = ""
+    old: str | None = None
+    """The file's text before, if it exists."""
+    new: str | None = None
+    """Its text after a create or update."""
+
+    def diff(self) -> str:
+        """The change as a unified diff (a new file against /dev/null); empty if nothing changes."""
+        if self.new is None:
+            return ""
+        path = str(self.location.path)
+        lines = difflib.unified_diff(
+            (self.old or "").splitlines(keepends=True),
+            self.new.splitlines(keepends=True),
+            path if self.old is not None else "/dev/null",
+            path,
+        )
+        return "".join(
+            line if line.endswith("\n") else line + "\n\\ No newline at end of file\n" for line in lines
+        )
 
 
-def mcp_command() -> list[str]:
-    """How an agent starts our MCP server: this installation's `agentkernel`, by absolute path."""
+def mcp_command(*, global_: bool) -> list[str]:
+    """How an agent starts our MCP server: for a project, `agentkernel` from PATH; for the user's own
+    config, this installation's script by absolute path (see the module's docstring)."""
+    if not global_:
+        return [SERVER, "mcp-server"]
     script = Path(sys.executable).parent / "agentkernel"
     if script.is_file():
         return [str(script), "mcp-server"]
     return [sys.executable, "-m", "agentkernel", "mcp-server"]
 
 
+def path_warning(*, global_: bool) -> str | None:
+    """Why a project's config would not start the server on this machine, if it would not."""
+    if global_ or shutil.which(SERVER):
+        return None
+    where = Path(sys.executable).parent
+    return (
+        f"`{SERVER}` is not on PATH, and the project's config starts it from there: add {where} to "
+        "PATH (or install agentkernel with pipx or uv tool)"
+    )
+
+
 def locations(
     target: str, *, global_: bool, project_dir: Path, home: Path, environ: Mapping[str, str]
 ) -> list[Location]:
     """The files `plugin install TARGET` writes, in the project or (`global_`) in the user's home."""
-    command = mcp_command()
+    command = mcp_command(global_=global_)
     stdio = {"command": command[0], "args": command[1:]}
     base = home if global_ else project_dir
     if target == "claude":
@@ -124,13 +164,14 @@ def install(location: Location, *, dry_run: bool) -> Change:
             return Change(location, "skipped", "it exists with other content; left as it is")
         new_text = location.value
     else:
-        merged = _merged(location, _read(location.path) if exists else "")
+        old_text = _read(location.path) if exists else None
+        merged = _merged(location, old_text or "")
         if merged is None:
             return Change(location, "unchanged")
         new_text = merged
     if not dry_run:
         _write(location.path, new_text)
-    return Change(location, "update" if exists else "create", f"{location.what}")
+    return Change(location, "update" if exists else "create", location.what, old_text, new_text)
 
 
 def is_installed(location: Location) -> bool:

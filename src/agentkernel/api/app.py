@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import uvicorn
@@ -13,19 +14,31 @@ from fastapi import FastAPI
 from agentkernel import __version__
 from agentkernel.api import attach, files, problems, routes
 from agentkernel.api.auth import API_KEY_ENV, BearerAuth, check_listen_address
+from agentkernel.api.guard import AllowedHosts, WebGuard
 from agentkernel.api.limits import BodyLimit
-from agentkernel.service.operations import Operations
+from agentkernel.service.operations import Operations, reap_periodically
+
+SHUTDOWN_GRACE = 5
+"""Seconds a stopping server lets requests finish; then they are cancelled, removing their sandboxes."""
 
 
-def create_app(*, project_dir: Path, api_key: str | None) -> FastAPI:
-    """The API; with `api_key`, every route but /health needs `Authorization: Bearer <api_key>`."""
+def create_app(*, project_dir: Path, api_key: str | None, hosts: AllowedHosts | None = None) -> FastAPI:
+    """The API; with `api_key`, every route but /health needs `Authorization: Bearer <api_key>`.
+
+    Every request, /health included, first passes the Host and Origin check (`hosts`, by default
+    loopback names and the address the connection arrived on): a web page never reaches the key check.
+    """
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.ops = Operations(project_dir)
+        reaper = asyncio.create_task(reap_periodically())  # what dead clients and servers left
         try:
             yield
         finally:
+            reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reaper
             await app.state.ops.close()
 
     app = FastAPI(
@@ -41,13 +54,16 @@ def create_app(*, project_dir: Path, api_key: str | None) -> FastAPI:
         app.include_router(router)
     app.add_middleware(BodyLimit)
     if api_key:
-        app.add_middleware(BearerAuth, key=api_key)  # added last: it runs first
+        app.add_middleware(BearerAuth, key=api_key)
+    app.add_middleware(WebGuard, hosts=hosts or AllowedHosts())  # added last: it runs first
     return app
 
 
-def serve(host: str, port: int, *, project_dir: Path) -> None:
-    """Serve the API until interrupted. A non-loopback address needs AGENTKERNEL_API_KEY set."""
+def serve(host: str, port: int, *, project_dir: Path, allow_hosts: Sequence[str] = ()) -> None:
+    """Serve the API until interrupted. A non-loopback address needs AGENTKERNEL_API_KEY set;
+    `allow_hosts` are more names (`name[:port]`) the Host and Origin headers may use."""
     key = os.environ.get(API_KEY_ENV) or None
     check_listen_address(host, key)
-    app = create_app(project_dir=project_dir, api_key=key)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    hosts = AllowedHosts.configured(host, allow_hosts)
+    app = create_app(project_dir=project_dir, api_key=key, hosts=hosts)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE)

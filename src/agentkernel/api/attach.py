@@ -1,11 +1,16 @@
 """WebSocket /sandboxes/{name}/attach: an interactive program on a terminal (PTY) in the sandbox.
 
-Query: `rows`, `cols` (the terminal size) and `command` (repeated, one per argument; default: a login
-shell). The client sends binary messages (keystrokes, to the program's terminal) and text messages
-with JSON controls: {"type": "resize", "rows": R, "cols": C}, {"type": "signal", "signal": N} and
-{"type": "eof"}. The server sends the terminal's output as binary messages and, when the program
-exits, the text message {"type": "exit", "exit_code": ..., "signal": ..., "timed_out": ...}, then
-closes. A request that fails before the program starts is answered with an HTTP problem response.
+Query: `rows`, `cols` (the terminal size), `command` (repeated, one per argument; default: a login
+shell) and `tty` (default true; false runs the program on pipes). The client sends binary messages
+(keystrokes, to the program's terminal, or bytes for its stdin) and text messages with JSON controls:
+{"type": "resize", "rows": R, "cols": C}, {"type": "signal", "signal": N} and {"type": "eof"}. The
+server sends the program's output as binary messages and, when the program exits, the text message
+{"type": "exit", "exit_code": ..., "signal": ..., "timed_out": ...}, then closes. A request that fails
+before the program starts is answered with an HTTP problem response.
+
+Messages are handled in order: the data sent before an `eof` reaches the program first. On pipes,
+`eof` closes the program's stdin; a terminal has no such thing, so the guest types the EOF character
+(twice after a partial line, as a user would), and a line in canonical mode holds at most 4095 bytes.
 """
 
 from __future__ import annotations
@@ -32,11 +37,13 @@ async def attach(
     rows: Annotated[int, Query(ge=1, le=1000)] = 24,
     cols: Annotated[int, Query(ge=1, le=1000)] = 80,
     command: Annotated[list[str] | None, Query()] = None,
+    tty: bool = True,
 ) -> None:
     ops: Operations = websocket.app.state.ops
     try:
-        spec = CommandSpec.checked(command or LOGIN_SHELL, env={"TERM": "xterm-256color"})
-        proc = await ops.exec(name, spec, pty=(rows, cols))
+        env = {"TERM": "xterm-256color"} if tty else {}
+        spec = CommandSpec.checked(command or LOGIN_SHELL, env=env)
+        proc = await ops.exec(name, spec, pty=(rows, cols) if tty else None)
     except AgentkernelError as exc:
         await websocket.send_denial_response(response(from_exception(exc)))
         return

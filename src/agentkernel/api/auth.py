@@ -1,4 +1,5 @@
-"""Bearer-token authentication for every route but /health, WebSockets included."""
+"""Bearer-token authentication for every route but /health, WebSockets included (after the Host and
+Origin check of `agentkernel.api.guard`, which runs first)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import hmac
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from agentkernel.api.problems import problem, response
+from agentkernel.api.guard import deny
+from agentkernel.api.problems import problem
 from agentkernel.errors import AgentkernelError
 from agentkernel.network.policy import is_loopback_name
 
@@ -34,11 +36,8 @@ class BearerAuth:
             if given
             else f"this server needs an API key: send Authorization: Bearer <{API_KEY_ENV}>"
         )
-        denied = response(problem(401, "unauthorized", detail), headers={"WWW-Authenticate": "Bearer"})
-        if scope["type"] == "websocket" and "websocket.http.response" not in scope.get("extensions", {}):
-            await send({"type": "websocket.close", "code": 1008})  # the server cannot send a 401
-            return
-        await denied(scope, receive, send)
+        refusal = problem(401, "unauthorized", detail)
+        await deny(scope, receive, send, refusal, headers={"WWW-Authenticate": "Bearer"})
 
 
 def check_listen_address(host: str, key: str | None) -> None:

@@ -9,7 +9,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agentkernel.api.problems import problem, response
 
-MAX_JSON_BODY = 1 << 20
+MAX_JSON_BODY = 4 << 20
+"""Room for a command's arguments and environment up to ARG_MAX (2 MiB) and its stdin (1 MiB)."""
 MAX_UPLOAD = 4 << 30
 UPLOAD = re.compile(r"/sandboxes/[^/]+/files/.*")
 

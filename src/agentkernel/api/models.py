@@ -14,7 +14,7 @@ from agentkernel.service.operations import Collected
 from agentkernel.service.sandboxes import NAME_RE
 
 SandboxName = Annotated[str, Field(pattern=f"^{NAME_RE.pattern}$", examples=["box"])]
-Command = Annotated[list[str], Field(min_length=1, max_length=4096, examples=[["python3", "-c", "print(1)"]])]
+Command = Annotated[list[str], Field(min_length=1, examples=[["python3", "-c", "print(1)"]])]
 Timeout = Annotated[float, Field(gt=0, le=604800, description="Kill the command after this many seconds.")]
 
 
@@ -30,11 +30,23 @@ class ExecRequest(_Request):
     stdin: str | None = Field(None, max_length=1 << 20, description="Text given to the command's stdin.")
 
 
+SecretNames = Annotated[
+    tuple[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")], ...],
+    Field(
+        max_length=32,
+        description="Secrets the server holds (its agentkernel.toml [secrets] or secret store) to give "
+        "the sandbox: it sees placeholders, the server's egress gateway sends the values to each "
+        "secret's hosts only (docs/secrets.md).",
+    ),
+]
+
+
 class RunRequest(ExecRequest):
     image: str | None = Field(None, description="Image (default: agentkernel.toml, else detected).")
     profile: ProfileName | None = None
     vcpus: Annotated[int, Field(ge=1, le=32)] | None = None
     memory_mb: Annotated[int, Field(ge=64, le=65536)] | None = None
+    secrets: SecretNames = ()
 
 
 class CreateRequest(_Request):
@@ -43,12 +55,13 @@ class CreateRequest(_Request):
     profile: ProfileName | None = None
     vcpus: Annotated[int, Field(ge=1, le=32)] | None = None
     memory_mb: Annotated[int, Field(ge=64, le=65536)] | None = None
+    secrets: SecretNames = ()
     start: bool = Field(True, description="Boot it as well.")
 
 
 class Sandbox(BaseModel):
     name: str
-    status: Literal["created", "running", "stopped", "failed"]
+    status: Literal["created", "starting", "running", "stopped", "failed"]
     backend: str
     image: str
     image_digest: str

@@ -20,7 +20,12 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Route
 
 from agentkernel.errors import AgentkernelError
-from agentkernel.protocol.client import AgentConnectionError, ExecError, FileOpError
+from agentkernel.protocol.client import (
+    AgentConnectionError,
+    ArgumentsTooLongError,
+    ExecError,
+    FileOpError,
+)
 from agentkernel.sandbox.state import NoSuchSandboxError, SandboxExistsError
 from agentkernel.service.connections import SandboxNotRunningError
 from agentkernel.service.operations import (
@@ -111,6 +116,8 @@ def from_exception(exc: BaseException) -> Problem:
     if isinstance(exc, FileOpError):
         status, code = FILE_ERRNOS.get(exc.errno or 0, (422, "file_error"))
         return problem(status, code, str(exc), field="path")
+    if isinstance(exc, ArgumentsTooLongError):
+        return problem(422, "arguments_too_long", str(exc), field="command")
     if isinstance(exc, ExecError):
         code = "command_not_found" if exc.errno == errno.ENOENT else "exec_failed"
         return problem(422, code, str(exc), field="command")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated, Any, TypeVar
 
+import anyio
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
 from agentkernel import __version__
@@ -18,6 +20,9 @@ from agentkernel.service.sandboxes import NAME_RE
 
 OUTPUT_LIMIT = 8 << 20
 """Bytes of each stream a non-streaming run returns; the rest is cut (and says so)."""
+CLIENT_GONE = 499
+"""The status logged for a request whose client went away before the answer (nobody receives it)."""
+T = TypeVar("T")
 
 
 def operations(request: Request) -> Operations:
@@ -46,11 +51,41 @@ def _command(body: ExecRequest) -> CommandSpec:
 
 
 def _settings(body: RunRequest | CreateRequest) -> SandboxSettings:
-    return SandboxSettings(image=body.image, vcpus=body.vcpus, memory_mb=body.memory_mb, profile=body.profile)
+    return SandboxSettings(
+        image=body.image,
+        vcpus=body.vcpus,
+        memory_mb=body.memory_mb,
+        profile=body.profile,
+        secrets=body.secrets,
+    )
 
 
 def _stdin(body: ExecRequest) -> bytes:
     return body.stdin.encode() if body.stdin else b""
+
+
+async def _until_disconnected(request: Request) -> None:
+    """Returns once the client has gone. The body has been read, so the next ASGI message is the
+    disconnect (or, from a client that pipelines, more requests' bytes, which are not ours to take)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _cancel_on_disconnect(request: Request, scope: anyio.CancelScope) -> None:
+    await _until_disconnected(request)
+    scope.cancel()
+
+
+async def unless_disconnected(request: Request, work: Callable[[], Awaitable[T]]) -> T | None:
+    """`work()`'s result; None if the client went away first, in which case `work` is cancelled (its
+    cleanup still runs: ops.ephemeral removes its sandbox shielded from the cancellation)."""
+    with anyio.CancelScope() as scope:
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, scope))
+        try:
+            return await work()
+        finally:
+            watcher.cancel()
+    return None
 
 
 @router.get("/health", tags=["server"])
@@ -58,13 +93,19 @@ async def health() -> Health:
     return Health(status="ok", version=__version__)
 
 
-@router.post("/run", tags=["run"], responses={**BODY, **problems(502)})
-async def run(body: RunRequest, ops: Ops) -> RunResult:
-    """Run a command in a new sandbox that is removed afterwards; answers when it has exited."""
+@router.post("/run", tags=["run"], response_model=RunResult, responses={**BODY, **problems(502)})
+async def run(body: RunRequest, ops: Ops, request: Request) -> RunResult | Response:
+    """Run a command in a new sandbox that is removed afterwards; answers when it has exited. A client
+    that disconnects first ends the command, and its sandbox is removed."""
     command = _command(body)
-    async with ops.ephemeral(command.argv, _settings(body)) as conn:
-        proc = await exec_on(conn, command)
-        return RunResult.of(await collect(proc, stdin=_stdin(body), limit=OUTPUT_LIMIT))
+
+    async def work() -> RunResult:
+        async with ops.ephemeral(command.argv, _settings(body)) as conn:
+            proc = await exec_on(conn, command)
+            return RunResult.of(await collect(proc, stdin=_stdin(body), limit=OUTPUT_LIMIT))
+
+    result = await unless_disconnected(request, work)
+    return Response(status_code=CLIENT_GONE) if result is None else result
 
 
 @router.post(

@@ -60,13 +60,15 @@ def verify(entry: Path) -> bool:
 
 def store(kind: str, key: str, build: Callable[[Path], None]) -> Path:
     """Run `build(scratch_dir)`, record the hashes of what it made, and move it into the cache."""
-    parent = paths.cache_dir() / kind
-    parent.mkdir(parents=True, exist_ok=True)
+    parent = paths.private_dir(paths.cache_dir() / kind)
     scratch = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=parent))
     try:
         build(scratch)
         files = {p.name: sha256_file(p) for p in sorted(scratch.iterdir()) if p.is_file()}
-        (scratch / MANIFEST).write_text(json.dumps({"key": key, "files": files}, indent=2))
+        for name in files:  # builds copy modes from their trees (vmlinux 0755): the owner's only
+            path = scratch / name
+            path.chmod(path.stat().st_mode & 0o700)
+        paths.write_private(scratch / MANIFEST, json.dumps({"key": key, "files": files}, indent=2))
         entry = parent / key
         shutil.rmtree(entry, ignore_errors=True)
         scratch.rename(entry)
@@ -87,7 +89,7 @@ def set_current(kind: str, key: str) -> None:
     """Record `key` as the entry of `kind` that sandboxes use (written atomically)."""
     pointer = paths.cache_dir() / kind / "current"
     tmp = pointer.with_suffix(".tmp")
-    tmp.write_text(key)
+    paths.write_private(tmp, key)
     tmp.replace(pointer)
 
 

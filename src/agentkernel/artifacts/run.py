@@ -11,6 +11,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from agentkernel import paths
 from agentkernel.errors import AgentkernelError, MissingToolError
 from agentkernel.terminal import lazy_console
 
@@ -50,7 +51,7 @@ def run(
 ) -> None:
     """Run `cmd` with its output appended to `log`; on failure raise an error that names the log."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as out:
+    with paths.open_private(log, "ab") as out:
         out.write(f"\n$ {' '.join(map(str, cmd))}\n".encode())
         out.flush()
         full_env = {**os.environ, **env} if env else None

@@ -8,7 +8,7 @@ from agentkernel.errors import AgentkernelError
 
 def get_backend(name: str, *, profile: str = "moderate") -> Backend:
     """The backend `name`. `profile` is the sandbox's security profile: the container backend builds
-    its capabilities, seccomp filter and pids limit from it when it creates a container (prepare);
+    its capabilities and seccomp filter from it when it creates a container (prepare);
     VM backends enforce policy through the VMSpec and ignore it."""
     if name == "qemu":
         from agentkernel.backends.qemu import QemuBackend

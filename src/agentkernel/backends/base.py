@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from agentkernel.config import DEFAULT_MAX_PROCS
 from agentkernel.network.policy import EgressRules
+from agentkernel.procs import naming
 from agentkernel.protocol.client import Connection
 
 
@@ -40,7 +45,9 @@ class VMSpec:
     egress: EgressRules | None = None  # None: no network at all, the guest has only lo
     read_only: bool = False  # the root disk is read-only (host-enforced); /tmp is a tmpfs
     mounts: tuple[Mount, ...] = ()
-    max_procs: int | None = None  # processes in the guest's sandbox cgroup
+    max_procs: int = DEFAULT_MAX_PROCS
+    """Processes and threads the sandbox's commands may have at once (the guest's pids.max, a
+    container's --pids-limit); a spec that does not say gets the default profile's, never none."""
 
     @property
     def console_log(self) -> Path:
@@ -63,8 +70,10 @@ class Backend(Protocol):
     def is_alive(self, spec: VMSpec, pid: int) -> bool:
         """Whether `pid` is still this sandbox's VMM (not a dead or reused pid)."""
 
-    def kill(self, spec: VMSpec, pid: int) -> None:
-        """Stop the VMM at once."""
+    def kill(self, spec: VMSpec, pid: int | None) -> None:
+        """Stop the VMM at once, and every helper process of the sandbox (its egress gateway, a
+        watchdog). With pid None (a start that was interrupted before it recorded one) the VMM is
+        found by what names this sandbox in its command line (see `tagged`)."""
 
     def cleanup(self, spec: VMSpec, *, keep_disk: bool) -> None:
         """Remove runtime files; with keep_disk False also the disk and logs."""
@@ -81,6 +90,33 @@ class SnapshotBackend(Backend, Protocol):
 
     async def resume(self, spec: VMSpec, pid: int) -> None:
         """Finish a start from `spec.restore`: load the saved state into the new VM and run it."""
+
+
+KILL_WAIT = 5.0
+"""Seconds `kill_tagged` keeps killing before it gives up on a process that will not die."""
+
+
+def tagged(*tags: str) -> list[int]:
+    """Live processes (this one excepted) with one of `tags` as an argument, or a path under one in
+    an argument.
+
+    A sandbox's processes all name its run directory, which is unique per sandbox: QEMU its
+    `-pidfile`, the forwarders QEMU spawns and the egress gateway their sockets, a lifetime
+    watchdog the directory itself; Firecracker under its jailer has its instance id. So they are
+    found whether or not their pid was ever recorded.
+    """
+    return naming(*tags)
+
+
+def kill_tagged(*tags: str) -> None:
+    """SIGKILL every process `tagged` with `tags`, scanning again until none is left: a VMM that
+    was still daemonizing when first seen forks a child that the next scan finds."""
+    deadline = time.monotonic() + KILL_WAIT
+    while (pids := tagged(*tags)) and time.monotonic() < deadline:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.01)
 
 
 TAIL_BYTES = 4096

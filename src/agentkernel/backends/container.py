@@ -16,6 +16,14 @@ The guest agent, already in every image at /sbin/agentkernel-agent, is the conta
 bind-mounted into the container, where the host connects. `prepare` creates the container, `start`
 starts it detached (conmon or dockerd keeps it, not the caller), `cleanup` without keep_disk removes
 it and its layer.
+
+Root in a container is never root on the host: every container runs in a user namespace. Podman run
+by root maps the container's ids 0-65535 to a range of unprivileged host ids that /etc/subuid and
+/etc/subgid reserve for root (scripts/install-system-deps.sh adds one); the image's tree is extracted
+with its owners moved into that range, and the sandbox's rundir is given to the container's root.
+Podman run by another user is rootless: the container's root is that user. Docker is used only when
+its daemon maps ids itself (userns-remap, or rootless mode). An engine that would run containers as
+host root is not used at all.
 """
 
 from __future__ import annotations
@@ -29,16 +37,18 @@ import os
 import resource
 import shutil
 import signal
+import stat
 import subprocess
 import tarfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from agentkernel import paths
 from agentkernel.backends import rootfs, seccomp
-from agentkernel.backends.base import VMSpec, file_tail, tail_line
+from agentkernel.backends.base import VMSpec, file_tail, kill_tagged, tail_line
 from agentkernel.config import MAX_PROCS
 from agentkernel.errors import AgentkernelError
 from agentkernel.protocol.client import AgentConnectionError, Connection
@@ -49,7 +59,9 @@ SOCKET = "agent.sock"
 MAX_UNIX_PATH = 107
 AGENT_PORTS = 16  # host clients at once (the agent takes up to 64 Unix connections)
 NAME_PREFIX = "agentkernel-"
-PROBE_VERSION = "1"  # bump when the flags change, to probe the engine again
+PROBE_VERSION = "2"  # bump when the flags change, to probe the engine again
+USERNS_SIZE = 65536  # container ids 0-65535 are mapped to host ids
+SUBUID, SUBGID = Path("/etc/subuid"), Path("/etc/subgid")
 
 # Capabilities kept (everything else is dropped). Every profile keeps what the agent needs for the
 # protocol; moderate and permissive also keep what root needs to manage files of other users.
@@ -78,6 +90,9 @@ class Engine:
     options: tuple[str, ...]  # global options: podman's runtime, cgroup manager, events backend
     nofile: int  # RLIMIT_NOFILE for the container: the most the host lets us give
     note: str = ""  # why better configurations were passed over
+    userns: tuple[int, int] | None = None
+    """Host uid and gid the container's root is (ids 0-65535 mapped from there): podman as root.
+    None: the engine's own mapping (rootless podman, docker with userns-remap or rootless)."""
 
     def command(self, *args: str) -> list[str]:
         return [self.path, *self.options, *args]
@@ -90,6 +105,8 @@ class Engine:
     def describe(self) -> str:
         opts = " ".join(self.options)
         text = f"{self.kind} {self.version}" + (f" ({opts})" if opts else "")
+        if self.userns:
+            text += f"; container root is host uid {self.userns[0]}, gid {self.userns[1]}"
         return f"{text}; passed over: {self.note}" if self.note else text
 
 
@@ -97,9 +114,7 @@ class Engine:
 
 
 def engine_dir() -> Path:
-    path = paths.data_dir() / "containers"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return paths.private_dir(paths.data_dir() / "containers")
 
 
 def find_engine() -> Engine:
@@ -113,7 +128,9 @@ def find_engine() -> Engine:
     with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
         saved = json.loads(cache.read_text())
         if saved["key"] == key:
-            engine = Engine(**{**saved["engine"], "options": tuple(saved["engine"]["options"])})
+            fields = saved["engine"]
+            userns = tuple(fields["userns"]) if fields.get("userns") else None
+            engine = Engine(**{**fields, "options": tuple(fields["options"]), "userns": userns})
             if shutil.which(engine.path):
                 return engine
     reasons: list[str] = []
@@ -121,7 +138,7 @@ def find_engine() -> Engine:
         problem = probe(candidate)
         if problem is None:
             engine = dataclasses.replace(candidate, note="; ".join(reasons))
-            cache.write_text(json.dumps({"key": key, "engine": asdict(engine)}))
+            paths.write_private(cache, json.dumps({"key": key, "engine": asdict(engine)}))
             return engine
         reasons.append(f"{candidate.describe()}: {problem}")
     raise EngineUnavailable("; ".join(reasons) or "neither podman nor docker is installed")
@@ -138,6 +155,9 @@ def _host_key() -> str:
                 parts.append(f"{found}:{st.st_size}:{st.st_mtime_ns}")
     with contextlib.suppress(OSError):
         parts.append(Path("/proc/self/mountinfo").read_text().count("cgroup2").__str__())
+    for ids in (SUBUID, SUBGID):
+        with contextlib.suppress(OSError):
+            parts.append(ids.read_text())
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
 
 
@@ -151,26 +171,73 @@ def _candidates(reasons: list[str]) -> list[Engine]:
     mode (where crun refuses to run), runc with the cgroupfs manager and file events (no systemd)."""
     found: list[Engine] = []
     podman = shutil.which("podman")
-    if podman:
+    userns = root_userns() if os.geteuid() == 0 else None
+    if podman and os.geteuid() == 0 and userns is None:
+        reasons.append(
+            f"podman runs as root here, and {SUBUID} and {SUBGID} give root no range of {USERNS_SIZE} "
+            "ids to map its containers' root to (scripts/install-system-deps.sh adds one)"
+        )
+    elif podman:
         version = _version(podman, reasons)
         if version:
             fallback = ("--cgroup-manager=cgroupfs", "--events-backend=file")
-            found.append(Engine("podman", podman, version, (), _nofile()))
+            found.append(Engine("podman", podman, version, (), _nofile(), userns=userns))
             for runtime in ("crun", "runc"):
                 if path := shutil.which(runtime):
-                    found.append(Engine("podman", podman, version, ("--runtime", path, *fallback), _nofile()))
+                    options = ("--runtime", path, *fallback)
+                    found.append(Engine("podman", podman, version, options, _nofile(), userns=userns))
     docker = shutil.which("docker")
     if docker:
         info = subprocess.run(
             [docker, "version", "--format", "{{.Server.Version}}"], capture_output=True, text=True, timeout=30
         )
         if info.returncode == 0 and info.stdout.strip():
-            found.append(Engine("docker", docker, info.stdout.strip(), (), _nofile()))
+            if _docker_maps_ids(docker):
+                found.append(Engine("docker", docker, info.stdout.strip(), (), _nofile()))
+            else:
+                reasons.append(
+                    "docker: its containers' root would be the host's root "
+                    "(enable userns-remap in its daemon, or run it rootless)"
+                )
         else:
             reasons.append(
                 f"docker: no engine answers ({_first_line(info.stderr) or 'docker version failed'})"
             )
     return found
+
+
+def root_userns() -> tuple[int, int] | None:
+    """Where root's containers' ids start on the host: the first range of at least USERNS_SIZE ids
+    that /etc/subuid and /etc/subgid give root (by name or as 0), or None if either has none."""
+    uid, gid = _subordinate_start(SUBUID), _subordinate_start(SUBGID)
+    return (uid, gid) if uid is not None and gid is not None else None
+
+
+def _subordinate_start(path: Path) -> int | None:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        owner, _, rest = line.strip().partition(":")
+        start, _, count = rest.partition(":")
+        valid = start.isdigit() and count.isdigit()
+        if owner in ("root", "0") and valid and int(start) > 0 and int(count) >= USERNS_SIZE:
+            return int(start)
+    return None
+
+
+def _docker_maps_ids(docker: str) -> bool:
+    """Whether the docker daemon's containers' root is not the host's: it maps ids (userns-remap,
+    rootless), or it is Docker Desktop (whose containers run in a VM of its own)."""
+    proc = subprocess.run(
+        [docker, "info", "--format", "{{json .SecurityOptions}} {{.OperatingSystem}}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    marks = ("name=userns", "name=rootless", "Docker Desktop")
+    return proc.returncode == 0 and any(mark in proc.stdout for mark in marks)
 
 
 def _version(program: str, reasons: list[str]) -> str | None:
@@ -198,9 +265,14 @@ def probe(engine: Engine) -> str | None:
         for sub in ("proc", "sys", "dev", "tmp", "run", "etc"):
             (tree / sub).mkdir(exist_ok=True)
         shutil.copy2(busybox, tree / "bin" / "busybox")
+    if engine.userns:
+        for path in (tree, *tree.rglob("*")):
+            os.lchown(path, *engine.userns)
     try:
         root = _root_args(engine, tree, "probe")
-        flags = hardening_flags(engine, "restrictive", vcpus=1, memory_mb=64, read_only=True)
+        flags = hardening_flags(
+            engine, "restrictive", vcpus=1, memory_mb=64, max_procs=MAX_PROCS["restrictive"], read_only=True
+        )
         proc = engine.run("run", "--rm", *flags, *root, "/bin/busybox", "true", timeout=120)
     except (AgentkernelError, OSError, subprocess.SubprocessError) as exc:
         return str(exc)[:300]
@@ -211,29 +283,31 @@ def probe(engine: Engine) -> str | None:
 
 
 def hardening_flags(
-    engine: Engine, profile: str, *, vcpus: int, memory_mb: int, read_only: bool
+    engine: Engine, profile: str, *, vcpus: int, memory_mb: int, max_procs: int, read_only: bool
 ) -> list[str]:
     """The flags every container gets: capabilities, seccomp, limits, no network, tmpfs."""
     if profile not in CAPS:
         raise AgentkernelError(f"unknown security profile {profile!r}")
-    pids = MAX_PROCS[profile]
     flags = [
         "--cap-drop=ALL",
         *(f"--cap-add={cap}" for cap in CAPS[profile]),
         "--security-opt", "no-new-privileges",
         "--security-opt", f"seccomp={seccomp.asset_path(profile)}",
-        "--pids-limit", str(pids),
+        "--pids-limit", str(max_procs),
         "--memory", f"{memory_mb}m",
         "--memory-swap", f"{memory_mb}m",  # the same: no swap on top
         "--cpus", str(vcpus),
         # The engine's default rlimits exceed what an unprivileged host allows: ask for what we have.
         "--ulimit", f"nofile={engine.nofile}:{engine.nofile}",
-        "--ulimit", f"nproc={pids}:{pids}",
+        "--ulimit", f"nproc={max_procs}:{max_procs}",
         "--network", "none",
         "--tmpfs", "/tmp:rw,nosuid,nodev,mode=1777",
         "--tmpfs", "/run:rw,nosuid,nodev,mode=755",
         "--user", "0:0",
     ]  # fmt: skip
+    if engine.userns:
+        uid, gid = engine.userns
+        flags += ["--uidmap", f"0:{uid}:{USERNS_SIZE}", "--gidmap", f"0:{gid}:{USERNS_SIZE}"]
     if read_only:
         flags.append("--read-only")
     return flags
@@ -277,7 +351,12 @@ def _id_file(spec: VMSpec) -> Path:
 
 def create_command(engine: Engine, spec: VMSpec, profile: str, root: list[str]) -> list[str]:
     flags = hardening_flags(
-        engine, profile, vcpus=spec.vcpus, memory_mb=spec.memory_mb, read_only=spec.read_only
+        engine,
+        profile,
+        vcpus=spec.vcpus,
+        memory_mb=spec.memory_mb,
+        max_procs=spec.max_procs,
+        read_only=spec.read_only,
     )
     cmd = [
         "create",
@@ -303,7 +382,8 @@ class ContainerBackend:
     agent_ports = AGENT_PORTS
 
     def __init__(self, engine: Engine | None = None, *, profile: str = "moderate") -> None:
-        """`profile` picks the capabilities, seccomp profile and pids limit of containers made by prepare."""
+        """`profile` picks the capabilities and seccomp profile of containers made by prepare (their
+        pids limit is the spec's max_procs)."""
         if profile not in CAPS:
             raise AgentkernelError(f"unknown security profile {profile!r}")
         self._engine = engine
@@ -324,9 +404,9 @@ class ContainerBackend:
             )
         if len(str(agent_socket(spec))) > MAX_UNIX_PATH:
             raise AgentkernelError(f"run directory path too long for Unix sockets: {spec.rundir}")
-        spec.workdir.mkdir(parents=True, exist_ok=True)
-        spec.rundir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tree = rootfs.ensure_tree(spec.image)
+        paths.private_dir(spec.workdir)
+        self._private_rundir(spec)
+        tree = rootfs.ensure_tree(spec.image, shift=self.engine.userns or (0, 0))
         root = _root_args(self.engine, tree, rootfs.image_digest(spec.image))
         self._remove_container(spec)  # one left by a crash, under this sandbox's name
         proc = subprocess.run(
@@ -338,10 +418,16 @@ class ContainerBackend:
         )
         if proc.returncode != 0:
             raise AgentkernelError(f"{self.engine.kind} create failed: {_first_line(proc.stderr)}")
-        _id_file(spec).write_text(proc.stdout.strip().splitlines()[-1] + "\n")
+        paths.write_private(_id_file(spec), proc.stdout.strip().splitlines()[-1] + "\n")
+
+    def _private_rundir(self, spec: VMSpec) -> None:
+        """The rundir, where the agent makes its socket: the container's root's, and no one else's."""
+        paths.private_dir(spec.rundir)
+        if self.engine.userns:
+            os.chown(spec.rundir, *self.engine.userns)
 
     def start(self, spec: VMSpec) -> int:
-        spec.rundir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._private_rundir(spec)
         agent_socket(spec).unlink(missing_ok=True)
         name = container_name(spec)
         proc = self.engine.run("start", name)
@@ -361,15 +447,16 @@ class ContainerBackend:
         while True:
             if not self.is_alive(spec, pid):
                 raise AgentkernelError(f"the container is not running: {self.console_tail(spec)}")
-            if sock.exists():
-                try:
-                    conn = await Connection.open_unix(sock, timeout=max(0.1, deadline - time.monotonic()))
-                    # The hostname is the runtime's and the clock the host's: HELLO sets neither.
-                    await conn.hello(set_clock=False, timeout=max(0.1, deadline - time.monotonic()))
-                    return conn
-                except AgentConnectionError:
-                    if time.monotonic() > deadline or not self.is_alive(spec, pid):
-                        raise
+            with _socket_path(sock) as path:
+                if path is not None:
+                    try:
+                        conn = await Connection.open_unix(path, timeout=max(0.1, deadline - time.monotonic()))
+                        # The hostname is the runtime's and the clock the host's: HELLO sets neither.
+                        await conn.hello(set_clock=False, timeout=max(0.1, deadline - time.monotonic()))
+                        return conn
+                    except AgentConnectionError:
+                        if time.monotonic() > deadline or not self.is_alive(spec, pid):
+                            raise
             if time.monotonic() > deadline:
                 raise AgentkernelError(
                     f"the agent did not answer within {timeout:g}s: {self.console_tail(spec)}"
@@ -404,16 +491,21 @@ class ContainerBackend:
             return None
         return state if isinstance(state, dict) else None
 
-    def kill(self, spec: VMSpec, pid: int) -> None:
-        if not self.is_alive(spec, pid):
-            return
-        self.engine.run("kill", "--signal", "KILL", container_name(spec))
-        if self.is_alive(spec, pid):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while self.is_alive(spec, pid) and time.monotonic() < deadline:
-            time.sleep(0.01)
+    def kill(self, spec: VMSpec, pid: int | None) -> None:
+        """The container (by name when no pid was recorded: a start that was interrupted), then any
+        process left that names the sandbox's run directory (an engine client that was starting
+        it, a lifetime watchdog)."""
+        if pid is None:
+            self.engine.run("kill", "--signal", "KILL", container_name(spec))
+        elif self.is_alive(spec, pid):
+            self.engine.run("kill", "--signal", "KILL", container_name(spec))
+            if self.is_alive(spec, pid):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 5
+            while self.is_alive(spec, pid) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        kill_tagged(str(spec.rundir))
 
     def cleanup(self, spec: VMSpec, *, keep_disk: bool) -> None:
         """Runtime files go; without keep_disk also the container (its writable layer) and logs."""
@@ -438,6 +530,30 @@ class ContainerBackend:
             for t in text.splitlines()
         ]
         return tail_line("\n".join(messages), lines) or "no output from the container"
+
+
+@contextlib.contextmanager
+def _socket_path(sock: Path) -> Iterator[Path | None]:
+    """A path to connect to the agent's socket through (None while there is none yet).
+
+    The rundir is writable by the container's root, which could put a symlink to any socket of the
+    host there, or swap one in between a check and a connect: on Linux only the socket file itself,
+    opened without following links, is connected to, through /proc/self/fd. (Elsewhere, Docker
+    Desktop's containers run in its own VM.)"""
+    if not hasattr(os, "O_PATH"):
+        yield sock if sock.exists() else None
+        return
+    try:
+        fd = os.open(sock, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield None
+        return
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise AgentkernelError(f"{sock} is not a socket: the container put something else there")
+        yield Path(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
 
 
 def status() -> tuple[bool, str]:

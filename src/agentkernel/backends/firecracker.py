@@ -25,16 +25,18 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agentkernel import hostinfo, paths
+from agentkernel import hostinfo, paths, procs
 from agentkernel.artifacts.run import require
-from agentkernel.backends.base import VMSpec, file_tail, tail_line
+from agentkernel.backends.base import VMSpec, file_tail, kill_tagged, tagged, tail_line
 from agentkernel.backends.firecracker_api import FirecrackerAPI
+from agentkernel.backends.firecracker_version import check_version
 from agentkernel.backends.qemu import AGENT_PATH, MAX_UNIX_PATH
 from agentkernel.errors import AgentkernelError
 from agentkernel.hostinfo import Accel
@@ -50,9 +52,13 @@ NETNS_DIR = Path("/run/netns")
 JAILER_ENV = "AGENTKERNEL_JAILER"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CGROUP_PARENT = "agentkernel"
+CONSOLE_WRITER = str(Path(__file__).with_name("firecracker_console.py"))
+CONSOLE_CAP = 1 << 20  # bytes of console log kept at most (firecracker_console.py)
+DRAIN_TIMEOUT = 2.0  # for the console writer to write what a dead Firecracker printed last
 VMM_OVERHEAD_MB = 64  # memory.max headroom over the guest's RAM for Firecracker itself
 START_TIMEOUT = 10.0
 SNAPSHOT_TIMEOUT = 300.0  # writing or mapping the guest's whole memory
+RECOVERY_TIMEOUT = 5.0  # for the agent of a source resumed after a failed snapshot to answer
 SNAPSHOT_STATE = "vmstate"  # the files of a snapshot directory: Firecracker's microVM state,
 SNAPSHOT_MEMORY = "memory"  # the guest memory (a Full snapshot),
 SNAPSHOT_DISK = "rootfs.ext4"  # and a raw copy of the root disk
@@ -316,7 +322,7 @@ def setup_network(spec: VMSpec, *, owner: tuple[int, int] | None = None) -> None
     teardown_network(spec)  # whatever a killed earlier run left
     for cmd in network_commands(spec, owner=owner):
         _run_network_command(cmd)
-    with (spec.rundir / "forwarder.log").open("ab") as log:
+    with paths.open_private(spec.rundir / "forwarder.log", "ab") as log:
         forwarder = subprocess.Popen(
             forwarder_command(spec),
             stdin=subprocess.DEVNULL,
@@ -324,7 +330,7 @@ def setup_network(spec: VMSpec, *, owner: tuple[int, int] | None = None) -> None
             stderr=log,
             start_new_session=True,
         )
-    forwarder_pidfile(spec).write_text(str(forwarder.pid))
+    paths.write_private(forwarder_pidfile(spec), str(forwarder.pid))
 
 
 def _run_network_command(cmd: list[str]) -> None:
@@ -411,9 +417,8 @@ class Jailer:
         jail = self.jail_dir(spec, exec_name)
         shutil.rmtree(jail, ignore_errors=True)
         root = jail / "root"
-        sockets = root / str(spec.rundir).lstrip("/")
-        sockets.mkdir(parents=True, mode=0o700)
-        os.chown(sockets, self.uid, self.gid)
+        root.mkdir(parents=True)  # the jailer gives it to the jail's uid
+        self._socket_dir(root, spec.rundir)
         writable = [log_file(spec), metrics_file(spec)] + ([] if spec.read_only else [disk(spec)])
         links = [
             (spec.kernel, JAIL_LAYOUT.kernel),
@@ -428,9 +433,27 @@ class Jailer:
             _link(source, root / name.lstrip("/"), writable=source in writable)
             if source in writable:
                 os.chown(source, self.uid, self.gid)
-            elif not source.stat().st_mode & stat.S_IROTH:
-                os.chown(source, -1, self.gid)  # a snapshot's file (0440): the jail reads it as its group
+            elif not (mode := source.stat().st_mode) & stat.S_IROTH:
+                # The store's files are their owner's only (kernel 0700, image 0400, a snapshot's
+                # 0440): the jail reads them as its group.
+                os.chown(source, -1, self.gid)
+                os.chmod(source, stat.S_IMODE(mode) | stat.S_IRGRP)
         return root
+
+    def _socket_dir(self, root: Path, rundir: Path) -> None:
+        """The run directory's path inside the chroot, where the jailed Firecracker binds its sockets.
+        Made one component at a time with explicit modes, whatever the umask: the jail's uid must
+        traverse every folder on the way (root's, 0711: no listing, no writing) and own the last
+        (0700)."""
+        parts = rundir.absolute().parts[1:]
+        folder = root
+        for i, part in enumerate(parts):
+            folder = folder / part
+            last = i == len(parts) - 1
+            folder.mkdir()
+            os.chmod(folder, 0o700 if last else 0o711)
+            if last:
+                os.chown(folder, self.uid, self.gid)
 
 
 def _link(source: Path, dest: Path, *, writable: bool) -> None:
@@ -458,10 +481,16 @@ def _copy(source: Path, dest: Path) -> None:
 # -- the backend ---------------------------------------------------------------------------------------
 
 
+class PausedWithoutSnapshotError(AgentkernelError):
+    """A snapshot failed after the microVM was paused and before Firecracker wrote it."""
+
+
 def require_host(accel: Accel) -> str:
-    """The firecracker binary, or one line saying what this host lacks."""
+    """The firecracker binary, or one line saying what this host lacks (a release older than
+    MIN_VERSION included)."""
     binary = shutil.which("firecracker")
     if binary and accel.name == "kvm":
+        check_version(binary)
         return binary
     missing = ([] if binary else ["no firecracker binary on PATH"]) + ([accel.note] if accel.note else [])
     raise AgentkernelError(f"{NEEDS}: {'; '.join(missing)}")
@@ -494,7 +523,7 @@ class FirecrackerBackend:
         """The sandbox's own raw copy of the image (a read-only root uses the image itself)."""
         require_host(self.accel)
         check_spec(spec)
-        spec.workdir.mkdir(parents=True, exist_ok=True)
+        paths.private_dir(spec.workdir)
         if not spec.read_only:
             _copy(spec.image, disk(spec))
             disk(spec).chmod(0o600)  # images are read-only files; this copy is the guest's to write
@@ -507,7 +536,7 @@ class FirecrackerBackend:
         jailer = require("jailer", "jailer (from Firecracker's release)") if self.jailer else None
         if len(str(vsock_socket(spec))) > MAX_UNIX_PATH:
             raise AgentkernelError(f"run directory path too long for Unix sockets: {spec.rundir}")
-        spec.rundir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        paths.private_dir(spec.rundir)
         stale = (api_socket(spec), vsock_socket(spec), jail_link(spec), disk_link(spec), spec.console_log)
         for path in stale:
             path.unlink(missing_ok=True)
@@ -522,16 +551,17 @@ class FirecrackerBackend:
                 setup_network(spec, owner=owner)
                 netns = NETNS_DIR / netns_name(spec)
             if self.jailer and jailer:
-                pid, layout = self._launch_jailed(spec, self.jailer, jailer, firecracker, netns)
+                pid, layout, writer = self._launch_jailed(spec, self.jailer, jailer, firecracker, netns)
             else:
                 disk_link(spec).symlink_to(disk(spec).absolute())
                 argv = [firecracker, "--id", instance_id(spec), "--api-sock", str(api_socket(spec))]
                 if netns is not None:
                     argv = ["ip", "netns", "exec", netns.name, *argv]
-                pid, layout = self._launch(spec, argv, cwd=spec.rundir).pid, host_layout(spec)
+                proc, writer = self._launch(spec, argv, cwd=spec.rundir)
+                pid, layout = proc.pid, host_layout(spec)
             if spec.egress is not None:
                 gateway.wait_ready(spec.rundir)
-            self._configure(spec, pid, layout)
+            self._configure(spec, pid, layout, writer)
             return pid
         except BaseException:
             if pid is not None:
@@ -540,24 +570,50 @@ class FirecrackerBackend:
             gateway.stop(spec.rundir)
             raise
 
-    def _launch(self, spec: VMSpec, argv: list[str], *, cwd: Path | None = None) -> subprocess.Popen[bytes]:
-        """Start `argv` in its own session; the guest's serial console (Firecracker's stdout) and
-        whatever Firecracker prints before its logger is set go to the console log."""
-        with spec.console_log.open("ab") as out:
-            return subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=cwd, start_new_session=True
+    def _launch(
+        self, spec: VMSpec, argv: list[str], *, cwd: Path | None = None
+    ) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]:
+        """Start `argv` in its own session, and the console writer in another (both outlive the
+        caller). The guest's serial console (Firecracker's stdout) and whatever Firecracker prints
+        before its logger is set go through a pipe to the writer, which keeps the console log under
+        CONSOLE_CAP (firecracker_console.py). Returns (the process, the writer)."""
+        read_end, write_end = os.pipe()
+        try:
+            writer = subprocess.Popen(
+                [sys.executable, "-I", "-S", CONSOLE_WRITER, str(spec.console_log), str(CONSOLE_CAP)],
+                stdin=read_end,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
             )
+        finally:
+            os.close(read_end)
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=write_end,
+                stderr=write_end,
+                cwd=cwd,
+                start_new_session=True,
+            )
+        finally:
+            os.close(write_end)  # the writer ends once every process holding the pipe has
+        return proc, writer
 
     def _launch_jailed(
         self, spec: VMSpec, jail: Jailer, jailer: str, firecracker: str, netns: Path | None
-    ) -> tuple[int, Layout]:
-        """Build the chroot, run the jailer; with --new-pid-ns it exits once it has written the pid."""
+    ) -> tuple[int, Layout, subprocess.Popen[bytes]]:
+        """Build the chroot, run the jailer; with --new-pid-ns it exits once it has written the pid.
+        Returns Firecracker's pid, its layout and the console writer."""
         exec_name = Path(firecracker).resolve().name
         root = jail.build(spec, exec_name)
         jail_link(spec).symlink_to(root.parent)
         for sock in (api_socket(spec), vsock_socket(spec)):
             sock.symlink_to(root / str(sock).lstrip("/"))
-        proc = self._launch(spec, jail.argv(spec, jailer=jailer, firecracker=firecracker, netns=netns))
+        proc, writer = self._launch(
+            spec, jail.argv(spec, jailer=jailer, firecracker=firecracker, netns=netns)
+        )
         try:
             code = proc.wait(START_TIMEOUT)
         except subprocess.TimeoutExpired:
@@ -566,16 +622,18 @@ class FirecrackerBackend:
         try:
             pid = int((root / f"{exec_name}.pid").read_text())
         except (OSError, ValueError):
+            _drained(writer)
             raise AgentkernelError(
                 f"the jailer failed (exit status {code}): {_tail(spec.console_log)}"
             ) from None
-        return pid, JAIL_LAYOUT
+        return pid, JAIL_LAYOUT, writer
 
-    def _configure(self, spec: VMSpec, pid: int, layout: Layout) -> None:
+    def _configure(self, spec: VMSpec, pid: int, layout: Layout, writer: subprocess.Popen[bytes]) -> None:
         with FirecrackerAPI(api_socket(spec)) as api:
             deadline = time.monotonic() + START_TIMEOUT
             while not api.ready():
                 if not self.is_alive(spec, pid):
+                    _drained(writer)
                     raise AgentkernelError(f"firecracker exited at start: {failure_detail(spec)}")
                 if time.monotonic() > deadline:
                     raise AgentkernelError(
@@ -600,13 +658,19 @@ class FirecrackerBackend:
 
     async def snapshot(self, spec: VMSpec, pid: int, dest: Path) -> None:
         """Pause, have Firecracker write its state and memory files, copy the disk while the guest
-        cannot write it, and resume, whatever failed (see _snapshot)."""
-        await asyncio.to_thread(self._snapshot, spec, pid, dest)
+        cannot write it, and resume, whatever failed (see _snapshot). A snapshot that failed after
+        the pause may leave the source without a working vsock: see _recover."""
+        try:
+            await asyncio.to_thread(self._snapshot, spec, pid, dest)
+        except PausedWithoutSnapshotError as exc:
+            await self._recover(spec, pid, exc)
 
     def _snapshot(self, spec: VMSpec, pid: int, dest: Path) -> None:
         """A jailed Firecracker writes into its jail's root; the files are moved out and given back to
         us, so that no jail can write what forks map. Taking a snapshot resets the source's vsock
-        device: its open agent connections close (Firecracker's snapshot doc); new ones work."""
+        device: the guest drops its agent connections (whose commands the agent then kills) while
+        their host ends stay open, carrying nothing, until the heartbeat gives them up (see
+        protocol.client.HEARTBEAT_TIMEOUT); new connections work."""
         jail = jail_root(spec)
         saved = (dest / SNAPSHOT_STATE, dest / SNAPSHOT_MEMORY)
         if jail is None:
@@ -615,10 +679,12 @@ class FirecrackerBackend:
         else:
             given = jail_files("snapshot")
             written = [jail / name.lstrip("/") for name in given]
+        taken = False
         with FirecrackerAPI(api_socket(spec), timeout=SNAPSHOT_TIMEOUT) as api, self._explained(spec, pid):
             api.patch("/vm", vm_state_body("Paused"))
             try:
                 api.put("/snapshot/create", snapshot_create_body(*given))
+                taken = True
                 if written:  # out of the jail
                     for source, target in zip(written, saved, strict=True):
                         shutil.move(source, target)
@@ -626,11 +692,40 @@ class FirecrackerBackend:
                 _copy(disk(spec), dest / SNAPSHOT_DISK)
                 for path in (*saved, dest / SNAPSHOT_DISK):
                     path.chmod(0o440)  # read by forks, written by none
+            except AgentkernelError as exc:
+                if taken or not self.is_alive(spec, pid):
+                    raise
+                raise PausedWithoutSnapshotError(str(exc)) from None
             finally:
                 for path in written:
                     path.unlink(missing_ok=True)
                 if self.is_alive(spec, pid):
                     api.patch("/vm", vm_state_body("Resumed"))
+
+    async def _recover(self, spec: VMSpec, pid: int, failure: PausedWithoutSnapshotError) -> None:
+        """After a pause without a snapshot, Firecracker 1.16 resumes a vsock device that refuses
+        host traffic until the guest acknowledges a reset that only a snapshot sends: the source
+        would run on unreachable. If its agent does not answer within RECOVERY_TIMEOUT, it is
+        stopped (its disk is kept: it can be started again), and the error says so."""
+        try:
+            conn = await self.connect(spec, pid, timeout=RECOVERY_TIMEOUT)
+        except AgentkernelError as exc:
+            self.kill(spec, pid)
+            raise AgentkernelError(
+                f"{failure}; the sandbox was stopped, since its agent no longer answered after the "
+                f"failed snapshot ({exc}); start it again, its disk is kept"
+            ) from None
+        await conn.close()
+        raise AgentkernelError(str(failure))
+
+    def running_version(self, spec: VMSpec, pid: int) -> str:
+        """The release of the sandbox's Firecracker process (GET /version), which may be older than
+        the binary on PATH: what a snapshot of it is tied to."""
+        with FirecrackerAPI(api_socket(spec)) as api, self._explained(spec, pid):
+            answer = api.request("GET", "/version")
+        if not isinstance(answer, dict) or not isinstance(answer.get("firecracker_version"), str):
+            raise AgentkernelError(f"firecracker API GET /version: unexpected answer {str(answer)[:200]}")
+        return str(answer["firecracker_version"]).removeprefix("v")
 
     async def resume(self, spec: VMSpec, pid: int) -> None:
         """Load `spec.restore` into the Firecracker start() left waiting, and run it."""
@@ -678,36 +773,26 @@ class FirecrackerBackend:
         return conn
 
     def is_alive(self, spec: VMSpec, pid: int) -> bool:
-        """`pid` runs (not a zombie) and its command line names this sandbox's API socket."""
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            return False
-        state = stat.rsplit(")", 1)[-1].split()[0]
-        return state not in ("Z", "X") and str(api_socket(spec)).encode() in cmdline.split(b"\0")
+        """`pid` runs (not a zombie) and its command line names this sandbox's API socket. Once it
+        has ended, its console writer is given a moment to drain, so whoever reads the console log
+        next (the exit reason, `logs`) finds the guest's last words there."""
+        if procs.running(pid) and os.fsencode(api_socket(spec)) in procs.argv(pid):
+            return True
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        while tagged(str(spec.console_log)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return False
 
-    def stop(self, spec: VMSpec, pid: int, *, timeout: float = 10.0) -> bool:
-        """Ctrl+Alt+Del, then SIGKILL after `timeout`; whether the VM ended by itself. Our kernel has no
-        i8042 keyboard driver, so the guest never sees the keys: the agent's SHUTDOWN is the graceful
-        way (docs/firecracker.md)."""
-        if self.is_alive(spec, pid):
-            with contextlib.suppress(AgentkernelError), FirecrackerAPI(api_socket(spec), timeout=2) as api:
-                api.put("/actions", action_body("SendCtrlAltDel"))
-            deadline = time.monotonic() + timeout
-            while self.is_alive(spec, pid) and time.monotonic() < deadline:
-                time.sleep(0.02)
-        ended = not self.is_alive(spec, pid)
-        self.kill(spec, pid)
-        return ended
-
-    def kill(self, spec: VMSpec, pid: int) -> None:
-        if self.is_alive(spec, pid):
+    def kill(self, spec: VMSpec, pid: int | None) -> None:
+        """The VMM, found by its pid or, when none was recorded, by its API socket or (under the
+        jailer) its instance id; then the gateway and any other helper of the sandbox."""
+        if pid is not None and self.is_alive(spec, pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             deadline = time.monotonic() + 5
             while self.is_alive(spec, pid) and time.monotonic() < deadline:
                 time.sleep(0.01)
+        kill_tagged(str(spec.rundir), instance_id(spec))
         teardown_network(spec)
         gateway.stop(spec.rundir)
 
@@ -722,6 +807,13 @@ class FirecrackerBackend:
         shutil.rmtree(spec.rundir, ignore_errors=True)
         if not keep_disk:
             shutil.rmtree(spec.workdir, ignore_errors=True)
+
+
+def _drained(writer: subprocess.Popen[bytes]) -> None:
+    """Wait for the console writer to end, as it does once the processes writing its pipe have:
+    the console log then holds their last words."""
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        writer.wait(DRAIN_TIMEOUT)
 
 
 def failure_detail(spec: VMSpec) -> str:

@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
 
-from agentkernel import hostinfo
+from agentkernel import hostinfo, paths, procs
 from agentkernel.artifacts.run import require
-from agentkernel.backends.base import VMSpec, file_tail, tail_line
+from agentkernel.backends.base import VMSpec, file_tail, kill_tagged, tail_line
 from agentkernel.backends.qmp import Qmp
 from agentkernel.errors import AgentkernelError
 from agentkernel.hostinfo import Accel
@@ -32,9 +32,20 @@ from agentkernel.protocol.client import AgentConnectionError, Connection
 AGENT_PATH = "/sbin/agentkernel-agent"
 MAX_UNIX_PATH = 107
 AGENT_PORTS = 4
-# A host I/O error (a full disk under the overlay) reaches the guest as an I/O error, so the command
-# writing fails; QEMU's default (werror=enospc) would pause the VM, and every command in it would hang.
+# A host I/O error reaches the guest as an I/O error; QEMU's default (werror=enospc) would pause the
+# VM on a full host disk, and every command in it would hang.
 DISK_ERRORS = "werror=report,rerror=report"
+# A writable overlay is made at its full virtual size, so a full host disk never reaches a running
+# sandbox. A thin one would fail the guest's writeback, after write(2) has long returned success, so
+# only an fsync or syncfs caller would see the error; and the first failed ext4 journal write aborts
+# the journal, leaving the root filesystem read-only until the VM restarts. Instead every cluster the
+# guest can write is allocated up front with fallocate (no data written: milliseconds), and a guest
+# that fills its disk gets ENOSPC from its own filesystem at write(2), which every program reports.
+# Extended L2 entries keep an allocated cluster's subclusters marked unwritten, so what the guest has
+# not written is still read from the image (QEMU refuses preallocation over a backing file without).
+RESERVE = "extended_l2=on,preallocation=falloc"
+# Guest discards are dropped: passed down they would punch holes in the reservation.
+DISCARD = "discard=ignore"
 
 
 def agent_socket(spec: VMSpec, port: int) -> Path:
@@ -96,14 +107,39 @@ def network_args(spec: VMSpec) -> list[str]:
 
 
 def mount_args(spec: VMSpec) -> list[str]:
+    """virtio-9p with security_model=mapped-xattr: what the guest does to owners and modes (chown,
+    chmod 4755), and the symlinks, device nodes and FIFOs it makes, are kept in user.virtfs.* extended
+    attributes of plain host files that QEMU creates as itself with mode 0600 (directories 0700). The
+    guest sees them; the host never applies them. Under security_model=none a guest's chown and
+    set-uid bit became real on the host when the VMM ran as root. mapped-xattr rather than mapped-file,
+    which keeps the same in .virtfs_metadata directories all over the user's project."""
     args = []
     for i, mount in enumerate(spec.mounts):
         readonly = ",readonly=on" if mount.read_only else ""
+        host = str(mount.host).replace(",", ",,")  # a comma would end the option, and start another
         args += [
-            "-fsdev", f"local,id=fs{i},path={mount.host},security_model=none{readonly}",
+            "-fsdev", f"local,id=fs{i},path={host},security_model=mapped-xattr{readonly}",
             "-device", f"virtio-9p-device,fsdev=fs{i},mount_tag={mount.tag}",
         ]  # fmt: skip
     return args
+
+
+def check_mounts(spec: VMSpec) -> None:
+    """Refuse to share read-write a directory whose filesystem cannot keep user.* extended attributes
+    (where mapped-xattr keeps the guest's owners and modes): the guest could create nothing in it."""
+    for mount in spec.mounts:
+        if mount.read_only:
+            continue
+        try:
+            os.getxattr(mount.host, "user.virtfs.mode")
+        except OSError as exc:
+            if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise AgentkernelError(
+                    f"cannot share {mount.host} read-write: its filesystem does not support user "
+                    "extended attributes, which keep the sandbox's file owners and modes off the host"
+                ) from None
+            if exc.errno != errno.ENODATA:
+                raise AgentkernelError(f"cannot share {mount.host}: {exc.strerror}") from None
 
 
 def command(
@@ -126,7 +162,7 @@ def command(
         "-m", str(spec.memory_mb),
         "-kernel", str(spec.kernel),
         "-append", kernel_cmdline(spec),
-        "-drive", f"id=root,file={disk(spec)},format=qcow2,if=none,discard=unmap,{readonly},{DISK_ERRORS}",
+        "-drive", f"id=root,file={disk(spec)},format=qcow2,if=none,{DISCARD},{readonly},{DISK_ERRORS}",
         "-device", "virtio-blk-device,drive=root",
         "-device", "virtio-rng-device",
         "-device", f"virtio-serial-device,max_ports={AGENT_PORTS + 1}",
@@ -154,34 +190,44 @@ class QemuBackend:
         self.accel = accel or hostinfo.accel()
 
     def prepare(self, spec: VMSpec) -> None:
-        """A qcow2 overlay backed by the read-only image: the VM's writes land in the overlay only."""
+        """A qcow2 overlay backed by the read-only image: the VM's writes land in the overlay only.
+
+        A writable overlay is reserved whole on the host (RESERVE): refused here, in one line, when
+        the host has not the room for it."""
         qemu_img = require("qemu-img", "qemu-utils")
-        spec.workdir.mkdir(parents=True, exist_ok=True)
+        paths.private_dir(spec.workdir)
+        options = []
+        if not spec.read_only:
+            size = virtual_size(spec.image, spec.image_format)
+            free = shutil.disk_usage(spec.workdir).free
+            if free < size + size // 64:  # the qcow2 tables take well under 1/64 of the data
+                raise AgentkernelError(
+                    f"cannot create the sandbox disk: its {size >> 20} MiB are reserved on the host "
+                    f"and only {free >> 20} MiB are free in {spec.workdir.parent}"
+                )
+            options = ["-o", RESERVE]
         proc = subprocess.run(
-            [
-                qemu_img,
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                str(spec.image),
-                "-F",
-                spec.image_format,
-                str(disk(spec)),
-            ],
+            [qemu_img, "create", "-q", "-f", "qcow2", *options,
+             "-b", str(spec.image), "-F", spec.image_format, str(disk(spec))],
             capture_output=True,
             text=True,
-        )
+            umask=paths.PRIVATE_UMASK,
+        )  # fmt: skip
         if proc.returncode != 0:
-            raise AgentkernelError(f"cannot create the sandbox disk: {proc.stderr.strip()}")
+            detail = proc.stderr.strip().removeprefix("qemu-img: ")
+            raise AgentkernelError(f"cannot create the sandbox disk: {' '.join(detail.split())[:300]}")
 
     def start(self, spec: VMSpec) -> int:
         qemu = require("qemu-system-x86_64", "qemu-system-x86")
         if len(str(agent_socket(spec, AGENT_PORTS - 1))) > MAX_UNIX_PATH:
             raise AgentkernelError(f"run directory path too long for Unix sockets: {spec.rundir}")
-        spec.rundir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        spec.console_log.unlink(missing_ok=True)
+        check_mounts(spec)
+        paths.private_dir(spec.rundir)
+        # QEMU sets umask 027 when it daemonizes: the files it writes are made private beforehand
+        # (it truncates or sizes them, keeping their mode), its sockets are made so once it runs.
+        paths.open_private(spec.console_log, "wb").close()
+        if spec.restore is None or not (spec.restore / "ram").exists():  # not a snapshot's RAM file
+            paths.open_private(ram_file(spec), "wb").close()
         if spec.egress is not None:
             require("socat", "socat")
             gateway.start(spec.name, spec.egress, spec.rundir)
@@ -197,6 +243,9 @@ class QemuBackend:
                 pid = int(pidfile(spec).read_text().strip())
             except (OSError, ValueError):
                 raise AgentkernelError(f"QEMU started but wrote no pid file at {pidfile(spec)}") from None
+            for sock in (qmp_socket(spec), *(agent_socket(spec, port) for port in range(AGENT_PORTS))):
+                with contextlib.suppress(FileNotFoundError):
+                    sock.chmod(0o600)
             if spec.egress is not None:
                 gateway.wait_ready(spec.rundir)
             return pid
@@ -236,22 +285,14 @@ class QemuBackend:
             await asyncio.sleep(0.005)
 
     def is_alive(self, spec: VMSpec, pid: int) -> bool:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            return False
-        state = stat.rsplit(")", 1)[-1].split()[0]
-        return state not in ("Z", "X") and str(pidfile(spec)).encode() in cmdline
+        return procs.running(pid) and procs.names(pid, pidfile(spec))
 
-    def kill(self, spec: VMSpec, pid: int) -> None:
+    def kill(self, spec: VMSpec, pid: int | None) -> None:
+        """The VMM and every helper of the sandbox: found by the run directory in their command
+        lines (QEMU's `-pidfile`), so also a VMM whose pid was never recorded or that was still
+        daemonizing, the forwarders QEMU spawned, the gateway and a lifetime watchdog."""
         gateway.stop(spec.rundir)
-        if self.is_alive(spec, pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            deadline = time.monotonic() + 5
-            while self.is_alive(spec, pid) and time.monotonic() < deadline:
-                time.sleep(0.01)
+        kill_tagged(str(spec.rundir))
 
     def cleanup(self, spec: VMSpec, *, keep_disk: bool) -> None:
         gateway.stop(spec.rundir)
@@ -271,6 +312,7 @@ class QemuBackend:
             await qmp.execute("stop")
             try:
                 await qmp.execute("migrate-set-capabilities", capabilities=[IGNORE_SHARED])
+                paths.open_private(dest / "state", "wb").close()  # `cat` runs with QEMU's umask (027)
                 await qmp.execute("migrate", uri=f"exec:cat > {shlex.quote(str(dest / 'state'))}")
                 await qmp.wait_migration(timeout=300)
                 if spec.restore is None or not (spec.restore / "ram").exists():
@@ -293,6 +335,7 @@ class QemuBackend:
              "-F", "raw", str(disk(spec)), str(dest)],
             capture_output=True,
             text=True,
+            umask=paths.PRIVATE_UMASK,
         )  # fmt: skip
         if proc.returncode != 0:
             raise AgentkernelError(f"cannot save the sandbox disk: {proc.stderr.strip()[:300]}")
@@ -313,9 +356,23 @@ IGNORE_SHARED = {"capability": "x-ignore-shared", "state": True}
 
 
 def _copy_sparse(src: Path, dest: Path) -> None:
-    proc = subprocess.run(["cp", "--sparse=always", str(src), str(dest)], capture_output=True, text=True)
+    cmd = ["cp", "--sparse=always", str(src), str(dest)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, umask=paths.PRIVATE_UMASK)
     if proc.returncode != 0:
         raise AgentkernelError(f"cannot copy {src.name}: {proc.stderr.strip()[:300]}")
+
+
+def virtual_size(image: Path, image_format: str) -> int:
+    """The size of the disk `image` holds, in bytes (a raw file's own, a qcow2's virtual size)."""
+    proc = subprocess.run(
+        [require("qemu-img", "qemu-utils"), "info", "-U", "-f", image_format, "--output=json", str(image)],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise AgentkernelError(f"cannot read the disk image {image}: {proc.stderr.strip()[:300]}")
+    size: int = json.loads(proc.stdout)["virtual-size"]
+    return size
 
 
 def _backing_image(qcow2: Path) -> Path:

@@ -9,7 +9,9 @@ extraction fails. Device nodes are left out (a container runtime gives the conta
 extended attributes (file capabilities, which no-new-privileges voids anyway) are not copied.
 
 The tree is made in a scratch directory and renamed into place, so a tree that exists is complete.
-Containers never write to it: podman mounts it as the lower layer of a per-container overlay.
+Containers never write to it: podman mounts it as the lower layer of a per-container overlay. For
+containers in a user namespace whose root is host uid U (and gid G), the tree's owners are shifted by
+U and G (a tree of its own per shift), so that inside the container they are the image's again.
 """
 
 from __future__ import annotations
@@ -46,9 +48,7 @@ class Entry:
 
 
 def rootfs_dir() -> Path:
-    path = paths.cache_dir() / "rootfs"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return paths.private_dir(paths.cache_dir() / "rootfs")
 
 
 def image_digest(image: Path) -> str:
@@ -57,15 +57,17 @@ def image_digest(image: Path) -> str:
     return name if SHA256.fullmatch(name) else sha256_file(image)
 
 
-def ensure_tree(image: Path) -> Path:
-    """The image's tree, extracted now if it is not yet (concurrent callers each get a whole tree)."""
-    dest = rootfs_dir() / image_digest(image)
+def ensure_tree(image: Path, *, shift: tuple[int, int] = (0, 0)) -> Path:
+    """The image's tree, extracted now if it is not yet (concurrent callers each get a whole tree),
+    its owners' uids and gids moved up by `shift`."""
+    digest = image_digest(image)
+    dest = rootfs_dir() / (digest if shift == (0, 0) else f"{digest}-{shift[0]}-{shift[1]}")
     if dest.is_dir():
         return dest
     scratch = Path(tempfile.mkdtemp(prefix="extract-", dir=rootfs_dir()))
     try:
         tree = scratch / "tree"
-        extract(image, tree)
+        extract(image, tree, shift=shift)
         with contextlib.suppress(FileExistsError, OSError):
             tree.rename(dest)  # fails if another process got there first: theirs is as good
         if not dest.is_dir():
@@ -80,14 +82,17 @@ def _remove(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def extract(image: Path, tree: Path) -> list[Entry]:
-    """Copy the image's tree to `tree` (which must not exist) with its metadata; the entries checked."""
+def extract(image: Path, tree: Path, *, shift: tuple[int, int] = (0, 0)) -> list[Entry]:
+    """Copy the image's tree to `tree` (which must not exist) with its metadata, owners moved up by
+    `shift` (the root directory's too: root's in the image); the entries checked."""
     debugfs = require("debugfs", "e2fsprogs")
     tree.mkdir(mode=0o755)
     _debugfs(debugfs, image, [f'rdump "/" "{_quoted(str(tree))}"'])
     entries = list_image(debugfs, image, _directories(tree))
-    apply(tree, entries)
-    problems = verify(tree, entries)
+    apply(tree, entries, shift=shift)
+    if shift != (0, 0):
+        os.lchown(tree, *shift)
+    problems = verify(tree, entries, shift=shift)
     if problems:
         shown = "; ".join(problems[:5])
         raise AgentkernelError(
@@ -153,8 +158,9 @@ def list_image(debugfs: str, image: Path, directories: list[str]) -> list[Entry]
     return entries
 
 
-def apply(tree: Path, entries: list[Entry]) -> None:
-    """Owners, full modes, FIFOs and hard links from the listing (rdump made the rest)."""
+def apply(tree: Path, entries: list[Entry], *, shift: tuple[int, int] = (0, 0)) -> None:
+    """Owners (moved up by `shift`), full modes, FIFOs and hard links from the listing (rdump made
+    the rest)."""
     first_of: dict[int, Path] = {}
     as_root = os.geteuid() == 0
     for e in entries:
@@ -171,13 +177,13 @@ def apply(tree: Path, entries: list[Entry]) -> None:
         elif kind not in (stat.S_IFDIR, stat.S_IFLNK):
             continue  # devices and sockets: see the module's docstring
         if as_root:
-            os.lchown(path, e.uid, e.gid)  # before chmod: chown clears set-id bits
+            os.lchown(path, e.uid + shift[0], e.gid + shift[1])  # before chmod: chown clears set-id bits
         if kind != stat.S_IFLNK:
             os.chmod(path, stat.S_IMODE(e.mode))
 
 
-def verify(tree: Path, entries: list[Entry]) -> list[str]:
-    """How the tree differs from the listing (empty when it matches)."""
+def verify(tree: Path, entries: list[Entry], *, shift: tuple[int, int] = (0, 0)) -> list[str]:
+    """How the tree differs from the listing with its owners moved up by `shift` (empty when it matches)."""
     problems = []
     as_root = os.geteuid() == 0
     for e in entries:
@@ -193,8 +199,8 @@ def verify(tree: Path, entries: list[Entry]) -> list[str]:
             problems.append(f"{e.path}: type {stat.S_IFMT(st.st_mode):o}, not {kind:o}")
         elif kind != stat.S_IFLNK and stat.S_IMODE(st.st_mode) != stat.S_IMODE(e.mode):
             problems.append(f"{e.path}: mode {stat.S_IMODE(st.st_mode):o}, not {stat.S_IMODE(e.mode):o}")
-        elif as_root and (st.st_uid, st.st_gid) != (e.uid, e.gid):
-            problems.append(f"{e.path}: owner {st.st_uid}:{st.st_gid}, not {e.uid}:{e.gid}")
+        elif as_root and (st.st_uid, st.st_gid) != (owner := (e.uid + shift[0], e.gid + shift[1])):
+            problems.append(f"{e.path}: owner {st.st_uid}:{st.st_gid}, not {owner[0]}:{owner[1]}")
         elif kind in (stat.S_IFREG, stat.S_IFLNK) and st.st_size != e.size:
             problems.append(f"{e.path}: size {st.st_size}, not {e.size}")
     return problems

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -13,7 +13,7 @@ from agentkernel.errors import AgentkernelError
 
 agent_app = typer.Typer(help="Run a coding agent in a sandbox.", no_args_is_help=True)
 plugin_app = typer.Typer(help="Add agentkernel's MCP server to coding agents' configs.", no_args_is_help=True)
-DIRECTORY = typer.Option(Path("."), "--dir", help="The project directory.")
+DIRECTORY = typer.Option(Path("."), "--dir", metavar="DIR", help="The project directory.")
 
 
 def _image_built(name: str) -> bool:
@@ -60,29 +60,36 @@ def agents(json_out: bool = typer.Option(False, "--json", help="Print a JSON arr
 def run(
     agent: str = typer.Argument(..., help="claude, gemini, codex or opencode."),
     directory: Path = DIRECTORY,
-    profile: str | None = typer.Option(None, "--profile", help="Security profile (default moderate)."),
-    vcpus: int = typer.Option(2, "--vcpus", help="Virtual CPUs."),
-    memory: int = typer.Option(2048, "--memory", help="Memory in MB."),
+    profile: str | None = typer.Option(
+        None, "--profile", metavar="PROFILE", help="Security profile (default moderate)."
+    ),
+    vcpus: int = typer.Option(2, "--vcpus", metavar="N", help="Virtual CPUs."),
+    memory: int = typer.Option(2048, "--memory", metavar="MB", help="Memory in MB."),
 ) -> None:
-    """Start AGENT in a sandbox with the project at /workspace; only its API key is passed in."""
+    """Start AGENT in a sandbox with the project at /workspace. Its API key stays on this machine:
+    the sandbox gets a placeholder that the egress gateway swaps for the key in requests to the
+    provider's API only ([secrets.NAME] in agentkernel.toml overrides where the key comes from)."""
     from agentkernel.agents import catalog
     from agentkernel.artifacts import agent as guest_agent
-    from agentkernel.cli.streams import attach_process, raw_terminal, terminal_size
     from agentkernel.config import load_config, resolve_policy
     from agentkernel.images import api
-    from agentkernel.protocol.client import ExitStatus
-    from agentkernel.service import sandboxes
+    from agentkernel.network import brokering
     from agentkernel.service.setup import new_log
 
     launch = catalog.launch(agent, directory)
     spec = launch.agent
-    config, _ = load_config(search_from=launch.project_dir)
+    config, config_path = load_config(search_from=launch.project_dir)
     policy = resolve_policy(config, profile=profile)
+    secrets = brokering.bind(
+        launch.secrets,
+        {**catalog.KEY_HOSTS, **config.secrets},
+        base=config_path.parent if config_path else launch.project_dir,
+    )
     if not policy.network:
         raise AgentkernelError(f"{spec.title} needs the network to reach its API: use a profile that has it")
     if not os.isatty(0):
         raise AgentkernelError(f"agent run attaches {spec.title}'s interactive UI: run it in a terminal")
-    if not any(var in launch.env for var in spec.key_vars):
+    if not launch.secrets:
         err_console.print(
             f"[dim]{' and '.join(spec.key_vars)} not set: {spec.title} will ask you to log in[/dim]"
         )
@@ -91,15 +98,37 @@ def run(
         raise AgentkernelError("no guest agent built yet: run `agentkernel setup`")
     api.ensure_recipes([spec.image], agent_binary, log=new_log())  # builds it the first time
 
-    async def go() -> ExitStatus:
-        async with sandboxes.ephemeral(
-            image=spec.image, vcpus=vcpus, memory_mb=memory, policy=policy, mount_dir=launch.project_dir
-        ) as (_name, conn):
-            proc = await conn.exec(launch.command, env=launch.env, cwd=launch.workdir, pty=terminal_size())
+    code = run_attached(
+        launch.command,
+        env=launch.env,
+        workdir=launch.workdir,
+        image=spec.image,
+        vcpus=vcpus,
+        memory_mb=memory,
+        policy=policy,
+        mount_dir=launch.project_dir,
+        secrets=secrets,
+    )
+    raise typer.Exit(code)
+
+
+def run_attached(command: list[str], *, env: dict[str, str], workdir: str | None, **options: Any) -> int:
+    """Run `command` on a terminal in a new sandbox (`options` as for `sandboxes.create`), attached
+    to ours, then remove the sandbox; the command's exit code. SIGTERM, SIGHUP and SIGINT remove the
+    sandbox too (the keys typed, ^C included, go to the guest) and exit 128+N; if this process is
+    killed outright, the reaper removes the sandbox it owned."""
+    from agentkernel.cli.signals import SignalGuard, run_until_signalled
+    from agentkernel.cli.streams import attach_process, raw_terminal, terminal_size
+    from agentkernel.protocol.client import ExitStatus
+    from agentkernel.service import sandboxes
+
+    async def go(_guard: SignalGuard) -> ExitStatus:
+        async with sandboxes.ephemeral(**options) as (_name, conn):
+            proc = await conn.exec(command, env=env, cwd=workdir, pty=terminal_size())
             with raw_terminal(True):
                 return await attach_process(proc, stdin=True, tty_mode=True)
 
-    raise typer.Exit(asyncio.run(go()).shell_code)
+    return run_until_signalled(go).shell_code
 
 
 @plugin_app.command("install")
@@ -121,7 +150,12 @@ def plugin_install(
             f"would {change.action}" if dry_run and change.action in ("create", "update") else change.action
         )
         note = f": {change.detail}" if change.action == "skipped" else ""
-        console.print(f"{verb:<16} {location.path} ({location.what}){note}")
+        console.print(f"{verb:<16} {location.path} ({location.what}){note}", markup=False)
+        if dry_run:
+            typer.echo(change.diff(), nl=False)
+    warning = plugins.path_warning(global_=global_)
+    if warning:
+        err_console.print(f"warning: {warning}", markup=False)
 
 
 @plugin_app.command("list")

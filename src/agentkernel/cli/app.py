@@ -12,8 +12,10 @@ from agentkernel.cli import (
     audit_cmd,
     bench_cmd,
     daemon_cmds,
+    doctor_cmd,
     images_cmd,
     sandbox_cmds,
+    secret_cmds,
     server_cmds,
     setup_cmd,
     snapshot_cmds,
@@ -25,7 +27,7 @@ app = typer.Typer(
     name="agentkernel",
     help="Run AI coding agents and their commands in hardware-isolated microVMs.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -48,6 +50,7 @@ def _root(
 
 app.command("setup")(setup_cmd.setup)
 app.command("status")(status_cmd.status)
+app.command("doctor")(doctor_cmd.doctor)
 app.add_typer(bench_cmd.app, name="bench")
 app.command("audit")(audit_cmd.audit)
 app.add_typer(snapshot_cmds.app, name="snapshot")
@@ -59,6 +62,7 @@ app.command("mcp-server")(server_cmds.mcp_server)
 app.command("agents")(agent_cmds.agents)
 app.add_typer(agent_cmds.agent_app, name="agent")
 app.add_typer(agent_cmds.plugin_app, name="plugin")
+app.add_typer(secret_cmds.app, name="secret")
 for _name, _fn, _aliases in (
     ("run", sandbox_cmds.run, ()),
     ("create", sandbox_cmds.create, ()),
@@ -84,7 +88,9 @@ def one_line(message: str) -> str:
 def main() -> None:
     """Entry point: expected errors become one line on stderr and a non-zero exit, never a traceback."""
     try:
-        code = app(standalone_mode=False)
+        # Named as installed, also under `python -m agentkernel`: usage lines and completion scripts
+        # (whose variable is _AGENTKERNEL_COMPLETE) then match the command a user types.
+        code = app(standalone_mode=False, prog_name="agentkernel")
     except typer.TyperException as exc:  # usage errors: bad options, missing arguments
         print(f"agentkernel: error: {one_line(exc.format_message())} (see --help)", file=sys.stderr)
         sys.exit(exc.exit_code)

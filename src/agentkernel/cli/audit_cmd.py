@@ -24,7 +24,9 @@ SUMMARY_KEYS = (
 
 
 def audit(
-    sandbox: str | None = typer.Option(None, "--sandbox", "-s", help="Only this sandbox's entries."),
+    sandbox: str | None = typer.Option(
+        None, "--sandbox", "-s", metavar="NAME", help="Only this sandbox's entries."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print JSON lines, one entry per line."),
 ) -> None:
     """Show the audit log: life cycle, every exec, file transfers, network decisions."""

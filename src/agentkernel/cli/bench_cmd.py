@@ -14,8 +14,10 @@ app = typer.Typer(invoke_without_command=True)
 @app.callback()
 def bench(
     ctx: typer.Context,
-    runs: int = typer.Option(5, "--runs", min=1, max=50, help="Repetitions of each boot measurement."),
-    image: str = typer.Option("base", "--image", help="Image to boot."),
+    runs: int = typer.Option(
+        5, "--runs", min=1, max=50, metavar="N", help="Repetitions of each boot measurement."
+    ),
+    image: str = typer.Option("base", "--image", metavar="IMAGE", help="Image to boot."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Measure boot, run, exec and stop against a bare QEMU boot of the same kernel and image, snapshots
@@ -63,13 +65,16 @@ def bench(
 
 @app.command("stress")
 def stress(
-    count: int = typer.Option(100, "--count", min=1, max=1000, help="Sandboxes to run."),
-    concurrency: int = typer.Option(6, "--concurrency", min=1, max=64, help="How many start at once."),
-    image: str = typer.Option("base", "--image", help="Image to boot."),
+    count: int = typer.Option(100, "--count", min=1, max=1000, metavar="N", help="Sandboxes to run."),
+    concurrency: int = typer.Option(
+        6, "--concurrency", min=1, max=64, metavar="N", help="How many start at once."
+    ),
+    image: str = typer.Option("base", "--image", metavar="IMAGE", help="Image to boot."),
     network: bool = typer.Option(False, "--network/--no-network", help="Give each its network gateway."),
     mode: str = typer.Option(
         "snapshot",
         "--mode",
+        metavar="MODE",
         help="snapshot: resume each from one snapshot; pool: take each from a pool filled first "
         "(untimed); cold: boot each.",
     ),

@@ -18,15 +18,29 @@ app = typer.Typer(help="The warm pool of ready sandboxes that `run` uses.", no_a
 
 @app.command("start")
 def start(
-    images: list[str] = typer.Option(["base"], "--image", help="Keep sandboxes of this image (repeatable)."),
-    size: int = typer.Option(2, "--size", min=1, max=200, help="Ready sandboxes per image."),
-    profile: str | None = typer.Option(None, "--profile", help="Their security profile (as `run`)."),
+    images: list[str] = typer.Option(
+        ["base"], "--image", metavar="IMAGE", help="Keep sandboxes of this image (repeatable)."
+    ),
+    size: int = typer.Option(2, "--size", min=1, max=200, metavar="N", help="Ready sandboxes per image."),
+    profile: str | None = typer.Option(
+        None, "--profile", metavar="PROFILE", help="Their security profile (as `run`)."
+    ),
     network: bool | None = typer.Option(None, "--network/--no-network", help="Override its network."),
-    vcpus: int | None = typer.Option(None, "--vcpus", min=1, max=32, help="Their virtual CPUs (as `run`)."),
-    memory: int | None = typer.Option(None, "--memory", min=64, max=65536, help="Their memory in MB."),
-    backend: str | None = typer.Option(None, "--backend", help="Their backend (default: as `run`)."),
-    max_age: float = typer.Option(600, "--max-age", min=1, help="Replace ready ones older than this (s)."),
-    health_interval: float = typer.Option(15, "--health-interval", min=0.5, help="Seconds between checks."),
+    vcpus: int | None = typer.Option(
+        None, "--vcpus", min=1, max=32, metavar="N", help="Their virtual CPUs (as `run`)."
+    ),
+    memory: int | None = typer.Option(
+        None, "--memory", min=64, max=65536, metavar="MB", help="Their memory in MB."
+    ),
+    backend: str | None = typer.Option(
+        None, "--backend", metavar="BACKEND", help="Their backend (default: as `run`)."
+    ),
+    max_age: float = typer.Option(
+        600, "--max-age", min=1, metavar="SECONDS", help="Replace ready ones older than this (s)."
+    ),
+    health_interval: float = typer.Option(
+        15, "--health-interval", min=0.5, metavar="SECONDS", help="Seconds between checks."
+    ),
     wait: bool = typer.Option(False, "--wait", help="Return once every pool is full."),
 ) -> None:
     """Start the pool daemon in the background. Its sandboxes get what `run` in this directory would

@@ -44,7 +44,9 @@ def build(
     name: str = typer.Argument(
         ..., help="A recipe (base, python, node, rust, go) or, with --from, any name."
     ),
-    source: Path | None = typer.Option(None, "--from", help="Build from this directory tree instead."),
+    source: Path | None = typer.Option(
+        None, "--from", metavar="DIR", help="Build from this directory tree instead."
+    ),
 ) -> None:
     """Build an image from a recipe, or from a directory with --from."""
     from agentkernel.images import api
@@ -63,7 +65,7 @@ def build(
 def pull_image(
     ref: str = typer.Argument(..., help="Image reference, e.g. registry.example:5000/team/tool:1.0"),
     name: str | None = typer.Option(
-        None, "--name", help="Store it under this name (default: the reference)."
+        None, "--name", metavar="NAME", help="Store it under this name (default: the reference)."
     ),
 ) -> None:
     """Pull an OCI image from a registry and turn it into a sandbox image."""

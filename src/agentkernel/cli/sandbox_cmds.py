@@ -14,15 +14,19 @@ import typer
 
 from agentkernel import hostinfo, paths
 from agentkernel.cli.output import console, err_console, print_json
+from agentkernel.cli.signals import SignalGuard, run_until_signalled
 from agentkernel.cli.streams import attach_process, raw_terminal, terminal_size
 from agentkernel.config import load_config, resolve_policy, resolve_resources
 from agentkernel.errors import AgentkernelError
-from agentkernel.protocol.client import Connection, ExitStatus
+from agentkernel.network import brokering
+from agentkernel.protocol.client import Connection, ExitStatus, check_arguments
 from agentkernel.service import sandboxes
 
 T = TypeVar("T")
 COMMAND_SETTINGS = {"allow_interspersed_args": False}
 TIMEOUT_EXIT = 124
+SIGNAL_GRACE = 3.0
+"""Seconds `run` waits for its command to end after passing a signal on, before removing the sandbox."""
 LOGIN_SHELL = ["/bin/sh", "-c", "if command -v bash >/dev/null; then exec bash -l; else exec sh -l; fi"]
 
 
@@ -69,13 +73,20 @@ def _note(message: str) -> None:
         err_console.print(f"[dim]{message}[/dim]")
 
 
+def _warn_isolation(backend: str) -> None:
+    """Say, on one line of stderr, when a sandbox is a container rather than a VM: always, so that
+    scripts and logs keep it too."""
+    if warning := hostinfo.isolation_warning(backend):
+        print(f"agentkernel: {warning}", file=sys.stderr, flush=True)
+
+
 def _note_accel_once() -> None:
     """Say once per data dir, to a person at a terminal, that VMs here run without KVM (slower)."""
     marker = paths.data_dir() / ".told-no-kvm"
     acc = hostinfo.accel()
     if acc.name == "tcg" and sys.stderr.isatty() and not marker.exists():
         err_console.print(f"[yellow]note:[/yellow] no usable KVM, so VMs run under emulation: {acc.note}")
-        marker.touch()
+        paths.write_private(marker, "")
 
 
 async def _exec(
@@ -109,6 +120,7 @@ async def _exec_on(
     interactive: bool,
     tty_mode: bool,
     timeout: float | None,
+    give_up_after: float | None = None,
 ) -> ExitStatus:
     command = command_args(command)
     if not command:
@@ -119,7 +131,7 @@ async def _exec_on(
         command, env=env, cwd=workdir, timeout=timeout, pty=terminal_size() if tty_mode else None
     )
     with raw_terminal(tty_mode):
-        return await attach_process(proc, stdin=interactive, tty_mode=tty_mode)
+        return await attach_process(proc, stdin=interactive, tty_mode=tty_mode, give_up_after=give_up_after)
 
 
 def _options(
@@ -135,9 +147,11 @@ def _options(
     directory: Path | None,
     read_only: bool | None,
     lifetime: float | None,
+    secrets: list[str] | None = None,
 ) -> dict[str, Any]:
     """`sandboxes.create` options from the flags, then agentkernel.toml, then the defaults."""
-    config, _ = load_config(search_from=Path.cwd())
+    config, config_path = load_config(search_from=Path.cwd())
+    bindings = brokering.bind(secrets or (), config.secrets, base=config_path.parent if config_path else None)
     chosen, why = sandboxes.choose_image(command, image, config, Path.cwd())
     policy = resolve_policy(
         config, profile=profile, network=network, mount_cwd=mount_cwd, read_only=read_only
@@ -149,31 +163,49 @@ def _options(
     vcpus, memory_mb = resolve_resources(config, vcpus=vcpus, memory_mb=memory)
     return {
         "image": chosen,
-        "backend": backend,
+        "backend": backend or config.sandbox.backend,
         "vcpus": vcpus,
         "memory_mb": memory_mb,
         "policy": policy,
         "mount_dir": directory,
         "lifetime": lifetime,
+        "secrets": bindings,
     }
 
 
-IMAGE = typer.Option(None, "--image", help="Image (default: agentkernel.toml, else detected).")
-BACKEND = typer.Option(
-    None, "--backend", help="qemu, container (default: chosen for this host, see `status`)."
+IMAGE = typer.Option(
+    None, "--image", metavar="IMAGE", help="Image (default: agentkernel.toml, else detected)."
 )
-VCPUS = typer.Option(None, "--vcpus", help="Virtual CPUs (default 1).")
-MEMORY = typer.Option(None, "--memory", help="Memory in MB (default 512).")
+BACKEND = typer.Option(
+    None,
+    "--backend",
+    metavar="BACKEND",
+    help="qemu, firecracker or container (default: agentkernel.toml, else a VM: see `status`).",
+)
+VCPUS = typer.Option(None, "--vcpus", metavar="N", help="Virtual CPUs (default 1).")
+MEMORY = typer.Option(None, "--memory", metavar="MB", help="Memory in MB (default 512).")
 PROFILE = typer.Option(
-    None, "--profile", help="Security profile: permissive, moderate (default), restrictive."
+    None,
+    "--profile",
+    metavar="PROFILE",
+    help="Security profile: permissive, moderate (default), restrictive.",
 )
 NETWORK = typer.Option(None, "--network/--no-network", help="Override the profile's network setting.")
 MOUNT_CWD = typer.Option(
     None, "--mount-cwd/--no-mount-cwd", help="Share the current directory at /workspace."
 )
-DIRECTORY = typer.Option(None, "--dir", help="Share this directory at /workspace.")
+DIRECTORY = typer.Option(None, "--dir", metavar="DIR", help="Share this directory at /workspace.")
 READ_ONLY = typer.Option(None, "--read-only/--read-write", help="Override the profile's read-only root.")
-LIFETIME = typer.Option(None, "--lifetime", help="Stop the sandbox this many seconds after it starts.")
+LIFETIME = typer.Option(
+    None, "--lifetime", metavar="SECONDS", help="Stop the sandbox this many seconds after it starts."
+)
+SECRET = typer.Option(
+    [],
+    "--secret",
+    metavar="NAME",
+    help="Give the sandbox this secret (agentkernel.toml [secrets.NAME] or `agentkernel secret set`): "
+    "it sees a placeholder, the gateway sends the value to the secret's hosts only. Repeatable.",
+)
 
 
 def run(
@@ -188,12 +220,21 @@ def run(
     directory: Path | None = DIRECTORY,
     read_only: bool | None = READ_ONLY,
     lifetime: float | None = LIFETIME,
-    timeout: float | None = typer.Option(None, "--timeout", help="Kill the command after this many seconds."),
-    env: list[str] = typer.Option([], "--env", "-e", help="Set KEY=VALUE in the command's environment."),
-    workdir: str | None = typer.Option(None, "--workdir", "-w", help="Working directory in the sandbox."),
+    secret: list[str] = SECRET,
+    timeout: float | None = typer.Option(
+        None, "--timeout", metavar="SECONDS", help="Kill the command after this many seconds."
+    ),
+    env: list[str] = typer.Option(
+        [], "--env", "-e", metavar="KEY=VALUE", help="Set KEY=VALUE in the command's environment."
+    ),
+    workdir: str | None = typer.Option(
+        None, "--workdir", "-w", metavar="PATH", help="Working directory in the sandbox."
+    ),
     interactive: bool = typer.Option(False, "--interactive", "-i", help="Pass stdin to the command."),
     keep: bool = typer.Option(False, "--keep", help="Keep the sandbox running afterwards."),
-    name: str | None = typer.Option(None, "--name", help="Name for the sandbox (default: run-XXXXXXXX)."),
+    name: str | None = typer.Option(
+        None, "--name", metavar="NAME", help="Name for the sandbox (default: run-XXXXXXXX)."
+    ),
     no_pool: bool = typer.Option(False, "--no-pool", help="Boot a new sandbox even if the pool has one."),
 ) -> None:
     """Run a command in a new sandbox, stream its output, exit with its exit code, then remove it.
@@ -205,6 +246,7 @@ def run(
         raise AgentkernelError("no command given: agentkernel run -- CMD...")
     check_timeout(timeout)
     variables = parse_env(env)
+    check_arguments(command, variables)  # before a sandbox is booted for a command that cannot run
     options = _options(
         command,
         image=image,
@@ -217,23 +259,29 @@ def run(
         directory=directory,
         read_only=read_only,
         lifetime=lifetime,
+        secrets=secret,
     )
 
-    async def go() -> ExitStatus:
+    async def go(guard: SignalGuard) -> ExitStatus:
         async with sandboxes.ephemeral(name=name, keep=keep, pool=not no_pool, **options) as (sandbox, conn):
+            _warn_isolation(sandboxes.get(sandbox).backend)
             if keep:
                 _note(f"sandbox {sandbox} is kept: remove it with `agentkernel rm -f {sandbox}`")
-            return await _exec_on(
-                conn,
-                command,
-                env=variables,
-                workdir=workdir,
-                interactive=interactive,
-                tty_mode=False,
-                timeout=timeout,
-            )
+            try:  # while it runs, signals go to the command (a second one gives up on it)
+                return await _exec_on(
+                    conn,
+                    command,
+                    env=variables,
+                    workdir=workdir,
+                    interactive=interactive,
+                    tty_mode=False,
+                    timeout=timeout,
+                    give_up_after=SIGNAL_GRACE,
+                )
+            finally:
+                guard.install()  # the sandbox's removal, next, is not cut short by a signal
 
-    status = _await(go())
+    status = run_until_signalled(go)
     _status_exit(status, timeout)
 
 
@@ -249,6 +297,7 @@ def create(
     directory: Path | None = DIRECTORY,
     read_only: bool | None = READ_ONLY,
     lifetime: float | None = LIFETIME,
+    secret: list[str] = SECRET,
 ) -> None:
     """Create a sandbox (its own disk over the image) without starting it."""
     sandboxes.validate_name(name)
@@ -264,15 +313,16 @@ def create(
         directory=directory,
         read_only=read_only,
         lifetime=lifetime,
+        secrets=secret,
     )
-    sandboxes.create(name, **options)
+    _warn_isolation(sandboxes.create(name, **options).backend)
     console.print(name)
 
 
 def start(name: str = typer.Argument(..., help="Sandbox name.")) -> None:
     """Boot a sandbox and wait until it answers."""
     _note(f"booting {name} ...")
-    _await(sandboxes.start(name))
+    _warn_isolation(_await(sandboxes.start(name)).backend)
     console.print(name)
 
 
@@ -287,6 +337,7 @@ def remove(
     force: bool = typer.Option(False, "--force", "-f", help="Remove even if running."),
 ) -> None:
     """Remove sandboxes and everything they have on disk."""
+    sandboxes.reap()
     for name in names:
         sandboxes.remove(name, force=force)
         console.print(name)
@@ -317,9 +368,15 @@ def exec_cmd(
     command: list[str] = typer.Argument(..., metavar="-- CMD...", help="The command to run."),
     interactive: bool = typer.Option(False, "--interactive", "-i", help="Pass stdin to the command."),
     tty_mode: bool = typer.Option(False, "--tty", "-t", help="Run the command on a terminal."),
-    env: list[str] = typer.Option([], "--env", "-e", help="Set KEY=VALUE in the command's environment."),
-    workdir: str | None = typer.Option(None, "--workdir", "-w", help="Working directory in the sandbox."),
-    timeout: float | None = typer.Option(None, "--timeout", help="Kill the command after this many seconds."),
+    env: list[str] = typer.Option(
+        [], "--env", "-e", metavar="KEY=VALUE", help="Set KEY=VALUE in the command's environment."
+    ),
+    workdir: str | None = typer.Option(
+        None, "--workdir", "-w", metavar="PATH", help="Working directory in the sandbox."
+    ),
+    timeout: float | None = typer.Option(
+        None, "--timeout", metavar="SECONDS", help="Kill the command after this many seconds."
+    ),
 ) -> None:
     """Run a command in a running sandbox; exits with its exit code (128+N if killed by signal N)."""
     check_timeout(timeout)

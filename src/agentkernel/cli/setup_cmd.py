@@ -20,7 +20,7 @@ def setup(
         help="Kernel source to build from (default: Debian's linux-source-6.1 package).",
     ),
     images: list[str] = typer.Option(
-        list(DEFAULT_IMAGES), "--image", "-i", help="Images to build (repeatable)."
+        list(DEFAULT_IMAGES), "--image", "-i", metavar="IMAGE", help="Images to build (repeatable)."
     ),
 ) -> None:
     """Build (or reuse from the cache) the guest kernel, the guest agent and the default images.

@@ -22,6 +22,13 @@ def status(json_out: bool = typer.Option(False, "--json", help="Print one JSON o
     for name, b in info["backends"].items():
         mark = "[green]available[/green]" if b["available"] else "[red]unavailable[/red]"
         console.print(f"backend {name}: {mark}: {b['reason']}")
+    fc = info["firecracker"]
+    if fc is not None:
+        line = fc["problem"] or f"Firecracker {fc['version']} ({fc['path']})"
+        console.print(f"firecracker: {line}", markup=False, highlight=False)
+    chosen = info["default_backend"]
+    how = chosen["warning"] or "a VM"
+    console.print(f"default backend: {chosen['name'] or 'none'} ({how})", markup=False, highlight=False)
     console.print(f"kernel: {info['kernel'] or 'not built: run `agentkernel setup`'}")
     console.print(f"agent: {info['agent'] or 'not built: run `agentkernel setup`'}")
     if not info["images"]:

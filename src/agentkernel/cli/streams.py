@@ -64,8 +64,13 @@ async def _forward_stdin(proc: Process) -> None:
     await proc.close_stdin()
 
 
-async def attach_process(proc: Process, *, stdin: bool, tty_mode: bool) -> ExitStatus:
-    """Stream the process's output to our stdout/stderr (and our stdin to it) until it exits."""
+async def attach_process(
+    proc: Process, *, stdin: bool, tty_mode: bool, give_up_after: float | None = None
+) -> ExitStatus:
+    """Stream the process's output to our stdout/stderr (and our stdin to it) until it exits.
+
+    Off a terminal, SIGINT, SIGTERM, SIGHUP and SIGQUIT are passed on to the process; a second one, or
+    `give_up_after` seconds after the first, stops the waiting (GaveUpError)."""
     loop = asyncio.get_running_loop()
     feeder = asyncio.create_task(_forward_stdin(proc)) if stdin else None
     if feeder is None:
@@ -78,13 +83,19 @@ async def attach_process(proc: Process, *, stdin: bool, tty_mode: bool) -> ExitS
 
     if tty_mode and os.isatty(1):
         on(signal.SIGWINCH, lambda: proc.resize(*terminal_size()))
-    given_up: asyncio.Future[signal.Signals] = loop.create_future()
+    given_up: asyncio.Future[tuple[signal.Signals, bool]] = loop.create_future()  # (signal, timed out)
     if not tty_mode:  # on a terminal, ^C reaches the guest as a keystroke; otherwise pass signals on
         forwarded: set[signal.Signals] = set()
 
+        def give_up(signo: signal.Signals, timed_out: bool = False) -> None:
+            if not given_up.done():
+                given_up.set_result((signo, timed_out))
+
         async def forward(signo: signal.Signals) -> None:
-            if forwarded and not given_up.done():  # a second one: the user wants out, answer or not
-                given_up.set_result(signo)
+            if forwarded:  # a second one: the user wants out, answer or not
+                give_up(signo)
+            elif give_up_after is not None:
+                loop.call_later(give_up_after, give_up, signo, True)
             forwarded.add(signo)
             await proc.signal(signo)
 
@@ -96,8 +107,8 @@ async def attach_process(proc: Process, *, stdin: bool, tty_mode: bool) -> ExitS
         await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         if not copier.done():
             copier.cancel()
-            signo = given_up.result()
-            raise GaveUpError(signo)
+            signo, timed_out = given_up.result()
+            raise GaveUpError(signo, waited=give_up_after if timed_out else None)
         copier.result()
     finally:
         for signo in handled:
@@ -119,10 +130,16 @@ async def _copy_output(proc: Process) -> None:
 
 
 class GaveUpError(AgentkernelError):
-    """A second signal arrived before the command ended: we stop waiting, as a shell would."""
+    """A second signal arrived before the command ended (or it did not end `waited` seconds after the
+    first): we stop waiting, as a shell would."""
 
-    def __init__(self, signo: signal.Signals) -> None:
-        super().__init__(
-            f"stopped waiting for the command after a second {signo.name}; it may still run in the sandbox"
-        )
+    def __init__(self, signo: signal.Signals, *, waited: float | None = None) -> None:
+        if waited is not None:
+            message = f"the command did not end within {waited:g}s of {signo.name}: stopped waiting for it"
+        else:
+            message = (
+                f"stopped waiting for the command after a second {signo.name}; "
+                "it may still run in the sandbox"
+            )
+        super().__init__(message)
         self.exit_code = 128 + signo

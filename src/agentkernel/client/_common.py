@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import quote, urlencode
+
+import httpx
 
 from agentkernel.errors import AgentkernelError
 
@@ -18,10 +22,21 @@ if TYPE_CHECKING:
 DEFAULT_URL = "http://127.0.0.1:18888"
 API_KEY_ENV = "AGENTKERNEL_API_KEY"
 CHUNK = 256 * 1024
+KEPT_OUTPUT = 8 << 20
+"""Characters of each stream a result assembled from streamed output keeps (as the server's do)."""
 T = TypeVar("T", bound="DataclassInstance")
 
 
-class ApiError(AgentkernelError):
+class ClientError(AgentkernelError):
+    """The base of the SDK's errors."""
+
+
+class ClientConnectionError(ClientError, ConnectionError):
+    """The server could not be reached, or the connection to it failed midway: refused, timed out,
+    dropped (a stream of events that ends before the command's exit)."""
+
+
+class ApiError(ClientError):
     """The server refused a request: `status` is the HTTP status, `code` the stable problem code."""
 
     def __init__(self, status: int, code: str, detail: str, field: str | None = None) -> None:
@@ -52,7 +67,7 @@ class RunResult:
 @dataclass(frozen=True)
 class SandboxInfo:
     name: str
-    status: Literal["created", "running", "stopped", "failed"]
+    status: Literal["created", "starting", "running", "stopped", "failed"]
     backend: str
     image: str
     image_digest: str
@@ -78,6 +93,9 @@ class Started:
 
 @dataclass(frozen=True)
 class OutputEvent:
+    """A chunk of a command's output as it arrived, decoded as UTF-8: not a line (a line may come in
+    several chunks, and a chunk may hold several lines)."""
+
     stream: Literal["stdout", "stderr"]
     data: str
 
@@ -90,6 +108,64 @@ class ExitEvent:
 
 
 Event = Started | OutputEvent | ExitEvent
+
+
+@contextlib.contextmanager
+def transport_errors(base_url: str) -> Iterator[None]:
+    """httpx's transport failures as ClientConnectionError."""
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise ClientConnectionError(f"{base_url}: timed out ({_reason(exc)})") from exc
+    except httpx.ConnectError as exc:
+        raise ClientConnectionError(f"cannot connect to {base_url}: {_reason(exc)}") from exc
+    except httpx.TransportError as exc:
+        raise ClientConnectionError(f"the connection to {base_url} failed: {_reason(exc)}") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+OutputCallback = Callable[[str], object]
+"""Called with each chunk of output as it arrives (an async client also awaits what it returns)."""
+
+
+class Assembled:
+    """A RunResult from the events of a stream (its output kept up to KEPT_OUTPUT characters)."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.out: dict[str, list[str]] = {"stdout": [], "stderr": []}
+        self.kept = {"stdout": 0, "stderr": 0}
+        self.cut = {"stdout": False, "stderr": False}
+        self.exit: ExitEvent | None = None
+
+    def add(self, event: Event) -> None:
+        if isinstance(event, ExitEvent):
+            self.exit = event
+        elif isinstance(event, OutputEvent):
+            room = KEPT_OUTPUT - self.kept[event.stream]
+            self.out[event.stream].append(event.data[: max(0, room)])
+            self.kept[event.stream] += min(len(event.data), max(0, room))
+            self.cut[event.stream] |= len(event.data) > room
+
+    def result(self) -> RunResult:
+        assert self.exit is not None
+        return RunResult(
+            exit_code=self.exit.exit_code,
+            signal=self.exit.signal,
+            timed_out=self.exit.timed_out,
+            stdout="".join(self.out["stdout"]),
+            stderr="".join(self.out["stderr"]),
+            stdout_truncated=self.cut["stdout"],
+            stderr_truncated=self.cut["stderr"],
+            duration_ms=round((time.monotonic() - self.started) * 1000),
+        )
+
+
+def dropped(base_url: str) -> ClientConnectionError:
+    return ClientConnectionError(f"the connection to {base_url} ended before the command exited")
 
 
 def resolve_api_key(explicit: str | None) -> str | None:

@@ -2,26 +2,42 @@
 
 from __future__ import annotations
 
+import inspect
 import json
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Coroutine,
+    Generator,
+    Iterable,
+    Mapping,
+    Sequence,
+)
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Generic, TypeVar
 
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK, InvalidStatus, InvalidURI
 
 from agentkernel.client._common import (
     CHUNK,
     DEFAULT_URL,
     ApiError,
+    Assembled,
+    ClientConnectionError,
     Event,
     ExitEvent,
     FileEntry,
+    OutputCallback,
+    OutputEvent,
     RunResult,
     SandboxInfo,
     SSEParser,
     attach_url,
     command_body,
+    dropped,
     file_entries,
     file_path,
     headers,
@@ -31,13 +47,39 @@ from agentkernel.client._common import (
     sandbox_info,
     sandbox_path,
     terminal_control,
+    transport_errors,
 )
+
+H = TypeVar("H", bound=AbstractAsyncContextManager[Any])
+
+
+class Opening(Generic[H]):
+    """A handle being opened: await it for the handle, or use it in `async with` directly (the
+    handle's own `async with` then applies: an owned sandbox is removed on exit, a terminal closed)."""
+
+    def __init__(self, opening: Coroutine[Any, Any, H]) -> None:
+        self._opening = opening
+        self._handle: H | None = None
+
+    def __await__(self) -> Generator[Any, None, H]:
+        return self._opening.__await__()
+
+    async def __aenter__(self) -> H:
+        self._handle = await self._opening
+        await self._handle.__aenter__()
+        return self._handle
+
+    async def __aexit__(self, *exc: Any) -> None:
+        assert self._handle is not None
+        await self._handle.__aexit__(*exc)
 
 
 class AsyncClient:
     """A connection to `agentkernel serve`. The API key defaults to $AGENTKERNEL_API_KEY.
 
-    `timeout` bounds each HTTP request (a long command needs a longer one, or streaming).
+    `timeout` bounds each HTTP request (a long command needs a longer one, or streaming). A server
+    that cannot be reached, or a connection that fails midway, raises ClientConnectionError; a
+    request the server refuses raises ApiError (both are ClientError).
     """
 
     def __init__(
@@ -64,19 +106,47 @@ class AsyncClient:
         await self.aclose()
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        response = await self._http.request(method, path, **kwargs)
+        with transport_errors(self.base_url):
+            response = await self._http.request(method, path, **kwargs)
         if response.is_error:
             raise problem_error(response.status_code, response.content)
         return response
 
-    async def _events(self, path: str, body: dict[str, Any]) -> AsyncGenerator[Event, None]:
-        async with self._http.stream("POST", path, json=body) as response:
-            if response.is_error:
-                raise problem_error(response.status_code, await response.aread())
-            parser = SSEParser()
-            async for line in response.aiter_lines():
-                if (event := parser.line(line)) is not None:
+    async def _events(
+        self,
+        path: str,
+        body: dict[str, Any],
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> AsyncGenerator[Event, None]:
+        with transport_errors(self.base_url):
+            async with self._http.stream("POST", path, json=body) as response:
+                if response.is_error:
+                    raise problem_error(response.status_code, await response.aread())
+                parser = SSEParser()
+                async for line in response.aiter_lines():
+                    if (event := parser.line(line)) is None:
+                        continue
+                    if isinstance(event, OutputEvent):
+                        callback = on_stdout if event.stream == "stdout" else on_stderr
+                        if callback is not None and inspect.isawaitable(called := callback(event.data)):
+                            await called
                     yield event
+                    if isinstance(event, ExitEvent):
+                        return
+        raise dropped(self.base_url)
+
+    async def _streamed(
+        self,
+        path: str,
+        body: dict[str, Any],
+        on_stdout: OutputCallback | None,
+        on_stderr: OutputCallback | None,
+    ) -> RunResult:
+        assembled = Assembled()
+        async for event in self._events(path, body, on_stdout, on_stderr):
+            assembled.add(event)
+        return assembled.result()
 
     async def health(self) -> dict[str, Any]:
         data: dict[str, Any] = (await self._request("GET", "/health")).json()
@@ -88,15 +158,26 @@ class AsyncClient:
         *,
         image: str | None = None,
         profile: str | None = None,
+        secrets: Sequence[str] | None = None,
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         timeout: float | None = None,
         stdin: str | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
     ) -> RunResult:
-        """Run a command in a new sandbox (removed afterwards) and wait for it to exit."""
+        """Run a command in a new sandbox (removed afterwards) and wait for it to exit. Cancelling the call
+        closes its connection: the server then ends the command and removes the sandbox.
+
+        `on_stdout` / `on_stderr` (plain functions or coroutine functions) are called with each chunk
+        of output as it arrives (the command is then streamed); the result holds the output as well."""
         body = command_body(
             command, env=env, cwd=cwd, timeout=timeout, stdin=stdin, image=image, profile=profile
         )
+        if secrets:  # names of secrets the server holds (docs/secrets.md); values never leave it
+            body["secrets"] = list(secrets)
+        if on_stdout is not None or on_stderr is not None:
+            return await self._streamed("/run/stream", body, on_stdout, on_stderr)
         return run_result((await self._request("POST", "/run", json=body)).json())
 
     def run_stream(
@@ -105,22 +186,29 @@ class AsyncClient:
         *,
         image: str | None = None,
         profile: str | None = None,
+        secrets: Sequence[str] | None = None,
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         timeout: float | None = None,
         stdin: str | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
     ) -> AsyncGenerator[Event, None]:
-        """Like `run`, yielding events as the command produces output. Closing the iterator early
-        (`aclose`) ends the command."""
+        """Like `run`, yielding events as the command produces output: Started, OutputEvent for each
+        chunk as it arrives (not each line), then ExitEvent. The callbacks are called (and awaited,
+        if coroutine functions) with each chunk before its event is yielded. Closing the iterator
+        early (`aclose`) ends the command."""
         body = command_body(
             command, env=env, cwd=cwd, timeout=timeout, stdin=stdin, image=image, profile=profile
         )
-        return self._events("/run/stream", body)
+        if secrets:  # names of secrets the server holds (docs/secrets.md); values never leave it
+            body["secrets"] = list(secrets)
+        return self._events("/run/stream", body, on_stdout, on_stderr)
 
     async def list_sandboxes(self) -> list[SandboxInfo]:
         return [sandbox_info(s) for s in (await self._request("GET", "/sandboxes")).json()]
 
-    async def create_sandbox(
+    def create_sandbox(
         self,
         name: str | None = None,
         *,
@@ -129,15 +217,35 @@ class AsyncClient:
         vcpus: int | None = None,
         memory_mb: int | None = None,
         start: bool = True,
+        secrets: Sequence[str] | None = None,
+    ) -> Opening[AsyncSandbox]:
+        """A new sandbox (booted unless `start` is False): `await` it, or `async with` it directly to
+        have it removed on exit."""
+        return Opening(self._create_sandbox(name, image, profile, vcpus, memory_mb, start, secrets))
+
+    async def _create_sandbox(
+        self,
+        name: str | None,
+        image: str | None,
+        profile: str | None,
+        vcpus: int | None,
+        memory_mb: int | None,
+        start: bool,
+        secrets: Sequence[str] | None,
     ) -> AsyncSandbox:
-        """A new sandbox (booted unless `start` is False); as a context manager, removed on exit."""
-        body = {"name": name, "image": image, "profile": profile, "vcpus": vcpus, "memory_mb": memory_mb}
-        body = {k: v for k, v in body.items() if v is not None}
+        body: dict[str, Any] = {"name": name, "image": image, "profile": profile, "vcpus": vcpus}
+        body = {k: v for k, v in {**body, "memory_mb": memory_mb}.items() if v is not None}
+        if secrets:  # names of secrets the server holds (docs/secrets.md); values never leave it
+            body["secrets"] = list(secrets)
         response = await self._request("POST", "/sandboxes", json={**body, "start": start})
         return AsyncSandbox(self, sandbox_info(response.json()), owned=True)
 
-    async def sandbox(self, name: str) -> AsyncSandbox:
-        """A handle to an existing sandbox; leaving it as a context manager does not remove it."""
+    def sandbox(self, name: str) -> Opening[AsyncSandbox]:
+        """A handle to an existing sandbox (`await` it, or `async with` it); leaving it as a context
+        manager does not remove it."""
+        return Opening(self._sandbox(name))
+
+    async def _sandbox(self, name: str) -> AsyncSandbox:
         response = await self._request("GET", sandbox_path(name))
         return AsyncSandbox(self, sandbox_info(response.json()), owned=False)
 
@@ -185,9 +293,16 @@ class AsyncSandbox:
         cwd: str | None = None,
         timeout: float | None = None,
         stdin: str | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
     ) -> RunResult:
-        """Run a command and wait for it to exit."""
+        """Run a command and wait for it to exit. `on_stdout` / `on_stderr` (plain functions or
+        coroutine functions) are called with each chunk of output as it arrives (the command is then
+        streamed); the result holds the output as well."""
         body = command_body(command, env=env, cwd=cwd, timeout=timeout, stdin=stdin)
+        if on_stdout is not None or on_stderr is not None:
+            path = sandbox_path(self.name, "/exec/stream")
+            return await self._client._streamed(path, body, on_stdout, on_stderr)
         response = await self._client._request("POST", sandbox_path(self.name, "/exec"), json=body)
         return run_result(response.json())
 
@@ -199,23 +314,29 @@ class AsyncSandbox:
         cwd: str | None = None,
         timeout: float | None = None,
         stdin: str | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
     ) -> AsyncGenerator[Event, None]:
-        """Run a command, yielding events as it produces output. Closing the iterator ends it."""
+        """Run a command, yielding events as it produces output: Started, OutputEvent for each chunk
+        as it arrives (not each line), then ExitEvent. The callbacks are called (and awaited, if
+        coroutine functions) with each chunk before its event is yielded. Closing the iterator
+        (`aclose`) ends the command."""
         body = command_body(command, env=env, cwd=cwd, timeout=timeout, stdin=stdin)
-        return self._client._events(sandbox_path(self.name, "/exec/stream"), body)
+        return self._client._events(sandbox_path(self.name, "/exec/stream"), body, on_stdout, on_stderr)
 
     async def read_file(self, path: str) -> bytes:
         return b"".join([chunk async for chunk in self.iter_file(path)])
 
     async def iter_file(self, path: str) -> AsyncIterator[bytes]:
         """A file's bytes as they arrive."""
-        async with self._client._http.stream("GET", file_path(self.name, path)) as response:
-            if response.is_error:
-                raise problem_error(response.status_code, await response.aread())
-            if response.headers.get("content-type", "").startswith("application/json"):
-                raise ApiError(409, "is_a_directory", f"{path} is a directory: use list_files", "path")
-            async for chunk in response.aiter_bytes(CHUNK):
-                yield chunk
+        with transport_errors(self._client.base_url):
+            async with self._client._http.stream("GET", file_path(self.name, path)) as response:
+                if response.is_error:
+                    raise problem_error(response.status_code, await response.aread())
+                if response.headers.get("content-type", "").startswith("application/json"):
+                    raise ApiError(409, "is_a_directory", f"{path} is a directory: use list_files", "path")
+                async for chunk in response.aiter_bytes(CHUNK):
+                    yield chunk
 
     async def write_file(
         self,
@@ -244,15 +365,21 @@ class AsyncSandbox:
         params = {"recursive": "true"} if recursive else {}
         await self._client._request("DELETE", file_path(self.name, path), params=params)
 
-    async def attach(
+    def attach(
         self, command: Sequence[str] | None = None, *, rows: int = 24, cols: int = 80
-    ) -> AsyncTerminal:
-        """A program (default: a login shell) on a terminal in the sandbox, over a WebSocket."""
+    ) -> Opening[AsyncTerminal]:
+        """A program (default: a login shell) on a terminal in the sandbox, over a WebSocket: `await`
+        it, or `async with` it directly to have the connection closed on exit."""
+        return Opening(self._attach(command, rows, cols))
+
+    async def _attach(self, command: Sequence[str] | None, rows: int, cols: int) -> AsyncTerminal:
         url = attach_url(self._client.base_url, self.name, command, rows, cols)
         try:
             ws = await connect(url, additional_headers=headers(self._client._key), max_size=None)
         except InvalidStatus as exc:
             raise problem_error(exc.response.status_code, bytes(exc.response.body or b"")) from None
+        except (OSError, TimeoutError, InvalidURI) as exc:
+            raise ClientConnectionError(f"cannot attach to {self.name} at {url}: {exc}") from exc
         return AsyncTerminal(ws)
 
 
@@ -282,7 +409,8 @@ class AsyncTerminal:
         await self._ws.send(json.dumps({"type": "eof"}))
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        """Output until the program exits (then `exit` is set) or the connection closes."""
+        """Output until the program exits (then `exit` is set) or the server closes the connection;
+        a connection that breaks raises ClientConnectionError."""
         try:
             async for message in self._ws:
                 if isinstance(message, bytes):
@@ -290,8 +418,10 @@ class AsyncTerminal:
                     continue
                 self.exit = terminal_control(message)
                 return
-        except ConnectionClosed:
+        except ConnectionClosedOK:
             return
+        except ConnectionClosedError as exc:
+            raise ClientConnectionError(f"the terminal's connection broke: {exc}") from exc
 
     async def wait(self) -> ExitEvent | None:
         """Discard output until the program exits."""

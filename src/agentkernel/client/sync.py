@@ -8,21 +8,26 @@ from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from typing import IO, Any
 
 import httpx
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK, InvalidStatus, InvalidURI
 from websockets.sync.client import ClientConnection, connect
 
 from agentkernel.client._common import (
     CHUNK,
     DEFAULT_URL,
     ApiError,
+    Assembled,
+    ClientConnectionError,
     Event,
     ExitEvent,
     FileEntry,
+    OutputCallback,
+    OutputEvent,
     RunResult,
     SandboxInfo,
     SSEParser,
     attach_url,
     command_body,
+    dropped,
     file_entries,
     file_path,
     headers,
@@ -32,13 +37,16 @@ from agentkernel.client._common import (
     sandbox_info,
     sandbox_path,
     terminal_control,
+    transport_errors,
 )
 
 
 class Client:
     """A connection to `agentkernel serve`. The API key defaults to $AGENTKERNEL_API_KEY.
 
-    `timeout` bounds each HTTP request (a long command needs a longer one, or streaming).
+    `timeout` bounds each HTTP request (a long command needs a longer one, or streaming). A server
+    that cannot be reached, or a connection that fails midway, raises ClientConnectionError; a
+    request the server refuses raises ApiError (both are ClientError).
     """
 
     def __init__(
@@ -65,19 +73,46 @@ class Client:
         self.close()
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        response = self._http.request(method, path, **kwargs)
+        with transport_errors(self.base_url):
+            response = self._http.request(method, path, **kwargs)
         if response.is_error:
             raise problem_error(response.status_code, response.content)
         return response
 
-    def _events(self, path: str, body: dict[str, Any]) -> Generator[Event, None, None]:
-        with self._http.stream("POST", path, json=body) as response:
+    def _events(
+        self,
+        path: str,
+        body: dict[str, Any],
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> Generator[Event, None, None]:
+        with transport_errors(self.base_url), self._http.stream("POST", path, json=body) as response:
             if response.is_error:
                 raise problem_error(response.status_code, response.read())
             parser = SSEParser()
             for line in response.iter_lines():
-                if (event := parser.line(line)) is not None:
-                    yield event
+                if (event := parser.line(line)) is None:
+                    continue
+                if isinstance(event, OutputEvent):
+                    callback = on_stdout if event.stream == "stdout" else on_stderr
+                    if callback is not None:
+                        callback(event.data)
+                yield event
+                if isinstance(event, ExitEvent):
+                    return
+        raise dropped(self.base_url)
+
+    def _streamed(
+        self,
+        path: str,
+        body: dict[str, Any],
+        on_stdout: OutputCallback | None,
+        on_stderr: OutputCallback | None,
+    ) -> RunResult:
+        assembled = Assembled()
+        for event in self._events(path, body, on_stdout, on_stderr):
+            assembled.add(event)
+        return assembled.result()
 
     def health(self) -> dict[str, Any]:
         data: dict[str, Any] = self._request("GET", "/health").json()
@@ -89,15 +124,27 @@ class Client:
         *,
         image: str | None = None,
         profile: str | None = None,
+        secrets: Sequence[str] | None = None,
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         timeout: float | None = None,
         stdin: str | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
     ) -> RunResult:
-        """Run a command in a new sandbox (removed afterwards) and wait for it to exit."""
+        """Run a command in a new sandbox (removed afterwards) and wait for it to exit. Interrupting
+        the call (KeyboardInterrupt) closes its connection: the server then ends the command and
+        removes the sandbox.
+
+        `on_stdout` / `on_stderr` are called with each chunk of output as it arrives (the command
+        is then streamed); the result holds the output as well."""
         body = command_body(
             command, env=env, cwd=cwd, timeout=timeout, stdin=stdin, image=image, profile=profile
         )
+        if secrets:  # names of secrets the server holds (docs/secrets.md); values never leave it
+            body["secrets"] = list(secrets)
+        if on_stdout is not None or on_stderr is not None:
+            return self._streamed("/run/stream", body, on_stdout, on_stderr)
         return run_result(self._request("POST", "/run", json=body).json())
 
     def run_stream(
@@ -106,17 +153,23 @@ class Client:
         *,
         image: str | None = None,
         profile: str | None = None,
+        secrets: Sequence[str] | None = None,
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         timeout: float | None = None,
         stdin: str | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
     ) -> Generator[Event, None, None]:
-        """Like `run`, yielding events as the command produces output. Closing the iterator early
-        ends the command."""
+        """Like `run`, yielding events as the command produces output: Started, OutputEvent for each
+        chunk as it arrives (not each line), then ExitEvent. The callbacks are called with each
+        chunk before its event is yielded. Closing the iterator early ends the command."""
         body = command_body(
             command, env=env, cwd=cwd, timeout=timeout, stdin=stdin, image=image, profile=profile
         )
-        return self._events("/run/stream", body)
+        if secrets:  # names of secrets the server holds (docs/secrets.md); values never leave it
+            body["secrets"] = list(secrets)
+        return self._events("/run/stream", body, on_stdout, on_stderr)
 
     def list_sandboxes(self) -> list[SandboxInfo]:
         return [sandbox_info(s) for s in self._request("GET", "/sandboxes").json()]
@@ -130,10 +183,13 @@ class Client:
         vcpus: int | None = None,
         memory_mb: int | None = None,
         start: bool = True,
+        secrets: Sequence[str] | None = None,
     ) -> Sandbox:
         """A new sandbox (booted unless `start` is False); as a context manager, removed on exit."""
-        body = {"name": name, "image": image, "profile": profile, "vcpus": vcpus, "memory_mb": memory_mb}
-        body = {k: v for k, v in body.items() if v is not None}
+        body: dict[str, Any] = {"name": name, "image": image, "profile": profile, "vcpus": vcpus}
+        body = {k: v for k, v in {**body, "memory_mb": memory_mb}.items() if v is not None}
+        if secrets:  # names of secrets the server holds (docs/secrets.md); values never leave it
+            body["secrets"] = list(secrets)
         info = sandbox_info(self._request("POST", "/sandboxes", json={**body, "start": start}).json())
         return Sandbox(self, info, owned=True)
 
@@ -183,9 +239,15 @@ class Sandbox:
         cwd: str | None = None,
         timeout: float | None = None,
         stdin: str | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
     ) -> RunResult:
-        """Run a command and wait for it to exit."""
+        """Run a command and wait for it to exit. `on_stdout` / `on_stderr` are called with each chunk
+        of output as it arrives (the command is then streamed); the result holds the output as well."""
         body = command_body(command, env=env, cwd=cwd, timeout=timeout, stdin=stdin)
+        if on_stdout is not None or on_stderr is not None:
+            path = sandbox_path(self.name, "/exec/stream")
+            return self._client._streamed(path, body, on_stdout, on_stderr)
         return run_result(self._client._request("POST", sandbox_path(self.name, "/exec"), json=body).json())
 
     def exec_stream(
@@ -196,17 +258,22 @@ class Sandbox:
         cwd: str | None = None,
         timeout: float | None = None,
         stdin: str | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
     ) -> Generator[Event, None, None]:
-        """Run a command, yielding events as it produces output. Closing the iterator ends it."""
+        """Run a command, yielding events as it produces output: Started, OutputEvent for each chunk
+        as it arrives (not each line), then ExitEvent. The callbacks are called with each chunk
+        before its event is yielded. Closing the iterator ends the command."""
         body = command_body(command, env=env, cwd=cwd, timeout=timeout, stdin=stdin)
-        return self._client._events(sandbox_path(self.name, "/exec/stream"), body)
+        return self._client._events(sandbox_path(self.name, "/exec/stream"), body, on_stdout, on_stderr)
 
     def read_file(self, path: str) -> bytes:
         return b"".join(self.iter_file(path))
 
     def iter_file(self, path: str) -> Iterator[bytes]:
         """A file's bytes as they arrive."""
-        with self._client._http.stream("GET", file_path(self.name, path)) as response:
+        url = file_path(self.name, path)
+        with transport_errors(self._client.base_url), self._client._http.stream("GET", url) as response:
             if response.is_error:
                 raise problem_error(response.status_code, response.read())
             if response.headers.get("content-type", "").startswith("application/json"):
@@ -248,6 +315,8 @@ class Sandbox:
             )
         except InvalidStatus as exc:
             raise problem_error(exc.response.status_code, bytes(exc.response.body or b"")) from None
+        except (OSError, TimeoutError, InvalidURI) as exc:
+            raise ClientConnectionError(f"cannot attach to {self.name} at {url}: {exc}") from exc
         return Terminal(ws, stack)
 
 
@@ -286,7 +355,8 @@ class Terminal:
         self._ws.send(json.dumps({"type": "eof"}))
 
     def __iter__(self) -> Iterator[bytes]:
-        """Output until the program exits (then `exit` is set) or the connection closes."""
+        """Output until the program exits (then `exit` is set) or the server closes the connection;
+        a connection that breaks raises ClientConnectionError."""
         try:
             for message in self._ws:
                 if isinstance(message, bytes):
@@ -294,8 +364,10 @@ class Terminal:
                     continue
                 self.exit = terminal_control(message)
                 return
-        except ConnectionClosed:
+        except ConnectionClosedOK:
             return
+        except ConnectionClosedError as exc:
+            raise ClientConnectionError(f"the terminal's connection broke: {exc}") from exc
 
     def wait(self) -> ExitEvent | None:
         """Discard output until the program exits."""

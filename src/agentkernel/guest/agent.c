@@ -484,11 +484,12 @@ static const char *do_hello(struct conn *c, const uint8_t *p, size_t n)
 	if (rec.has[F_ENTROPY])
 		reseed(&rec.f[F_ENTROPY]);
 	limits_apply(&rec);
-	static const char desc[] = "agentkernel-agent protocol 1";
+	char desc[48];
+	int dn = snprintf(desc, sizeof desc, "agentkernel-agent protocol %d", PROTO_VERSION);
 	struct rb b = { 0 };
-	rb_int(&b, F_VERSION, 1);
+	rb_int(&b, F_VERSION, PROTO_VERSION);
 	rb_bytes(&b, F_MAGIC, "AGENTKRN", 8);
-	rb_bytes(&b, F_MESSAGE, desc, sizeof desc - 1);
+	rb_bytes(&b, F_MESSAGE, desc, dn);
 	send_rec(c, 0, T_HELLO, &b);
 	return NULL;
 }
@@ -521,6 +522,7 @@ static bool from_host(uint8_t type)
 	switch (type) {
 	case T_HELLO: case T_PING: case T_SHUTDOWN: case T_EXEC: case T_STDIN: case T_SIGNAL: case T_RESIZE:
 	case T_WINDOW: case T_DATA: case T_GET: case T_PUT: case T_STAT: case T_LIST: case T_MKDIR: case T_REMOVE:
+	case T_ARGS:
 		return true;
 	}
 	return false;
@@ -575,12 +577,15 @@ static const char *handle_frame(struct conn *c, uint16_t id, uint8_t type, const
 		else
 			file_data(ch, p, n);
 		return NULL;
-	default:  /* WINDOW, SIGNAL, RESIZE */
+	default:  /* ARGS, WINDOW, SIGNAL, RESIZE */
 		if (rec_parse(&rec, p, n))
 			return "malformed record";
 		if (!ch)
 			return NULL;
-		if (type == T_WINDOW) {
+		if (type == T_ARGS) {
+			if (ch->op == OP_EXEC)
+				exec_args(ch, &rec);
+		} else if (type == T_WINDOW) {
 			int64_t b = rec_int(&rec, F_BYTES, 0);
 			if (b < 0 || b > (1LL << 40))
 				return "bad WINDOW";
@@ -594,7 +599,7 @@ static const char *handle_frame(struct conn *c, uint16_t id, uint8_t type, const
 		} else if (type == T_SIGNAL) {
 			int64_t sig = rec_int(&rec, F_SIGNAL, 0);
 			if (sig > 0 && sig < NSIG)
-				exec_signal(ch, sig);
+				exec_host_signal(ch, sig);
 		} else
 			exec_resize(ch, rec_int(&rec, F_ROWS, 0), rec_int(&rec, F_COLS, 0));
 		return NULL;
@@ -960,7 +965,6 @@ static void setup_system(void)
 	if (setrlimit(RLIMIT_NOFILE, &big) && setrlimit(RLIMIT_NOFILE, &hard))  /* in a container: its hard limit */
 		setup_failed("RLIMIT_NOFILE");
 	umask(022);
-	limits_init();
 }
 
 /* ---- main loop ---- */
@@ -975,6 +979,8 @@ static int next_timeout(void)
 				if (t < next)
 					next = t;
 			}
+	if (limits_next_timer() < next)
+		next = limits_next_timer();
 	if (next == INT64_MAX)
 		return -1;
 	return next <= now ? 0 : next - now > 60000 ? 60000 : (int)(next - now);
@@ -1053,6 +1059,7 @@ int main(void)
 			pause();
 	}
 	watch_add(sfd, W_SIGNAL, EPOLLIN, NULL, NULL);
+	limits_init();  /* after the epoll set: it watches the sandbox's memory events */
 	if (!container) {
 		open_vm_transports();
 	} else if ((unix_lfd = unix_listen(listen_path)) >= 0) {
@@ -1077,11 +1084,13 @@ int main(void)
 			case W_SIGNAL: reap(fd); break;
 			case W_LISTEN: stream_accept(fd); break;
 			case W_UEVENT: uevent_read(fd); break;
+			case W_LIMITS: limits_event(fd); break;
 			case W_CONN: conn_event(w->c, evs[i].events); break;
 			case W_NONE: break;
 			default: exec_event(w->ch, w->kind, evs[i].events); break;
 			}
 		}
+		limits_timers();
 		more = service();
 		for (struct conn **pc = &conns; *pc;) {
 			struct conn *c = *pc;

@@ -19,11 +19,17 @@
 #define CHUNK 65536           /* largest data frame the agent sends */
 #define OUTQ_HIGH (1 << 20)   /* above this many queued bytes, stop producing output */
 #define EXIT_QUIET_MS 100     /* the 100 ms rule for EXIT (protocol.md, Exec) */
+#define PROTO_VERSION 2
+/* Linux's bounds on what execve takes (protocol.md, Exec): argv and env together, each string with
+ * its NUL plus a pointer to it, at most a quarter of the 8 MiB stack limit; one string at most
+ * MAX_ARG_STRLEN (32 pages) with its NUL. The agent holds no more than that for an EXEC. */
+#define EXEC_ARG_MAX (2 << 20)
+#define EXEC_ARG_STRLEN (128 << 10)
 
 enum ftype {
 	T_HELLO = 1, T_PING = 2, T_PONG = 3, T_SHUTDOWN = 4,
 	T_EXEC = 16, T_STARTED, T_STDIN, T_STDOUT, T_STDERR, T_EXIT, T_SIGNAL, T_RESIZE,
-	T_WINDOW, T_ERROR, T_DATA, T_OK, T_INFO, T_ENTRY,
+	T_WINDOW, T_ERROR, T_DATA, T_OK, T_INFO, T_ENTRY, T_ARGS,
 	T_GET = 32, T_PUT, T_STAT, T_LIST, T_MKDIR, T_REMOVE,
 };
 
@@ -31,7 +37,7 @@ enum tag {
 	F_VERSION = 1, F_MAGIC, F_ARGV, F_ENV, F_CWD, F_UID, F_GID, F_TIMEOUT_MS, F_PID,
 	F_EXIT_CODE, F_SIGNAL, F_MESSAGE, F_ERRNO, F_ROWS, F_COLS, F_PTY, F_BYTES, F_TIMED_OUT,
 	F_HOSTNAME, F_TIME_NS, F_PATH, F_MODE, F_SIZE, F_MTIME_NS, F_KIND, F_NAME, F_PARENTS,
-	F_RECURSIVE, F_MAX_PROCS, F_MEMORY_MB, F_ENTROPY, NTAGS
+	F_RECURSIVE, F_MAX_PROCS, F_MEMORY_MB, F_ENTROPY, F_CONTINUED, NTAGS
 };
 
 enum kind { K_FILE = 1, K_DIR, K_SYMLINK, K_OTHER };
@@ -90,11 +96,15 @@ struct chan {
 	size_t ihead, ilen, icap;
 	bool in_eof;         /* host ended its data (empty STDIN) */
 	bool in_closed;      /* the process's stdin is closed */
+	bool in_wrote;       /* some stdin was passed on; in_last is its last byte (for a PTY's EOF) */
+	uint8_t in_last;
 	/* exec */
+	struct xreq *xreq;   /* an EXEC still taking ARGS frames; NULL once it ran (or failed to) */
 	pid_t pid;
 	int sfd, ifd, ofd, efd; /* status pipe, stdin, stdout, stderr; a PTY master is ifd == ofd */
 	bool pty, started, exited, timed_out;
 	int wstatus;
+	unsigned group;      /* the process's cgroup (limits.c); 0: none */
 	int64_t deadline;    /* monotonic ms for timeout_ms, 0 = none */
 	int64_t last_out;    /* monotonic ms of the last output, for the 100 ms rule */
 	/* files */
@@ -113,7 +123,8 @@ int64_t mono_ms(void);
 void logmsg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 void setup_failed(const char *what);
 bool is_mountpoint(const char *dir);
-enum wkind { W_NONE, W_SIGNAL, W_LISTEN, W_UEVENT, W_CONN, W_STATUS, W_STDIN, W_STDOUT, W_STDERR, W_PTY };
+enum wkind { W_NONE, W_SIGNAL, W_LISTEN, W_UEVENT, W_LIMITS, W_CONN, W_STATUS, W_STDIN, W_STDOUT, W_STDERR,
+	     W_PTY };
 void watch_add(int fd, int kind, uint32_t events, struct conn *c, struct chan *ch);
 void watch_set(int fd, uint32_t events);
 void watch_close(int *fd);
@@ -130,6 +141,8 @@ void grant(struct chan *ch, bool force);
 
 /* exec.c */
 void exec_start(struct conn *c, uint16_t id, const struct rec *r);
+void exec_args(struct chan *ch, const struct rec *r);
+void exec_host_signal(struct chan *ch, int sig);
 void exec_event(struct chan *ch, int kind, uint32_t events);
 void exec_stdin(struct chan *ch, const uint8_t *p, size_t n);
 void exec_signal(struct chan *ch, int sig);
@@ -143,7 +156,13 @@ void exec_release(struct chan *ch);
 /* limits.c */
 void limits_init(void);
 void limits_apply(const struct rec *r);
-int limits_join(void);
+int limits_group(unsigned *id);
+int limits_join(int procs_fd);
+void limits_kill(unsigned id);
+void limits_release(unsigned id);
+void limits_event(int fd);
+void limits_timers(void);
+int64_t limits_next_timer(void);
 
 /* files.c */
 void file_op(struct conn *c, uint16_t id, uint8_t type, const struct rec *r);

@@ -28,6 +28,7 @@ struct spawn {
 	uid_t uid;
 	gid_t gid;
 	int sfd, in, out, err; /* child ends; for a PTY all three are the slave */
+	int cg;                /* the command's cgroup.procs (limits.c), or -1 */
 	bool pty;
 };
 
@@ -46,7 +47,7 @@ static void child(const struct spawn *s)
 	sigemptyset(&none);
 	sigprocmask(SIG_SETMASK, &none, NULL);
 	signal(SIGPIPE, SIG_DFL);
-	if (limits_join())
+	if (limits_join(s->cg))
 		child_fail(s->sfd, S_LIMITS);
 	if (setsid() < 0)
 		child_fail(s->sfd, S_SETSID);
@@ -76,83 +77,122 @@ static void free_strv(char **v)
 	free(v);
 }
 
-static char **strv(const struct field *f, int n, int extra)
-{
-	char **v = calloc(n + extra + 1, sizeof *v);
-	for (int i = 0; v && i < n; i++)
-		if (!(v[i] = field_str(&f[i]))) {
-			free_strv(v);
-			return NULL;
-		}
-	return v;
-}
-
 static void nonblock(int fd)
 {
 	fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
 }
 
-void exec_start(struct conn *c, uint16_t id, const struct rec *r)
+/* An EXEC as its frames arrive: the settings of the EXEC record, and argv and env from it and from
+ * the ARGS frames that continue it (protocol.md, Exec). */
+struct xreq {
+	struct spawn s;            /* argv and envp are NULL-terminated arrays of argc, envc strings */
+	int argc, envc, argcap, envcap;
+	size_t size;               /* argv and env as Linux counts them against EXEC_ARG_MAX */
+	int64_t timeout, rows, cols;
+};
+
+static void xreq_free(struct xreq *x)
 {
-	struct spawn s = { .sfd = -1, .in = -1, .out = -1, .err = -1 };
+	free_strv(x->s.argv);
+	free_strv(x->s.envp);
+	free(x->s.cwd);
+	free(x);
+}
+
+/* Append fields to a NULL-terminated array, keeping room for one more entry and the NULL. */
+static int strv_add(char ***v, int *n, int *cap, const struct field *f, int nf)
+{
+	if (*n + nf + 2 > *cap) {
+		int want = *cap ? *cap : 16;
+		while (*n + nf + 2 > want)
+			want *= 2;
+		char **grown = realloc(*v, want * sizeof *grown);
+		if (!grown)
+			return ENOMEM;
+		*v = grown;
+		*cap = want;
+		grown[*n] = NULL;
+	}
+	for (int i = 0; i < nf; i++) {
+		if (!((*v)[*n] = field_str(&f[i])))
+			return memchr(f[i].p, 0, f[i].n) ? EINVAL : ENOMEM;
+		(*v)[++*n] = NULL;
+	}
+	return 0;
+}
+
+/* Add a record's argv and env to the request; 0, or the errno that ends it. */
+static int xreq_add(struct xreq *x, const struct rec *r)
+{
+	for (int i = 0; i < r->nargv + r->nenv; i++) {
+		const struct field *f = i < r->nargv ? &r->argv[i] : &r->env[i - r->nargv];
+		if (f->n >= EXEC_ARG_STRLEN)
+			return E2BIG;
+		x->size += f->n + 1 + sizeof(char *);
+	}
+	if (x->size > EXEC_ARG_MAX)
+		return E2BIG;
+	int err = strv_add(&x->s.argv, &x->argc, &x->argcap, r->argv, r->nargv);
+	return err ? err : strv_add(&x->s.envp, &x->envc, &x->envcap, r->env, r->nenv);
+}
+
+/* Start the process of a complete request on its channel; on failure ERROR ends the channel. */
+static void launch(struct chan *ch, struct xreq *x)
+{
+	struct spawn *s = &x->s;
 	int sp[2] = { -1, -1 }, ip[2] = { -1, -1 }, op[2] = { -1, -1 }, ep[2] = { -1, -1 };
 	int master = -1;
-	int64_t uid = rec_int(r, F_UID, 0), gid = rec_int(r, F_GID, 0), timeout = rec_int(r, F_TIMEOUT_MS, 0);
-	int64_t rows = rec_int(r, F_ROWS, 24), cols = rec_int(r, F_COLS, 80);
 
-	s.pty = rec_int(r, F_PTY, 0) == 1;
-	s.argv = strv(r->argv, r->nargv, 0);
-	s.envp = strv(r->env, r->nenv, 1);
-	s.cwd = r->has[F_CWD] ? field_str(&r->f[F_CWD]) : strdup("/");
-	if (!r->nargv || !s.argv || !s.envp || !s.cwd || uid < 0 || uid >= 0xffffffff || gid < 0 ||
-	    gid >= 0xffffffff || timeout < 0 || rows < 1 || rows > 0xffff || cols < 1 || cols > 0xffff) {
-		send_error(c, id, EINVAL, "bad EXEC: %s", !r->nargv ? "no argv" : "NUL byte or value out of range");
-		goto out;
+	if (!x->argc) {
+		send_error(ch->c, ch->id, EINVAL, "bad EXEC: no argv");
+		chan_free(ch);
+		return;
 	}
 	int i;
-	for (i = 0; s.envp[i] && strncmp(s.envp[i], "PATH=", 5); i++)
+	for (i = 0; i < x->envc && strncmp(s->envp[i], "PATH=", 5); i++)
 		;
-	if (!s.envp[i])
-		s.envp[r->nenv] = strdup(DEFAULT_PATH);
-	s.uid = uid;
-	s.gid = gid;
-
+	if (i == x->envc) {  /* strv_add kept room for it */
+		s->envp[x->envc++] = strdup(DEFAULT_PATH);
+		s->envp[x->envc] = NULL;
+		if (!s->envp[x->envc - 1])
+			goto fail;
+	}
 	if (pipe2(sp, O_CLOEXEC))
 		goto fail;
-	s.sfd = sp[1];
-	if (s.pty) {
+	s->sfd = sp[1];
+	if (s->pty) {
 		char name[64];
-		struct winsize ws = { .ws_row = rows, .ws_col = cols };
+		struct winsize ws = { .ws_row = x->rows, .ws_col = x->cols };
 		if ((master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC)) < 0 || unlockpt(master) ||
 		    ptsname_r(master, name, sizeof name) || ioctl(master, TIOCSWINSZ, &ws) ||
-		    (s.in = open(name, O_RDWR | O_NOCTTY | O_CLOEXEC)) < 0)
+		    (s->in = open(name, O_RDWR | O_NOCTTY | O_CLOEXEC)) < 0)
 			goto fail;
-		s.out = s.err = s.in;
+		s->out = s->err = s->in;
 	} else {
 		if (pipe2(ip, O_CLOEXEC) || pipe2(op, O_CLOEXEC) || pipe2(ep, O_CLOEXEC))
 			goto fail;
-		s.in = ip[0];
-		s.out = op[1];
-		s.err = ep[1];
+		s->in = ip[0];
+		s->out = op[1];
+		s->err = ep[1];
 	}
+	s->cg = limits_group(&ch->group);
 	pid_t pid = fork();
 	if (pid < 0)
 		goto fail;
 	if (pid == 0)
-		child(&s);
+		child(s);
 
-	struct chan *ch = chan_new(c, id, OP_EXEC);
 	ch->pid = pid;
-	ch->pty = s.pty;
-	ch->deadline = timeout ? now + timeout : 0;
+	ch->pty = s->pty;
+	ch->deadline = x->timeout ? now + x->timeout : 0;
 	ch->sfd = sp[0];
 	sp[0] = -1;
-	watch_add(ch->sfd, W_STATUS, EPOLLIN, c, ch);
-	if (s.pty) {
+	watch_add(ch->sfd, W_STATUS, EPOLLIN, ch->c, ch);
+	if (s->pty) {
 		ch->ifd = ch->ofd = master;
 		master = -1;
 		nonblock(ch->ofd);
-		watch_add(ch->ofd, W_PTY, 0, c, ch);
+		watch_add(ch->ofd, W_PTY, 0, ch->c, ch);
 	} else {
 		ch->ifd = ip[1];
 		ch->ofd = op[0];
@@ -161,24 +201,87 @@ void exec_start(struct conn *c, uint16_t id, const struct rec *r)
 		nonblock(ch->ifd);
 		nonblock(ch->ofd);
 		nonblock(ch->efd);
-		watch_add(ch->ifd, W_STDIN, 0, c, ch);
-		watch_add(ch->ofd, W_STDOUT, 0, c, ch);
-		watch_add(ch->efd, W_STDERR, 0, c, ch);
+		watch_add(ch->ifd, W_STDIN, 0, ch->c, ch);
+		watch_add(ch->ofd, W_STDOUT, 0, ch->c, ch);
+		watch_add(ch->efd, W_STDERR, 0, ch->c, ch);
 	}
 	goto out;
 fail:
-	send_error(c, id, errno, "cannot start process: %s", strerror(errno));
+	send_error(ch->c, ch->id, errno, "cannot start process: %s", strerror(errno));
+	chan_free(ch);
 out:
 	/* What is left open here are the child's ends and anything of a failed start. */
-	if (s.pty && s.in >= 0)
-		close(s.in);
+	if (s->pty && s->in >= 0)
+		close(s->in);
+	if (s->cg >= 0)
+		close(s->cg);
 	int fds[] = { sp[0], sp[1], ip[0], ip[1], op[0], op[1], ep[0], ep[1], master };
 	for (size_t k = 0; k < sizeof fds / sizeof *fds; k++)
 		if (fds[k] >= 0)
 			close(fds[k]);
-	free_strv(s.argv);
-	free_strv(s.envp);
-	free(s.cwd);
+}
+
+void exec_start(struct conn *c, uint16_t id, const struct rec *r)
+{
+	int64_t uid = rec_int(r, F_UID, 0), gid = rec_int(r, F_GID, 0);
+	struct xreq *x = calloc(1, sizeof *x);
+	if (!x) {
+		send_error(c, id, ENOMEM, "cannot start process: %s", strerror(ENOMEM));
+		return;
+	}
+	x->s = (struct spawn){ .sfd = -1, .in = -1, .out = -1, .err = -1, .cg = -1 };
+	x->s.pty = rec_int(r, F_PTY, 0) == 1;
+	x->s.cwd = r->has[F_CWD] ? field_str(&r->f[F_CWD]) : strdup("/");
+	x->s.uid = uid;
+	x->s.gid = gid;
+	x->timeout = rec_int(r, F_TIMEOUT_MS, 0);
+	x->rows = rec_int(r, F_ROWS, 24);
+	x->cols = rec_int(r, F_COLS, 80);
+	if (!x->s.cwd || uid < 0 || uid >= 0xffffffff || gid < 0 || gid >= 0xffffffff || x->timeout < 0 ||
+	    x->rows < 1 || x->rows > 0xffff || x->cols < 1 || x->cols > 0xffff) {
+		send_error(c, id, EINVAL, "bad EXEC: NUL byte or value out of range");
+		xreq_free(x);
+		return;
+	}
+	struct chan *ch = chan_new(c, id, OP_EXEC);
+	ch->xreq = x;
+	exec_args(ch, r);
+}
+
+/* The EXEC record, or an ARGS record that continues it: the last one (without `continued`) starts
+ * the process. ARGS for a channel whose process already runs is not for it: ignored. */
+void exec_args(struct chan *ch, const struct rec *r)
+{
+	struct xreq *x = ch->xreq;
+	if (!x)
+		return;
+	int err = xreq_add(x, r);
+	if (err == E2BIG)
+		send_error(ch->c, ch->id, err, "argument list too long: over %d bytes in all (ARG_MAX) or %d "
+			   "in one string (MAX_ARG_STRLEN)", EXEC_ARG_MAX, EXEC_ARG_STRLEN - 1);
+	else if (err)
+		send_error(ch->c, ch->id, err, "bad EXEC: %s", err == EINVAL ? "NUL byte in an argument" : strerror(err));
+	if (err) {
+		chan_free(ch);
+		return;
+	}
+	if (rec_int(r, F_CONTINUED, 0) == 1)
+		return;
+	ch->xreq = NULL;
+	launch(ch, x);
+	xreq_free(x);
+}
+
+/* A SIGNAL before the process exists (its ARGS still coming) drops the request: ERROR ends the
+ * channel, so the host's request to end it is answered as for a process. */
+void exec_host_signal(struct chan *ch, int sig)
+{
+	if (!ch->xreq) {
+		exec_signal(ch, sig);
+		return;
+	}
+	send_error(ch->c, ch->id, ECANCELED, "cancelled before the command started");
+	chan_free(ch);
 }
 
 /* Read interest follows the window and the out-queue; write interest follows queued stdin. */
@@ -223,6 +326,14 @@ static bool check_done(struct chan *ch)
 	return true;
 }
 
+/* Whether a canonical-mode terminal has ended its line after input byte `c`. */
+static bool line_end(const struct termios *t, uint8_t c)
+{
+	if (c == '\n' || (c == '\r' && (t->c_iflag & ICRNL) && !(t->c_iflag & IGNCR)))
+		return true;
+	return c != _POSIX_VDISABLE && (c == t->c_cc[VEOF] || c == t->c_cc[VEOL] || c == t->c_cc[VEOL2]);
+}
+
 static void stdin_close(struct chan *ch)
 {
 	if (ch->in_closed)
@@ -232,9 +343,15 @@ static void stdin_close(struct chan *ch)
 		watch_close(&ch->ifd);
 		return;
 	}
-	/* A terminal has no half-close: type the EOF character, as a user at it would. */
+	/* A terminal has no half-close: type the EOF character, as a user at it would. In canonical
+	 * mode it ends the input only at the start of a line: after a partial line the first one just
+	 * passes that line on, so a second one is typed. */
 	struct termios t;
-	if (ch->ifd >= 0 && !tcgetattr(ch->ifd, &t) && write(ch->ifd, &t.c_cc[VEOF], 1) < 0) {
+	if (ch->ifd < 0 || tcgetattr(ch->ifd, &t))
+		return;
+	cc_t eof[2] = { t.c_cc[VEOF], t.c_cc[VEOF] };
+	bool partial = (t.c_lflag & ICANON) && ch->in_wrote && !line_end(&t, ch->in_last);
+	if (write(ch->ifd, eof, partial ? 2 : 1) < 0) {
 		/* the process is gone or not reading: nothing to tell it */
 	}
 }
@@ -244,6 +361,8 @@ static void stdin_pump(struct chan *ch)
 	while (ch->ilen && !ch->in_closed) {
 		ssize_t n = write(ch->ifd, ch->ib + ch->ihead, ch->ilen);
 		if (n > 0) {
+			ch->in_wrote = true;
+			ch->in_last = ch->ib[ch->ihead + n - 1];
 			ch->ihead += n;
 			ch->ilen -= n;
 			ch->ack += n;
@@ -363,12 +482,17 @@ void exec_event(struct chan *ch, int kind, uint32_t events)
 		exec_update(ch);
 }
 
-/* The group may outlive its leader; the leader may not have called setsid yet. */
+/* The group may outlive its leader; the leader may not have called setsid yet. SIGKILL (a timeout, a
+ * closed connection, or the host's) also goes to the command's cgroup: every process it started. */
 void exec_signal(struct chan *ch, int sig)
 {
+	if (ch->pid <= 0)
+		return;  /* no process yet: kill(0) would signal the agent's own group */
 	if (!ch->exited)
 		kill(ch->pid, sig);
 	kill(-ch->pid, sig);
+	if (sig == SIGKILL)
+		limits_kill(ch->group);
 }
 
 void exec_resize(struct chan *ch, int64_t rows, int64_t cols)
@@ -378,6 +502,7 @@ void exec_resize(struct chan *ch, int64_t rows, int64_t cols)
 		ioctl(ch->ofd, TIOCSWINSZ, &ws);
 }
 
+/* The main process has exited: the command is over; what it sent to the background runs on. */
 void exec_reaped(struct chan *ch, int status)
 {
 	ch->exited = true;
@@ -414,6 +539,9 @@ int64_t exec_next_timer(struct chan *ch)
 
 void exec_release(struct chan *ch)
 {
+	if (ch->xreq)
+		xreq_free(ch->xreq);
+	limits_release(ch->group);
 	watch_close(&ch->sfd);
 	if (ch->pty)
 		ch->ifd = -1;  /* the same fd as ofd */

@@ -18,7 +18,7 @@ static bool int_tag(int tag)
 	case F_VERSION: case F_UID: case F_GID: case F_TIMEOUT_MS: case F_PID: case F_EXIT_CODE:
 	case F_SIGNAL: case F_ERRNO: case F_ROWS: case F_COLS: case F_PTY: case F_BYTES:
 	case F_TIMED_OUT: case F_TIME_NS: case F_MODE: case F_SIZE: case F_MTIME_NS: case F_KIND:
-	case F_PARENTS: case F_RECURSIVE: case F_MAX_PROCS: case F_MEMORY_MB:
+	case F_PARENTS: case F_RECURSIVE: case F_MAX_PROCS: case F_MEMORY_MB: case F_CONTINUED:
 		return true;
 	}
 	return false;

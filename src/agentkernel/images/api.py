@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from agentkernel.artifacts.run import console, step, warn
+from agentkernel.artifacts.run import console, warn
 from agentkernel.errors import AgentkernelError
 from agentkernel.images import builder, store
 from agentkernel.images.model import Image
+from agentkernel.images.progress import BuildProgress
 from agentkernel.images.recipes import Recipe, get_recipe, populate, recipe_key
 
 
@@ -38,8 +39,10 @@ def build_from_dir(directory: Path, name: str, agent: Path, *, log: Path) -> Ima
     store.check_name(name)
     if not directory.is_dir():
         raise AgentkernelError(f"{directory} is not a directory")
-    with step(f"Building image {name} from {directory}"), store.scratch() as tmp:
-        builder.build(directory, agent, tmp / store.ROOTFS, log=log, in_place=False)
+    with BuildProgress(name, 3) as progress, store.scratch() as tmp:
+        progress.stage(f"copy {directory}")
+        builder.build(directory, agent, tmp / store.ROOTFS, log=log, in_place=False, progress=progress)
+        progress.stage("store")
         return store.add(tmp / store.ROOTFS, name, source=f"dir:{directory.resolve()}")
 
 
@@ -57,8 +60,10 @@ def _cached(name: str, key: str) -> Image | None:
 
 
 def _build(recipe: Recipe, key: str, agent: Path, log: Path) -> Image:
-    with step(f"Building image {recipe.name}"), store.scratch() as tmp:
+    with BuildProgress(recipe.name, 4 if recipe.packages else 3) as progress, store.scratch() as tmp:
         tree = tmp / "rootfs"
-        populate(recipe, tree, log=log)
+        populate(recipe, tree, log=log, progress=progress)
+        progress.stage("ext4 image")
         builder.build(tree, agent, tmp / store.ROOTFS, log=log, in_place=True)
+        progress.stage("store")
         return store.add(tmp / store.ROOTFS, recipe.name, source=f"recipe:{recipe.name}", recipe_key=key)

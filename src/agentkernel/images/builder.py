@@ -19,6 +19,7 @@ from pathlib import Path
 
 from agentkernel.artifacts.run import require, run
 from agentkernel.errors import AgentkernelError
+from agentkernel.images.progress import BuildProgress
 from agentkernel.images.safepath import resolve_in_root
 
 FORMAT = "ext4-v2"  # v2: /mnt exists (host home is mounted there)
@@ -41,11 +42,14 @@ JOURNAL_MIB = 64
 INODE_BYTES = 256
 
 
-def build(tree: Path, agent: Path, out: Path, *, log: Path, in_place: bool) -> None:
+def build(
+    tree: Path, agent: Path, out: Path, *, log: Path, in_place: bool, progress: BuildProgress | None = None
+) -> None:
     """Write the ext4 image of `tree` with `agent` installed to `out` (which must not exist).
 
     With `in_place` the agent and mount points are added to `tree` itself (a scratch tree of ours);
-    otherwise `tree` is copied to a staging directory beside `out` first and left untouched.
+    otherwise `tree` is copied to a staging directory beside `out` first and left untouched, and
+    `progress` is told when the copy is done.
     """
     if not agent.is_file():
         raise AgentkernelError(f"the guest agent binary {agent} does not exist: build it first")
@@ -56,6 +60,8 @@ def build(tree: Path, agent: Path, out: Path, *, log: Path, in_place: bool) -> N
     staging.mkdir()
     try:
         run(["cp", "-a", "--reflink=auto", f"{tree}/.", staging], log=log, what=f"copying {tree}")
+        if progress is not None:
+            progress.stage("ext4 image")
         _finish(staging, agent, out, log)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

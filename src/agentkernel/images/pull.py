@@ -92,7 +92,7 @@ def _copy(ref: str, layout: Path, tmp: Path, log: Path) -> None:
         f"oci:{layout}:{TAG}",
     ]  # fmt: skip
     log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as out:
+    with paths.open_private(log, "ab") as out:
         out.write(f"\n$ {' '.join(cmd)}\n".encode())
         out.flush()
         proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.PIPE)

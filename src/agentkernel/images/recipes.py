@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agentkernel.artifacts.cache import key_of, sha256_file
-from agentkernel.artifacts.run import require, run
+from agentkernel.artifacts.run import require
 from agentkernel.errors import AgentkernelError
-from agentkernel.images import builder
+from agentkernel.images import builddir, builder
+from agentkernel.images.progress import BuildProgress, stage_on_log_line
 from agentkernel.images.sources import debian_sources
 
 SUITE = "bookworm"
@@ -100,22 +101,33 @@ def recipe_key(recipe: Recipe, agent: Path) -> str:
     return key_of([builder.FORMAT, recipe.name, *inputs, sha256_file(agent)])
 
 
-def populate(recipe: Recipe, root: Path, *, log: Path) -> None:
+MMDEBSTRAP_PACKAGES = b"I: installing remaining packages"
+"""What mmdebstrap logs once the essential packages are in, before it installs the recipe's."""
+
+
+def populate(recipe: Recipe, root: Path, *, log: Path, progress: BuildProgress) -> None:
     """Make the root tree of `recipe` at `root`, which must not exist yet."""
     if recipe.packages:
-        _debian(recipe, root, log)
+        _debian(recipe, root, log, progress)
     else:
+        progress.stage("busybox tree")
         _busybox_tree(root)
 
 
-def _debian(recipe: Recipe, root: Path, log: Path) -> None:
+def _debian(recipe: Recipe, root: Path, log: Path, progress: BuildProgress) -> None:
     mmdebstrap = require("mmdebstrap", "mmdebstrap")
+    progress.stage("Debian base (mmdebstrap)")
+    packages = "packages and npm" if recipe.npm else "packages"
     try:
-        run(
-            [mmdebstrap, *_mmdebstrap_args(recipe, str(root))],
-            log=log,
-            what=f"mmdebstrap ({recipe.name} image)",
-        )
+        # In a session of its own: as root it mounts /proc, /sys and /dev in the tree and starts
+        # apt and dpkg, and an interrupted build must stop all of them before it unmounts.
+        with stage_on_log_line(progress, log, MMDEBSTRAP_PACKAGES, packages):
+            builddir.run(
+                [mmdebstrap, *_mmdebstrap_args(recipe, str(root))],
+                within=root,
+                log=log,
+                what=f"mmdebstrap ({recipe.name} image)",
+            )
     except AgentkernelError:
         if recipe.npm and NPM_FAILED in log.read_text(errors="replace"):
             raise AgentkernelError(

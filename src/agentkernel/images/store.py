@@ -13,11 +13,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import os
 import re
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +25,7 @@ from agentkernel import paths
 from agentkernel.artifacts.cache import sha256_file
 from agentkernel.artifacts.run import warn
 from agentkernel.errors import AgentkernelError
+from agentkernel.images import builddir
 from agentkernel.images.model import Image, ImageConfig, ImageRecord
 
 ROOTFS = "rootfs.ext4"
@@ -34,7 +33,6 @@ RECORD = "image.json"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]*(/[A-Za-z0-9][A-Za-z0-9._:@-]*)*")
 HOLD_PREFIX = "sandbox/"  # names that keep images alive for the sandboxes that use them
 SHA256 = re.compile(r"[0-9a-f]{64}")
-OCTAL = re.compile(rb"\\([0-7]{3})")  # mountinfo escapes spaces and such as \040
 
 
 class CorruptImageError(AgentkernelError):
@@ -52,24 +50,10 @@ def check_name(name: str) -> str:
 
 @contextlib.contextmanager
 def scratch() -> Iterator[Path]:
-    """A directory for making an image, removed afterwards whatever happens."""
-    path = Path(tempfile.mkdtemp(prefix="image-", dir=paths.tmp_dir()))
-    try:
+    """A directory for making an image, removed afterwards whatever happens, even when this process
+    is killed (builddir cleans up after dead builders)."""
+    with builddir.build_dir() as path:
         yield path
-    finally:
-        if _has_mounts(path):
-            # A killed mmdebstrap can leave /sys or /dev bind-mounted in its tree: deleting through
-            # them would delete the host's.
-            warn(f"left {path} in place: filesystems are still mounted inside it")
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _has_mounts(path: Path) -> bool:
-    prefix = os.fsencode(f"{path.resolve()}/")
-    with open("/proc/self/mountinfo", "rb") as f:
-        mount_points = [OCTAL.sub(lambda m: bytes([int(m[1], 8)]), line.split()[4]) for line in f]
-    return any(m.startswith(prefix) for m in mount_points)
 
 
 def add(
@@ -184,11 +168,11 @@ def _collect(digest: str | None) -> None:
 def _put_blob(ext4: Path, record: ImageRecord, blob: Path) -> None:
     with scratch() as tmp:
         made = tmp / record.digest
-        made.mkdir()
+        made.mkdir(mode=0o700)
         _move_sparse(ext4, made / ROOTFS)
-        (made / RECORD).write_text(record.to_json() + "\n")
+        paths.write_private(made / RECORD, record.to_json() + "\n")
         for path in (made / ROOTFS, made / RECORD):
-            path.chmod(0o444)
+            path.chmod(0o400)  # read-only, and its owner's only
         if blob.exists():  # a damaged copy: move it aside first, a directory cannot be renamed over
             blob.rename(tmp / "damaged")
         made.rename(blob)
@@ -200,7 +184,7 @@ def _move_sparse(src: Path, dest: Path) -> None:
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-        subprocess.run(["cp", "--sparse=always", src, dest], check=True)
+        subprocess.run(["cp", "--sparse=always", src, dest], check=True, umask=paths.PRIVATE_UMASK)
 
 
 def _intact(blob: Path, digest: str) -> bool:
@@ -234,7 +218,7 @@ def _points_to(name: str) -> str | None:
 def _write_ref(name: str, digest: str) -> None:
     ref = _ref_path(name)
     partial = ref.with_name(f".{ref.name}.partial")
-    partial.write_text(digest + "\n")
+    paths.write_private(partial, digest + "\n")
     partial.replace(ref)
 
 
@@ -248,7 +232,7 @@ def _fix(name: str) -> str:
 
 @contextlib.contextmanager
 def _locked() -> Iterator[None]:
-    with (_images() / ".lock").open("a") as lock:
+    with paths.open_private(_images() / ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
@@ -258,6 +242,4 @@ def _images() -> Path:
 
 
 def _refs() -> Path:
-    refs = _images() / "refs"
-    refs.mkdir(exist_ok=True)
-    return refs
+    return paths.private_dir(_images() / "refs")

@@ -1,7 +1,8 @@
 """DNS answered by the egress gateway, over TCP (the only transport QEMU forwards to the host).
 
 The guest's resolver asks 10.0.2.100:53 (`options use-vc` in its resolv.conf). Names the policy refuses
-get REFUSED, and every answer is a policy decision in the audit log. Only A and AAAA questions are
+get REFUSED, and every answer is a policy decision in the audit log: the gateway normalises the name,
+looks it up and judges it exactly as it does a proxied destination. Only A and AAAA questions are
 answered; anything else gets an empty answer. Queries come from the guest: every length is checked.
 """
 
@@ -9,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+
+from agentkernel.network.hostnames import IPAddress
 
 MAX_MESSAGE = 4096
 TTL = 30
@@ -21,7 +23,8 @@ NOERROR, FORMERR, REFUSED = 0, 1, 5
 TIMEOUT = 30.0
 
 
-DecideFn = Callable[[str, list[str]], bool]  # (name, addresses) -> allowed; audits the decision
+# The question's name as sent -> the checked addresses, None if refused; audits the decision.
+LookupFn = Callable[[str], Awaitable[list[IPAddress] | None]]
 
 
 class BadQuery(Exception):
@@ -52,21 +55,26 @@ def parse_query(message: bytes) -> Question:
             break
         if length > 63 or pos + length > len(message):
             raise BadQuery("bad label")
-        labels.append(message[pos : pos + length].decode("ascii", errors="replace").lower())
+        try:
+            label = message[pos : pos + length].decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadQuery("label is not UTF-8") from None
+        if "." in label:
+            raise BadQuery("dot inside a label")
+        labels.append(label)
         pos += length
     if pos + 4 > len(message):
         raise BadQuery("truncated question")
     qtype = struct.unpack_from(">H", message, pos)[0]
     name = ".".join(labels)
-    if not name or len(name) > 253:
-        raise BadQuery("bad name")
+    if not name:
+        raise BadQuery("empty name")
     return Question(qid, name, qtype, message[12 : pos + 4])
 
 
-def build_answer(question: Question, rcode: int, addresses: list[str]) -> bytes:
+def build_answer(question: Question, rcode: int, addresses: list[IPAddress]) -> bytes:
     family = {A: ipaddress.IPv4Address, AAAA: ipaddress.IPv6Address}.get(question.qtype)
-    records = [ipaddress.ip_address(a) for a in addresses]
-    records = [r for r in records if family is not None and isinstance(r, family)]
+    records = [r for r in addresses if family is not None and isinstance(r, family)]
     header = struct.pack(">HHHHHH", question.id, 0x8180 | rcode, 1, len(records), 0, 0)
     answers = b"".join(
         struct.pack(">HHHIH", 0xC00C, question.qtype, 1, TTL, len(r.packed)) + r.packed for r in records
@@ -80,10 +88,10 @@ def error_answer(message: bytes, rcode: int) -> bytes:
 
 
 class Resolver:
-    """What the gateway answers DNS with: its own lookups, filtered by its policy."""
+    """What the gateway answers DNS with: the addresses its policy checked, or REFUSED."""
 
-    def __init__(self, decide_and_audit: DecideFn) -> None:
-        self.decide = decide_and_audit
+    def __init__(self, lookup: LookupFn) -> None:
+        self.lookup = lookup
 
     async def answer(self, message: bytes) -> bytes:
         try:
@@ -92,14 +100,8 @@ class Resolver:
             return error_answer(message, FORMERR)
         if question.qtype not in (A, AAAA):
             return build_answer(question, NOERROR, [])
-        try:
-            infos = await asyncio.wait_for(
-                asyncio.get_running_loop().getaddrinfo(question.name, None, type=socket.SOCK_STREAM), TIMEOUT
-            )
-            addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-        except (OSError, TimeoutError):
-            addresses = []
-        if not self.decide(question.name, addresses):
+        addresses = await self.lookup(question.name)
+        if addresses is None:
             return build_answer(question, REFUSED, [])
         return build_answer(question, NOERROR, addresses)
 

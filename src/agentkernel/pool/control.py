@@ -84,7 +84,7 @@ def start(
             f"the pool daemon is already running (pid {pid}): `agentkernel daemon stop` first"
         )
     _rotate_log()
-    with log_file().open("ab") as log:
+    with paths.open_private(log_file(), "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "agentkernel.pool.daemon", json.dumps(spec)],
             stdin=subprocess.DEVNULL,

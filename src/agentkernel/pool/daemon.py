@@ -8,7 +8,14 @@ A handed-out sandbox belongs to its taker, who removes it: the pool never takes 
 Two threads: the main one serves requests on the socket (an acquire is answered from memory, never
 waiting for a boot), the worker refills, checks health (the VMM alive, the agent answering) and
 replaces sandboxes older than the maximum age. Restarted, the daemon adopts the ready sandboxes a
-previous run left, so none are orphaned.
+previous run left, so none are orphaned, and removes what it was making when it died: a sandbox not
+yet ready (a fork, or a template's boot sandbox, whose VMM is killed with it) and a half-written
+template snapshot.
+
+Ownership (see service/owners.py): what the daemon makes and keeps ready is the daemon's; an acquire
+makes the sandbox the requesting process's (its pid from the socket's peer credentials), in the same
+change that takes it out of the pool; an adopted one becomes the new daemon's. The worker also runs the
+reaper every few seconds, removing sandboxes whose owner died.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ import json
 import logging
 import os
 import signal
+import socket
+import struct
 import sys
 import threading
 import time
@@ -28,13 +37,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from agentkernel import hostinfo
+from agentkernel import hostinfo, paths
 from agentkernel.backends import get_backend
 from agentkernel.config import Policy
 from agentkernel.errors import AgentkernelError
 from agentkernel.pool import wire
 from agentkernel.sandbox import state
-from agentkernel.service import audit, sandboxes, snapshots
+from agentkernel.service import audit, owners, sandboxes, snapshots
 
 log = logging.getLogger("agentkernel.pool")
 TEMPLATE_PREFIX = "pool-template-"
@@ -101,7 +110,8 @@ class Pool:
 
     # -- requests (main thread) ------------------------------------------------------------------
 
-    def acquire(self, key: str) -> str | None:
+    def acquire(self, key: str, taker: owners.Owner) -> str | None:
+        """A ready sandbox of kind `key`, from now on `taker`'s (the process that asked for it)."""
         with self.lock:
             slot = next((s for s in self.slots if s.key == key), None)
             if slot is None:
@@ -109,7 +119,7 @@ class Pool:
                 return None
             while slot.ready:
                 name, _since = slot.ready.popleft()
-                if self._hand_out(name):
+                if self._hand_out(name, taker):
                     slot.handed_out += 1
                     self.wake.set()
                     return name
@@ -117,14 +127,14 @@ class Pool:
             self.wake.set()
             return None
 
-    def _hand_out(self, name: str) -> bool:
+    def _hand_out(self, name: str, taker: owners.Owner) -> bool:
         """Make a ready sandbox its taker's (no longer pooled), if it is still alive."""
         try:
             with sandboxes.locked(name):
                 record = sandboxes.get(name)
                 if record.status != "running":
                     raise AgentkernelError(f"pooled sandbox {name} is {record.status}")
-                state.update(name, extra={**record.extra, "pool": None})
+                state.update(name, extra={**record.extra, "pool": None, owners.KEY: taker})
         except AgentkernelError as exc:
             log.warning("dropping %s: %s", name, exc)
             _discard(name)
@@ -146,7 +156,10 @@ class Pool:
     # -- the worker thread ---------------------------------------------------------------------
 
     def adopt(self) -> None:
-        """Take back the ready sandboxes a previous daemon left; remove pooled ones of other kinds."""
+        """Take back the ready sandboxes a previous daemon left; remove pooled ones of other kinds,
+        the ones it had not finished making, and its half-written templates."""
+        for name in snapshots.discard_partial():
+            log.info("removed the half-written snapshot %s", name)
         for slot in self.slots:
             slot.key = slot.kind.key()
         keys = {slot.key: slot for slot in self.slots}
@@ -154,10 +167,9 @@ class Pool:
             mark = record.extra.get("pool")
             if not mark:
                 continue
-            record = sandboxes.reconcile(record)
-            owner = keys.get(mark)
-            if owner is not None and record.status == "running" and len(owner.ready) < owner.kind.size:
-                owner.ready.append((record.name, time.time()))
+            kept = keys.get(mark)
+            if kept is not None and len(kept.ready) < kept.kind.size and take_over(record.name, mark):
+                kept.ready.append((record.name, time.time()))
                 log.info("adopted %s", record.name)
             else:
                 _discard(record.name)
@@ -169,14 +181,17 @@ class Pool:
 
     def work(self) -> None:
         """Refill, check health, retire old sandboxes; until stopped."""
-        next_check = 0.0
+        next_check = next_reap = 0.0
         while not self.stopping.is_set():
+            if time.monotonic() >= next_reap:
+                _reap()
+                next_reap = time.monotonic() + owners.REAP_INTERVAL
             if time.monotonic() >= next_check:
                 self._check()
                 next_check = time.monotonic() + self.health_interval
             for slot in self.slots:
                 self._refill(slot)
-            self.wake.wait(timeout=min(1.0, max(0.0, next_check - time.monotonic())))
+            self.wake.wait(timeout=min(1.0, max(0.0, min(next_check, next_reap) - time.monotonic())))
             self.wake.clear()
 
     def _refill(self, slot: Slot) -> None:
@@ -212,10 +227,10 @@ class Pool:
         options = _create_options(kind)
         template = _template(kind, key) if _can_snapshot(kind) else None
         if template is None:
-            sandboxes.create(name, pool=key, **options)
+            sandboxes.create(name, pool=key, owned=True, **options)
             asyncio.run(sandboxes.start(name))
         else:
-            asyncio.run(snapshots.fork(template, name, extra={"pool": key}))
+            asyncio.run(snapshots.fork(template, name, extra={"pool": key, owners.KEY: owners.current()}))
         try:
             asyncio.run(sandboxes.warm_up(name))
         except BaseException:
@@ -276,7 +291,9 @@ def _template(kind: Kind, key: str) -> str:
         return snapshots.get(name).name
     source = f"{TEMPLATE_PREFIX}{key[:8]}-boot"
     _discard(source)  # left by a daemon that died while making the template
-    asyncio.run(snapshots.template(name, source=source, pool=f"template:{key}", **_create_options(kind)))
+    asyncio.run(
+        snapshots.template(name, source=source, pool=f"template:{key}", owned=True, **_create_options(kind))
+    )
     log.info("template %s made", name)
     return name
 
@@ -300,6 +317,33 @@ def _discard(name: str) -> None:
         sandboxes.remove(name, force=True)
 
 
+def take_over(name: str, pool_key: str) -> bool:
+    """Make a ready sandbox a previous daemon left this daemon's, if it is still there and running
+    (under its lock, so a reaper cannot remove it halfway: it is either reaped first, or adopted)."""
+    with contextlib.suppress(AgentkernelError), sandboxes.locked(name):
+        record = sandboxes.get(name)
+        if record.status == "running" and record.extra.get("pool") == pool_key:
+            state.update(name, extra={**record.extra, owners.KEY: owners.current()})
+            return True
+    return False
+
+
+def _reap() -> None:
+    try:
+        for name in sandboxes.reap():
+            log.info("removed %s: its owner has died", name)
+    except Exception as exc:  # the state database busy or broken: the next pass tries again
+        log.error("reaper: %s", exc)
+
+
+def _peer(writer: asyncio.StreamWriter) -> owners.Owner | None:
+    """The owner mark of the process at the other end of a socket connection (SO_PEERCRED)."""
+    sock = writer.get_extra_info("socket")
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, _uid, _gid = struct.unpack("3i", creds)
+    return owners.of_process(pid)
+
+
 # -- the process ----------------------------------------------------------------------------------
 
 
@@ -307,7 +351,7 @@ async def serve(pool: Pool, shutdown: asyncio.Event) -> None:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             line = await asyncio.wait_for(reader.readline(), timeout=5)
-            reply = answer(pool, line, shutdown)
+            reply = answer(pool, line, shutdown, _peer(writer))
         except (ValueError, TimeoutError, OSError) as exc:  # a line over the limit, a silent client
             reply = {"ok": False, "error": f"bad request: {exc}"}
         with contextlib.suppress(OSError):
@@ -324,14 +368,17 @@ async def serve(pool: Pool, shutdown: asyncio.Event) -> None:
     path.unlink(missing_ok=True)
 
 
-def answer(pool: Pool, line: bytes, shutdown: asyncio.Event) -> dict[str, Any]:
+def answer(pool: Pool, line: bytes, shutdown: asyncio.Event, peer: owners.Owner | None) -> dict[str, Any]:
+    """The reply to one request line from process `peer`."""
     try:
         message = json.loads(line)
     except ValueError:
         return {"ok": False, "error": "not a JSON line"}
     op = message.get("op") if isinstance(message, dict) else None
     if op == "acquire" and isinstance(message.get("key"), str):
-        return {"ok": True, "sandbox": pool.acquire(message["key"])}
+        if peer is None:  # it has already gone: nobody would remove what it is given
+            return {"ok": True, "sandbox": None}
+        return {"ok": True, "sandbox": pool.acquire(message["key"], peer)}
     if op == "status":
         return {"ok": True, **pool.status()}
     if op == "stop":
@@ -342,7 +389,7 @@ def answer(pool: Pool, line: bytes, shutdown: asyncio.Event) -> dict[str, Any]:
 
 def _hold_pid_file() -> TextIO:
     """The pid file, locked for the daemon's life: a second daemon on this data dir refuses to run."""
-    f = wire.pid_file().open("a+")
+    f = paths.open_private(wire.pid_file(), "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -358,7 +405,7 @@ def run(kinds: list[Kind], *, max_age: float, health_interval: float) -> None:
     pid_file = _hold_pid_file()
     pool = Pool(kinds, max_age=max_age, health_interval=health_interval)
     audit.record("daemon_start", None, pid=os.getpid(), pools=[k.image for k in kinds])
-    pool.adopt()
+    pool.adopt()  # before the worker's first reaper pass: what is adopted is this daemon's
 
     async def main() -> None:
         shutdown = asyncio.Event()

@@ -15,18 +15,23 @@ import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from errno import EBUSY
+from errno import E2BIG, EBUSY, ENAMETOOLONG
 from pathlib import Path
 from typing import Any
 
 from agentkernel.errors import AgentkernelError
 from agentkernel.protocol.frames import (
+    ARG_MAX,
+    ARG_POINTER,
+    ARGS_VERSION,
     DATA_TYPES,
     INITIAL_WINDOW,
     MAGIC,
+    MAX_ARG_STRLEN,
     MAX_CHANNELS,
     MAX_PAYLOAD,
     MAX_PING,
+    OLDEST_VERSION,
     VERSION,
     Frame,
     FrameDecoder,
@@ -37,6 +42,7 @@ from agentkernel.protocol.frames import (
     decode_record,
     encode,
     encode_record,
+    exec_records,
 )
 
 VSOCK_PORT = 52000
@@ -54,6 +60,15 @@ MAX_TIMEOUT = 100 * 365 * 86400.0
 """Longest command timeout, in seconds (the protocol's milliseconds go far beyond)."""
 CLOSE_TIMEOUT = 2.0
 """Seconds `close` waits for what was sent to be written before it drops it."""
+HEARTBEAT_INTERVAL = 5.0
+"""Seconds of silence from the agent after which a heartbeat connection sends a PING."""
+HEARTBEAT_TIMEOUT = 10.0
+"""Seconds after that PING within which something must come back, or the connection is given up.
+Firecracker resets its vsock device on every snapshot: the guest drops its connections (and the
+agent kills their commands), while the host end stays open and carries nothing."""
+HEARTBEAT_NONCE = b"agentkernel heartbeat"
+PATH_MAX = 4096
+"""Linux's limit on a path, with its NUL: a longer path or working directory fails in the guest."""
 ENDING_TYPES = (FrameType.EXIT, FrameType.ERROR, FrameType.OK)
 FILE_REPLIES = frozenset({FrameType.OK, FrameType.ERROR})
 REPLIES = {
@@ -82,6 +97,40 @@ class ExecError(AgentkernelError):
     def __init__(self, message: str, errno: int | None) -> None:
         super().__init__(message)
         self.errno = errno
+
+
+class ArgumentsTooLongError(ExecError):
+    """A command's argv and env are over Linux's execve limits (ARG_MAX, MAX_ARG_STRLEN)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, E2BIG)
+
+
+def check_arguments(argv: Sequence[str | bytes], env: Mapping[str, str]) -> tuple[list[bytes], list[bytes]]:
+    """`argv` and `env` as the strings execve gets, if they are within its limits in the guest;
+    otherwise ArgumentsTooLongError, naming the limit. Linux's own count also takes in the
+    program's path, so a request just under ARG_MAX can still fail in the guest (as E2BIG)."""
+    args = [_raw(a) if isinstance(a, str) else a for a in argv]
+    strings = [_raw(f"{k}={v}") for k, v in env.items()]
+    for i, arg in enumerate(args):
+        if len(arg) >= MAX_ARG_STRLEN:
+            raise ArgumentsTooLongError(
+                f"argument {i} is {len(arg)} bytes long; Linux takes at most {MAX_ARG_STRLEN - 1} bytes "
+                "in one argument (MAX_ARG_STRLEN)"
+            )
+    for key, string in zip(env, strings, strict=True):
+        if len(string) >= MAX_ARG_STRLEN:
+            raise ArgumentsTooLongError(
+                f"environment variable {key[:64]} is {len(string)} bytes long with its name; Linux takes "
+                f"at most {MAX_ARG_STRLEN - 1} bytes in one (MAX_ARG_STRLEN)"
+            )
+    total = sum(len(s) + 1 + ARG_POINTER for s in (*args, *strings))
+    if total > ARG_MAX:
+        raise ArgumentsTooLongError(
+            f"the command's arguments and environment take {total} bytes; Linux takes at most {ARG_MAX} "
+            f"(ARG_MAX, counting each string with its NUL byte and {ARG_POINTER} bytes for its pointer)"
+        )
+    return args, strings
 
 
 class FileOpError(AgentkernelError):
@@ -312,9 +361,17 @@ class Connection:
     """One connection to an agent. Use `open_unix` / `open_firecracker` / `open_vsock`, then `hello`."""
 
     def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, shared_stream: bool = False
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        shared_stream: bool = False,
+        heartbeat: bool = False,
     ) -> None:
-        """`shared_stream`: a virtio-serial port, whose byte stream earlier clients used too."""
+        """`shared_stream`: a virtio-serial port, whose byte stream earlier clients used too.
+        `heartbeat`: once greeted, PING a silent agent and break the connection when nothing comes
+        back in time (HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT): a transport whose host end can
+        outlive the guest's (Firecracker's vsock)."""
         self._reader = reader
         self._writer = writer
         self._shared = shared_stream
@@ -325,9 +382,13 @@ class Connection:
         self._write_lock = asyncio.Lock()
         self._error: AgentConnectionError | None = None
         self.agent_info = ""
+        self.agent_version = 0
         self._greeted = False
         self.default_env: dict[str, str] = {}  # under what exec is given; its env wins
         self.observer: Observer | None = None
+        self._heartbeat = heartbeat
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._last_heard = time.monotonic()
         self._task = asyncio.create_task(self._read_loop())
 
     @classmethod
@@ -357,7 +418,7 @@ class Connection:
         if not line.startswith(b"OK "):
             writer.close()
             raise AgentConnectionError(f"vsock CONNECT {port} via {uds} refused (no agent listening yet)")
-        return cls(reader, writer)
+        return cls(reader, writer, heartbeat=True)
 
     @classmethod
     async def open_vsock(cls, cid: int, port: int = VSOCK_PORT, *, timeout: float = 10.0) -> Connection:
@@ -408,6 +469,8 @@ class Connection:
             self._fail(AgentConnectionError(f"the agent did not answer within {timeout:g}s"))
             raise self.failure() from None
         self._greeted = True
+        if self._heartbeat and self._heartbeat_task is None:
+            self._heartbeat_task = asyncio.create_task(self._beat())
         while not self._control.empty():  # answers to repeated HELLOs that came with the first
             self._control.get_nowait()
         if self.broken:
@@ -415,8 +478,12 @@ class Connection:
         record = decode_record(frame.payload)
         if record.bytes(Tag.MAGIC) != MAGIC:
             raise self.violation("agent HELLO lacks the protocol magic")
-        if record.int(Tag.VERSION) != VERSION:
-            raise self.violation(f"agent speaks protocol version {record.int(Tag.VERSION)}, not {VERSION}")
+        version = record.int(Tag.VERSION) or 0
+        if not OLDEST_VERSION <= version <= VERSION:
+            raise self.violation(
+                f"agent speaks protocol version {version}, not {OLDEST_VERSION} to {VERSION}"
+            )
+        self.agent_version = version
         self.agent_info = record.str(Tag.MESSAGE)
         return self.agent_info
 
@@ -482,18 +549,18 @@ class Connection:
 
         The guest kills the command after `timeout` seconds; should it not, the host gives up on it
         TIMEOUT_GRACE seconds later. An agent that does not start it within `start_timeout` seconds
-        gets it killed, and AgentConnectionError is raised.
+        gets it killed, and AgentConnectionError is raised. Arguments over Linux's limits raise
+        ArgumentsTooLongError; those that do not fit one frame go in ARGS frames after the EXEC.
         """
         if not argv:
             raise AgentkernelError("no command given")
         if timeout is not None and not 0 <= timeout <= MAX_TIMEOUT:  # NaN too
             raise AgentkernelError(f"the timeout must be from 0 to {MAX_TIMEOUT:g} seconds (got {timeout:g})")
-        fields: list[tuple[Tag, int | bytes | str]] = [
-            (Tag.ARGV, _raw(a) if isinstance(a, str) else a) for a in argv
-        ]
-        merged = {**self.default_env, **(env or {})}
-        fields += [(Tag.ENV, _raw(f"{k}={v}")) for k, v in merged.items()]
+        args, env_strings = check_arguments(argv, {**self.default_env, **(env or {})})
+        fields: list[tuple[Tag, int | bytes | str]] = []
         if cwd:
+            if len(_raw(cwd)) >= PATH_MAX:
+                raise AgentkernelError(f"the working directory is longer than {PATH_MAX - 1} bytes")
             fields.append((Tag.CWD, _raw(cwd)))
         if uid is not None:
             fields.append((Tag.UID, uid))
@@ -503,9 +570,18 @@ class Connection:
             fields.append((Tag.TIMEOUT_MS, max(1, int(timeout * 1000))))
         if pty:
             fields += [(Tag.PTY, 1), (Tag.ROWS, pty[0]), (Tag.COLS, pty[1])]
+        records = exec_records(fields, args, env_strings)
+        if len(records) > 1 and self.agent_version < ARGS_VERSION:
+            raise ArgumentsTooLongError(
+                f"this sandbox's agent (protocol {self.agent_version}) takes a command's arguments and "
+                f"environment in one frame of {MAX_PAYLOAD} bytes: recreate the sandbox from a current "
+                f"image for up to {ARG_MAX} (ARG_MAX)"
+            )
         channel = self._open_channel(FrameType.EXEC)
-        await self.send(channel.id, FrameType.EXEC, encode_record(fields))
+        types = [FrameType.EXEC] + [FrameType.ARGS] * (len(records) - 1)
         try:
+            # One write: the agent gets the whole request, or the connection breaks.
+            await self.send_raw(b"".join(map(encode, [channel.id] * len(records), types, records)))
             async with asyncio.timeout(start_timeout):
                 frame = await channel.next()
         except TimeoutError:
@@ -513,6 +589,9 @@ class Connection:
             raise AgentConnectionError(
                 f"the agent did not start the command within {start_timeout:g}s"
             ) from None
+        except BaseException:
+            self.abandon(channel)  # cancelled: a SIGNAL ends the request, or its process, in the guest
+            raise
         if frame.type is FrameType.ERROR:
             self.release(channel)
             raise _exec_error(decode_record(frame.payload))
@@ -551,6 +630,9 @@ class Connection:
     # -- files ------------------------------------------------------------------------------
 
     async def _file_op(self, ftype: FrameType, fields: list[tuple[Tag, int | bytes | str]]) -> _Channel:
+        path = next((value for tag, value in fields if tag is Tag.PATH), b"")
+        if isinstance(path, bytes) and len(path) >= PATH_MAX:  # would fail in the guest, or not fit a frame
+            raise FileOpError(f"the path is longer than {PATH_MAX - 1} bytes", ENAMETOOLONG)
         channel = self._open_channel(ftype)
         await self.send(channel.id, ftype, encode_record(fields))
         return channel
@@ -748,10 +830,29 @@ class Connection:
         else:
             self._writer.transport.abort()
 
+    async def _beat(self) -> None:
+        """The heartbeat: whatever the agent sends counts as an answer."""
+        while not self.broken:
+            heard = self._last_heard
+            await asyncio.sleep(max(0.0, heard + HEARTBEAT_INTERVAL - time.monotonic()))
+            if self._last_heard != heard or self.broken:
+                continue
+            self._write_now(0, FrameType.PING, HEARTBEAT_NONCE)
+            await asyncio.sleep(HEARTBEAT_TIMEOUT)
+            if self._last_heard == heard:
+                silent = time.monotonic() - heard
+                self._fail(
+                    AgentConnectionError(
+                        f"the sandbox agent has not answered for {silent:.0f}s: the connection was "
+                        "reset (a snapshot resets a Firecracker sandbox's connections) or the guest hangs"
+                    )
+                )
+
     async def _read_loop(self) -> None:
         try:
             while True:
                 data = await self._reader.read(READ_CHUNK)
+                self._last_heard = time.monotonic()
                 if not data:
                     self._fail(AgentConnectionError("the sandbox agent closed the connection"))
                     return
@@ -770,6 +871,8 @@ class Connection:
                 raise ProtocolError(f"unexpected {frame.type.name} frame on the control channel")
             if frame.type is FrameType.PONG and len(frame.payload) > MAX_PING:
                 raise ProtocolError("PONG payload too long")
+            if frame.type is FrameType.PONG and frame.payload == HEARTBEAT_NONCE:
+                return  # the heartbeat's: reading it was the point
             if frame.type is FrameType.HELLO and self._greeted:
                 return  # the answer to a repeated HELLO
             try:
@@ -800,6 +903,8 @@ class Connection:
     async def close(self) -> None:
         """Close once what was sent is written, or after CLOSE_TIMEOUT seconds without: a guest that
         does not read must not keep the socket open."""
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
@@ -858,4 +963,10 @@ def _exit_status(record: Record) -> ExitStatus:
 
 def _exec_error(record: Record) -> ExecError:
     errno = record.int(Tag.ERRNO)
-    return ExecError(record.str(Tag.MESSAGE, "the agent could not run the command")[:500], errno)
+    message = record.str(Tag.MESSAGE, "the agent could not run the command")[:500]
+    if errno == E2BIG:
+        return ArgumentsTooLongError(
+            f"the guest refused the command's arguments ({message}): Linux takes at most {ARG_MAX} bytes "
+            f"of arguments and environment (ARG_MAX) and {MAX_ARG_STRLEN - 1} in one (MAX_ARG_STRLEN)"
+        )
+    return ExecError(message, errno)

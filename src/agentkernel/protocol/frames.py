@@ -6,7 +6,9 @@ protocol's limits before anything is buffered, and any violation raises Protocol
 
 from __future__ import annotations
 
+import itertools
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -18,7 +20,18 @@ MAX_CHANNELS = 1024
 INITIAL_WINDOW = 256 * 1024
 MAX_PING = 64
 MAGIC = b"AGENTKRN"
-VERSION = 1
+VERSION = 2
+"""This side's protocol version. Version 2 added ARGS, which continues an EXEC too big for one frame."""
+OLDEST_VERSION = 1
+"""The oldest agent the host still talks to (sandboxes keep the agent of the image they came from)."""
+ARGS_VERSION = 2
+"""The first agent version that takes ARGS frames."""
+ARG_MAX = 2 << 20
+"""Most bytes of a command's argv and env as Linux's execve counts them: each string with its NUL,
+plus a pointer (ARG_POINTER bytes) to each. It is a quarter of the guest's 8 MiB stack limit."""
+MAX_ARG_STRLEN = 128 << 10
+"""Most bytes of one argv or env string with its NUL (Linux: 32 pages)."""
+ARG_POINTER = 8
 
 
 class ProtocolError(Exception):
@@ -44,6 +57,7 @@ class FrameType(IntEnum):
     OK = 27
     INFO = 28
     ENTRY = 29
+    ARGS = 30
     GET = 32
     PUT = 33
     STAT = 34
@@ -88,6 +102,7 @@ class Tag(IntEnum):
     MAX_PROCS = 29
     MEMORY_MB = 30
     ENTROPY = 31
+    CONTINUED = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +132,34 @@ def encode_record(fields: list[tuple[Tag, FieldValue]]) -> bytes:
             data = value
         out += FIELD.pack(tag, len(data)) + data
     return bytes(out)
+
+
+_CONTINUED = FIELD.size + 8
+"""Room for the `continued` field that ends every record of a request but its last."""
+
+
+def exec_records(
+    head: list[tuple[Tag, FieldValue]], argv: Sequence[bytes], env: Sequence[bytes]
+) -> list[bytes]:
+    """The records of an EXEC: the EXEC record (`head`, then as many argv and env fields as fit), then
+    the ARGS records that carry the rest, in order. Each fits in a frame and holds at most MAX_FIELDS
+    fields; all but the last end with `continued`=1. Callers bound each string by MAX_ARG_STRLEN."""
+    records: list[bytes] = []
+    current = bytearray(encode_record(head))
+    count = len(head)
+    strings = itertools.chain(((Tag.ARGV, a) for a in argv), ((Tag.ENV, e) for e in env))
+    for tag, value in strings:
+        size = FIELD.size + len(value)
+        if len(current) + size + _CONTINUED > MAX_PAYLOAD or count + 2 > MAX_FIELDS:
+            if size + _CONTINUED > MAX_PAYLOAD:
+                raise ValueError(f"an {tag.name.lower()} string of {len(value)} bytes fits no frame")
+            current += encode_record([(Tag.CONTINUED, 1)])
+            records.append(bytes(current))
+            current, count = bytearray(), 0
+        current += FIELD.pack(tag, len(value)) + value
+        count += 1
+    records.append(bytes(current))
+    return records
 
 
 @dataclass

@@ -2,12 +2,21 @@
 
 Every access opens its own short connection (WAL mode, a busy timeout), so separate processes and
 threads never share one. Names are unique by primary key: two `create`s of one name cannot both win.
+
+Every sqlite error becomes a StateError naming the file and what to do, never a traceback. A copy of
+each record is also kept as records/<name>.json, so `agentkernel doctor --repair` can rebuild a damaged
+database from what is on disk.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sqlite3
+import sys
+import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -16,6 +25,15 @@ from typing import Any
 
 from agentkernel import paths
 from agentkernel.errors import AgentkernelError
+
+DB_NAME = "state.db"
+RECORDS_DIR = "records"
+NOTICE_AFTER = 1.0
+"""Seconds spent waiting on another process's lock before saying so on stderr."""
+BUSY_LIMIT = 60.0
+"""Seconds to wait in all for another process's lock before giving up."""
+FULL_BELOW = 1 << 20
+"""Free bytes under which a write error is put down to a full filesystem."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sandboxes (
@@ -34,7 +52,7 @@ CREATE TABLE IF NOT EXISTS sandboxes (
 )
 """
 
-STATUSES = ("created", "running", "stopped", "failed")
+STATUSES = ("created", "starting", "running", "stopped", "failed")
 
 
 @dataclass
@@ -69,33 +87,149 @@ class NoSuchSandboxError(AgentkernelError):
         super().__init__(f"no sandbox named '{name}' (see `agentkernel list`)")
 
 
+class StateError(AgentkernelError):
+    """The state database cannot be used; the message names the file and what to do."""
+
+
+class StateBusyError(StateError):
+    """Another process held the database for longer than BUSY_LIMIT."""
+
+
+class StateDamagedError(StateError):
+    """The database file is not a (sound) SQLite database."""
+
+    def __init__(self, path: Path, detail: str) -> None:
+        super().__init__(
+            f"the state database {path} is damaged ({detail}): run `agentkernel doctor --repair` to set "
+            "it aside and rebuild it from the sandboxes on disk"
+        )
+        self.short = f"the state database {path} is damaged ({detail})"
+
+
+class StateIOError(StateError):
+    """The database file cannot be read or written: a full disk, permissions, an I/O error."""
+
+
+def db_path() -> Path:
+    return paths.data_dir() / DB_NAME
+
+
+def records_dir() -> Path:
+    return paths.data_dir() / RECORDS_DIR
+
+
+# Primary SQLite result codes (the low byte of the extended ones).
+_BUSY, _LOCKED, _CORRUPT, _NOTADB = 5, 6, 11, 26
+_FULL, _IOERR = 13, 10
+
+
+def _code(exc: sqlite3.Error) -> int:
+    return (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    return _code(exc) in (_BUSY, _LOCKED)
+
+
+def translate(exc: sqlite3.Error | OSError, path: Path) -> StateError:
+    """The StateError for a sqlite (or file) error on the database at `path`."""
+    if isinstance(exc, OSError):
+        where = exc.filename or path.parent
+        return StateIOError(
+            f"cannot write {where}: {exc.strerror or exc}; free some space or fix it, then try again"
+        )
+    code = _code(exc)
+    if code in (_CORRUPT, _NOTADB):
+        return StateDamagedError(path, str(exc))
+    if _is_busy(exc):
+        return StateBusyError(
+            f"the state database {path} is still locked by another process after {BUSY_LIMIT:g}s: "
+            f"try again when it has finished (`fuser {path}` shows which)"
+        )
+    if code in (_FULL, _IOERR):
+        cause = "the filesystem holding it is full" if _full(path.parent) else "an I/O error"
+        return StateIOError(
+            f"cannot write the state database {path} ({exc}): {cause}; free some space in {path.parent} "
+            "and try again"
+        )
+    return StateIOError(f"cannot use the state database {path}: {exc}")
+
+
+def _full(directory: Path) -> bool:
+    try:
+        return shutil.disk_usage(directory).free < FULL_BELOW
+    except OSError:
+        return False
+
+
+class _Db:
+    """One connection; each statement waits out another process's lock, saying so after a second."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self.conn = conn
+        self.path = path
+
+    def execute(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
+        start = time.monotonic()
+        noticed = False
+        while True:
+            try:
+                return self.conn.execute(sql, params).fetchall()
+            except sqlite3.IntegrityError:
+                raise
+            except sqlite3.Error as exc:
+                left = BUSY_LIMIT - (time.monotonic() - start)
+                if not _is_busy(exc) or left <= 0:
+                    raise translate(exc, self.path) from None
+                if not noticed:
+                    print(
+                        f"agentkernel: waiting for {self.path}: another agentkernel process is using it "
+                        f"(up to {BUSY_LIMIT:g}s) ...",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    noticed = True
+                # sqlite's busy handler does the waiting; statements here are single and autocommit,
+                # so running one again after SQLITE_BUSY is safe.
+                self.conn.execute(f"PRAGMA busy_timeout = {max(1, int(left * 1000))}")
+
+
 _ready: set[Path] = set()  # databases this process has already set up
 
 
 @contextmanager
-def _db() -> Iterator[sqlite3.Connection]:
-    path = paths.data_dir() / "state.db"
-    conn = sqlite3.connect(path, timeout=30, isolation_level=None)
+def _db(path: Path | None = None) -> Iterator[_Db]:
+    path = path or db_path()
+    first = path not in _ready or not path.exists()
     try:
-        if path not in _ready or not path.exists():
-            conn.execute("PRAGMA journal_mode=WAL")  # kept in the file: once is enough
-            conn.execute(SCHEMA)
+        if first:  # else SQLite makes it with the umask's mode (and its -wal and -shm files like it)
+            paths.open_private(path, "ab").close()
+        conn = sqlite3.connect(path, timeout=NOTICE_AFTER, isolation_level=None)
+    except (sqlite3.Error, OSError) as exc:
+        raise translate(exc, path) from None
+    try:
+        db = _Db(conn, path)
+        if first:
+            db.execute("PRAGMA journal_mode=WAL")  # kept in the file: once is enough
+            db.execute(SCHEMA)
             _ready.add(path)
         conn.row_factory = sqlite3.Row
-        yield conn
+        yield db
     finally:
         conn.close()
 
 
 def _record(row: sqlite3.Row) -> SandboxRecord:
     data = dict(row)
-    data["extra"] = json.loads(data["extra"])
-    return SandboxRecord(**data)
+    try:
+        data["extra"] = json.loads(data["extra"])
+        return SandboxRecord(**data)
+    except (ValueError, TypeError) as exc:
+        raise StateDamagedError(db_path(), f"a bad row for {data.get('name')!r}: {exc}") from None
 
 
 def insert(record: SandboxRecord) -> None:
-    data = asdict(record)
-    data["extra"] = json.dumps(data["extra"])
+    data = _row(record)
     cols = ", ".join(data)
     marks = ", ".join(f":{k}" for k in data)
     with _db() as db:
@@ -103,24 +237,25 @@ def insert(record: SandboxRecord) -> None:
             db.execute(f"INSERT INTO sandboxes ({cols}) VALUES ({marks})", data)
         except sqlite3.IntegrityError:
             raise SandboxExistsError(f"a sandbox named '{record.name}' already exists") from None
+    _mirror(record)
 
 
 def get(name: str) -> SandboxRecord:
     with _db() as db:
-        row = db.execute("SELECT * FROM sandboxes WHERE name = ?", (name,)).fetchone()
-    if row is None:
+        rows = db.execute("SELECT * FROM sandboxes WHERE name = ?", (name,))
+    if not rows:
         raise NoSuchSandboxError(name)
-    return _record(row)
+    return _record(rows[0])
 
 
 def exists(name: str) -> bool:
     with _db() as db:
-        return db.execute("SELECT 1 FROM sandboxes WHERE name = ?", (name,)).fetchone() is not None
+        return bool(db.execute("SELECT 1 FROM sandboxes WHERE name = ?", (name,)))
 
 
 def all_records() -> list[SandboxRecord]:
     with _db() as db:
-        rows = db.execute("SELECT * FROM sandboxes ORDER BY created_at, name").fetchall()
+        rows = db.execute("SELECT * FROM sandboxes ORDER BY created_at, name")
     return [_record(r) for r in rows]
 
 
@@ -130,8 +265,106 @@ def update(name: str, **changes: Any) -> None:
     sets = ", ".join(f"{k} = :{k}" for k in changes)
     with _db() as db:
         db.execute(f"UPDATE sandboxes SET {sets} WHERE name = :name", {**changes, "name": name})
+        rows = db.execute("SELECT * FROM sandboxes WHERE name = ?", (name,))
+    if rows:
+        _mirror(_record(rows[0]))
 
 
 def delete(name: str) -> None:
     with _db() as db:
         db.execute("DELETE FROM sandboxes WHERE name = ?", (name,))
+    try:
+        (records_dir() / f"{name}.json").unlink(missing_ok=True)
+    except OSError as exc:
+        raise translate(exc, db_path()) from None
+
+
+def _row(record: SandboxRecord) -> dict[str, Any]:
+    data = asdict(record)
+    data["extra"] = json.dumps(data["extra"])
+    return data
+
+
+def _mirror(record: SandboxRecord) -> None:
+    """Keep records/<name>.json in step with the database (names are validated: safe as file names)."""
+    directory = records_dir()
+    partial: Path | None = None
+    try:
+        paths.private_dir(directory)
+        fd, name = tempfile.mkstemp(prefix=f".{record.name}.", suffix=".partial", dir=directory)
+        partial = Path(name)
+        with os.fdopen(fd, "w") as f:
+            json.dump(asdict(record), f)
+        partial.replace(directory / f"{record.name}.json")
+    except OSError as exc:
+        if partial is not None:
+            partial.unlink(missing_ok=True)
+        raise translate(exc, db_path()) from None
+
+
+def mirrored_records() -> tuple[list[SandboxRecord], list[str]]:
+    """The records kept beside the database, and a problem line for each copy that cannot be read."""
+    records: list[SandboxRecord] = []
+    problems: list[str] = []
+    directory = records_dir()
+    for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
+        try:
+            data = json.loads(path.read_text())
+            record = SandboxRecord(**data)
+            if record.name != path.stem or not isinstance(record.extra, dict):
+                raise ValueError("it does not match its file name")
+        except (OSError, ValueError, TypeError) as exc:
+            problems.append(f"{path}: unreadable record copy ({exc})")
+            continue
+        records.append(record)
+    return records, problems
+
+
+def check(path: Path | None = None) -> str | None:
+    """None if the database at `path` is sound, else what is wrong with it."""
+    path = path or db_path()
+    if not path.exists():
+        return None
+    try:
+        with _db(path) as db:
+            rows = db.execute("PRAGMA quick_check")
+            names = {r[1] for r in db.execute("PRAGMA table_info(sandboxes)")}
+    except StateDamagedError as exc:
+        return exc.short
+    result = [str(r[0]) for r in rows]
+    if result != ["ok"]:
+        return f"the state database {path} is damaged: {'; '.join(result)[:300]}"
+    missing = {f.name for f in SandboxRecord.__dataclass_fields__.values()} - names
+    if missing:
+        return f"the state database {path} lacks columns {', '.join(sorted(missing))}"
+    return None
+
+
+def set_aside(path: Path | None = None) -> Path:
+    """Rename the database (and its WAL) to <name>.damaged-<UTC timestamp>; return the new path."""
+    path = path or db_path()
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = path.with_name(f"{path.name}.damaged-{stamp}")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}.damaged-{stamp}-{n}")
+    path.rename(aside)
+    wal = path.with_name(f"{path.name}-wal")
+    if wal.exists():
+        wal.rename(aside.with_name(f"{aside.name}-wal"))
+    path.with_name(f"{path.name}-shm").unlink(missing_ok=True)
+    _ready.discard(path)
+    return aside
+
+
+def restore(records: list[SandboxRecord]) -> None:
+    """Insert `records` into the (new) database, replacing any of the same name, and mirror them."""
+    with _db() as db:
+        for record in records:
+            data = _row(record)
+            cols = ", ".join(data)
+            marks = ", ".join(f":{k}" for k in data)
+            db.execute(f"INSERT OR REPLACE INTO sandboxes ({cols}) VALUES ({marks})", data)
+    for record in records:
+        _mirror(record)

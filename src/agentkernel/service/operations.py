@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import secrets
+import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,17 +23,19 @@ from typing import Any
 
 import anyio
 
+from agentkernel import hostinfo
 from agentkernel.config import load_config, resolve_policy, resolve_resources
 from agentkernel.errors import AgentkernelError
 from agentkernel.images import store
-from agentkernel.protocol.client import Connection, ExitStatus, FileInfo, Process
-from agentkernel.sandbox.state import SandboxRecord
-from agentkernel.service import sandboxes
+from agentkernel.network import brokering
+from agentkernel.protocol.client import Connection, ExitStatus, FileInfo, Process, check_arguments
+from agentkernel.sandbox.state import NoSuchSandboxError, SandboxRecord
+from agentkernel.service import owners, sandboxes
 from agentkernel.service.connections import ConnectionPool
 
 LOGIN_SHELL = ["/bin/sh", "-c", "if command -v bash >/dev/null; then exec bash -l; else exec sh -l; fi"]
 MAX_PATH = 4096
-MAX_ARGS = 4096
+log = logging.getLogger("agentkernel.service")
 
 
 class InvalidRequestError(AgentkernelError):
@@ -80,8 +84,6 @@ def guest_path(path: str, *, field: str = "path") -> str:
 def check_command(command: Sequence[str], *, field: str = "command") -> list[str]:
     if not command:
         raise InvalidRequestError(field, "must hold at least the program to run")
-    if len(command) > MAX_ARGS:
-        raise InvalidRequestError(field, f"more than {MAX_ARGS} arguments")
     if any("\0" in arg for arg in command):
         raise InvalidRequestError(field, "arguments must not contain NUL")
     return list(command)
@@ -114,6 +116,8 @@ class SandboxSettings:
     vcpus: int | None = None
     memory_mb: int | None = None
     profile: str | None = None
+    secrets: tuple[str, ...] = ()
+    """Names of secrets this server holds (agentkernel.toml [secrets], the secret store)."""
 
 
 class Operations:
@@ -122,9 +126,14 @@ class Operations:
     def __init__(self, project_dir: Path) -> None:
         self.project_dir = project_dir
         self.pool = ConnectionPool()
+        self.ephemerals: set[str] = set()  # made for one request, not yet removed
 
     async def close(self) -> None:
+        """Close connections, and remove the sandboxes of requests still running: a stopping server
+        cancels them, and the cancellation may not leave their own cleanup time to finish."""
         await self.pool.close()
+        for name in list(self.ephemerals):
+            await self._remove_ephemeral(name)
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -150,11 +159,15 @@ class Operations:
             raise
 
     def _create(self, name: str, settings: SandboxSettings, command: Sequence[str]) -> SandboxRecord:
-        return sandboxes.create(name, **self._options(settings, command))
+        record = sandboxes.create(name, **self._options(settings, command))
+        _warn_isolation(record)
+        return record
 
     def _options(self, settings: SandboxSettings, command: Sequence[str]) -> dict[str, Any]:
         """`sandboxes.create` options from the request, then agentkernel.toml, then the defaults."""
-        config, _ = load_config(search_from=self.project_dir)
+        config, config_path = load_config(search_from=self.project_dir)
+        base = config_path.parent if config_path else self.project_dir
+        bindings = brokering.bind(settings.secrets, config.secrets, base=base)
         image, _why = sandboxes.choose_image(list(command), settings.image, config, self.project_dir)
         try:
             store.get(image)
@@ -169,12 +182,14 @@ class Operations:
             "vcpus": vcpus,
             "memory_mb": memory_mb,
             "policy": policy,
+            "backend": config.sandbox.backend,
             "mount_dir": self.project_dir if policy.mount_cwd else None,
+            "secrets": bindings,
         }
 
     async def start(self, name: str) -> SandboxRecord:
-        if (await self.get(name)).status == "running":
-            raise SandboxStateError(f"sandbox '{name}' is already running")
+        if (status := (await self.get(name)).status) in ("running", "starting"):
+            raise SandboxStateError(f"sandbox '{name}' is already {status}")
         return await anyio.to_thread.run_sync(_start, name)
 
     async def stop(self, name: str) -> SandboxRecord:
@@ -182,25 +197,40 @@ class Operations:
         return await anyio.to_thread.run_sync(_stop, name)
 
     async def remove(self, name: str, *, force: bool) -> None:
-        if not force and (await self.get(name)).status == "running":
-            raise SandboxStateError(f"sandbox '{name}' is running: stop it first or remove it with force")
+        if not force and (status := (await self.get(name)).status) in ("running", "starting"):
+            raise SandboxStateError(f"sandbox '{name}' is {status}: stop it first or remove it with force")
         await self.pool.discard(name)
         await anyio.to_thread.run_sync(functools.partial(sandboxes.remove, name, force=force))
 
     @contextlib.asynccontextmanager
     async def ephemeral(self, command: Sequence[str], settings: SandboxSettings) -> AsyncIterator[Connection]:
         """A new sandbox for one command (its image chosen as `agentkernel run` does), from the pool
-        daemon when it has one of this kind; removed after."""
+        daemon when it has one of this kind; removed after, also when the caller is cancelled (a client
+        that went away, an MCP request cancelled).
+
+        The sandbox is this process's (see `owners`): should the server die first, a reaper removes it.
+        """
         options = await anyio.to_thread.run_sync(self._options, settings, command)
-        name = await anyio.to_thread.run_sync(functools.partial(sandboxes.take_pooled, **options))
-        if name is None:
-            record = await self.create(sandboxes.new_ephemeral_name(), settings, start=True, command=command)
-            name = record.name
+        made: list[str] = []  # filled in the worker thread: a wait cancelled after it still knows
         try:
+            pooled = await anyio.to_thread.run_sync(_take_or_create, options, made)
+            name = made[0]
+            self.ephemerals.add(name)
+            if pooled:
+                _warn_isolation(await self.get(name))
+            else:
+                await _boot_cancellably(name)
             yield await self.pool.get(name)
         finally:
-            with anyio.CancelScope(shield=True):
-                await self.remove(name, force=True)
+            if made:
+                with anyio.CancelScope(shield=True):
+                    await self._remove_ephemeral(made[0])
+
+    async def _remove_ephemeral(self, name: str) -> None:
+        await self.pool.discard(name)
+        with contextlib.suppress(NoSuchSandboxError):  # removed already (by close, or a reaper)
+            await anyio.to_thread.run_sync(functools.partial(sandboxes.remove, name, force=True))
+        self.ephemerals.discard(name)
 
     # -- commands -----------------------------------------------------------------------------
 
@@ -261,6 +291,38 @@ class Operations:
         await (await self.connection(name)).remove(path, recursive=recursive)
 
 
+def _take_or_create(options: dict[str, Any], made: list[str]) -> bool:
+    """A ready sandbox from the pool daemon (True), else a new one made for this process (False);
+    its name is appended to `made`."""
+    name = sandboxes.take_pooled(**options)
+    if name is not None:
+        made.append(name)
+        return True
+    name = sandboxes.new_ephemeral_name()
+    _warn_isolation(sandboxes.create(name, owned=True, **options))
+    made.append(name)
+    return False
+
+
+async def reap_periodically(interval: float = owners.REAP_INTERVAL) -> None:
+    """Remove sandboxes whose owner died, now and every `interval` seconds until cancelled: a server
+    runs this for its whole life, so what a client that died (or a server before it) left is removed."""
+    while True:
+        try:
+            for name in await anyio.to_thread.run_sync(sandboxes.reap):
+                log.info("removed sandbox %s: its owner has died", name)
+        except Exception as exc:  # the state database busy or broken: the next pass tries again
+            log.error("reaper: %s", exc)
+        await anyio.sleep(interval)
+
+
+def _warn_isolation(record: SandboxRecord) -> None:
+    """A sandbox that is a container, not a VM, is logged (the server's stderr); API and MCP
+    responses that describe a sandbox say so in their `backend` field."""
+    if warning := hostinfo.isolation_warning(record.backend):
+        log.warning("sandbox %s: %s", record.name, warning)
+
+
 @dataclass(frozen=True)
 class CommandSpec:
     """A command and how to run it, checked before anything is started for it."""
@@ -279,9 +341,11 @@ class CommandSpec:
         cwd: str | None = None,
         timeout: float | None = None,
     ) -> CommandSpec:
+        command, environment = check_command(argv), check_env(env)
+        check_arguments(command, environment)  # before a sandbox is made for a command that cannot run
         return cls(
-            check_command(argv),
-            check_env(env),
+            command,
+            environment,
             guest_path(cwd, field="cwd") if cwd is not None else None,
             check_timeout(timeout),
         )
@@ -340,6 +404,40 @@ async def _prepend(first: bytes, rest: AsyncGenerator[bytes, None]) -> AsyncGene
             yield first
         async for chunk in rest:
             yield chunk
+
+
+async def _boot_cancellably(name: str) -> None:
+    """Boot the sandbox in a worker thread (in an event loop of its own there); if the caller is
+    cancelled meanwhile, the boot is cancelled too (its VM killed) rather than waited for."""
+    booting: list[tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]]] = []
+    started = threading.Event()
+
+    async def boot() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        booting.append((asyncio.get_running_loop(), task))
+        started.set()
+        await sandboxes.start(name)
+
+    def run() -> None:
+        try:
+            asyncio.run(boot())
+        finally:
+            started.set()
+
+    worker = asyncio.get_running_loop().run_in_executor(None, run)
+    try:
+        await asyncio.shield(worker)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(started.wait)
+            if booting and not worker.done():
+                loop, task = booting[0]
+                with contextlib.suppress(RuntimeError):  # its loop has just closed: the boot is over
+                    loop.call_soon_threadsafe(task.cancel)
+            with contextlib.suppress(BaseException):
+                await worker
+        raise
 
 
 def _start(name: str) -> SandboxRecord:

@@ -18,27 +18,29 @@ import os
 import re
 import secrets
 import subprocess
+import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, cast
 
 from agentkernel import hostinfo, paths
 from agentkernel.artifacts import kernel as kernel_artifact
-from agentkernel.backends import get_backend
+from agentkernel.backends import firecracker_version, get_backend
 from agentkernel.backends.base import Backend, Mount, SnapshotBackend, VMSpec, exit_reason, file_tail
 from agentkernel.config import DEFAULT_MEMORY_MB, DEFAULT_VCPUS, PROFILES, Config, Policy, image_name
 from agentkernel.detect import detect_image
 from agentkernel.errors import AgentkernelError
 from agentkernel.images import store
 from agentkernel.network import launcher as gateway
+from agentkernel.network.brokering import SecretBinding, guest_env
 from agentkernel.network.policy import EgressRules
 from agentkernel.pool import wire
 from agentkernel.protocol.client import AgentConnectionError, Connection
 from agentkernel.sandbox import state
 from agentkernel.sandbox.state import SandboxRecord
-from agentkernel.service import audit
+from agentkernel.service import audit, diskspace, owners
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 BOOT_TIMEOUT = 120.0
@@ -47,6 +49,11 @@ VMM_EXIT_WAIT = 1.0
 POWERED_OFF = (b"reboot: Restarting system", b"agentkernel-agent: shutting down")  # VM, container
 WORKSPACE = "/workspace"
 PASS_ENV = frozenset({"LANG", "LANGUAGE", "TZ", "TERM", "COLORTERM"})  # with pass_env, plus LC_*
+STARTER = "starter"
+"""The record of a sandbox being started names the process starting it (an `owners` mark), from
+before its VMM is spawned until its pid is recorded: if that process dies meanwhile, `reconcile`
+finds and kills what it started."""
+INTERRUPTED = "its start was interrupted"
 
 
 def validate_name(name: str) -> str:
@@ -59,16 +66,20 @@ def validate_name(name: str) -> str:
     return name
 
 
+def policy_of(record: SandboxRecord) -> Policy:
+    """The policy a sandbox runs with, as its record keeps it (its profile's if the record has none)."""
+    data = record.extra.get("policy")
+    return Policy.from_record(data) if data else PROFILES[record.profile]
+
+
 def spec_of(record: SandboxRecord) -> VMSpec:
-    policy = record.extra.get("policy", {})
-    domains = policy.get("domains", {})
+    """The VM a record describes. Every path that starts, resumes or reaches a sandbox (create, start,
+    fork, the pool, the API and MCP) gets its spec here, so the policy's limits always come along."""
+    policy = policy_of(record)
+    domains = policy.domains
     egress = (
-        EgressRules(
-            tuple(domains.get("allow", ())),
-            tuple(domains.get("block", ())),
-            domains.get("allowlist_only", False),
-        )
-        if policy.get("network")
+        EgressRules(domains.allow, domains.block, domains.allowlist_only, secrets_of(record))
+        if policy.network
         else None
     )
     return VMSpec(
@@ -80,13 +91,19 @@ def spec_of(record: SandboxRecord) -> VMSpec:
         vcpus=record.vcpus,
         memory_mb=record.memory_mb,
         egress=egress,
-        read_only=bool(policy.get("read_only")),
+        read_only=policy.read_only,
+        max_procs=policy.max_procs,
         image_format=record.extra.get("image_format", "raw"),
         restore=Path(record.extra["restore_from"]) if record.extra.get("restore_from") else None,
         mounts=tuple(
             Mount(Path(m["host"]), m["guest"], m["read_only"]) for m in record.extra.get("mounts", [])
         ),
     )
+
+
+def secrets_of(record: SandboxRecord) -> tuple[SecretBinding, ...]:
+    """The secrets the sandbox's egress gateway brokers (placeholders and sources, no values)."""
+    return tuple(SecretBinding.from_record(s) for s in record.extra.get("secrets") or ())
 
 
 def policy_record(policy: Policy) -> dict[str, Any]:
@@ -114,22 +131,54 @@ def exec_env(record: SandboxRecord) -> dict[str, str]:
         env.update({k: v for k, v in os.environ.items() if k in PASS_ENV or k.startswith("LC_")})
     if policy.get("network"):
         env.update(gateway.proxy_env())
+    if bindings := secrets_of(record):
+        env.update(gateway.trust_env())
+        env.update(guest_env(bindings))
     return env
+
+
+_held = threading.local()  # `names`: the sandboxes whose lock this thread holds
+
+
+def _held_names() -> set[str]:
+    names: set[str] | None = getattr(_held, "names", None)
+    if names is None:
+        names = _held.names = set()
+    return names
 
 
 @contextlib.contextmanager
 def locked(name: str) -> Iterator[None]:
     """Serializes life-cycle changes of one sandbox across processes."""
+    with _lock(name, wait=True):
+        yield
+
+
+@contextlib.contextmanager
+def _lock(name: str, *, wait: bool) -> Iterator[bool]:
+    """The sandbox's lock. Without `wait` it yields False instead when another holds it, and True
+    at once when this thread holds it already (a read under the lock, reconciling)."""
     validate_name(name)  # before the name becomes a path
-    locks = paths.data_dir() / "locks"
-    locks.mkdir(exist_ok=True)
-    path = locks / f"{name}.lock"
-    with path.open("w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    if not wait and name in _held_names():
+        yield True
+        return
+    path = paths.private_dir(paths.data_dir() / "locks") / f"{name}.lock"
+    with paths.open_private(path, "w") as f:
         try:
-            yield
+            fcntl.flock(f, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        _held_names().add(name)
+        try:
+            yield True
         finally:
-            if not state.exists(name):  # removed, or never was: no lock file stays behind
+            _held_names().discard(name)
+            try:
+                gone = not state.exists(name)
+            except state.StateError:  # a full disk or a damaged database: the error is raised already
+                gone = True
+            if gone:  # removed, or never was: no lock file stays behind
                 path.unlink(missing_ok=True)
 
 
@@ -138,7 +187,10 @@ def now() -> str:
 
 
 def reconcile(record: SandboxRecord) -> SandboxRecord:
-    """Bring a record's status in line with the VMM process it names."""
+    """Bring a record's status in line with the VMM process it names (or, while it is starting,
+    with the process starting it)."""
+    if record.status == "starting":
+        return _reconcile_start(record)
     if record.status != "running" or record.pid is None:
         return record
     backend = get_backend(record.backend)
@@ -161,6 +213,39 @@ def reconcile(record: SandboxRecord) -> SandboxRecord:
     return record
 
 
+def _reconcile_start(record: SandboxRecord) -> SandboxRecord:
+    """A `starting` record whose starter has died: the start was interrupted, maybe after its VMM
+    was spawned and before its pid was recorded. Whatever it started is killed (found by the run
+    directory, see `Backend.kill`) and the sandbox is failed; `start` boots it again. Done under the
+    sandbox's lock, checked again under it; while another process holds the lock the record is
+    shown as it is."""
+    starter = record.extra.get(STARTER)
+    if isinstance(starter, dict) and owners.is_alive(starter):
+        return record
+    with _lock(record.name, wait=False) as mine:
+        if not mine:
+            return record
+        try:
+            current = state.get(record.name)
+        except state.NoSuchSandboxError:
+            return record
+        if current.status != "starting" or current.extra.get(STARTER) != starter:
+            return current  # finished, or started anew, meanwhile
+        backend = get_backend(current.backend)
+        spec = spec_of(current)
+        backend.kill(spec, None)
+        backend.cleanup(spec, keep_disk=True)
+        current.status, current.pid = "failed", None
+        current.extra = {**_without_starter(current.extra), "stop_reason": INTERRUPTED}
+        state.update(current.name, status="failed", pid=None, extra=current.extra)
+    audit.record("start", current.name, ok=False, reason=INTERRUPTED)
+    return current
+
+
+def _without_starter(extra: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in extra.items() if k != STARTER}
+
+
 def _powered_off(spec: VMSpec) -> bool:
     tail = file_tail(spec.console_log)
     return any(marker in tail for marker in POWERED_OFF)
@@ -171,8 +256,47 @@ def get(name: str) -> SandboxRecord:
 
 
 def list_sandboxes(*, pooled: bool = False) -> list[SandboxRecord]:
-    """All sandboxes; those the pool daemon keeps ready (not yet anyone's) only with `pooled`."""
+    """All sandboxes; those the pool daemon keeps ready (not yet anyone's) only with `pooled`.
+    Sandboxes whose owner died are removed first."""
+    reap()
     return [reconcile(r) for r in state.all_records() if pooled or not r.extra.get("pool")]
+
+
+def reap() -> list[str]:
+    """Remove every sandbox whose owner process has died (see `owners`); the names removed.
+
+    Cheap when there is nothing to reap (one query, one /proc read per owned sandbox). Each removal
+    holds the sandbox's lock and checks again under it, so two reapers, or a reaper and an owner that
+    is removing its sandbox itself, never both act on one sandbox.
+    """
+    reaped = []
+    for record in state.all_records():
+        if owners.dead_owner(record.extra) is None:
+            continue
+        with contextlib.suppress(AgentkernelError), locked(record.name):
+            if _reap_locked(record.name):
+                reaped.append(record.name)
+    return reaped
+
+
+def _reap_locked(name: str) -> bool:
+    try:
+        record = state.get(name)
+    except state.NoSuchSandboxError:
+        return False  # removed meanwhile
+    mark = owners.dead_owner(record.extra)
+    if mark is None:
+        return False  # adopted meanwhile
+    if record.extra.get("pool"):  # a pool daemon's: a new daemon may yet adopt it
+        since = mark.get("orphaned_at")
+        if not isinstance(since, int | float):
+            state.update(name, extra={**record.extra, owners.KEY: {**mark, "orphaned_at": time.time()}})
+            return False
+        if time.time() - since < owners.ADOPT_GRACE:
+            return False
+    _remove_locked(name, force=True)
+    audit.record("reap", name, owner=mark)
+    return True
 
 
 def register(record: SandboxRecord, vmm: Backend, *, hold: str) -> None:
@@ -214,14 +338,20 @@ def create(
     mount_dir: Path | None = None,
     lifetime: float | None = None,
     pool: str | None = None,
+    owned: bool = False,
+    secrets: Sequence[SecretBinding] = (),
 ) -> SandboxRecord:
-    """Make a sandbox (its own disk over the image); it is not started.
+    """Make a sandbox (its own disk over the image); it is not started. With `owned` it is this
+    process's, removed by the reaper once this process has died (see `owners`).
 
     `policy` defaults to the profile's; `mount_dir` is shared at /workspace (the current directory
     when the policy mounts it and none is given); `lifetime` stops the sandbox that many seconds after
-    each start; `pool` marks it as kept ready by the pool daemon for that pool key.
+    each start; `pool` marks it as kept ready by the pool daemon for that pool key; `secrets` (from
+    `brokering.bind`) are brokered by its egress gateway. Without `backend`
+    the host's best is chosen (hostinfo.choose_backend: a VM whenever a VMM can run here).
     """
     validate_name(name)
+    reap()
     if policy is None:
         if profile not in PROFILES:
             raise AgentkernelError(f"unknown security profile {profile!r}: use {', '.join(PROFILES)}")
@@ -229,13 +359,13 @@ def create(
     if lifetime is not None and not 1 <= lifetime <= 30 * 86400:
         raise AgentkernelError(f"--lifetime must be between 1 second and 30 days (got {lifetime:g})")
     mounts = _mounts(policy, mount_dir)
+    if secrets and not policy.network:
+        raise AgentkernelError("secrets are used through the network: they need a profile with network")
     if not 1 <= vcpus <= 32:
         raise AgentkernelError(f"--vcpus must be between 1 and 32 (got {vcpus})")
     if not 64 <= memory_mb <= 65536:
         raise AgentkernelError(f"--memory must be between 64 and 65536 MB (got {memory_mb})")
-    vmm = get_backend(
-        backend or hostinfo.choose_backend(needs_network=policy.network), profile=policy.profile
-    )
+    vmm = get_backend(hostinfo.choose_backend(backend, needs_network=policy.network), profile=policy.profile)
     img = store.get(image)
     vmlinux = kernel_artifact.current()
     if vmlinux is None:
@@ -255,6 +385,8 @@ def create(
             "mounts": mounts,
             "lifetime_s": lifetime,
             "pool": pool,
+            owners.KEY: owners.current() if owned else None,
+            "secrets": [binding.record() for binding in secrets],
         },
     )
     register(record, vmm, hold=img.name)
@@ -273,12 +405,22 @@ async def _booted(name: str, *, timeout: float) -> AsyncIterator[tuple[SandboxRe
     stack = contextlib.AsyncExitStack()
     with locked(name):
         record = get(name)
-        if record.status == "running":
-            raise AgentkernelError(f"sandbox '{name}' is already running")
+        if record.status in ("running", "starting"):
+            raise AgentkernelError(f"sandbox '{name}' is already {record.status}")
         backend = get_backend(record.backend)
         spec = spec_of(record)
-        pid = backend.start(spec)
-        extra = {**record.extra, "stop_reason": None}
+        diskspace.check_floor(spec.workdir)
+        # Recorded before the VMM exists: should this process die before the VMM's pid is recorded,
+        # `reconcile` sees its starter gone and kills what it started.
+        state.update(name, status="starting", pid=None, extra={**record.extra, STARTER: owners.current()})
+        try:
+            pid = backend.start(spec)
+        except BaseException:
+            backend.kill(spec, None)
+            backend.cleanup(spec, keep_disk=True)
+            state.update(name, status=record.status, pid=None, extra=record.extra)
+            raise
+        extra = {**_without_starter(record.extra), "stop_reason": None}
         if lifetime := record.extra.get("lifetime_s"):
             extra["deadline"] = time.time() + lifetime
             _watchdog(spec, pid, lifetime)
@@ -294,6 +436,8 @@ async def _booted(name: str, *, timeout: float) -> AsyncIterator[tuple[SandboxRe
                 await _mount(conn, mount)
             if spec.egress is not None and not spec.read_only and spec.restore is None:
                 await conn.write_file("/etc/resolv.conf", _chunks(gateway.RESOLV_CONF.encode()))
+            if spec.egress is not None and spec.egress.secrets:
+                await _trust_sandbox_ca(conn, spec)
             _configure(conn, record)  # from here on, what runs is the caller's: audited
         except BaseException:
             await stack.aclose()
@@ -305,6 +449,15 @@ async def _booted(name: str, *, timeout: float) -> AsyncIterator[tuple[SandboxRe
     audit.record("start", name, ok=True, pid=pid)
     async with stack:
         yield record, conn
+
+
+async def _trust_sandbox_ca(conn: Connection, spec: VMSpec) -> None:
+    """Make the guest trust the CA its gateway was just started with (for the secrets' hosts)."""
+    script = gateway.trust_script(gateway.ca_cert_path(spec.rundir).read_text())
+    done = await conn.run(["/bin/sh", "-c", script], limit=4096)
+    if done.status.exit_code != 0:
+        detail = (done.stderr or done.stdout).decode(errors="replace").strip()[:200]
+        raise AgentkernelError(f"cannot install the sandbox CA in the guest: {detail}")
 
 
 async def _chunks(data: bytes) -> AsyncIterator[bytes]:
@@ -343,10 +496,15 @@ async def ephemeral(
 ) -> AsyncIterator[tuple[str, Connection]]:
     """A new sandbox (`options` as for `create`), booted, with a connection to its agent; removed
     afterwards unless `keep`. With `pool` (and no `name`), a ready one from the pool daemon is taken
-    when it has one of this kind."""
+    when it has one of this kind.
+
+    Unless kept, the sandbox is this process's (see `owners`): if the process dies without removing
+    it, the next reaper does."""
     stack = contextlib.AsyncExitStack()
-    pooled = take_pooled(**options) if pool and name is None else None
+    pooled = take_pooled(**options) if pool and name is None else None  # the daemon makes it ours
     if pooled is not None:
+        if keep:
+            set_owner(pooled, None)
         try:
             conn = await stack.enter_async_context(session(pooled, timeout=5.0))
         except AgentkernelError:
@@ -354,7 +512,7 @@ async def ephemeral(
             pooled = None
     name = pooled or (validate_name(name) if name else new_ephemeral_name())
     if pooled is None:
-        create(name, **options)  # leaves nothing behind when it fails
+        create(name, owned=not keep, **options)  # leaves nothing behind when it fails
     try:
         if pooled is None:
             _record, conn = await stack.enter_async_context(_booted(name, timeout=BOOT_TIMEOUT))
@@ -386,7 +544,9 @@ async def warm_up(name: str) -> None:
 
 def pool_key(*, image: str, backend: str | None, vcpus: int, memory_mb: int, policy: Policy) -> str | None:
     """The pool key of sandboxes made with these settings (None: no guest kernel yet). Sandboxes with
-    equal keys are interchangeable: same image and kernel, backend, resources and policy."""
+    equal keys are interchangeable: same image and kernel, backend, resources and policy. The
+    Firecracker release is part of it where Firecracker may run them: a pool's template is a
+    snapshot, which only the release that took it resumes, so an upgrade makes a new one."""
     vmlinux = kernel_artifact.current()
     if vmlinux is None:
         return None
@@ -397,6 +557,7 @@ def pool_key(*, image: str, backend: str | None, vcpus: int, memory_mb: int, pol
         "vcpus": vcpus,
         "memory_mb": memory_mb,
         "policy": policy_record(policy),
+        "firecracker": firecracker_version.installed_version() if backend in (None, "firecracker") else None,
     }
     return hashlib.sha256(json.dumps(kind, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -411,13 +572,16 @@ def take_pooled(
     policy: Policy | None = None,
     mount_dir: Path | None = None,
     lifetime: float | None = None,
+    secrets: Sequence[SecretBinding] = (),
 ) -> str | None:
     """A ready sandbox of this kind from the pool daemon, now the caller's; None if there is none.
 
-    Sandboxes that share host directories or have a lifetime are never pooled.
+    Sandboxes that share host directories, have a lifetime or secrets are never pooled.
     """
     policy = policy or PROFILES.get(profile)
     if policy is None or mount_dir is not None or policy.mount_cwd or policy.mount_home or lifetime:
+        return None
+    if secrets:
         return None
     if not wire.socket_path().exists():
         return None
@@ -456,17 +620,28 @@ async def _shutdown(backend: Backend, spec: VMSpec, pid: int, timeout: float) ->
 def remove(name: str, *, force: bool = False) -> None:
     """Delete a sandbox and everything it has on disk. A running one needs `force`."""
     with locked(name):
-        record = get(name)
-        backend = get_backend(record.backend)
-        spec = spec_of(record)
-        if record.status == "running" and record.pid is not None:
-            if not force:
-                raise AgentkernelError(f"sandbox '{name}' is running: stop it first or use --force")
-            backend.kill(spec, record.pid)
-        backend.cleanup(spec, keep_disk=False)
-        store.release(name)
-        state.delete(name)
+        _remove_locked(name, force=force)
     audit.record("remove", name)
+
+
+def _remove_locked(name: str, *, force: bool) -> None:
+    record = get(name)
+    backend = get_backend(record.backend)
+    spec = spec_of(record)
+    if record.status in ("running", "starting") and not force:
+        raise AgentkernelError(f"sandbox '{name}' is {record.status}: stop it first or use --force")
+    # Whatever the record says: no process of the sandbox outlives its files (see `Backend.kill`).
+    backend.kill(spec, record.pid)
+    backend.cleanup(spec, keep_disk=False)
+    store.release(name)
+    state.delete(name)
+
+
+def set_owner(name: str, mark: owners.Owner | None) -> None:
+    """Make the sandbox `mark`'s (None: nobody's, it persists), as one change under its lock."""
+    with locked(name):
+        record = state.get(name)
+        state.update(name, extra={**record.extra, owners.KEY: mark})
 
 
 @contextlib.asynccontextmanager
@@ -515,7 +690,7 @@ async def _port_lock(spec: VMSpec, ports: int, deadline: float) -> AsyncIterator
     """Take a free agent port of the sandbox (a host-side file lock per port), waiting for one."""
     while True:
         for port in range(ports):
-            f = (spec.rundir / f"agent{port}.lock").open("w")
+            f = paths.open_private(spec.rundir / f"agent{port}.lock", "w")
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -3,9 +3,10 @@
 A snapshot is a directory `snapshots/<name>/` with what the backend saved: the VM's device state, its
 RAM and its disk (QEMU: `disk.qcow2` over the immutable image; Firecracker: a raw `rootfs.ext4`; the
 backend's `snapshot_disk`), plus `snapshot.json`. It is written in a scratch directory and renamed
-into place, so a failure leaves nothing. A fork resumes a copy: its RAM maps the snapshot's file
-privately and its disk is its own overlay or copy of the snapshot's disk, so one snapshot can be
-forked many times and every fork writes only its own copy.
+into place, so a failure leaves nothing; the scratch directory of a maker that was killed is
+removed by the next snapshot or the next pool daemon (`discard_partial`). A fork resumes a copy:
+its RAM maps the snapshot's file privately and its disk is its own overlay or copy of the
+snapshot's disk, so one snapshot can be forked many times and every fork writes only its own copy.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ from typing import Any, cast
 
 from agentkernel import paths
 from agentkernel.artifacts.cache import sha256_file
-from agentkernel.backends import get_backend
-from agentkernel.backends.base import SnapshotBackend
+from agentkernel.backends import firecracker_version, get_backend
+from agentkernel.backends.base import Backend, SnapshotBackend, VMSpec
 from agentkernel.errors import AgentkernelError
 from agentkernel.images import store
 from agentkernel.sandbox import state
 from agentkernel.sandbox.state import SandboxRecord
-from agentkernel.service import audit, sandboxes
+from agentkernel.service import audit, owners, sandboxes
 
 META = "snapshot.json"
 
@@ -43,9 +44,7 @@ class Snapshot:
 
 
 def snapshots_dir() -> Path:
-    path = paths.data_dir() / "snapshots"
-    path.mkdir(exist_ok=True)
-    return path
+    return paths.private_dir(paths.data_dir() / "snapshots")
 
 
 def _hold_name(snapshot: str) -> str:
@@ -63,8 +62,37 @@ def get(name: str) -> Snapshot:
 
 
 def list_snapshots() -> list[Snapshot]:
-    names = sorted(p.name for p in snapshots_dir().iterdir() if (p / META).exists())
+    names = sorted(
+        p.name for p in snapshots_dir().iterdir() if not p.name.startswith(".") and (p / META).exists()
+    )
     return [get(name) for name in names]
+
+
+def _scratch(name: str) -> Path:
+    """A new scratch directory to write snapshot `name` in, named after its maker (an `owners`
+    mark): `.PID.START.NAME.RANDOM`, hidden from `list_snapshots` until it is renamed into place."""
+    mark = owners.current()
+    return Path(tempfile.mkdtemp(prefix=f".{mark['pid']}.{mark['start']}.{name}.", dir=snapshots_dir()))
+
+
+def discard_partial() -> list[str]:
+    """Remove the scratch directories of snapshots whose maker died while writing them, and the
+    image holds taken for them: a half-written snapshot is never used, nor kept. The names of the
+    snapshots whose scratch was removed."""
+    found = []
+    for path in snapshots_dir().iterdir():
+        parts = path.name[1:].split(".", 2) if path.name.startswith(".") else []
+        if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit():
+            continue
+        if owners.is_alive({"pid": int(parts[0]), "start": int(parts[1])}):
+            continue
+        name = parts[2].rsplit(".", 1)[0]
+        shutil.rmtree(path, ignore_errors=True)
+        if not (snapshots_dir() / name).exists():
+            store.release(_hold_name(name))
+        found.append(name)
+        audit.record("snapshot_discard", None, snapshot=name, reason="its maker died while writing it")
+    return found
 
 
 async def create(sandbox: str, name: str) -> Snapshot:
@@ -81,10 +109,16 @@ async def create(sandbox: str, name: str) -> Snapshot:
     if not hasattr(backend, "snapshot"):
         raise AgentkernelError(f"the {record.backend} backend cannot take snapshots")
     spec = sandboxes.spec_of(record)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=snapshots_dir()))
+    discard_partial()
+    scratch = _scratch(name)
     try:
         with sandboxes.locked(sandbox):
-            await cast(SnapshotBackend, backend).snapshot(spec, record.pid, scratch)
+            vmm = _vmm_version(backend, spec, record.pid)
+            try:
+                await cast(SnapshotBackend, backend).snapshot(spec, record.pid, scratch)
+            except AgentkernelError as exc:
+                _mark_if_ended(record, backend, spec, f"a snapshot failed: {exc}")
+                raise
         store.hold(store.HOLD_PREFIX + sandbox, _hold_name(name))  # the image the sandbox holds
         meta = {
             "source": sandbox,
@@ -100,8 +134,9 @@ async def create(sandbox: str, name: str) -> Snapshot:
             "profile": record.profile,
             "policy": record.extra.get("policy", {}),
             "lifetime_s": record.extra.get("lifetime_s"),
+            **vmm,
         }
-        (scratch / META).write_text(json.dumps(meta, indent=2))
+        paths.write_private(scratch / META, json.dumps(meta, indent=2))
         scratch.rename(snapshots_dir() / name)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -109,6 +144,25 @@ async def create(sandbox: str, name: str) -> Snapshot:
         raise
     audit.record("snapshot", sandbox, snapshot=name)
     return get(name)
+
+
+def _vmm_version(backend: Backend, spec: VMSpec, pid: int) -> dict[str, str]:
+    """The release of the VMM a snapshot is tied to, for its metadata (Firecracker's: fork()
+    refuses a snapshot of another release)."""
+    if backend.name != "firecracker":
+        return {}
+    from agentkernel.backends.firecracker import FirecrackerBackend  # loaded already, by get_backend
+
+    return {"firecracker_version": cast(FirecrackerBackend, backend).running_version(spec, pid)}
+
+
+def _mark_if_ended(record: SandboxRecord, backend: Backend, spec: VMSpec, reason: str) -> None:
+    """A snapshot that ended its sandbox's VM (a crash, or a backend that had to stop it) leaves
+    the sandbox failed, with the snapshot's error as the reason."""
+    assert record.pid is not None
+    if not backend.is_alive(spec, record.pid):
+        backend.cleanup(spec, keep_disk=True)
+        state.update(record.name, status="failed", pid=None, extra={**record.extra, "stop_reason": reason})
 
 
 async def template(name: str, *, source: str, **options: Any) -> Snapshot:
@@ -160,6 +214,8 @@ async def fork(name: str, new_sandbox: str, *, extra: dict[str, Any] | None = No
             "it cannot be resumed; take a new snapshot"
         )
     backend = cast(SnapshotBackend, get_backend(meta["backend"]))
+    if meta["backend"] == "firecracker":
+        firecracker_version.check_snapshot_version(name, meta.get("firecracker_version"))
     record = sandboxes.new_record(
         new_sandbox,
         backend.name,
