@@ -7,8 +7,9 @@ set -euo pipefail
 packages=(
   # VMM and disks
   qemu-system-x86 qemu-utils
-  # the egress gateway's link from QEMU user networking to its Unix socket
-  socat
+  # the egress gateway's link from QEMU user networking to its Unix socket; Firecracker's per-sandbox
+  # network namespace drops all but the proxy with nftables
+  socat nftables
   # guest kernel build from Debian's source package
   linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev xz-utils
   # guest agent: static binary with musl
