@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from agentkernel import paths
+from agentkernel import paths, procs
 from agentkernel.backends import rootfs, seccomp
 from agentkernel.backends.base import VMSpec, file_tail, kill_tagged, tail_line
 from agentkernel.config import MAX_PROCS
@@ -467,13 +467,11 @@ class ContainerBackend:
         """The pid is this sandbox's agent: checked in /proc (its program and its container's cgroup),
         or by asking the engine where /proc does not show the container (Docker Desktop's VM)."""
         try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
             cgroups = Path(f"/proc/{pid}/cgroup").read_text()
             ident = _id_file(spec).read_text().strip()
         except (OSError, ValueError):
             return self._alive_by_engine(spec, pid) if not Path("/proc/self").exists() else False
-        if stat.rsplit(")", 1)[-1].split()[0] in ("Z", "X") or cmdline.split(b"\0")[0] != AGENT_PATH.encode():
+        if not procs.running(pid) or procs.argv(pid)[:1] != [AGENT_PATH.encode()]:
             return False
         return ident in cgroups or self._alive_by_engine(spec, pid)
 

@@ -141,12 +141,7 @@ def _vmms() -> dict[str, Vmm]:
     disk = re.compile(rb"file=(?:" + b"|".join(map(re.escape, homes)) + rb")/(" + NAME + rb")/")
     found: dict[str, Vmm] = {}
     for entry in os.scandir("/proc"):
-        try:
-            args = (
-                Path(f"/proc/{entry.name}/cmdline").read_bytes().split(b"\0") if entry.name.isdigit() else []
-            )
-        except OSError:
-            continue
+        args = procs.argv(int(entry.name)) if entry.name.isdigit() else []
         if not args or not os.path.basename(args[0]).startswith(b"qemu-system"):
             continue
         names = [m[1].decode() for arg in args if (m := disk.search(arg))]
