@@ -98,8 +98,15 @@ class Engine:
         return [self.path, *self.options, *args]
 
     def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Run the engine in its own directory: conmon, which outlives this call, writes files such as
+        `oom` into its working directory, which would otherwise be the user's project."""
         return subprocess.run(
-            self.command(*args), capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=timeout
+            self.command(*args),
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=timeout,
+            cwd=engine_dir(),
         )
 
     def describe(self) -> str:
