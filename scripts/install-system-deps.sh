@@ -22,6 +22,10 @@ packages=(
   docker-registry
   # container backend: podman; runc as well as crun (crun refuses hosts in cgroup v1/hybrid mode)
   podman runc crun
+  # fleet: membership and placement across hosts (etcd v3, its JSON gateway at /v3/)
+  etcd-server
+  # tests: the dashboard's browser tests drive a headless Chromium
+  chromium chromium-driver
 )
 
 # The container backend maps the root of root's containers to unprivileged host ids: reserve 65536 of

@@ -1,9 +1,15 @@
-"""Shared fixtures. Tests that boot VMs use the artifacts `agentkernel setup` built in the data dir."""
+"""Shared fixtures. Tests that boot VMs use the artifacts `agentkernel setup` built in the data dir.
+
+Markers (pyproject.toml) are also set here from what a test uses, so `-m "not vm"` leaves out every
+test that boots a VM without each module having to say so: `vm` for the fixtures that need the built
+kernel and images, `podman` for the container engine's, `root` for a skip whose reason is root.
+"""
 
 from __future__ import annotations
 
 import http.server
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -13,6 +19,24 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+VM_FIXTURES = frozenset({"artifacts", "cli_home", "vm"})
+"""Fixtures that boot a VM or need what `agentkernel setup` built (tests/vm/conftest.py)."""
+ENGINE_FIXTURES = frozenset({"engine"})
+"""Fixtures that need a working container engine (tests/container/conftest.py)."""
+NEEDS_ROOT = re.compile(r"\broot\b")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & VM_FIXTURES:
+            item.add_marker(pytest.mark.vm)
+        if used & ENGINE_FIXTURES:
+            item.add_marker(pytest.mark.podman)
+        if any(NEEDS_ROOT.search(str(mark.kwargs.get("reason", ""))) for mark in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.root)
+        if item.get_closest_marker("root") and os.geteuid() != 0:
+            item.add_marker(pytest.mark.skip(reason="needs root"))
 
 
 @pytest.fixture

@@ -1,20 +1,23 @@
-"""`agentkernel.toml`: the project's sandbox settings, and the security policy they resolve to.
+"""`agentkernel.toml`: the project's sandbox settings, and the security policy they resolve to
+(docs/config.md: each key and what uses it).
 
-    [sandbox]           name, base_image, backend
-    [agent]             preferred
+    [sandbox]           name (`create`'s default), base_image, backend
+    [agent]             preferred (`agent run`'s default)
     [resources]         vcpus, memory_mb, disk_mb, min_free_disk_mb
     [security]          profile, network, mount_cwd, mount_home, pass_env, read_only
     [security.domains]  allow, block, allowlist_only
-    [network]           vsock_cid
     [secrets.NAME]      from_env or from_file (else the secret store), hosts, in_url, in_body,
                         upstream_ca: a secret the egress gateway brokers (docs/secrets.md)
 
-Every key is optional; unset resources and vsock_cid are left to the runtime's defaults. Types are
-strict (TOML has them: `vcpus = "2"` is an error, not 2) and unknown keys are errors, so a typo is
-reported instead of silently ignored. Every problem becomes an AgentkernelError of one line:
+Every key is optional; an unset one is left to the command-line flag or the default. Every key is
+read by the commands it names, none is only checked: types are strict (TOML has them: `vcpus = "2"`
+is an error, not 2), unknown keys are errors, so a typo is reported instead of silently ignored, and
+a key that is no longer supported (REMOVED) is refused with the reason. Every problem becomes an
+AgentkernelError of one line:
 
     agentkernel.toml: resources.memory_mb: must be at least 64 (got 1)
     agentkernel.toml: security.netwrk: unknown key
+    agentkernel.toml: network.vsock_cid: no longer supported: vsock CIDs are allocated per sandbox
     agentkernel.toml: line 3, column 7: invalid TOML: expected '=' after a key in a key/value pair
 """
 
@@ -24,6 +27,7 @@ import functools
 import json
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
@@ -41,10 +45,21 @@ FILENAME = "agentkernel.toml"
 
 ProfileName = Literal["permissive", "moderate", "restrictive"]
 AgentName = Literal["claude", "gemini", "codex", "opencode"]
-BackendName = Literal["qemu", "firecracker", "container"]
 
 RUNTIME_IMAGES = {"python": "python", "node": "node", "rust": "rust", "golang": "go", "go": "go"}
 SANDBOX_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+VCPUS_RANGE = (1, 32)
+"""The virtual CPUs a sandbox may have, inclusive."""
+MEMORY_MB_RANGE = (64, 65536)
+"""The memory a sandbox may have, in MiB, inclusive."""
+DISK_MB_RANGE = (64, 1024 * 1024)
+"""The writable disk a sandbox may have, in MiB, inclusive."""
+
+REMOVED = {
+    ("network", "vsock_cid"): "vsock CIDs are allocated per sandbox",
+}
+"""Keys the file once had, and why they are gone: using one is an error that says so."""
+
 DOMAIN_PATTERN = re.compile(r"(\*\.)?([a-z0-9]([a-z0-9-]*[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]*[a-z0-9])?")
 
 
@@ -73,6 +88,19 @@ def _is_image_name(value: str) -> bool:
     return True
 
 
+def _is_backend_name(value: str) -> bool:
+    """Backends are known by the registry (backends/registry.py), which a fake can join."""
+    from agentkernel.backends import registry
+
+    return registry.is_registered(value)
+
+
+def _backend_names() -> str:
+    from agentkernel.backends import registry
+
+    return "must be one of " + ", ".join(registry.names())
+
+
 def _is_secret_name(value: str) -> bool:
     return re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", value) is not None
 
@@ -90,13 +118,14 @@ def _is_domain_pattern(value: str) -> bool:
     return True
 
 
-CHECK_REASONS = {
+CHECK_REASONS: dict[str, str | Callable[[], str]] = {
     _is_sandbox_name.__name__: (
         "must be 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
     ),
     _is_image_name.__name__: "must be an image name (like python or myimg:latest)",
     _is_domain_pattern.__name__: "must be a domain pattern (like pypi.org or *.pypi.org)",
     _is_secret_name.__name__: "must be an environment variable name (letters, digits, '_')",
+    _is_backend_name.__name__: _backend_names,
 }
 
 # The sections are plain frozen dataclasses, so reading the defaults costs nothing; a file is checked
@@ -110,22 +139,25 @@ class _Section:
 @dataclass(frozen=True)
 class Sandbox(_Section):
     name: Annotated[str, Predicate(_is_sandbox_name)] | None = None
+    """The name `create` gives a sandbox when none is given (`run` names its own)."""
     base_image: Annotated[str, Predicate(_is_image_name)] | None = None
     """Mapped by image_name() once the file is checked."""
-    backend: BackendName | None = None
+    backend: Annotated[str, Predicate(_is_backend_name)] | None = None
     """None: the host's best (a VM whenever a VMM can run); "container" trades the VM for a container."""
 
 
 @dataclass(frozen=True)
 class Agent(_Section):
     preferred: AgentName | None = None
+    """The agent `agent run` starts when none is named."""
 
 
 @dataclass(frozen=True)
 class Resources(_Section):
-    vcpus: Annotated[int, Ge(1), Le(32)] | None = None
-    memory_mb: Annotated[int, Ge(64), Le(65536)] | None = None
-    disk_mb: Annotated[int, Ge(64), Le(1024 * 1024)] | None = None
+    vcpus: Annotated[int, Ge(VCPUS_RANGE[0]), Le(VCPUS_RANGE[1])] | None = None
+    memory_mb: Annotated[int, Ge(MEMORY_MB_RANGE[0]), Le(MEMORY_MB_RANGE[1])] | None = None
+    disk_mb: Annotated[int, Ge(DISK_MB_RANGE[0]), Le(DISK_MB_RANGE[1])] | None = None
+    """The writable root disk's size (its image's when unset, or when the root is read-only)."""
     min_free_disk_mb: Annotated[int, Ge(0), Le(1024 * 1024 * 1024)] | None = None
     """`start` refuses to boot with less free on the host under sandbox disks (service/diskspace)."""
 
@@ -154,12 +186,6 @@ class Security(_Section):
 
 
 @dataclass(frozen=True)
-class Network(_Section):
-    vsock_cid: Annotated[int, Ge(3), Le(2**32 - 2)] | None = None
-    """0-2 are reserved (hypervisor, local, host); 2**32 - 1 means any."""
-
-
-@dataclass(frozen=True)
 class Secret(_Section):
     """A secret a sandbox can be given with `--secret NAME`: its value stays on the host, the
     sandbox sees a placeholder, and the egress gateway swaps it in for requests to `hosts` only."""
@@ -180,7 +206,6 @@ class Config(_Section):
     agent: Agent = field(default_factory=Agent)
     resources: Resources = field(default_factory=Resources)
     security: Security = field(default_factory=Security)
-    network: Network = field(default_factory=Network)
     secrets: dict[Annotated[str, Predicate(_is_secret_name)], Secret] = field(default_factory=dict)
 
 
@@ -246,11 +271,28 @@ def load_config(path: Path | None = None, *, search_from: Path | None = None) ->
         raise AgentkernelError(f"{shown}: {_syntax_error(str(exc), text)}") from None
     from pydantic import ValidationError
 
+    problems = _removed_keys(data)
     try:
-        return _checked(data), path
+        config = _checked(data)
     except ValidationError as exc:
-        problems = "; ".join(_problem(error) for error in exc.errors())
-        raise AgentkernelError(f"{shown}: {problems}") from None
+        problems += [_problem(error) for error in exc.errors()]
+    if problems:
+        raise AgentkernelError(f"{shown}: {'; '.join(problems)}") from None
+    return config, path
+
+
+def _removed_keys(data: dict[str, Any]) -> list[str]:
+    """A problem for each REMOVED key in `data` (parsed TOML), taken out of it so that the rest is
+    checked as usual; a table left empty goes too, or it would be reported as an unknown key."""
+    problems = []
+    for (section, key), reason in REMOVED.items():
+        table = data.get(section)
+        if isinstance(table, dict) and key in table:
+            del table[key]
+            problems.append(f"{section}.{key}: no longer supported: {reason}")
+            if not table:
+                del data[section]
+    return problems
 
 
 @dataclass(frozen=True)
@@ -335,12 +377,18 @@ DEFAULT_VCPUS = 1
 DEFAULT_MEMORY_MB = 512
 
 
-def resolve_resources(config: Config, *, vcpus: int | None, memory_mb: int | None) -> tuple[int, int]:
-    """vCPUs and memory in MB from the flags (None: not given), else `config`, else the defaults."""
+def resolve_resources(
+    config: Config,
+    *,
+    vcpus: int | None,
+    memory_mb: int | None,
+    defaults: tuple[int, int] = (DEFAULT_VCPUS, DEFAULT_MEMORY_MB),
+) -> tuple[int, int]:
+    """vCPUs and memory in MB from the flags (None: not given), else `config`, else `defaults`."""
     resources = config.resources
     return (
-        vcpus if vcpus is not None else resources.vcpus or DEFAULT_VCPUS,
-        memory_mb if memory_mb is not None else resources.memory_mb or DEFAULT_MEMORY_MB,
+        vcpus if vcpus is not None else resources.vcpus or defaults[0],
+        memory_mb if memory_mb is not None else resources.memory_mb or defaults[1],
     )
 
 
@@ -396,7 +444,8 @@ def _problem(error: ErrorDetails) -> str:
         reason = "must be one of " + ", ".join(re.findall(r"'([^']*)'", ctx["expected"]))
     elif kind == "predicate_failed":
         check = re.search(r"Predicate '?([\w.]+)'? failed", error["msg"])
-        reason = CHECK_REASONS.get(check[1] if check else "", "is not valid")
+        found = CHECK_REASONS.get(check[1] if check else "", "is not valid")
+        reason = found() if callable(found) else found
     else:
         reason = TYPE_REASONS.get(kind) or error["msg"][:1].lower() + error["msg"][1:]
     return f"{where}: {reason} (got {_value(error['input'])})"

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import get_args
 
-from agentkernel.config import BackendName
+from agentkernel.backends import registry
+from agentkernel.backends.registry import BackendInfo, BackendStatus, Capability, HostFeature
 from agentkernel.errors import AgentkernelError
 
 KVM_DEVICE = Path("/dev/kvm")
@@ -20,12 +19,6 @@ KVM_DEVICE = Path("/dev/kvm")
 class Accel:
     name: str  # "kvm" or "tcg"
     note: str  # why not KVM; empty when KVM is used
-
-
-@dataclass(frozen=True)
-class BackendStatus:
-    available: bool
-    reason: str
 
 
 def cpu_flags(cpuinfo: str) -> set[str]:
@@ -61,39 +54,9 @@ def accel() -> Accel:
     return detect_accel()
 
 
-def qemu_status(acc: Accel) -> BackendStatus:
-    qemu = shutil.which("qemu-system-x86_64")
-    if not qemu:
-        return BackendStatus(False, "qemu-system-x86_64 not found: apt-get install -y qemu-system-x86")
-    how = "with KVM" if acc.name == "kvm" else f"with TCG software emulation ({acc.note})"
-    return BackendStatus(True, f"{qemu} {how}")
-
-
-def firecracker_status(acc: Accel) -> BackendStatus:
-    firecracker = shutil.which("firecracker")
-    if not firecracker:
-        return BackendStatus(False, "firecracker binary not found on PATH")
-    if acc.name != "kvm":
-        return BackendStatus(False, f"firecracker needs hardware KVM: {acc.note}")
-    return BackendStatus(True, f"{firecracker} with KVM")
-
-
-def backends(current: Accel | None = None) -> dict[str, BackendStatus]:
-    """Each backend, whether it can run sandboxes here, and why (not)."""
-    acc = current or accel()
-    return {"qemu": qemu_status(acc), "firecracker": firecracker_status(acc), "container": container_status()}
-
-
-def container_status() -> BackendStatus:
-    """Whether a container engine (podman, else docker) runs the hardened sandboxes here (probed once
-    and remembered), and which one, or the reason it does not."""
-    from agentkernel.backends import container
-
-    return BackendStatus(*container.status())
-
-
-BACKENDS: tuple[str, ...] = get_args(BackendName)
-VMMS = ("firecracker", "qemu")
+def backends() -> dict[str, BackendStatus]:
+    """Each registered backend, preferred first, whether it can run sandboxes here, and why (not)."""
+    return {info.name: info.probe() for info in registry.registered()}
 
 
 def select_backend(
@@ -103,51 +66,53 @@ def select_backend(
     kvm: bool,
     root: bool,
     status: Callable[[str], BackendStatus],
+    candidates: Iterable[BackendInfo] | None = None,
 ) -> str:
-    """The backend for a new sandbox: `requested` if given, else the first that can run here of
-    Firecracker (hardware KVM and its binary) > QEMU with KVM > QEMU with TCG emulation > a container.
+    """The backend for a new sandbox: `requested` if it is registered, else the first of the
+    registered backends (`candidates`, preferred first) that has what the sandbox needs and can run
+    here: Firecracker (hardware KVM and its binary) > QEMU (KVM, else TCG emulation) > a container.
 
     A sandbox runs in a VM whenever a VMM can run at all, slow emulation included: a container shares
-    the host's kernel, so it is chosen only when asked for or when no VMM exists here (and then the
-    caller says so, see isolation_warning). `status` is asked lazily: the container engine's probe
-    runs only when no VMM can. Firecracker's network (a tap in a namespace of its own) needs `root`;
-    the container backend has no network.
+    the host's kernel, so it ranks last, and is chosen only when asked for or when no VMM can run
+    here (and then the caller says so, see isolation_warning). `status` is asked lazily, best
+    first: the container engine's probe runs only when no VMM can. A backend whose capability needs
+    a host feature (Firecracker's network needs `root`) is passed over when the host lacks it.
     """
+    entries = registry.registered() if candidates is None else list(candidates)
     if requested is not None:
-        if requested not in BACKENDS:
-            raise AgentkernelError(f"unknown backend {requested!r}: use {', '.join(BACKENDS)}")
+        if requested not in [entry.name for entry in entries]:
+            raise AgentkernelError(
+                f"unknown backend {requested!r}: use {', '.join(entry.name for entry in entries)}"
+            )
         return requested
-    if kvm and status("firecracker").available and (root or not needs_network):
-        return "firecracker"
-    if status("qemu").available:
-        return "qemu"
-    if not needs_network and status("container").available:
-        return "container"
-    reasons = "; ".join(f"{name}: {status(name).reason}" for name in BACKENDS)
-    if needs_network:
-        reasons += "; a sandbox with network needs a VM (the container backend has no network)"
+    needs: frozenset[Capability] = frozenset({"network"}) if needs_network else frozenset()
+    host: set[HostFeature] = set()
+    if kvm:
+        host.add("kvm")
+    if root:
+        host.add("root")
+    for entry in entries:
+        if entry.supports(needs, host=frozenset(host)) and status(entry.name).available:
+            return entry.name
+    reasons = "; ".join(f"{entry.name}: {status(entry.name).reason}" for entry in entries)
+    if lacking := [entry.name for entry in entries if not needs <= entry.capabilities]:
+        reasons += f"; a sandbox with network cannot run on {', '.join(lacking)} (no network)"
     raise AgentkernelError(f"no backend can run sandboxes here: {reasons}")
 
 
 def choose_backend(requested: str | None = None, *, needs_network: bool) -> str:
-    """select_backend() with this host's capabilities."""
-    acc = accel()
-    checks: dict[str, Callable[[], BackendStatus]] = {
-        "qemu": lambda: qemu_status(acc),
-        "firecracker": lambda: firecracker_status(acc),
-        "container": container_status,
-    }
+    """select_backend() with this host's capabilities and the registered backends' probes."""
     return select_backend(
         requested,
         needs_network=needs_network,
-        kvm=acc.name == "kvm",
+        kvm=accel().name == "kvm",
         root=os.geteuid() == 0,
-        status=lambda name: checks[name](),
+        status=lambda name: registry.info(name).probe(),
     )
 
 
 def isolation_warning(backend: str) -> str | None:
     """The one line said wherever a sandbox runs in a container rather than a VM (None for a VM)."""
-    if backend in VMMS:
+    if registry.info(backend).isolation == "vm":
         return None
     return "warning: this sandbox is a container (it shares the host's kernel), not a virtual machine"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +12,10 @@ import pytest
 import tomlkit
 
 from agentkernel.agents.catalog import AGENTS, launch
+from agentkernel.cli.agent_cmds import AGENT_RESOURCES, agent_request
+from agentkernel.config import load_config
+from agentkernel.errors import AgentkernelError
+from agentkernel.images import store
 from agentkernel.images.recipes import RECIPES, _mmdebstrap_args
 from tests.conftest import cli
 
@@ -221,3 +226,69 @@ def test_agent_images_come_from_recipes() -> None:
         hook = [a for a in _mmdebstrap_args(recipe, "T") if a.startswith("--customize-hook=")]
         assert len(hook) == 1 and agent.package in hook[0]
     assert not any(a.startswith("--customize-hook=") for a in _mmdebstrap_args(RECIPES["node"], "T"))
+
+
+def refused(*args: str) -> str:
+    """The one line `agent run` refuses with (no terminal: it never gets to start a sandbox)."""
+    result = cli("agent", "run", *args, input=b"")
+    assert result.returncode == 1, result.stdout
+    assert result.stderr.count(b"\n") == 1 and b"Traceback" not in result.stderr
+    return result.stderr.decode().removeprefix("agentkernel: error: ").strip()
+
+
+def test_agent_run_without_a_name_runs_the_preferred_agent(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    (project / ".git").mkdir(parents=True)  # no agentkernel.toml above it is looked for
+    assert refused("--dir", str(project)) == (
+        "no agent named and no [agent] preferred in agentkernel.toml:"
+        " name one of claude, gemini, codex, opencode"
+    )
+    (project / "agentkernel.toml").write_text('[agent]\npreferred = "gemini"\n')
+    assert refused("--dir", str(project)) == (
+        "agent run attaches Gemini CLI's interactive UI: run it in a terminal"
+    )
+    assert refused("--dir", str(project), "--profile", "restrictive") == (
+        "Gemini CLI needs the network to reach its API: use a profile that has it"
+    )
+    assert refused("codex", "--dir", str(project)).startswith("agent run attaches Codex's")  # a name wins
+    (project / "agentkernel.toml").write_text('[agent]\npreferred = "vim"\n')
+    assert refused("--dir", str(project)).endswith(
+        'agent.preferred: must be one of claude, gemini, codex, opencode (got "vim")'
+    )
+
+
+@pytest.fixture
+def agent_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A data dir of its own whose store has an image named as Claude Code's (the base image: the
+    real one is built from the npm registry)."""
+    base = store.get("base").path
+    monkeypatch.setenv("AGENTKERNEL_HOME", str(tmp_path / "home"))
+    with store.scratch() as scratch:
+        copy = scratch / "rootfs.ext4"
+        subprocess.run(["cp", "--sparse=always", str(base), str(copy)], check=True)
+        return store.add(copy, AGENTS["claude"].image, source="test").name
+
+
+def test_agent_sandbox_resources_come_from_flags_then_the_file_then_the_agent_defaults(
+    tmp_path: Path, agent_image: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-0123456789")  # read when it is bound
+    project = tmp_path / "project"
+    (project / ".git").mkdir(parents=True)
+    claude = launch("claude", project, {"ANTHROPIC_API_KEY": "sk-ant-test-0123456789"})
+
+    def request(toml: str, **flags: int | None) -> tuple[int, int, int | None]:
+        (project / "agentkernel.toml").write_text(toml)
+        config, path = load_config(search_from=project)
+        given = {"vcpus": None, "memory_mb": None, **flags}
+        made = agent_request(claude, config, path, profile=None, **given)
+        assert (made.image, made.mount_dir) == (agent_image, project.resolve())
+        assert [s.name for s in made.secrets] == ["ANTHROPIC_API_KEY"]
+        return made.vcpus, made.memory_mb, made.disk_mb
+
+    assert request("") == (*AGENT_RESOURCES, None)
+    assert request("[resources]\nvcpus = 3\ndisk_mb = 4096\n") == (3, AGENT_RESOURCES[1], 4096)
+    assert request("[resources]\nvcpus = 3\nmemory_mb = 1024\n", vcpus=4) == (4, 1024, None)
+    assert request("[resources]\nmemory_mb = 1024\n", memory_mb=4096) == (AGENT_RESOURCES[0], 4096, None)
+    with pytest.raises(AgentkernelError, match=r"vcpus.*between 1 and 32"):
+        request("", vcpus=0)

@@ -12,18 +12,19 @@ from pathlib import Path
 import pytest
 
 from agentkernel.artifacts import kernel
-from agentkernel.backends import container
 from agentkernel.backends.base import VMSpec
-from agentkernel.backends.container import ContainerBackend
+from agentkernel.backends.container import backend as container
+from agentkernel.backends.container.backend import ContainerBackend
+from agentkernel.errors import EngineUnavailable
 from agentkernel.images import store
-from agentkernel.protocol.client import Connection
+from agentkernel.protocol.connection import Connection
 
 
 @pytest.fixture(scope="session")
 def engine() -> container.Engine:
     try:
         return container.find_engine()
-    except container.EngineUnavailable as exc:
+    except EngineUnavailable as exc:
         pytest.skip(f"no container engine works here: {exc}")
 
 

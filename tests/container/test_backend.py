@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from agentkernel.backends import rootfs
 from agentkernel.backends.base import Mount
-from agentkernel.backends.container import GUEST_RUNDIR, SOCKET, container_name
+from agentkernel.backends.container import rootfs
+from agentkernel.backends.container.backend import GUEST_RUNDIR, SOCKET, container_name
 from agentkernel.errors import AgentkernelError
 from agentkernel.network.policy import EgressRules
-from agentkernel.protocol.client import Connection
+from agentkernel.protocol.connection import Connection
 from tests.container.conftest import Sandbox, run_async
 
 MakeSandbox = Callable[..., Sandbox]

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from agentkernel.backends import container, seccomp
 from agentkernel.backends.base import VMSpec
+from agentkernel.backends.container import backend as container
+from agentkernel.backends.container import seccomp
 from agentkernel.config import MAX_PROCS
 
 ENGINE = container.Engine("podman", "/usr/bin/podman", "4.3.1", ("--runtime", "/usr/sbin/runc"), 20000)
@@ -20,7 +21,7 @@ ENGINE = container.Engine("podman", "/usr/bin/podman", "4.3.1", ("--runtime", "/
 @pytest.mark.parametrize("name", seccomp.PROFILES)
 def test_shipped_profiles_are_current(name: str) -> None:
     assert seccomp.asset_path(name).read_text() == seccomp.render(name), (
-        "run `python -m agentkernel.backends.seccomp` to regenerate the seccomp profiles"
+        "run `python -m agentkernel.backends.container.seccomp` to regenerate the seccomp profiles"
     )
 
 

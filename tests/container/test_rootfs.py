@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agentkernel.backends import rootfs
+from agentkernel.backends.container import rootfs
 from agentkernel.errors import AgentkernelError
 
 

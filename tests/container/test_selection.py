@@ -14,9 +14,12 @@ import pytest
 
 from agentkernel import hostinfo, paths
 from agentkernel.artifacts import kernel
-from agentkernel.backends import container
+from agentkernel.backends import registry
+from agentkernel.backends.container import backend as container
+from agentkernel.errors import EngineUnavailable
 from agentkernel.service import sandboxes
-from agentkernel.service.operations import Operations, SandboxSettings
+from agentkernel.service.request import SandboxFlags
+from agentkernel.service.service import SandboxService
 from tests.conftest import cli
 
 WARNING = f"agentkernel: {hostinfo.isolation_warning('container')}"
@@ -28,7 +31,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     project of its own (no agentkernel.toml above it: .git stops the search)."""
     if kernel.current() is None:
         pytest.fail("no guest kernel: run `agentkernel setup` first (install.sh does)")
-    if hostinfo.qemu_status(hostinfo.accel()).available is False:
+    if not registry.info("qemu").probe().available:
         pytest.skip("qemu-system-x86_64 is not installed")
     real = paths.data_dir()
     home = tmp_path / "home"
@@ -50,7 +53,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 def engine() -> container.Engine:
     try:
         return container.find_engine()
-    except container.EngineUnavailable as exc:
+    except EngineUnavailable as exc:
         pytest.skip(f"no container engine works here: {exc}")
 
 
@@ -107,7 +110,7 @@ def test_a_bad_backend_is_one_line(home: Path) -> None:
     result = cli("run", "--backend", "lxc", "--", "true")
     assert result.returncode != 0
     assert result.stderr.decode().splitlines() == [
-        "agentkernel: error: unknown backend 'lxc': use qemu, firecracker, container"
+        "agentkernel: error: unknown backend 'lxc': use firecracker, qemu, container"
     ]
     (home / "agentkernel.toml").write_text('[sandbox]\nbackend = "lxc"\n')
     result = cli("run", "--", "true")
@@ -120,19 +123,19 @@ def test_a_bad_backend_is_one_line(home: Path) -> None:
 def test_the_service_logs_a_container(
     home: Path, engine: container.Engine, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The API and the MCP server go through Operations: a container is logged, a VM is not."""
+    """The API and the MCP server go through the service: a container is logged, a VM is not."""
     (home / "agentkernel.toml").write_text('[sandbox]\nbackend = "container"\n')
-    ops = Operations(home)
-    settings = SandboxSettings(image="base", profile="restrictive")
+    flags = SandboxFlags(image="base", profile="restrictive")
 
     async def body() -> None:
-        with caplog.at_level(logging.WARNING, logger="agentkernel.service"):
-            record = await ops.create("svcbox", settings, start=False)
+        async with SandboxService(home) as service:
+            request = await service.resolve(flags)
+            with caplog.at_level(logging.WARNING, logger="agentkernel.service"):
+                record = await service.create(request, name="svcbox", start=False)
         assert record.backend == "container"
         assert [r.getMessage() for r in caplog.records] == [
             f"sandbox svcbox: {hostinfo.isolation_warning('container')}"
         ]
-        await ops.close()
 
     asyncio.run(body())
     sandboxes.remove("svcbox", force=True)

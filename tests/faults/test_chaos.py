@@ -183,8 +183,8 @@ class Chaos:
                 found.append(f"sandbox {r.name} is running without its VMM (pid {r.pid})")
             if r.status == "starting":
                 found.append(f"sandbox {r.name} is starting, but nothing starts it")
-            if not r.extra.get("pool") and owners.dead_owner(r.extra) is not None:
-                found.append(f"sandbox {r.name} outlived its owner {r.extra[owners.KEY]}")
+            if not r.pool and owners.dead_owner(r.owner) is not None:
+                found.append(f"sandbox {r.name} outlived its owner {r.owner}")
         return found
 
     def remove_all(self) -> list[str]:

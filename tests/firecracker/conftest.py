@@ -19,9 +19,9 @@ import pytest
 
 from agentkernel import hostinfo
 from agentkernel.artifacts import kernel as kernel_artifact
-from agentkernel.backends import firecracker as fc
 from agentkernel.backends.base import VMSpec
-from agentkernel.backends.firecracker import FirecrackerBackend, instance_id
+from agentkernel.backends.firecracker import backend as fc
+from agentkernel.backends.firecracker.backend import FirecrackerBackend, instance_id
 from agentkernel.config import Policy
 from agentkernel.hostinfo import Accel
 from agentkernel.images import store

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from agentkernel.backends import firecracker as fc
-from agentkernel.backends.firecracker_api import FirecrackerAPI, FirecrackerAPIError, fault_message
-from agentkernel.errors import AgentkernelError
+from agentkernel.backends.firecracker import backend as fc
+from agentkernel.backends.firecracker.api import FirecrackerAPI, fault_message
+from agentkernel.errors import AgentkernelError, FirecrackerAPIError
 from tests.conftest import REPO
 from tests.firecracker.conftest import Fake, MakeSpec
 
@@ -90,7 +90,7 @@ def test_error_answers_become_one_line(
     message = str(info.value)
     assert message.startswith(f"firecracker refused PUT {path} (HTTP 400): ")
     assert fault in message
-    assert "\n" not in message and info.value.status == 400
+    assert "\n" not in message and info.value.http_status == 400
 
 
 def test_no_server_is_one_line_naming_the_request(tmp_path: Path) -> None:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from agentkernel.backends import firecracker as fc
 from agentkernel.backends.base import Mount
-from agentkernel.backends.firecracker import FirecrackerBackend
+from agentkernel.backends.firecracker import backend as fc
+from agentkernel.backends.firecracker.backend import FirecrackerBackend
 from agentkernel.errors import AgentkernelError
 from agentkernel.hostinfo import Accel
 from agentkernel.service import sandboxes

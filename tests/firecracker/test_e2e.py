@@ -17,16 +17,15 @@ from typing import Any, TypeVar
 
 import pytest
 
-from agentkernel.backends import firecracker as fc
 from agentkernel.backends.base import VMSpec
-from agentkernel.backends.firecracker import FirecrackerBackend, Jailer
-from agentkernel.backends.firecracker_version import check_version
-from agentkernel.errors import AgentkernelError
+from agentkernel.backends.firecracker import backend as fc
+from agentkernel.backends.firecracker.backend import FirecrackerBackend, Jailer
+from agentkernel.backends.firecracker.version import check_version
+from agentkernel.errors import AgentConnectionError, AgentkernelError
 from agentkernel.hostinfo import detect_accel
 from agentkernel.network import launcher as gateway
 from agentkernel.network.policy import EgressRules
-from agentkernel.protocol import client
-from agentkernel.protocol.client import AgentConnectionError
+from agentkernel.protocol import connection
 from tests.firecracker.conftest import MakeSpec, kill_processes_naming
 
 T = TypeVar("T")
@@ -228,7 +227,7 @@ def test_a_snapshot_resets_open_connections(new_spec: MakeSpec, tmp_path: Path) 
         start = time.monotonic()
         with pytest.raises(AgentConnectionError):
             await proc.wait()
-        assert time.monotonic() - start < client.HEARTBEAT_INTERVAL + client.HEARTBEAT_TIMEOUT + 5
+        assert time.monotonic() - start < connection.HEARTBEAT_INTERVAL + connection.HEARTBEAT_TIMEOUT + 5
         await conn.close()
 
     try:

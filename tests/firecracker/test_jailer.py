@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from agentkernel.backends import firecracker as fc
-from agentkernel.backends.firecracker import FirecrackerBackend, Jailer
+from agentkernel.backends.firecracker import backend as fc
+from agentkernel.backends.firecracker.backend import FirecrackerBackend, Jailer
 from agentkernel.errors import AgentkernelError
 from tests.firecracker.conftest import KVM, Fake, MakeSpec
 

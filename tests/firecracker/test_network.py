@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from agentkernel.backends import firecracker as fc
-from agentkernel.backends import qemu
 from agentkernel.backends.base import VMSpec
-from agentkernel.backends.qemu import QemuBackend
+from agentkernel.backends.firecracker import backend as fc
+from agentkernel.backends.qemu import backend as qemu
+from agentkernel.backends.qemu.backend import QemuBackend
 from agentkernel.errors import AgentkernelError
 from agentkernel.hostinfo import accel
 from agentkernel.network import launcher as gateway

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from agentkernel.backends import firecracker_version as fv
-from agentkernel.backends.firecracker import FirecrackerBackend
-from agentkernel.backends.firecracker_api import FirecrackerAPI, FirecrackerAPIError
+from agentkernel.backends.firecracker import version as fv
+from agentkernel.backends.firecracker.api import FirecrackerAPI
+from agentkernel.backends.firecracker.backend import FirecrackerBackend
 from agentkernel.config import PROFILES
-from agentkernel.errors import AgentkernelError
+from agentkernel.errors import AgentkernelError, FirecrackerAPIError
 from agentkernel.sandbox import state
 from agentkernel.service import sandboxes, snapshots
 from tests.conftest import cli

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from agentkernel.backends import firecracker as fc
+from agentkernel.backends.firecracker import backend as fc
 from agentkernel.network.policy import EgressRules
 from tests.firecracker import spec
 from tests.firecracker.conftest import MakeSpec

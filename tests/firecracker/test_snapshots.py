@@ -17,15 +17,14 @@ from typing import Any, TypeVar
 
 import pytest
 
-from agentkernel.backends import firecracker as fc
 from agentkernel.backends.base import VMSpec
-from agentkernel.backends.firecracker import FirecrackerBackend, Jailer
-from agentkernel.backends.firecracker_api import FirecrackerAPI, FirecrackerAPIError
-from agentkernel.errors import AgentkernelError
+from agentkernel.backends.firecracker import backend as fc
+from agentkernel.backends.firecracker.api import FirecrackerAPI
+from agentkernel.backends.firecracker.backend import FirecrackerBackend, Jailer
+from agentkernel.errors import AgentConnectionError, AgentkernelError, FirecrackerAPIError
 from agentkernel.images import store
 from agentkernel.network.policy import EgressRules
-from agentkernel.protocol import client
-from agentkernel.protocol.client import AgentConnectionError
+from agentkernel.protocol import connection
 from agentkernel.protocol.frames import FrameType, encode
 from agentkernel.sandbox import state
 from agentkernel.service import sandboxes, snapshots
@@ -168,8 +167,8 @@ def test_a_snapshot_resets_open_connections(
     """As Firecracker does, the stand-in keeps the host end of a connection open across the vsock
     reset of a snapshot but carries nothing on it any more; the heartbeat gives such a connection up
     in bounded time, where a read on it would otherwise wait for good. New connections work."""
-    monkeypatch.setattr(client, "HEARTBEAT_INTERVAL", 0.2)
-    monkeypatch.setattr(client, "HEARTBEAT_TIMEOUT", 0.5)
+    monkeypatch.setattr(connection, "HEARTBEAT_INTERVAL", 0.2)
+    monkeypatch.setattr(connection, "HEARTBEAT_TIMEOUT", 0.5)
     origin = make_spec("origin", memory_mb=MEMORY_MB)
     pid = started(backend, origin)
     snap = tmp_path / "snap"
@@ -421,9 +420,9 @@ def test_service_snapshot_and_forks(service: Path) -> None:
     for name in ("one", "two"):
         record = run(snapshots.fork("snap", name))
         assert record.status == "running" and record.backend == "firecracker"
-        assert record.extra["image_path"] == str(snap.path / "rootfs.ext4")
-        assert record.extra["image_format"] == "raw"
-        assert state.get(name).extra["restore_from"] is None  # resumed once: a later start boots
+        assert record.image_path == str(snap.path / "rootfs.ext4")
+        assert record.image_format == "raw"
+        assert state.get(name).restore_from is None  # resumed once: a later start boots
     disks = [service / "sandboxes" / name / "rootfs.ext4" for name in ("origin", "one", "two")]
     assert len({disk.stat().st_ino for disk in disks}) == 3
     assert list(snapshots.snapshots_dir().iterdir()) == [snap.path]  # no scratch left behind
@@ -460,10 +459,10 @@ def test_service_failed_snapshot_leaves_nothing(
     if failure == "refused":
         record = sandboxes.get("origin")
         assert record.status == "failed" and record.pid is None
-        assert record.extra["stop_reason"].startswith(
+        assert str(record.stop_reason).startswith(
             "a snapshot failed: firecracker refused PUT /snapshot/create"
         )
-        assert "the sandbox was stopped" in record.extra["stop_reason"]
+        assert "the sandbox was stopped" in str(record.stop_reason)
     else:
         assert sandboxes.get("origin").status == "running" and run(ping()) < 5
     sandboxes.remove("origin", force=True)

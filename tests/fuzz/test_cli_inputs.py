@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from agentkernel.cli.app import main
 from agentkernel.config import FILENAME
-from agentkernel.service.sandboxes import NAME_RE
+from agentkernel.service.checks import NAME_RE
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("isolated_home")]
 fuzz = settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from agentkernel.protocol.client import Connection
+from agentkernel.protocol.connection import Connection
 from tests.conftest import REPO
 from tests.vm.conftest import artifacts  # noqa: F401  (fixture, for the real VM's test)
 

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from agentkernel.protocol.frames import (
+    FIELD,
     HEADER,
     INITIAL_WINDOW,
     MAGIC,
@@ -126,8 +127,11 @@ class Agent:
     async def started(self, channel: int) -> None:
         await self.send(channel, FrameType.STARTED, encode_record([(Tag.PID, 1000 + channel)]))
 
-    async def output(self, channel: int, data: bytes, chunk: int = MAX_PAYLOAD) -> None:
-        """`data` as STDOUT frames of at most `chunk` bytes, never beyond the window."""
+    async def output(
+        self, channel: int, data: bytes, chunk: int = MAX_PAYLOAD, *, ftype: FrameType = FrameType.STDOUT
+    ) -> None:
+        """`data` as `ftype` frames (STDOUT, STDERR, DATA) of at most `chunk` bytes, never beyond the
+        window."""
         while data and channel in self.windows:
             if self.windows[channel] <= 0:
                 self.granted[channel].clear()
@@ -135,7 +139,7 @@ class Agent:
                 continue
             n = min(len(data), chunk, self.windows[channel])
             self.windows[channel] -= n
-            await self.send(channel, FrameType.STDOUT, data[:n])
+            await self.send(channel, ftype, data[:n])
             data = data[n:]
 
     async def end(self, channel: int, ftype: FrameType, record: bytes) -> None:
@@ -315,6 +319,82 @@ class AfterExit(Agent):
         await self.send(channel, FrameType.STDOUT, b"late")
 
 
+class JobsFlood(Agent):
+    """Answers JOBS (the list of background commands) with ENTRY records without end."""
+
+    async def handle(self, frame: Frame) -> None:
+        if frame.type is not FrameType.JOBS:
+            await super().handle(frame)
+            return
+        entry = encode_record([(Tag.CMD, 1), (Tag.PID, 2), (Tag.STATE, 2), (Tag.ARGV, b"x" * 400)])
+        batch = encode(frame.channel, FrameType.ENTRY, entry) * 512
+
+        async def more() -> int:
+            self.writer.write(batch)
+            await self.writer.drain()
+            return len(batch)
+
+        self.spawn(flood(more))
+
+
+class AttachStall(Agent):
+    """Answers every ATTACH with STARTED and at once an OK saying it fell behind the ring, without a
+    byte of output: a host that attaches again each time would never end."""
+
+    async def handle(self, frame: Frame) -> None:
+        if frame.type is not FrameType.ATTACH:
+            await super().handle(frame)
+            return
+        await self.send(frame.channel, FrameType.STARTED, encode_record([(Tag.PID, 2), (Tag.OFFSET, 0)]))
+        await self.send(frame.channel, FrameType.OK, encode_record([(Tag.OFFSET, 0), (Tag.LOST, 5)]))
+
+
+class AttachFlood(Agent):
+    """Answers ATTACH with STARTED, then full STDOUT frames without end, ignoring the window."""
+
+    async def handle(self, frame: Frame) -> None:
+        if frame.type is not FrameType.ATTACH:
+            await super().handle(frame)
+            return
+        channel = frame.channel
+        await self.send(channel, FrameType.STARTED, encode_record([(Tag.PID, 2), (Tag.OFFSET, 0)]))
+
+        async def more() -> int:
+            await self.send(channel, FrameType.STDOUT, b"a" * MAX_PAYLOAD)
+            return MAX_PAYLOAD
+
+        self.spawn(flood(more))
+
+
+class WatchHugeField(Agent):
+    """Answers WATCH with STARTED, then event bytes whose first field claims a size of 1 GiB, and more
+    such bytes for as long as the window lasts: a host that waited for the field to complete would
+    hold all of it."""
+
+    async def handle(self, frame: Frame) -> None:
+        if frame.type is not FrameType.WATCH:
+            await super().handle(frame)
+            return
+        await self.send(frame.channel, FrameType.STARTED)
+        head = FIELD.pack(Tag.NAME, 1 << 30)
+        await self.send(frame.channel, FrameType.DATA, head + b"n" * (INITIAL_WINDOW - len(head)))
+
+
+class OldAgent(Agent):
+    """A well-behaved agent of protocol version 2, from before background commands: it knows no
+    JOBS, ATTACH, INPUT, KILL, WAIT or RENAME, and would break the connection on one."""
+
+    async def on_hello(self) -> None:
+        record = [(Tag.VERSION, 2), (Tag.MAGIC, MAGIC), (Tag.MESSAGE, "agentkernel-agent protocol 2")]
+        await self.send(0, FrameType.HELLO, encode_record(record))
+
+    async def handle(self, frame: Frame) -> None:
+        if frame.type >= FrameType.RENAME:
+            self.writer.close()  # as the real agent of version 2 does on an unknown frame type
+            return
+        await super().handle(frame)
+
+
 BEHAVIOURS: dict[str, type[Agent]] = {
     "good": Agent,
     "silent": Silent,
@@ -332,6 +412,11 @@ BEHAVIOURS: dict[str, type[Agent]] = {
     "control-flood": ControlFlood,
     "started-twice": StartedTwice,
     "after-exit": AfterExit,
+    "jobs-flood": JobsFlood,
+    "attach-stall": AttachStall,
+    "attach-flood": AttachFlood,
+    "watch-huge-field": WatchHugeField,
+    "old-agent": OldAgent,
 }
 
 
@@ -339,7 +424,11 @@ async def serve(path: Path, behaviour: type[Agent]) -> None:
     async def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await behaviour(reader, writer).serve()
 
-    server = await asyncio.start_unix_server(connected, path=str(path))
+    # Bound under another name and renamed once listening: a host that connects as soon as the path
+    # exists must not find a socket that refuses it.
+    bound = path.with_name(path.name + ".new")
+    server = await asyncio.start_unix_server(connected, path=str(bound))
+    bound.rename(path)
     async with server:
         await server.serve_forever()
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from agentkernel.errors import AgentkernelError
-from agentkernel.protocol import client
-from agentkernel.protocol.client import AgentConnectionError, Connection
+from agentkernel.errors import AgentConnectionError, AgentkernelError
+from agentkernel.protocol import connection
+from agentkernel.protocol.connection import Connection
 from agentkernel.protocol.frames import INITIAL_WINDOW, MAX_PAYLOAD
 from tests.hostile.conftest import Guests, steady_work
 
@@ -212,7 +212,7 @@ def test_no_answer_to_exec(guests: Guests) -> None:
 
 def test_command_that_outlives_its_timeout(guests: Guests, monkeypatch: pytest.MonkeyPatch) -> None:
     """The guest enforces `timeout`; one that does not is given up on TIMEOUT_GRACE after it."""
-    monkeypatch.setattr(client, "TIMEOUT_GRACE", 1.0)
+    monkeypatch.setattr(connection, "TIMEOUT_GRACE", 1.0)
 
     async def work(conn: Connection) -> None:
         await conn.hello(timeout=10)

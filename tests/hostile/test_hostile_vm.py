@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from agentkernel.backends.base import VMSpec
-from agentkernel.backends.qemu import AGENT_PATH, QemuBackend
-from agentkernel.errors import AgentkernelError
-from agentkernel.protocol.client import AgentConnectionError, Connection
+from agentkernel.backends.qemu.backend import AGENT_PATH, QemuBackend
+from agentkernel.errors import AgentConnectionError, AgentkernelError
+from agentkernel.protocol.connection import Connection
 from agentkernel.protocol.frames import (
     HEADER,
     MAGIC,

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from agentkernel import paths
-from agentkernel.errors import AgentkernelError
+from agentkernel.errors import AgentkernelError, CorruptImageError
 from agentkernel.images import store
-from agentkernel.images.api import build_from_dir, build_recipe, ensure_recipes
+from agentkernel.images.make import build_from_dir, build_recipe, ensure_recipes
 from agentkernel.images.recipes import RECIPES, get_recipe, recipe_key
 from tests.images.ext4_tools import cat, debugfs, is_clean, stat
 
@@ -48,7 +48,7 @@ def test_ensure_recipes_skips_cached_and_rebuilds_corrupted(agent: Path, log: Pa
     with first.path.open("r+b") as f:
         f.seek(1024 + 100)  # inside the superblock
         f.write(b"\xff" * 8)
-    with pytest.raises(store.CorruptImageError):
+    with pytest.raises(CorruptImageError):
         store.verify("base")
     (rebuilt,) = ensure_recipes(["base"], agent, log=log)
     assert rebuilt.created_at > first.created_at

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from agentkernel import paths
-from agentkernel.errors import AgentkernelError
+from agentkernel.errors import AgentkernelError, CorruptImageError
 from agentkernel.images import store
 from agentkernel.images.model import ImageConfig
 
@@ -85,7 +85,7 @@ def test_verify_detects_corruption_and_add_repairs_it() -> None:
     assert store.verify("img") == image
     os.chmod(image.path, 0o644)
     image.path.write_bytes(b"bad content!")
-    with pytest.raises(store.CorruptImageError, match=r"image img is corrupted \(sha256 mismatch\)"):
+    with pytest.raises(CorruptImageError, match=r"image img is corrupted \(sha256 mismatch\)"):
         store.verify("img")
     store.add(make_file(b"good content"), "img", source="test")
     assert store.verify("img").path.read_bytes() == b"good content"
@@ -94,9 +94,9 @@ def test_verify_detects_corruption_and_add_repairs_it() -> None:
 def test_missing_file_and_damaged_record() -> None:
     image = store.add(make_file(b"content"), "img", source="test")
     image.path.unlink()
-    with pytest.raises(store.CorruptImageError, match="its file is missing"):
+    with pytest.raises(CorruptImageError, match="its file is missing"):
         store.verify("img")
     image.path.with_name("image.json").unlink()
-    with pytest.raises(store.CorruptImageError, match="record is missing or unreadable"):
+    with pytest.raises(CorruptImageError, match="record is missing or unreadable"):
         store.get("img")
     assert store.list_images() == []  # left out, with a warning

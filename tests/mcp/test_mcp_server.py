@@ -152,7 +152,7 @@ def test_failures_are_tool_errors(cli_home: Path, tmp_path: Path) -> None:  # no
             await client.call_tool("run_command", {"command": "true", "timeout": -1})
         )
         not_found = error_text(await client.call_tool("run_command", {"command": ["/no/such/program"]}))
-        assert "No such file" in not_found
+        assert "exec: /no/such/program: no such file" in not_found
         assert "Traceback" not in missing + escape + not_found
 
     with_server(body, tmp_path)

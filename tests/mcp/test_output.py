@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from agentkernel.errors import AgentkernelError
+from agentkernel.errors import AgentkernelError, NoSuchSandboxError
 from agentkernel.mcp_server.server import SAVED_LIMIT, Captured, OutputStore, for_agent, text_slice
-from agentkernel.sandbox.state import NoSuchSandboxError
 
 
 def captured(data: bytes, limit: int, chunk: int = 4096) -> Captured:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from agentkernel.errors import AgentkernelError
-from agentkernel.protocol.client import AgentConnectionError, Connection, ExecError
+from agentkernel.errors import AgentConnectionError, AgentkernelError, ExecError
+from agentkernel.protocol.connection import Connection
 from agentkernel.protocol.frames import (
     HEADER,
     INITIAL_WINDOW,

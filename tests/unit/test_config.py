@@ -1,18 +1,26 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import inspect
+import re
+import typing
 from pathlib import Path
 
 import pytest
 
 from agentkernel.config import (
+    MEMORY_MB_RANGE,
     PROFILES,
+    REMOVED,
+    VCPUS_RANGE,
     Config,
     Policy,
     find_config,
     image_name,
     load_config,
     resolve_policy,
+    resolve_resources,
 )
 from agentkernel.errors import AgentkernelError
 
@@ -32,9 +40,6 @@ memory_mb = 512
 profile = "restrictive"   # permissive, moderate, restrictive
 network = false           # Override: disable network
 mount_cwd = false         # Override: mount current directory
-
-[network]
-vsock_cid = 3             # Auto-assigned if not specified
 """
 
 
@@ -62,7 +67,17 @@ def test_seed_example(in_tmp: Path) -> None:
     assert config.security.profile == "restrictive"
     assert config.security.network is False
     assert config.security.mount_home is None
-    assert config.network.vsock_cid == 3
+
+
+def test_seed_example_with_a_vsock_cid_names_the_removed_key(in_tmp: Path) -> None:
+    path = write(
+        in_tmp, SEED_EXAMPLE + "\n[network]\nvsock_cid = 3             # Auto-assigned if not specified\n"
+    )
+    with pytest.raises(AgentkernelError) as info:
+        load_config(path)
+    assert str(info.value) == (
+        "agentkernel.toml: network.vsock_cid: no longer supported: vsock CIDs are allocated per sandbox"
+    )
 
 
 def test_full_schema(in_tmp: Path) -> None:
@@ -131,7 +146,27 @@ ERRORS = [
     ("[resources]\nvcpus = 0", "resources.vcpus: must be at least 1 (got 0)"),
     ("[resources]\nvcpus = 33", "resources.vcpus: must be at most 32 (got 33)"),
     ("[resources]\ndisk_mb = 10", "resources.disk_mb: must be at least 64 (got 10)"),
-    ("[network]\nvsock_cid = 2", "network.vsock_cid: must be at least 3 (got 2)"),
+    # removed keys: refused whatever their value, with the reason; a problem with the rest too
+    (
+        "[network]\nvsock_cid = 2",
+        "network.vsock_cid: no longer supported: vsock CIDs are allocated per sandbox",
+    ),
+    (
+        "[network]\nvsock_cid = 'x'",
+        "network.vsock_cid: no longer supported: vsock CIDs are allocated per sandbox",
+    ),
+    (
+        "[network]\nvsock_cid = 3\nother = 1",
+        "network.vsock_cid: no longer supported: vsock CIDs are allocated per sandbox; network: unknown key",
+    ),
+    (
+        "[resources]\nvcpus = 0\n[network]\nvsock_cid = 3",
+        "network.vsock_cid: no longer supported: vsock CIDs are allocated per sandbox;"
+        " resources.vcpus: must be at least 1 (got 0)",
+    ),
+    ("[network]", "network: unknown key"),
+    ("network = 5", "network: unknown key"),
+    ("[resources]\ndisk_mb = 1048577", "resources.disk_mb: must be at most 1048576 (got 1048577)"),
     ('[resources]\nvcpus = "2"', 'resources.vcpus: must be an integer (got "2")'),
     ("[resources]\nvcpus = 2.0", "resources.vcpus: must be an integer (got 2.0)"),
     ("[resources]\nvcpus = true", "resources.vcpus: must be an integer (got true)"),
@@ -339,3 +374,106 @@ def test_models_are_frozen() -> None:
     config = Config()
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.security.profile = "permissive"
+
+
+# Every key of agentkernel.toml and the function that reads it: the file promises that nothing in it
+# is silently ignored, so a key is either read (here) or refused (config.REMOVED).
+READERS = {
+    "sandbox.name": "agentkernel.cli.sandbox_cmds:create",
+    "sandbox.base_image": "agentkernel.service.sandboxes:choose_image",
+    "sandbox.backend": "agentkernel.service.request:resolve",
+    "agent.preferred": "agentkernel.cli.agent_cmds:run",
+    "resources.vcpus": "agentkernel.config:resolve_resources",
+    "resources.memory_mb": "agentkernel.config:resolve_resources",
+    "resources.disk_mb": "agentkernel.service.request:resolve",
+    "resources.min_free_disk_mb": "agentkernel.service.diskspace:floor_mb",
+    "security.profile": "agentkernel.config:resolve_policy",
+    "security.network": "agentkernel.config:resolve_policy",
+    "security.mount_cwd": "agentkernel.config:resolve_policy",
+    "security.mount_home": "agentkernel.config:resolve_policy",
+    "security.pass_env": "agentkernel.config:resolve_policy",
+    "security.read_only": "agentkernel.config:resolve_policy",
+    "security.domains": "agentkernel.config:resolve_policy",
+    "security.domains.allow": "agentkernel.service.sandboxes:spec_of",
+    "security.domains.block": "agentkernel.service.sandboxes:spec_of",
+    "security.domains.allowlist_only": "agentkernel.service.sandboxes:spec_of",
+    "secrets.NAME.from_env": "agentkernel.network.brokering:_from_declaration",
+    "secrets.NAME.from_file": "agentkernel.network.brokering:_from_declaration",
+    "secrets.NAME.hosts": "agentkernel.network.brokering:_from_declaration",
+    "secrets.NAME.in_url": "agentkernel.network.brokering:_from_declaration",
+    "secrets.NAME.in_body": "agentkernel.network.brokering:_from_declaration",
+    "secrets.NAME.upstream_ca": "agentkernel.network.brokering:_from_declaration",
+}
+
+
+def config_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every key a file can set, as dotted paths: each field of each section (tables in tables too,
+    a table of tables like [secrets.NAME] with NAME standing for its names)."""
+    keys = []
+    hints = typing.get_type_hints(cls, include_extras=True)
+    for field in dataclasses.fields(cls):
+        key, hint = prefix + field.name, hints[field.name]
+        if typing.get_origin(hint) is dict:
+            keys += config_keys(typing.get_args(hint)[1], f"{key}.NAME.")
+        elif dataclasses.is_dataclass(hint):
+            keys += ([key] if prefix else []) + config_keys(hint, f"{key}.")
+        else:
+            keys.append(key)
+    return keys
+
+
+def test_every_key_is_read_or_refused() -> None:
+    keys = config_keys(Config)
+    assert set(keys) == set(READERS), "a key without a reader: read it (and add it here) or refuse it"
+    for key, reader in READERS.items():
+        module, function = reader.split(":")
+        source = inspect.getsource(getattr(importlib.import_module(module), function))
+        assert re.search(rf"\.{key.rsplit('.', 1)[1]}\b", source), f"{reader} does not read {key}"
+    removed = {f"{section}.{key}" for section, key in REMOVED}
+    assert removed == {"network.vsock_cid"}
+    assert not removed & set(keys)
+
+
+@pytest.mark.parametrize(("section", "key"), list(REMOVED))
+def test_every_removed_key_is_refused_by_name(in_tmp: Path, section: str, key: str) -> None:
+    with pytest.raises(AgentkernelError) as info:
+        load_config(write(in_tmp, f"[{section}]\n{key} = 1\n"))
+    assert (
+        str(info.value) == f"agentkernel.toml: {section}.{key}: no longer supported: {REMOVED[section, key]}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "flags", "defaults", "expected"),
+    [
+        ("", {}, None, (1, 512)),
+        ("", {}, (2, 2048), (2, 2048)),  # an agent's defaults
+        ("[resources]\nvcpus = 4", {}, (2, 2048), (4, 2048)),
+        ("[resources]\nvcpus = 4\nmemory_mb = 1024", {"vcpus": 3}, (2, 2048), (3, 1024)),
+        ("[resources]\nmemory_mb = 1024", {"memory_mb": 4096}, None, (1, 4096)),
+    ],
+)
+def test_resolve_resources(
+    tmp_path: Path,
+    text: str,
+    flags: dict[str, int],
+    defaults: tuple[int, int] | None,
+    expected: tuple[int, int],
+) -> None:
+    given: dict[str, int | None] = {"vcpus": None, "memory_mb": None, **flags}
+    config = config_of(text, tmp_path)
+    if defaults is None:
+        assert resolve_resources(config, **given) == expected
+    else:
+        assert resolve_resources(config, **given, defaults=defaults) == expected
+
+
+@pytest.mark.parametrize(("key", "bounds"), [("vcpus", VCPUS_RANGE), ("memory_mb", MEMORY_MB_RANGE)])
+def test_file_bounds_are_the_ranges(in_tmp: Path, key: str, bounds: tuple[int, int]) -> None:
+    low, high = bounds
+    for value in (low, high):
+        config, _ = load_config(write(in_tmp, f"[resources]\n{key} = {value}"))
+        assert getattr(config.resources, key) == value
+    for value, reason in ((low - 1, f"at least {low}"), (high + 1, f"at most {high}")):
+        with pytest.raises(AgentkernelError, match=rf"resources\.{key}: must be {reason} "):
+            load_config(write(in_tmp, f"[resources]\n{key} = {value}"))

@@ -1,18 +1,13 @@
 import asyncio
 import errno
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
-from agentkernel.errors import AgentkernelError
-from agentkernel.protocol.client import (
-    ArgumentsTooLongError,
-    Connection,
-    ExecError,
-    FileOpError,
-    check_arguments,
-)
+from agentkernel.errors import AgentkernelError, ArgumentsTooLongError, ExecError, FileOpError
+from agentkernel.protocol.connection import Connection, check_arguments
 from agentkernel.protocol.frames import (
     ARG_MAX,
     ARG_POINTER,
@@ -248,7 +243,7 @@ def test_client_refuses_a_large_request_to_a_version_1_agent(tmp_path: Path) -> 
 
 
 def test_guest_e2big_is_the_arguments_error() -> None:
-    from agentkernel.protocol.client import _exec_error
+    from agentkernel.protocol.connection import _exec_error
 
     record = decode_record(encode_record([(Tag.ERRNO, errno.E2BIG), (Tag.MESSAGE, "exec: too long")]))
     assert isinstance(_exec_error(record), ArgumentsTooLongError)
@@ -264,3 +259,86 @@ def test_overlong_path_is_refused_before_sending(tmp_path: Path) -> None:
             await conn.exec(["true"], cwd="/" + "a" * MAX_PAYLOAD)
 
     assert asyncio.run(on_fake_agent(tmp_path, 2, body)) == []
+
+
+def test_start_errors_name_what_is_missing() -> None:
+    from agentkernel.errors import WorkingDirectoryError
+    from agentkernel.protocol.connection import _exec_error
+
+    def error(*fields: tuple[Tag, int | bytes | str]) -> ExecError:
+        return _exec_error(decode_record(encode_record(list(fields))))
+
+    missing = error(
+        (Tag.MESSAGE, "exec: python4: command not found"),
+        (Tag.ERRNO, errno.ENOENT),
+        (Tag.EXIT_CODE, 127),
+        (Tag.CAUSE, "command"),
+    )
+    assert (str(missing), missing.exit_code, missing.code, missing.field) == (
+        "exec: python4: command not found",
+        127,
+        "command_not_found",
+        "command",
+    )
+    nodir = error(
+        (Tag.MESSAGE, "cwd /nope: no such directory"), (Tag.ERRNO, errno.ENOENT), (Tag.CAUSE, "cwd")
+    )
+    assert isinstance(nodir, WorkingDirectoryError)
+    assert (nodir.exit_code, nodir.code, nodir.field, nodir.status) == (1, "invalid_cwd", "cwd", 422)
+    # An older agent says neither: the error is as before.
+    old = error((Tag.MESSAGE, "exec: No such file or directory"), (Tag.ERRNO, errno.ENOENT))
+    assert type(old) is ExecError and old.exit_code == 1
+
+
+def test_background_requests_on_the_wire(tmp_path: Path) -> None:
+    """What each background request and RENAME sends, as docs/protocol.md gives it; the fake agent's
+    ERROR answers each (a start as ExecError, the rest as BackgroundCommandError or FileOpError)."""
+    from agentkernel.errors import BackgroundCommandError
+    from agentkernel.protocol.connection import INPUT_CHUNK
+
+    async def body(conn: Connection) -> None:
+        with pytest.raises(ExecError):
+            await conn.exec_background(["sleep", "9"], timeout=2)
+        with pytest.raises(BackgroundCommandError) as unknown:
+            await conn.signal_background(7, 15)
+        assert (unknown.value.status, unknown.value.code) == (422, "background_command_failed")
+        for call in (conn.wait_background(7), conn.list_background(), conn.attach_background(7, offset=5)):
+            with pytest.raises(BackgroundCommandError):
+                await call
+        with pytest.raises(BackgroundCommandError):
+            await conn.write_background(7, b"x" * (INPUT_CHUNK + 1), eof=True)
+        with pytest.raises(FileOpError):
+            await conn.rename("/a", "/b")
+
+    frames = asyncio.run(on_fake_agent(tmp_path, 3, body))
+    records = [(f.type, decode_record(f.payload)) for f in frames]
+    assert [t for t, _ in records] == [
+        FrameType.EXEC,
+        FrameType.KILL,
+        FrameType.WAIT,
+        FrameType.JOBS,
+        FrameType.ATTACH,
+        FrameType.INPUT,
+        FrameType.RENAME,
+    ]
+    start, kill, wait, _, attach, data, rename = (r for _, r in records)
+    assert (start.int(Tag.DETACH), start.int(Tag.TIMEOUT_MS), start.all(Tag.ARGV)) == (
+        1,
+        2000,
+        [b"sleep", b"9"],
+    )
+    assert (kill.int(Tag.CMD), kill.int(Tag.SIGNAL), wait.int(Tag.CMD)) == (7, 15, 7)
+    assert (attach.int(Tag.CMD), attach.int(Tag.OFFSET), attach.int(Tag.FOLLOW)) == (7, 5, 1)
+    # Refused at its first piece: the rest, and the end of file, are not sent.
+    assert (len(data.bytes(Tag.DATA) or b""), data.int(Tag.EOF)) == (INPUT_CHUNK, None)
+    assert (rename.bytes(Tag.PATH), rename.bytes(Tag.TO)) == (b"/a", b"/b")
+
+
+def test_numbers_are_those_of_the_protocol_document() -> None:
+    """Every frame type and field tag in docs/protocol.md's tables has the number the host uses."""
+    doc = (Path(__file__).parents[2] / "docs" / "protocol.md").read_text()
+    rows = re.findall(r"^\| (\d+) \| `([A-Z_a-z]+)` \|", doc, re.MULTILINE)
+    types = {name: int(n) for n, name in rows if name.isupper()}
+    tags = {name: int(n) for n, name in rows if name.islower()}
+    assert types == {t.name: t.value for t in FrameType}
+    assert tags == {t.name.lower(): t.value for t in Tag}

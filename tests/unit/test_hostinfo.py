@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from agentkernel import hostinfo
+from agentkernel.backends import registry
 from agentkernel.errors import AgentkernelError
 from agentkernel.hostinfo import BackendStatus, detect_accel, select_backend
 
@@ -51,7 +52,10 @@ def select(
             asked.append(name)
         return YES if statuses[name] else NO
 
-    return select_backend(requested, needs_network=network, kvm=kvm, root=root, status=status)
+    built_in = [registry.info(name) for name in registry.BUILTIN]  # whatever else a test registered
+    return select_backend(
+        requested, needs_network=network, kvm=kvm, root=root, status=status, candidates=built_in
+    )
 
 
 @pytest.mark.parametrize(
@@ -130,11 +134,11 @@ def test_nothing_usable_says_why_for_each_backend() -> None:
         select(kvm=False, firecracker=False, qemu=False, podman=True, network=True)
     message = str(caught.value)
     assert "qemu: missing" in message and "firecracker: missing" in message
-    assert "a sandbox with network needs a VM" in message and "\n" not in message
+    assert "a sandbox with network cannot run on container (no network)" in message and "\n" not in message
 
 
 def test_unknown_backend_is_one_line() -> None:
-    with pytest.raises(AgentkernelError, match=r"^unknown backend 'lxc': use qemu, firecracker, container$"):
+    with pytest.raises(AgentkernelError, match=r"^unknown backend 'lxc': use firecracker, qemu, container$"):
         select(kvm=True, firecracker=True, qemu=True, podman=True, network=False, requested="lxc")
 
 

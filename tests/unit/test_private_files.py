@@ -11,7 +11,7 @@ import pytest
 
 from agentkernel import paths
 from agentkernel.backends.base import Mount, VMSpec
-from agentkernel.backends.qemu import check_mounts, mount_args
+from agentkernel.backends.qemu.backend import check_mounts, mount_args
 from agentkernel.errors import AgentkernelError
 from tests.conftest import cli
 

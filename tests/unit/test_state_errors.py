@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from agentkernel.errors import StateBusyError
 from agentkernel.sandbox import state
 from tests.conftest import cli
 
@@ -69,7 +70,7 @@ def test_waiting_is_bounded(
     holder.execute("BEGIN EXCLUSIVE")  # blocks writers even in WAL mode
     try:
         start = time.monotonic()
-        with pytest.raises(state.StateBusyError) as caught:
+        with pytest.raises(StateBusyError) as caught:
             state.update("nobody", status="stopped")
         assert 2.0 <= time.monotonic() - start < 5
     finally:

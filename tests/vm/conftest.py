@@ -15,9 +15,9 @@ import pytest
 from agentkernel import paths
 from agentkernel.artifacts import kernel
 from agentkernel.backends.base import VMSpec
-from agentkernel.backends.qemu import QemuBackend
+from agentkernel.backends.qemu.backend import QemuBackend
 from agentkernel.images import store
-from agentkernel.protocol.client import Connection
+from agentkernel.protocol.connection import Connection
 from tests.conftest import cli
 
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from agentkernel.protocol.client import ExecError
+from agentkernel.errors import ExecError
 from tests.vm.conftest import BootedVM, connected, run_async
 
 pytestmark = pytest.mark.vm

@@ -76,8 +76,13 @@ def test_exit_codes_and_streams(running: str) -> None:
     assert cli("exec", running, "--", "sh", "-c", "kill -9 $$").returncode == 137
     assert cli("exec", running, "--", "true").returncode == 0
     missing = cli("exec", running, "--", "/no/such")
-    assert missing.returncode != 0
-    assert b"No such file" in missing.stderr and b"Traceback" not in missing.stderr
+    assert missing.returncode == 127
+    assert b"exec: /no/such: no such file" in missing.stderr and b"Traceback" not in missing.stderr
+    unknown = cli("exec", running, "--", "python4")
+    assert (unknown.returncode, unknown.stderr.strip()) == (
+        127,
+        b"agentkernel: error: exec: python4: command not found",
+    )
 
 
 def test_env_workdir_and_timeout(running: str) -> None:
@@ -169,18 +174,18 @@ def test_logs(running: str) -> None:
         (("create", "x" * 64), "invalid sandbox name"),
         (("create", "a;rm -rf /"), "invalid sandbox name"),
         (("create", "ok-name", "--image", "no-such-image"), "no image named no-such-image"),
-        (("create", "ok-name", "--memory", "1"), "--memory must be between"),
+        (("create", "ok-name", "--memory", "1"), "--memory: must be between"),
         (("start", "unknown"), "no sandbox named 'unknown'"),
         (("exec", "unknown", "--", "true"), "no sandbox named 'unknown'"),
         (("rm", "unknown"), "no sandbox named 'unknown'"),
         (("cp", "unknown:/etc/passwd", "/tmp/x"), "no sandbox named 'unknown'"),
         (("run", "--image", "no-such-image", "--", "true"), "no image named no-such-image"),
-        (("run", "--memory", "1", "--", "true"), "--memory must be between"),
+        (("run", "--memory", "1", "--", "true"), "--memory: must be between"),
         (("run", "--name", "bad/name", "--", "true"), "invalid sandbox name"),
-        (("run", "--vcpus", "0", "--", "true"), "--vcpus must be between 1 and 32 (got 0)"),
-        (("run", "--timeout", "nan", "--", "true"), "--timeout must be more than 0"),
-        (("run", "--timeout", "-1", "--", "true"), "--timeout must be more than 0"),
-        (("exec", "--timeout", "inf", "unknown", "--", "true"), "--timeout must be more than 0"),
+        (("run", "--vcpus", "0", "--", "true"), "--vcpus: must be between 1 and 32 (got 0)"),
+        (("run", "--timeout", "nan", "--", "true"), "--timeout: must be more than 0"),
+        (("run", "--timeout", "-1", "--", "true"), "--timeout: must be more than 0"),
+        (("exec", "--timeout", "inf", "unknown", "--", "true"), "--timeout: must be more than 0"),
         (("cp", "unknown:/", "."), "names no file"),
     ],
 )
@@ -200,8 +205,7 @@ def test_exec_on_stopped_sandbox(cli_home: Path) -> None:
     result = cli("exec", "idle", "--", "true")
     assert result.returncode != 0
     assert result.stderr.decode().strip() == (
-        "agentkernel: error: sandbox 'idle' is not running (status: stopped): "
-        "start it with `agentkernel start idle`"
+        "agentkernel: error: sandbox 'idle' is not running (status: stopped): start it first"
     )
 
 

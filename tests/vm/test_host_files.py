@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from agentkernel.backends.qemu import ram_file
+from agentkernel.backends.qemu.backend import ram_file
 from agentkernel.service import sandboxes
 from tests.conftest import cli
 

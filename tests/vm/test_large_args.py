@@ -16,7 +16,8 @@ import httpx
 import pytest
 from mcp import Client
 
-from agentkernel.protocol.client import ArgumentsTooLongError, Connection
+from agentkernel.errors import ArgumentsTooLongError
+from agentkernel.protocol.connection import Connection
 from agentkernel.protocol.frames import (
     ARG_MAX,
     ARG_POINTER,

@@ -19,8 +19,8 @@ import pytest
 
 from agentkernel.client import Client
 from agentkernel.config import MAX_PROCS, PROFILES, Policy
-from agentkernel.protocol.client import Connection
-from agentkernel.sandbox.state import SandboxRecord
+from agentkernel.protocol.connection import Connection
+from agentkernel.sandbox import state
 from agentkernel.service import sandboxes
 from tests.api.server import api_server
 from tests.conftest import cli
@@ -67,11 +67,11 @@ def test_a_record_without_a_process_limit_gets_its_profiles(tmp_path: Path) -> N
     """Records (and snapshots) written before policies carried the limit still start limited."""
     stored = sandboxes.policy_record(PROFILES["restrictive"])
     del stored["max_procs"]
-    record = SandboxRecord(
+    record = state.from_row(dict(
         name="old", backend="qemu", status="stopped", pid=None, rundir=str(tmp_path), created_at="",
         image="base", image_digest="", vcpus=1, memory_mb=256, profile="restrictive",
-        extra={"kernel": "/k", "image_path": "/i", "policy": json.loads(json.dumps(stored))},
-    )  # fmt: skip
+        extra=json.dumps({"kernel": "/k", "image_path": "/i", "policy": stored}),
+    ))  # fmt: skip
     assert sandboxes.spec_of(record).max_procs == MAX_PROCS["restrictive"]
     assert Policy.from_record(json.loads(json.dumps(stored))) == PROFILES["restrictive"]
 

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from agentkernel.pool.daemon import take_over
 from agentkernel.sandbox import state
 from agentkernel.service import audit, owners, sandboxes
+from agentkernel.service.service import take_over
 from tests.conftest import cli
 
 pytestmark = pytest.mark.vm
@@ -107,7 +107,7 @@ def test_an_owner_mark_names_one_process_and_a_zombie_is_dead() -> None:
     me = owners.current()
     assert me["pid"] == os.getpid() and owners.is_alive(me)
     assert not owners.is_alive({**me, "start": me["start"] + 1})  # the pid, reused by a later process
-    assert not owners.is_alive({"pid": me["pid"]}) and owners.dead_owner({}) is None
+    assert not owners.is_alive({"pid": me["pid"]}) and owners.dead_owner(None) is None
     child = subprocess.Popen(["true"])
     wait_until(lambda: not vmm_alive(child.pid), 10, "the child to exit")  # a zombie until waited for
     assert Path(f"/proc/{child.pid}").exists() and owners.of_process(child.pid) is None
@@ -149,17 +149,17 @@ def test_reaper_removes_what_dead_owners_left_once_and_keeps_persistent_ones(cli
 def test_a_dead_pool_daemons_sandboxes_wait_for_adoption_then_go(cli_home: Path) -> None:
     _create_in_child({"ready-1": True}, pool="somekey")
     assert sandboxes.reap() == []  # marked orphaned, kept for a new daemon
-    mark = state.get("ready-1").extra["owner"]
+    mark = state.get("ready-1").owner
     assert "orphaned_at" in mark and sandboxes.reap() == []
     aged = {**mark, "orphaned_at": mark["orphaned_at"] - owners.ADOPT_GRACE - 1}
-    state.update("ready-1", extra={**state.get("ready-1").extra, "owner": aged})
+    state.update("ready-1", owner=aged)
     assert sandboxes.reap() == ["ready-1"]
 
     _create_in_child({"ready-2": True}, pool="somekey", boot=True)
     try:
-        assert sandboxes.reap() == [] and "orphaned_at" in state.get("ready-2").extra["owner"]
+        assert sandboxes.reap() == [] and "orphaned_at" in (state.get("ready-2").owner or {})
         assert take_over("ready-2", "somekey")  # a new daemon adopts it: now that daemon's
-        assert state.get("ready-2").extra["owner"] == owners.current()
+        assert state.get("ready-2").owner == owners.current()
         assert sandboxes.reap() == [] and state.get("ready-2").status == "running"
     finally:
         sandboxes.remove("ready-2", force=True)
@@ -204,12 +204,18 @@ def test_run_killed_outright_is_reaped_by_the_next_command(cli_home: Path) -> No
 AGENT_RUN = """
 import sys
 import typer
+from pathlib import Path
 from agentkernel.cli.agent_cmds import run_attached
 from agentkernel.config import PROFILES
+from agentkernel.service.request import SandboxRequest
+request = SandboxRequest(
+    image="base", backend="qemu", vcpus=2, memory_mb=2048, policy=PROFILES["restrictive"],
+    mount_dir=None, lifetime=None,
+)
 try:
     code = run_attached(
-        ["sh", "-c", "echo started; exec sleep 100"], env={}, workdir=None, image="base",
-        backend="qemu", vcpus=2, memory_mb=2048, policy=PROFILES["restrictive"],
+        ["sh", "-c", "echo started; exec sleep 100"], env={}, workdir=None, request=request,
+        project_dir=Path.cwd(),
     )
 except typer.Exit as exc:
     code = exc.exit_code

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from agentkernel.pool import wire
-from agentkernel.service.operations import Operations, SandboxSettings
+from agentkernel.service.request import SandboxFlags
+from agentkernel.service.service import SandboxService
 from tests.conftest import cli
 
 pytestmark = pytest.mark.vm
@@ -68,12 +69,10 @@ def wait_for(predicate: Any, what: str, timeout: float = 60.0) -> None:
 
 
 async def hostname_through_the_service(project: Path) -> str:
-    ops = Operations(project)
-    try:
-        async with ops.ephemeral(["hostname"], SandboxSettings(image="base")) as conn:
+    async with SandboxService(project) as service:
+        request = await service.resolve(SandboxFlags(image="base"), command=["hostname"])
+        async with service.ephemeral(request) as (_name, conn):
             done = await conn.run(["hostname"])
-    finally:
-        await ops.close()
     return done.stdout.decode().strip()
 
 

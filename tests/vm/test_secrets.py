@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from agentkernel.backends.qemu import ram_file
+from agentkernel.backends.qemu.backend import ram_file
 from agentkernel.network.hostnames import normalise_host
 from agentkernel.network.mitm import Issuer, make_ca
 from agentkernel.service import audit, sandboxes

@@ -86,7 +86,7 @@ def test_start_killed_when_its_vmm_appears(cli_home: Path) -> None:
             assert record["status"] == "failed", record
             assert record["pid"] is None and record["stop_reason"] == sandboxes.INTERRUPTED, record
             assert not vmm_rundirs(cli_home), f"try {attempt + 1}: a VMM runs that its record lost"
-            assert sandboxes.STARTER not in record
+            assert state.get(name).starter is None
         else:
             # `rm -f` straight away ends the VMM before it deletes the sandbox's files.
             rundir = Path(state.get(name).rundir)
@@ -106,11 +106,10 @@ def test_a_live_starter_shows_starting(cli_home: Path) -> None:
     and `rm` without --force refuses it."""
     name = "box"
     assert cli("create", "--backend", "qemu", "--no-network", name).returncode == 0
-    record = state.get(name)
     starter = subprocess.Popen(["sleep", "60"])
     try:
         mark = owners.of_process(starter.pid)
-        state.update(name, status="starting", extra={**record.extra, sandboxes.STARTER: mark})
+        state.update(name, status="starting", starter=mark)
         assert shown(name)["status"] == "starting"
         result = cli("rm", name, timeout=TIMEOUT)
         assert result.returncode == 1 and b"is starting" in result.stderr, result.stderr

@@ -66,6 +66,17 @@ KEY_HOSTS: dict[str, Secret] = {
 }
 
 
+def chosen(name: str | None, preferred: str | None) -> str:
+    """The agent to run: the one named, else the project's `[agent] preferred`."""
+    if name is not None:
+        return name
+    if preferred is not None:
+        return preferred
+    raise AgentkernelError(
+        f"no agent named and no [agent] preferred in agentkernel.toml: name one of {', '.join(AGENTS)}"
+    )
+
+
 def get_agent(name: str) -> Agent:
     try:
         return AGENTS[name]
@@ -103,13 +114,19 @@ class Launch:
     secrets: tuple[str, ...] = ()
 
 
+def project_directory(path: Path) -> Path:
+    """`path` (the --dir flag) made absolute, if it is a directory."""
+    directory = path.expanduser().resolve()
+    if not directory.is_dir():
+        raise AgentkernelError(f"--dir {path}: no such directory")
+    return directory
+
+
 def launch(name: str, project_dir: Path, environ: Mapping[str, str] | None = None) -> Launch:
     """The launch of agent `name` on `project_dir`: TERM in its environment, its own key variables
     (those set) as secrets, no more."""
     agent = get_agent(name)
-    directory = project_dir.expanduser().resolve()
-    if not directory.is_dir():
-        raise AgentkernelError(f"--dir {project_dir}: no such directory")
+    directory = project_directory(project_dir)
     environ = os.environ if environ is None else environ
     env = {"TERM": environ.get("TERM", "xterm-256color")}
     return Launch(agent, directory, env, [agent.binary], secrets=passed_keys(agent, environ))

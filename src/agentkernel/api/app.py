@@ -12,34 +12,47 @@ import uvicorn
 from fastapi import FastAPI
 
 from agentkernel import __version__
-from agentkernel.api import attach, files, problems, routes
+from agentkernel.api import attach, dashboard, files, problems, routes
 from agentkernel.api.auth import API_KEY_ENV, BearerAuth, check_listen_address
 from agentkernel.api.guard import AllowedHosts, WebGuard
 from agentkernel.api.limits import BodyLimit
-from agentkernel.service.operations import Operations, reap_periodically
+from agentkernel.fleet import node as fleet_node
+from agentkernel.fleet.node import NodeConfig
+from agentkernel.service.service import SandboxService, reap_periodically
 
 SHUTDOWN_GRACE = 5
 """Seconds a stopping server lets requests finish; then they are cancelled, removing their sandboxes."""
 
 
-def create_app(*, project_dir: Path, api_key: str | None, hosts: AllowedHosts | None = None) -> FastAPI:
+def create_app(
+    *,
+    project_dir: Path,
+    api_key: str | None,
+    hosts: AllowedHosts | None = None,
+    node: NodeConfig | None = None,
+) -> FastAPI:
     """The API; with `api_key`, every route but /health needs `Authorization: Bearer <api_key>`.
 
     Every request, /health included, first passes the Host and Origin check (`hosts`, by default
     loopback names and the address the connection arrived on): a web page never reaches the key check.
+    With `node`, the server also registers in the fleet's etcd while it runs (fleet/node.py).
     """
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.ops = Operations(project_dir)
+        app.state.service = SandboxService(project_dir)
         reaper = asyncio.create_task(reap_periodically())  # what dead clients and servers left
+        tasks = [reaper]
+        if node is not None:
+            tasks.append(asyncio.create_task(fleet_node.run(node, app.state.service.list_sandboxes)))
         try:
             yield
         finally:
-            reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reaper
-            await app.state.ops.close()
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await app.state.service.close()
 
     app = FastAPI(
         title="agentkernel",
@@ -52,6 +65,7 @@ def create_app(*, project_dir: Path, api_key: str | None, hosts: AllowedHosts | 
     problems.install(app)
     for router in (routes.router, files.router, attach.router):
         app.include_router(router)
+    dashboard.install(app, api_key)
     app.add_middleware(BodyLimit)
     if api_key:
         app.add_middleware(BearerAuth, key=api_key)
@@ -59,11 +73,22 @@ def create_app(*, project_dir: Path, api_key: str | None, hosts: AllowedHosts | 
     return app
 
 
-def serve(host: str, port: int, *, project_dir: Path, allow_hosts: Sequence[str] = ()) -> None:
+def serve(
+    host: str,
+    port: int,
+    *,
+    project_dir: Path,
+    allow_hosts: Sequence[str] = (),
+    node: NodeConfig | None = None,
+) -> None:
     """Serve the API until interrupted. A non-loopback address needs AGENTKERNEL_API_KEY set;
-    `allow_hosts` are more names (`name[:port]`) the Host and Origin headers may use."""
-    key = os.environ.get(API_KEY_ENV) or None
+    `allow_hosts` are more names (`name[:port]`) the Host and Origin headers may use. A fleet `node`
+    takes the node key instead of the API key: only the fleet's routers call it."""
+    key = fleet_node.node_key() if node else os.environ.get(API_KEY_ENV) or None
     check_listen_address(host, key)
     hosts = AllowedHosts.configured(host, allow_hosts)
-    app = create_app(project_dir=project_dir, api_key=key, hosts=hosts)
+    if node is not None:
+        node = fleet_node.with_defaults(node, host, port)
+        fleet_node.check_etcd(node)
+    app = create_app(project_dir=project_dir, api_key=key, hosts=hosts, node=node)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE)

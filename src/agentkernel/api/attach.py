@@ -24,8 +24,9 @@ from fastapi import APIRouter, Query, WebSocket, WebSocketDisconnect
 from agentkernel.api.problems import from_exception, response
 from agentkernel.api.routes import Name
 from agentkernel.errors import AgentkernelError
-from agentkernel.protocol.client import Process
-from agentkernel.service.operations import LOGIN_SHELL, CommandSpec, Operations
+from agentkernel.protocol.connection import Process
+from agentkernel.service.checks import LOGIN_SHELL
+from agentkernel.service.service import CommandSpec, SandboxService
 
 router = APIRouter()
 
@@ -39,11 +40,11 @@ async def attach(
     command: Annotated[list[str] | None, Query()] = None,
     tty: bool = True,
 ) -> None:
-    ops: Operations = websocket.app.state.ops
+    sandboxes: SandboxService = websocket.app.state.service
     try:
         env = {"TERM": "xterm-256color"} if tty else {}
         spec = CommandSpec.checked(command or LOGIN_SHELL, env=env)
-        proc = await ops.exec(name, spec, pty=(rows, cols) if tty else None)
+        proc = await sandboxes.exec(name, spec, pty=(rows, cols) if tty else None)
     except AgentkernelError as exc:
         await websocket.send_denial_response(response(from_exception(exc)))
         return

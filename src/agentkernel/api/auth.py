@@ -7,6 +7,7 @@ import hmac
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from agentkernel.api.dashboard.session import owns as dashboard_owns
 from agentkernel.api.guard import deny
 from agentkernel.api.problems import problem
 from agentkernel.errors import AgentkernelError
@@ -24,7 +25,9 @@ class BearerAuth:
         self.expected = f"Bearer {key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or scope["path"] in OPEN_PATHS:
+        path = scope.get("path", "")
+        if scope["type"] not in ("http", "websocket") or path in OPEN_PATHS or dashboard_owns(path):
+            # /ui checks its own login, which takes this same key (api/dashboard/session.py)
             await self.app(scope, receive, send)
             return
         given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")

@@ -7,15 +7,19 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from agentkernel.config import ProfileName
-from agentkernel.protocol.client import FileInfo
-from agentkernel.sandbox.state import SandboxRecord
-from agentkernel.service.operations import Collected
-from agentkernel.service.sandboxes import NAME_RE
+from agentkernel.config import MEMORY_MB_RANGE, VCPUS_RANGE, ProfileName
+from agentkernel.protocol.connection import FileInfo
+from agentkernel.service.checks import MAX_TIMEOUT, NAME_RE
+from agentkernel.service.service import Collected
 
 SandboxName = Annotated[str, Field(pattern=f"^{NAME_RE.pattern}$", examples=["box"])]
 Command = Annotated[list[str], Field(min_length=1, examples=[["python3", "-c", "print(1)"]])]
-Timeout = Annotated[float, Field(gt=0, le=604800, description="Kill the command after this many seconds.")]
+Timeout = Annotated[
+    float, Field(description=f"Kill the command after this many seconds (at most {MAX_TIMEOUT:g}).")
+]
+Vcpus = Annotated[int, Field(description=f"Virtual CPUs, {VCPUS_RANGE[0]} to {VCPUS_RANGE[1]}.")]
+MemoryMb = Annotated[int, Field(description=f"Memory in MB, {MEMORY_MB_RANGE[0]} to {MEMORY_MB_RANGE[1]}.")]
+Pairs = Annotated[dict[str, str], Field(max_length=64)]
 
 
 class _Request(BaseModel):
@@ -44,8 +48,8 @@ SecretNames = Annotated[
 class RunRequest(ExecRequest):
     image: str | None = Field(None, description="Image (default: agentkernel.toml, else detected).")
     profile: ProfileName | None = None
-    vcpus: Annotated[int, Field(ge=1, le=32)] | None = None
-    memory_mb: Annotated[int, Field(ge=64, le=65536)] | None = None
+    vcpus: Vcpus | None = None
+    memory_mb: MemoryMb | None = None
     secrets: SecretNames = ()
 
 
@@ -53,27 +57,16 @@ class CreateRequest(_Request):
     name: SandboxName | None = Field(None, description="Default: sandbox-XXXXXXXX.")
     image: str | None = None
     profile: ProfileName | None = None
-    vcpus: Annotated[int, Field(ge=1, le=32)] | None = None
-    memory_mb: Annotated[int, Field(ge=64, le=65536)] | None = None
+    vcpus: Vcpus | None = None
+    memory_mb: MemoryMb | None = None
     secrets: SecretNames = ()
+    env: Pairs | None = Field(
+        None, description="Set for every command in the sandbox (a command's own wins)."
+    )
+    labels: Pairs | None = Field(
+        None, description="Kept with the sandbox; GET /sandboxes?label=k=v finds it."
+    )
     start: bool = Field(True, description="Boot it as well.")
-
-
-class Sandbox(BaseModel):
-    name: str
-    status: Literal["created", "starting", "running", "stopped", "failed"]
-    backend: str
-    image: str
-    image_digest: str
-    vcpus: int
-    memory_mb: int
-    profile: str
-    created_at: str
-
-    @classmethod
-    def of(cls, record: SandboxRecord) -> Sandbox:
-        """Host paths (run dir, disk, kernel) stay out of the API."""
-        return cls.model_validate({key: getattr(record, key) for key in cls.model_fields}, strict=False)
 
 
 class RunResult(BaseModel):

@@ -7,7 +7,6 @@ goes to the server's log only).
 
 from __future__ import annotations
 
-import errno
 import logging
 from http import HTTPStatus
 from typing import Any
@@ -20,20 +19,6 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Route
 
 from agentkernel.errors import AgentkernelError
-from agentkernel.protocol.client import (
-    AgentConnectionError,
-    ArgumentsTooLongError,
-    ExecError,
-    FileOpError,
-)
-from agentkernel.sandbox.state import NoSuchSandboxError, SandboxExistsError
-from agentkernel.service.connections import SandboxNotRunningError
-from agentkernel.service.operations import (
-    InvalidRequestError,
-    NotAFileError,
-    SandboxStateError,
-    UnknownImageError,
-)
 
 MEDIA_TYPE = "application/problem+json"
 log = logging.getLogger("agentkernel.api")
@@ -58,17 +43,6 @@ class ProblemError(Exception):
         self.status, self.code, self.detail, self.field = status, code, detail, field
 
 
-FILE_ERRNOS = {
-    errno.ENOENT: (404, "file_not_found"),
-    errno.EACCES: (403, "permission_denied"),
-    errno.EPERM: (403, "permission_denied"),
-    errno.EEXIST: (409, "file_exists"),
-    errno.ENOTEMPTY: (409, "directory_not_empty"),
-    errno.EISDIR: (409, "is_a_directory"),
-    errno.ENOTDIR: (409, "not_a_directory"),
-    errno.ENOSPC: (507, "no_space"),
-    errno.EROFS: (409, "read_only_filesystem"),
-}
 HTTP_CODES = {
     401: "unauthorized",
     404: "not_found",
@@ -99,32 +73,8 @@ def from_exception(exc: BaseException) -> Problem:
     """The problem an exception stands for; unknown exceptions are logged and become a bare 500."""
     if isinstance(exc, ProblemError):
         return problem(exc.status, exc.code, exc.detail, field=exc.field)
-    if isinstance(exc, UnknownImageError):
-        return problem(422, "unknown_image", str(exc), field=exc.field)
-    if isinstance(exc, InvalidRequestError):
-        return problem(422, exc.code, str(exc), field=exc.field)
-    if isinstance(exc, NoSuchSandboxError):
-        return problem(404, "sandbox_not_found", str(exc), field="name")
-    if isinstance(exc, SandboxExistsError):
-        return problem(409, "sandbox_exists", str(exc), field="name")
-    if isinstance(exc, SandboxNotRunningError):
-        return problem(409, "sandbox_not_running", str(exc))
-    if isinstance(exc, SandboxStateError):
-        return problem(409, "sandbox_state", str(exc))
-    if isinstance(exc, NotAFileError):
-        return problem(409, "not_a_file", str(exc), field="path")
-    if isinstance(exc, FileOpError):
-        status, code = FILE_ERRNOS.get(exc.errno or 0, (422, "file_error"))
-        return problem(status, code, str(exc), field="path")
-    if isinstance(exc, ArgumentsTooLongError):
-        return problem(422, "arguments_too_long", str(exc), field="command")
-    if isinstance(exc, ExecError):
-        code = "command_not_found" if exc.errno == errno.ENOENT else "exec_failed"
-        return problem(422, code, str(exc), field="command")
-    if isinstance(exc, AgentConnectionError):
-        return problem(502, "agent_unreachable", str(exc))
-    if isinstance(exc, AgentkernelError):
-        return problem(422, "operation_failed", str(exc))
+    if isinstance(exc, AgentkernelError):  # each error class carries its status and code (errors.py)
+        return problem(exc.status, exc.code, str(exc), field=exc.field)
     if isinstance(exc, HTTPException):
         code = HTTP_CODES.get(exc.status_code, "http_error")
         field = "body" if exc.status_code == 413 else None

@@ -11,12 +11,14 @@ import anyio
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
 from agentkernel import __version__
-from agentkernel.api.models import CreateRequest, ExecRequest, Health, RunRequest, RunResult, Sandbox
+from agentkernel.api.models import CreateRequest, ExecRequest, Health, RunRequest, RunResult
 from agentkernel.api.problems import MEDIA_TYPE, Problem
 from agentkernel.api.sse import EventStreamResponse, stream_process
-from agentkernel.protocol.client import Process
-from agentkernel.service.operations import CommandSpec, Operations, SandboxSettings, collect, exec_on
-from agentkernel.service.sandboxes import NAME_RE
+from agentkernel.protocol.connection import Process
+from agentkernel.sandbox.view import SandboxView
+from agentkernel.service.checks import NAME_RE, parse_labels
+from agentkernel.service.request import SandboxFlags
+from agentkernel.service.service import CommandSpec, SandboxService, collect, exec_on
 
 OUTPUT_LIMIT = 8 << 20
 """Bytes of each stream a non-streaming run returns; the rest is cut (and says so)."""
@@ -25,12 +27,12 @@ CLIENT_GONE = 499
 T = TypeVar("T")
 
 
-def operations(request: Request) -> Operations:
-    ops: Operations = request.app.state.ops
-    return ops
+def service(request: Request) -> SandboxService:
+    found: SandboxService = request.app.state.service
+    return found
 
 
-Ops = Annotated[Operations, Depends(operations)]
+Service = Annotated[SandboxService, Depends(service)]
 Name = Annotated[str, Path(pattern=f"^{NAME_RE.pattern}$", description="Sandbox name.")]
 
 
@@ -50,13 +52,15 @@ def _command(body: ExecRequest) -> CommandSpec:
     return CommandSpec.checked(body.command, env=body.env, cwd=body.cwd, timeout=body.timeout)
 
 
-def _settings(body: RunRequest | CreateRequest) -> SandboxSettings:
-    return SandboxSettings(
+def _flags(body: RunRequest | CreateRequest) -> SandboxFlags:
+    return SandboxFlags(
         image=body.image,
         vcpus=body.vcpus,
         memory_mb=body.memory_mb,
         profile=body.profile,
         secrets=body.secrets,
+        env=body.env or {} if isinstance(body, CreateRequest) else {},
+        labels=body.labels or {} if isinstance(body, CreateRequest) else {},
     )
 
 
@@ -78,7 +82,7 @@ async def _cancel_on_disconnect(request: Request, scope: anyio.CancelScope) -> N
 
 async def unless_disconnected(request: Request, work: Callable[[], Awaitable[T]]) -> T | None:
     """`work()`'s result; None if the client went away first, in which case `work` is cancelled (its
-    cleanup still runs: ops.ephemeral removes its sandbox shielded from the cancellation)."""
+    cleanup still runs: the service's ephemeral removes its sandbox shielded from the cancellation)."""
     with anyio.CancelScope() as scope:
         watcher = asyncio.create_task(_cancel_on_disconnect(request, scope))
         try:
@@ -94,13 +98,14 @@ async def health() -> Health:
 
 
 @router.post("/run", tags=["run"], response_model=RunResult, responses={**BODY, **problems(502)})
-async def run(body: RunRequest, ops: Ops, request: Request) -> RunResult | Response:
+async def run(body: RunRequest, sandboxes: Service, request: Request) -> RunResult | Response:
     """Run a command in a new sandbox that is removed afterwards; answers when it has exited. A client
     that disconnects first ends the command, and its sandbox is removed."""
     command = _command(body)
 
     async def work() -> RunResult:
-        async with ops.ephemeral(command.argv, _settings(body)) as conn:
+        request = await sandboxes.resolve(_flags(body), command=command.argv)
+        async with sandboxes.ephemeral(request) as (_name, conn):
             proc = await exec_on(conn, command)
             return RunResult.of(await collect(proc, stdin=_stdin(body), limit=OUTPUT_LIMIT))
 
@@ -115,56 +120,66 @@ async def run(body: RunRequest, ops: Ops, request: Request) -> RunResult | Respo
     response_class=EventStreamResponse,
     responses={**SSE, **BODY, **problems(502)},
 )
-async def run_stream(body: RunRequest, ops: Ops) -> EventStreamResponse:
+async def run_stream(body: RunRequest, sandboxes: Service) -> EventStreamResponse:
     """Like /run, with the output sent as Server-Sent Events while the command runs."""
     command = _command(body)
+    request = await sandboxes.resolve(_flags(body), command=command.argv)
 
     @contextlib.asynccontextmanager
     async def opening() -> AsyncIterator[Process]:
-        async with ops.ephemeral(command.argv, _settings(body)) as conn:
+        async with sandboxes.ephemeral(request) as (_name, conn):
             yield await exec_on(conn, command)
 
     return await stream_process(opening(), stdin=_stdin(body))
 
 
 @router.get("/sandboxes", tags=["sandboxes"])
-async def list_sandboxes(ops: Ops) -> list[Sandbox]:
-    return [Sandbox.of(r) for r in await ops.list_sandboxes()]
+async def list_sandboxes(
+    sandboxes: Service,
+    label: Annotated[
+        list[str] | None,
+        Query(description="Only sandboxes with this label, as key=value (repeatable: all of them)."),
+    ] = None,
+) -> list[SandboxView]:
+    return [SandboxView.of(r) for r in await sandboxes.list_sandboxes(labels=parse_labels(label or []))]
 
 
 @router.post("/sandboxes", tags=["sandboxes"], status_code=201, responses={**BODY, **problems(409)})
-async def create_sandbox(body: CreateRequest, ops: Ops) -> Sandbox:
+async def create_sandbox(body: CreateRequest, sandboxes: Service) -> SandboxView:
     """Create a sandbox and (unless `start` is false) boot it."""
-    return Sandbox.of(await ops.create(body.name, _settings(body), start=body.start))
+    request = await sandboxes.resolve(_flags(body))
+    return SandboxView.of(await sandboxes.create(request, name=body.name, start=body.start))
 
 
 @router.get("/sandboxes/{name}", tags=["sandboxes"], responses=problems(404))
-async def get_sandbox(name: Name, ops: Ops) -> Sandbox:
-    return Sandbox.of(await ops.get(name))
+async def get_sandbox(name: Name, sandboxes: Service) -> SandboxView:
+    return SandboxView.of(await sandboxes.get(name))
 
 
 @router.delete("/sandboxes/{name}", tags=["sandboxes"], status_code=204, responses=problems(404, 409))
 async def remove_sandbox(
-    name: Name, ops: Ops, force: Annotated[bool, Query(description="Remove even if running.")] = False
+    name: Name,
+    sandboxes: Service,
+    force: Annotated[bool, Query(description="Remove even if running.")] = False,
 ) -> Response:
-    await ops.remove(name, force=force)
+    await sandboxes.remove(name, force=force)
     return Response(status_code=204)
 
 
 @router.post("/sandboxes/{name}/start", tags=["sandboxes"], responses=problems(404, 409))
-async def start_sandbox(name: Name, ops: Ops) -> Sandbox:
-    return Sandbox.of(await ops.start(name))
+async def start_sandbox(name: Name, sandboxes: Service) -> SandboxView:
+    return SandboxView.of(await sandboxes.start(name))
 
 
 @router.post("/sandboxes/{name}/stop", tags=["sandboxes"], responses=problems(404))
-async def stop_sandbox(name: Name, ops: Ops) -> Sandbox:
-    return Sandbox.of(await ops.stop(name))
+async def stop_sandbox(name: Name, sandboxes: Service) -> SandboxView:
+    return SandboxView.of(await sandboxes.stop(name))
 
 
 @router.post("/sandboxes/{name}/exec", tags=["commands"], responses={**BODY, **problems(404, 409, 502)})
-async def exec_in_sandbox(name: Name, body: ExecRequest, ops: Ops) -> RunResult:
+async def exec_in_sandbox(name: Name, body: ExecRequest, sandboxes: Service) -> RunResult:
     """Run a command in a running sandbox; answers when it has exited."""
-    proc = await ops.exec(name, _command(body))
+    proc = await sandboxes.exec(name, _command(body))
     return RunResult.of(await collect(proc, stdin=_stdin(body), limit=OUTPUT_LIMIT))
 
 
@@ -175,12 +190,12 @@ async def exec_in_sandbox(name: Name, body: ExecRequest, ops: Ops) -> RunResult:
     response_class=EventStreamResponse,
     responses={**SSE, **BODY, **problems(404, 409, 502)},
 )
-async def exec_stream(name: Name, body: ExecRequest, ops: Ops) -> EventStreamResponse:
+async def exec_stream(name: Name, body: ExecRequest, sandboxes: Service) -> EventStreamResponse:
     """Like exec, with the output sent as Server-Sent Events while the command runs."""
     command = _command(body)
 
     @contextlib.asynccontextmanager
     async def opening() -> AsyncIterator[Process]:
-        yield await ops.exec(name, command)
+        yield await sandboxes.exec(name, command)
 
     return await stream_process(opening(), stdin=_stdin(body))

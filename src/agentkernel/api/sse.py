@@ -22,7 +22,7 @@ from starlette.types import Receive, Scope, Send
 
 from agentkernel.api.problems import from_exception
 from agentkernel.errors import AgentkernelError
-from agentkernel.protocol.client import Output, Process
+from agentkernel.protocol.connection import Output, Process
 
 KEEPALIVE = 15.0
 QUEUED_CHUNKS = 8  # output waiting for a slow client; beyond it the guest process is slowed down

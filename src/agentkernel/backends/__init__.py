@@ -1,25 +1,11 @@
-"""Backends: how each kind of sandbox is started, reached and stopped. All share kernel, images, agent."""
+"""Backends: how each kind of sandbox is started, reached and stopped. All share kernel, images, agent.
+
+Each backend is a subpackage (qemu/, firecracker/, container/) whose `__init__` declares it to the
+registry (registry.py); what they share lives in base.py.
+"""
 
 from __future__ import annotations
 
-from agentkernel.backends.base import Backend
-from agentkernel.errors import AgentkernelError
+from agentkernel.backends.registry import get_backend
 
-
-def get_backend(name: str, *, profile: str = "moderate") -> Backend:
-    """The backend `name`. `profile` is the sandbox's security profile: the container backend builds
-    its capabilities and seccomp filter from it when it creates a container (prepare);
-    VM backends enforce policy through the VMSpec and ignore it."""
-    if name == "qemu":
-        from agentkernel.backends.qemu import QemuBackend
-
-        return QemuBackend()
-    if name == "firecracker":
-        from agentkernel.backends.firecracker import FirecrackerBackend, Jailer
-
-        return FirecrackerBackend(jailer=Jailer.from_env())
-    if name == "container":
-        from agentkernel.backends.container import ContainerBackend
-
-        return ContainerBackend(profile=profile)
-    raise AgentkernelError(f"unknown or unavailable backend '{name}' (see `agentkernel status`)")
+__all__ = ["get_backend"]

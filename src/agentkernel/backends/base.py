@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from agentkernel import procs
 from agentkernel.config import DEFAULT_MAX_PROCS
+from agentkernel.errors import AgentConnectionError, AgentkernelError
 from agentkernel.network.policy import EgressRules
-from agentkernel.procs import naming
-from agentkernel.protocol.client import Connection
+from agentkernel.protocol.connection import Connection
+
+AGENT_PATH = "/sbin/agentkernel-agent"
+"""The guest agent in every image: the VM's init, the container's PID 1."""
+MAX_UNIX_PATH = 107
+"""The longest path a Unix socket can be bound or connected at."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,9 @@ class VMSpec:
     max_procs: int = DEFAULT_MAX_PROCS
     """Processes and threads the sandbox's commands may have at once (the guest's pids.max, a
     container's --pids-limit); a spec that does not say gets the default profile's, never none."""
+    disk_mb: int | None = None
+    """The writable root disk's size in MiB (None: the image's); read by `prepare` only, where a
+    backend that cannot size a disk refuses it (backends/disksize)."""
 
     @property
     def console_log(self) -> Path:
@@ -93,7 +104,26 @@ class SnapshotBackend(Backend, Protocol):
 
 
 KILL_WAIT = 5.0
-"""Seconds `kill_tagged` keeps killing before it gives up on a process that will not die."""
+"""Seconds `kill_tagged` and `kill_and_wait` keep at it before they give up on a process that will
+not die."""
+
+
+def runs_naming(pid: int, path: str | Path) -> bool:
+    """Whether `pid` runs (not a zombie) and names `path` (or a path below it) in its arguments:
+    a VMM is told from a reused pid by the run directory's files in its command line."""
+    return procs.running(pid) and procs.names(pid, path)
+
+
+def kill_and_wait(pid: int, alive: Callable[[], bool], *, timeout: float = KILL_WAIT) -> None:
+    """SIGKILL `pid` if `alive()` says it is still the process meant (not a reused pid), then wait
+    (up to `timeout`) until it is gone."""
+    if not alive():
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def tagged(*tags: str) -> list[int]:
@@ -105,7 +135,7 @@ def tagged(*tags: str) -> list[int]:
     watchdog the directory itself; Firecracker under its jailer has its instance id. So they are
     found whether or not their pid was ever recorded.
     """
-    return naming(*tags)
+    return procs.naming(*tags)
 
 
 def kill_tagged(*tags: str) -> None:
@@ -117,6 +147,49 @@ def kill_tagged(*tags: str) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.01)
+
+
+async def connect_agent(
+    open_socket: Callable[[float], Awaitable[Connection | None]],
+    greet: Callable[[Connection, float], Awaitable[object]],
+    *,
+    alive: Callable[[], bool],
+    detail: Callable[[], str],
+    what: str,
+    timeout: float,
+    interval: float,
+) -> Connection:
+    """An agent connection that has completed HELLO, retried while the sandbox boots.
+
+    `open_socket(remaining)` opens a connection, or returns None while there is no socket to connect
+    to yet; `greet(conn, remaining)` does the HELLO exchange. A connection whose HELLO failed is
+    closed before the next try, whatever the failure. Fails at once, with `detail()` (the console's
+    last lines), when `alive()` says the sandbox (`what`: "the VM", ...) has ended, and after
+    `timeout` seconds with the last connection error.
+    """
+    deadline = time.monotonic() + timeout
+
+    def remaining() -> float:
+        return max(0.1, deadline - time.monotonic())
+
+    last = "its agent socket does not exist yet"
+    while True:
+        if not alive():
+            raise AgentkernelError(f"{what} is not running: {detail()}")
+        try:
+            conn = await open_socket(remaining())
+            if conn is not None:
+                try:
+                    await greet(conn, remaining())
+                except BaseException:
+                    await conn.close()
+                    raise
+                return conn
+        except AgentConnectionError as exc:
+            last = str(exc)
+        if time.monotonic() > deadline:
+            raise AgentConnectionError(f"the agent did not answer within {timeout:g}s ({last}): {detail()}")
+        await asyncio.sleep(interval)
 
 
 TAIL_BYTES = 4096

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import typer
 
 from agentkernel.cli.output import console, err_console, print_json
 from agentkernel.errors import AgentkernelError
+
+if TYPE_CHECKING:
+    from agentkernel.agents.catalog import Launch
+    from agentkernel.config import Config
+    from agentkernel.service.request import SandboxRequest
 
 agent_app = typer.Typer(help="Run a coding agent in a sandbox.", no_args_is_help=True)
 plugin_app = typer.Typer(help="Add agentkernel's MCP server to coding agents' configs.", no_args_is_help=True)
@@ -56,15 +62,32 @@ def agents(json_out: bool = typer.Option(False, "--json", help="Print a JSON arr
         )
 
 
+AGENT_RESOURCES = (2, 2048)
+"""vCPUs and memory in MB of an agent's sandbox when neither a flag nor agentkernel.toml sets them:
+more than a command's default, for the agent's Node.js runtime."""
+
+
 @agent_app.command("run")
 def run(
-    agent: str = typer.Argument(..., help="claude, gemini, codex or opencode."),
+    agent: str | None = typer.Argument(
+        None, help="claude, gemini, codex or opencode (default: [agent] preferred in agentkernel.toml)."
+    ),
     directory: Path = DIRECTORY,
     profile: str | None = typer.Option(
         None, "--profile", metavar="PROFILE", help="Security profile (default moderate)."
     ),
-    vcpus: int = typer.Option(2, "--vcpus", metavar="N", help="Virtual CPUs."),
-    memory: int = typer.Option(2048, "--memory", metavar="MB", help="Memory in MB."),
+    vcpus: int | None = typer.Option(
+        None,
+        "--vcpus",
+        metavar="N",
+        help=f"Virtual CPUs (default: agentkernel.toml, else {AGENT_RESOURCES[0]}).",
+    ),
+    memory: int | None = typer.Option(
+        None,
+        "--memory",
+        metavar="MB",
+        help=f"Memory in MB (default: agentkernel.toml, else {AGENT_RESOURCES[1]}).",
+    ),
 ) -> None:
     """Start AGENT in a sandbox with the project at /workspace. Its API key stays on this machine:
     the sandbox gets a placeholder that the egress gateway swaps for the key in requests to the
@@ -72,20 +95,14 @@ def run(
     from agentkernel.agents import catalog
     from agentkernel.artifacts import agent as guest_agent
     from agentkernel.config import load_config, resolve_policy
-    from agentkernel.images import api
-    from agentkernel.network import brokering
+    from agentkernel.images import make
     from agentkernel.service.setup import new_log
 
-    launch = catalog.launch(agent, directory)
+    project = catalog.project_directory(directory)
+    config, config_path = load_config(search_from=project)
+    launch = catalog.launch(catalog.chosen(agent, config.agent.preferred), project)
     spec = launch.agent
-    config, config_path = load_config(search_from=launch.project_dir)
-    policy = resolve_policy(config, profile=profile)
-    secrets = brokering.bind(
-        launch.secrets,
-        {**catalog.KEY_HOSTS, **config.secrets},
-        base=config_path.parent if config_path else launch.project_dir,
-    )
-    if not policy.network:
+    if not resolve_policy(config, profile=profile).network:
         raise AgentkernelError(f"{spec.title} needs the network to reach its API: use a profile that has it")
     if not os.isatty(0):
         raise AgentkernelError(f"agent run attaches {spec.title}'s interactive UI: run it in a terminal")
@@ -96,34 +113,67 @@ def run(
     agent_binary = guest_agent.current()
     if agent_binary is None:
         raise AgentkernelError("no guest agent built yet: run `agentkernel setup`")
-    api.ensure_recipes([spec.image], agent_binary, log=new_log())  # builds it the first time
-
+    make.ensure_recipes([spec.image], agent_binary, log=new_log())  # builds it the first time
+    request = agent_request(launch, config, config_path, profile=profile, vcpus=vcpus, memory_mb=memory)
     code = run_attached(
-        launch.command,
-        env=launch.env,
-        workdir=launch.workdir,
-        image=spec.image,
-        vcpus=vcpus,
-        memory_mb=memory,
-        policy=policy,
-        mount_dir=launch.project_dir,
-        secrets=secrets,
+        launch.command, env=launch.env, workdir=launch.workdir, request=request, project_dir=project
     )
     raise typer.Exit(code)
 
 
-def run_attached(command: list[str], *, env: dict[str, str], workdir: str | None, **options: Any) -> int:
-    """Run `command` on a terminal in a new sandbox (`options` as for `sandboxes.create`), attached
-    to ours, then remove the sandbox; the command's exit code. SIGTERM, SIGHUP and SIGINT remove the
-    sandbox too (the keys typed, ^C included, go to the guest) and exit 128+N; if this process is
-    killed outright, the reaper removes the sandbox it owned."""
+def agent_request(
+    launch: Launch,
+    config: Config,
+    config_path: Path | None,
+    *,
+    profile: str | None,
+    vcpus: int | None,
+    memory_mb: int | None,
+) -> SandboxRequest:
+    """The sandbox of `launch`: its image, the project at /workspace, the agent's keys brokered (to
+    their provider's hosts unless agentkernel.toml's [secrets.NAME] says otherwise); the rest from
+    the flags (None: not given), then agentkernel.toml (`config`, read from `config_path`), then the
+    defaults, AGENT_RESOURCES for vCPUs and memory. Its image must be built."""
+    from agentkernel.agents import catalog
+    from agentkernel.service.request import SandboxFlags, resolve
+
+    flags = SandboxFlags(
+        image=launch.agent.image,
+        vcpus=vcpus,
+        memory_mb=memory_mb,
+        profile=profile,
+        directory=launch.project_dir,
+        secrets=launch.secrets,
+    )
+    with_keys = replace(config, secrets={**catalog.KEY_HOSTS, **config.secrets})
+    return resolve(
+        flags,
+        with_keys,
+        project_dir=launch.project_dir,
+        config_path=config_path,
+        defaults=AGENT_RESOURCES,
+    )
+
+
+def run_attached(
+    command: list[str],
+    *,
+    env: dict[str, str],
+    workdir: str | None,
+    request: SandboxRequest,
+    project_dir: Path,
+) -> int:
+    """Run `command` on a terminal in a new sandbox made for `request`, attached to ours, then remove
+    the sandbox; the command's exit code. SIGTERM, SIGHUP and SIGINT remove the sandbox too (the keys
+    typed, ^C included, go to the guest) and exit 128+N; if this process is killed outright, the
+    reaper removes the sandbox it owned."""
     from agentkernel.cli.signals import SignalGuard, run_until_signalled
     from agentkernel.cli.streams import attach_process, raw_terminal, terminal_size
-    from agentkernel.protocol.client import ExitStatus
-    from agentkernel.service import sandboxes
+    from agentkernel.protocol.connection import ExitStatus
+    from agentkernel.service.service import SandboxService
 
     async def go(_guard: SignalGuard) -> ExitStatus:
-        async with sandboxes.ephemeral(**options) as (_name, conn):
+        async with SandboxService(project_dir) as service, service.ephemeral(request) as (_name, conn):
             proc = await conn.exec(command, env=env, cwd=workdir, pty=terminal_size())
             with raw_terminal(True):
                 return await attach_process(proc, stdin=True, tty_mode=True)

@@ -13,6 +13,7 @@ from agentkernel.cli import (
     bench_cmd,
     daemon_cmds,
     doctor_cmd,
+    fleet_cmds,
     images_cmd,
     sandbox_cmds,
     secret_cmds,
@@ -58,6 +59,7 @@ app.add_typer(daemon_cmds.app, name="daemon")
 app.command("fork")(snapshot_cmds.fork)
 app.add_typer(images_cmd.app, name="image")
 app.command("serve")(server_cmds.serve)
+app.add_typer(fleet_cmds.app, name="fleet")
 app.command("mcp-server")(server_cmds.mcp_server)
 app.command("agents")(agent_cmds.agents)
 app.add_typer(agent_cmds.agent_app, name="agent")

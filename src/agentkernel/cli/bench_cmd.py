@@ -24,7 +24,9 @@ def bench(
     and the warm pool."""
     if ctx.invoked_subcommand is not None:
         return
-    from agentkernel import bench as benchmarks  # imported here: keeps every other command's start fast
+    from agentkernel.bench import (
+        figures as benchmarks,  # imported here: keeps every other command's start fast
+    )
 
     result = benchmarks.lifecycle(runs=runs, image=image)
     result["snapshots"] = snap = benchmarks.snapshot_figures(image=image)
@@ -82,7 +84,7 @@ def stress(
 ) -> None:
     """Start many sandboxes (all up at the peak), check each command's output, remove them all, and
     count what is left behind."""
-    from agentkernel import stress as stress_test
+    from agentkernel.bench import stress as stress_test
 
     def progress(stage: str, done: int, total: int) -> None:
         if sys.stderr.isatty():

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 import typer
 
 from agentkernel.cli.output import console, err_console, print_json
-from agentkernel.config import load_config, resolve_policy, resolve_resources
-from agentkernel.images import store
+from agentkernel.cli.sandbox_cmds import with_service
 from agentkernel.pool import control
+from agentkernel.service.request import SandboxFlags, SandboxRequest
+from agentkernel.service.service import SandboxService
 
 app = typer.Typer(help="The warm pool of ready sandboxes that `run` uses.", no_args_is_help=True)
 
@@ -26,12 +27,8 @@ def start(
         None, "--profile", metavar="PROFILE", help="Their security profile (as `run`)."
     ),
     network: bool | None = typer.Option(None, "--network/--no-network", help="Override its network."),
-    vcpus: int | None = typer.Option(
-        None, "--vcpus", min=1, max=32, metavar="N", help="Their virtual CPUs (as `run`)."
-    ),
-    memory: int | None = typer.Option(
-        None, "--memory", min=64, max=65536, metavar="MB", help="Their memory in MB."
-    ),
+    vcpus: int | None = typer.Option(None, "--vcpus", metavar="N", help="Their virtual CPUs (as `run`)."),
+    memory: int | None = typer.Option(None, "--memory", metavar="MB", help="Their memory in MB."),
     backend: str | None = typer.Option(
         None, "--backend", metavar="BACKEND", help="Their backend (default: as `run`)."
     ),
@@ -45,17 +42,21 @@ def start(
 ) -> None:
     """Start the pool daemon in the background. Its sandboxes get what `run` in this directory would
     give them (flags, then agentkernel.toml, then the defaults), so that `run` can take them."""
-    for image in images:
-        store.get(image)  # a missing image is an error now, not a pool that never fills
-    config, _ = load_config(search_from=Path.cwd())
-    vcpus, memory_mb = resolve_resources(config, vcpus=vcpus, memory_mb=memory)
+
+    async def resolve(service: SandboxService) -> list[SandboxRequest]:
+        # every image checked now (a missing one is an error, not a pool that never fills)
+        flags = SandboxFlags(backend=backend, vcpus=vcpus, memory_mb=memory, profile=profile, network=network)
+        return [await service.resolve(replace(flags, image=image)) for image in images]
+
+    requests = with_service(resolve)
+    kind = requests[0]  # the same settings for every image
     pid = control.start(
-        images=images,
+        images=[request.image for request in requests],
         size=size,
-        policy=resolve_policy(config, profile=profile, network=network),
-        vcpus=vcpus,
-        memory_mb=memory_mb,
-        backend=backend,
+        policy=kind.policy,
+        vcpus=kind.vcpus,
+        memory_mb=kind.memory_mb,
+        backend=kind.backend,
         max_age=max_age,
         health_interval=health_interval,
     )

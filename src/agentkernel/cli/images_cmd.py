@@ -49,14 +49,14 @@ def build(
     ),
 ) -> None:
     """Build an image from a recipe, or from a directory with --from."""
-    from agentkernel.images import api
+    from agentkernel.images import make
     from agentkernel.service.setup import new_log
 
     log = new_log()
     image = (
-        api.build_from_dir(source, name, _agent(), log=log)
+        make.build_from_dir(source, name, _agent(), log=log)
         if source is not None
-        else api.build_recipe(name, _agent(), log=log)
+        else make.build_recipe(name, _agent(), log=log)
     )
     console.print(f"{image.name} {image.digest}")
 

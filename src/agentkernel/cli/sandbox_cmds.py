@@ -2,56 +2,81 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import sys
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import typer
 
 from agentkernel import hostinfo, paths
+from agentkernel.backends import registry
 from agentkernel.cli.output import console, err_console, print_json
 from agentkernel.cli.signals import SignalGuard, run_until_signalled
 from agentkernel.cli.streams import attach_process, raw_terminal, terminal_size
-from agentkernel.config import load_config, resolve_policy, resolve_resources
-from agentkernel.errors import AgentkernelError
-from agentkernel.network import brokering
-from agentkernel.protocol.client import Connection, ExitStatus, check_arguments
-from agentkernel.service import sandboxes
+from agentkernel.config import load_config
+from agentkernel.errors import AgentkernelError, InvalidRequestError, NotAFileError
+from agentkernel.protocol.connection import Connection, ExitStatus
+from agentkernel.sandbox.state import SandboxRecord
+from agentkernel.sandbox.view import SandboxView
+from agentkernel.service import checks
+from agentkernel.service.request import SandboxFlags, SandboxRequest
+from agentkernel.service.service import CommandSpec, SandboxService, call, exec_on
 
 T = TypeVar("T")
 COMMAND_SETTINGS = {"allow_interspersed_args": False}
 TIMEOUT_EXIT = 124
 SIGNAL_GRACE = 3.0
 """Seconds `run` waits for its command to end after passing a signal on, before removing the sandbox."""
-LOGIN_SHELL = ["/bin/sh", "-c", "if command -v bash >/dev/null; then exec bash -l; else exec sh -l; fi"]
+FLAGS = {
+    "name": "NAME",
+    "image": "--image",
+    "vcpus": "--vcpus",
+    "memory_mb": "--memory",
+    "profile": "--profile",
+    "directory": "--dir",
+    "lifetime": "--lifetime",
+    "secrets": "--secret",
+    "env": "--env",
+    "labels": "--label",
+    "label": "--filter label",
+    "timeout": "--timeout",
+    "cwd": "--workdir",
+    "command": "CMD",
+}
+"""The service's field names as this command line spells them."""
 
 
-def _await(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
+@contextlib.contextmanager
+def as_flags() -> Iterator[None]:
+    """The service checks input once for every face and names the field; here, the flag it came in."""
+    try:
+        yield
+    except InvalidRequestError as exc:
+        field = exc.field or ""
+        if field not in FLAGS:
+            raise
+        detail = str(exc).removeprefix(f"{field}: ")
+        raise InvalidRequestError(FLAGS[field], detail, code=exc.code) from None
 
 
-def parse_env(pairs: list[str]) -> dict[str, str]:
-    env = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key or "\0" in pair:
-            raise AgentkernelError(f"-e {pair!r}: expected KEY=VALUE")
-        env[key] = value
-    return env
+def with_service(work: Callable[[SandboxService], Awaitable[T]]) -> T:
+    """`work` with the service, for this process (the project is the current directory)."""
+    with as_flags():
+        return call(work)
 
 
-MAX_TIMEOUT = 7 * 86400.0
-
-
-def check_timeout(timeout: float | None) -> None:
-    """`--timeout` is checked before anything boots (typer takes "nan" and "inf" as numbers)."""
-    if timeout is not None and not 0 < timeout <= MAX_TIMEOUT:
-        raise AgentkernelError(
-            f"--timeout must be more than 0 and at most {MAX_TIMEOUT:g} seconds (got {timeout:g})"
+def _checked_command(
+    command: list[str], *, env: list[str], workdir: str | None, timeout: float | None
+) -> CommandSpec:
+    """The command and its settings, checked before anything boots (typer takes "nan" and "inf" for
+    numbers)."""
+    with as_flags():
+        return CommandSpec.checked(
+            command, env=checks.parse_pairs(env, field="env"), cwd=workdir, timeout=timeout
         )
 
 
@@ -90,52 +115,26 @@ def _note_accel_once() -> None:
 
 
 async def _exec(
+    service: SandboxService,
     name: str,
-    command: list[str],
+    command: CommandSpec,
     *,
-    env: dict[str, str],
-    workdir: str | None,
     interactive: bool,
     tty_mode: bool,
-    timeout: float | None,
-) -> ExitStatus:
-    async with sandboxes.session(name) as conn:
-        return await _exec_on(
-            conn,
-            command,
-            env=env,
-            workdir=workdir,
-            interactive=interactive,
-            tty_mode=tty_mode,
-            timeout=timeout,
-        )
-
-
-async def _exec_on(
-    conn: Connection,
-    command: list[str],
-    *,
-    env: dict[str, str],
-    workdir: str | None,
-    interactive: bool,
-    tty_mode: bool,
-    timeout: float | None,
     give_up_after: float | None = None,
+    conn: Connection | None = None,
 ) -> ExitStatus:
-    command = command_args(command)
-    if not command:
-        raise AgentkernelError("no command given: agentkernel exec NAME -- CMD...")
+    """Run `command` in sandbox `name` (on `conn` when given) attached to this terminal."""
     if tty_mode:
-        env = {"TERM": os.environ.get("TERM", "xterm"), **env}
-    proc = await conn.exec(
-        command, env=env, cwd=workdir, timeout=timeout, pty=terminal_size() if tty_mode else None
+        command = replace(command, env={"TERM": os.environ.get("TERM", "xterm"), **command.env})
+    proc = await exec_on(
+        conn or await service.connection(name), command, pty=terminal_size() if tty_mode else None
     )
     with raw_terminal(tty_mode):
         return await attach_process(proc, stdin=interactive, tty_mode=tty_mode, give_up_after=give_up_after)
 
 
-def _options(
-    command: list[str],
+def _flags(
     *,
     image: str | None,
     backend: str | None,
@@ -147,30 +146,34 @@ def _options(
     directory: Path | None,
     read_only: bool | None,
     lifetime: float | None,
-    secrets: list[str] | None = None,
-) -> dict[str, Any]:
-    """`sandboxes.create` options from the flags, then agentkernel.toml, then the defaults."""
-    config, config_path = load_config(search_from=Path.cwd())
-    bindings = brokering.bind(secrets or (), config.secrets, base=config_path.parent if config_path else None)
-    chosen, why = sandboxes.choose_image(command, image, config, Path.cwd())
-    policy = resolve_policy(
-        config, profile=profile, network=network, mount_cwd=mount_cwd, read_only=read_only
-    )
-    if directory is not None and not directory.is_dir():
-        raise AgentkernelError(f"--dir {directory}: no such directory")
-    _note(f"image {chosen} ({why}), profile {policy.profile}")
+    secrets: list[str],
+    env: Sequence[str] = (),
+    labels: Sequence[str] = (),
+) -> SandboxFlags:
+    with as_flags():
+        return SandboxFlags(
+            image=image,
+            backend=backend,
+            vcpus=vcpus,
+            memory_mb=memory,
+            profile=profile,
+            network=network,
+            mount_cwd=mount_cwd,
+            read_only=read_only,
+            directory=directory,
+            lifetime=lifetime,
+            env=checks.parse_pairs(env, field="env"),
+            labels=checks.parse_pairs(labels, field="labels"),
+            secrets=tuple(secrets),
+        )
+
+
+async def _resolve(service: SandboxService, flags: SandboxFlags, command: list[str]) -> SandboxRequest:
+    """The request of `flags` here (flags, then agentkernel.toml, then the defaults), said at a terminal."""
+    request = await service.resolve(flags, command=command)
+    _note(f"image {request.image} ({request.image_reason}), profile {request.policy.profile}")
     _note_accel_once()
-    vcpus, memory_mb = resolve_resources(config, vcpus=vcpus, memory_mb=memory)
-    return {
-        "image": chosen,
-        "backend": backend or config.sandbox.backend,
-        "vcpus": vcpus,
-        "memory_mb": memory_mb,
-        "policy": policy,
-        "mount_dir": directory,
-        "lifetime": lifetime,
-        "secrets": bindings,
-    }
+    return request
 
 
 IMAGE = typer.Option(
@@ -180,7 +183,7 @@ BACKEND = typer.Option(
     None,
     "--backend",
     metavar="BACKEND",
-    help="qemu, firecracker or container (default: agentkernel.toml, else a VM: see `status`).",
+    help=f"{', '.join(registry.names())} (default: agentkernel.toml, else a VM: see `status`).",
 )
 VCPUS = typer.Option(None, "--vcpus", metavar="N", help="Virtual CPUs (default 1).")
 MEMORY = typer.Option(None, "--memory", metavar="MB", help="Memory in MB (default 512).")
@@ -205,6 +208,9 @@ SECRET = typer.Option(
     metavar="NAME",
     help="Give the sandbox this secret (agentkernel.toml [secrets.NAME] or `agentkernel secret set`): "
     "it sees a placeholder, the gateway sends the value to the secret's hosts only. Repeatable.",
+)
+LABEL = typer.Option(
+    [], "--label", metavar="KEY=VALUE", help="Label the sandbox (`ls --filter label=KEY=VALUE`). Repeatable."
 )
 
 
@@ -244,11 +250,8 @@ def run(
     command = command_args(command)
     if not command:
         raise AgentkernelError("no command given: agentkernel run -- CMD...")
-    check_timeout(timeout)
-    variables = parse_env(env)
-    check_arguments(command, variables)  # before a sandbox is booted for a command that cannot run
-    options = _options(
-        command,
+    spec = _checked_command(command, env=env, workdir=workdir, timeout=timeout)
+    flags = _flags(
         image=image,
         backend=backend,
         vcpus=vcpus,
@@ -263,30 +266,34 @@ def run(
     )
 
     async def go(guard: SignalGuard) -> ExitStatus:
-        async with sandboxes.ephemeral(name=name, keep=keep, pool=not no_pool, **options) as (sandbox, conn):
-            _warn_isolation(sandboxes.get(sandbox).backend)
-            if keep:
-                _note(f"sandbox {sandbox} is kept: remove it with `agentkernel rm -f {sandbox}`")
-            try:  # while it runs, signals go to the command (a second one gives up on it)
-                return await _exec_on(
-                    conn,
-                    command,
-                    env=variables,
-                    workdir=workdir,
-                    interactive=interactive,
-                    tty_mode=False,
-                    timeout=timeout,
-                    give_up_after=SIGNAL_GRACE,
-                )
-            finally:
-                guard.install()  # the sandbox's removal, next, is not cut short by a signal
+        async with SandboxService(Path.cwd()) as service:
+            request = await _resolve(service, flags, command)
+            async with service.ephemeral(request, name=name, keep=keep, pool=not no_pool) as (sandbox, conn):
+                _warn_isolation((await service.get(sandbox)).backend)
+                if keep:
+                    _note(f"sandbox {sandbox} is kept: remove it with `agentkernel rm -f {sandbox}`")
+                try:  # while it runs, signals go to the command (a second one gives up on it)
+                    return await _exec(
+                        service,
+                        sandbox,
+                        spec,
+                        interactive=interactive,
+                        tty_mode=False,
+                        give_up_after=SIGNAL_GRACE,
+                        conn=conn,
+                    )
+                finally:
+                    guard.install()  # the sandbox's removal, next, is not cut short by a signal
 
-    status = run_until_signalled(go)
+    with as_flags():
+        status = run_until_signalled(go)
     _status_exit(status, timeout)
 
 
 def create(
-    name: str = typer.Argument(..., help="Sandbox name."),
+    name: str | None = typer.Argument(
+        None, help="Sandbox name (default: [sandbox] name in agentkernel.toml)."
+    ),
     image: str | None = IMAGE,
     backend: str | None = BACKEND,
     vcpus: int | None = VCPUS,
@@ -298,11 +305,21 @@ def create(
     read_only: bool | None = READ_ONLY,
     lifetime: float | None = LIFETIME,
     secret: list[str] = SECRET,
+    env: list[str] = typer.Option(
+        [], "--env", "-e", metavar="KEY=VALUE", help="Set KEY=VALUE for every command in the sandbox."
+    ),
+    label: list[str] = LABEL,
 ) -> None:
     """Create a sandbox (its own disk over the image) without starting it."""
-    sandboxes.validate_name(name)
-    options = _options(
-        [],
+    if name is None:
+        name = load_config(search_from=Path.cwd())[0].sandbox.name
+        if name is None:
+            raise AgentkernelError(
+                "no sandbox name: agentkernel create NAME, or set [sandbox] name in agentkernel.toml"
+            )
+    with as_flags():
+        checks.validate_name(name)
+    flags = _flags(
         image=image,
         backend=backend,
         vcpus=vcpus,
@@ -314,21 +331,27 @@ def create(
         read_only=read_only,
         lifetime=lifetime,
         secrets=secret,
+        env=env,
+        labels=label,
     )
-    _warn_isolation(sandboxes.create(name, **options).backend)
+
+    async def work(service: SandboxService) -> SandboxRecord:
+        return await service.create(await _resolve(service, flags, []), name=name, start=False)
+
+    _warn_isolation(with_service(work).backend)
     console.print(name)
 
 
 def start(name: str = typer.Argument(..., help="Sandbox name.")) -> None:
     """Boot a sandbox and wait until it answers."""
     _note(f"booting {name} ...")
-    _warn_isolation(_await(sandboxes.start(name)).backend)
+    _warn_isolation(with_service(lambda service: service.start(name)).backend)
     console.print(name)
 
 
 def stop(name: str = typer.Argument(..., help="Sandbox name.")) -> None:
     """Power a sandbox off; its disk is kept for the next start."""
-    _await(sandboxes.stop(name))
+    with_service(lambda service: service.stop(name))
     console.print(name)
 
 
@@ -337,20 +360,35 @@ def remove(
     force: bool = typer.Option(False, "--force", "-f", help="Remove even if running."),
 ) -> None:
     """Remove sandboxes and everything they have on disk."""
-    sandboxes.reap()
-    for name in names:
-        sandboxes.remove(name, force=force)
-        console.print(name)
+
+    async def work(service: SandboxService) -> None:
+        await service.reap()
+        for name in names:
+            await service.remove(name, force=force)
+            console.print(name)
+
+    with_service(work)
 
 
 def list_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print a JSON array."),
     show_all: bool = typer.Option(False, "--all", "-a", help="Include the pool daemon's ready sandboxes."),
+    filters: list[str] = typer.Option(
+        [], "--filter", "-f", metavar="label=KEY=VALUE", help="Only sandboxes with this label. Repeatable."
+    ),
 ) -> None:
     """List sandboxes."""
-    records = sandboxes.list_sandboxes(pooled=show_all)
+    labels = []
+    for given in filters:
+        kind, sep, label = given.partition("=")
+        if kind != "label" or not sep:
+            raise InvalidRequestError("--filter", f"{given!r}: expected label=KEY=VALUE")
+        labels.append(label)
+    with as_flags():
+        wanted = checks.parse_labels(labels)
+    records = with_service(lambda service: service.list_sandboxes(labels=wanted, pooled=show_all))
     if json_out:
-        print_json([r.public() for r in records])
+        print_json([SandboxView.of(r).to_json() for r in records])
         return
     if not records:
         console.print("no sandboxes")
@@ -379,26 +417,20 @@ def exec_cmd(
     ),
 ) -> None:
     """Run a command in a running sandbox; exits with its exit code (128+N if killed by signal N)."""
-    check_timeout(timeout)
-    status = _await(
-        _exec(
-            name,
-            command,
-            env=parse_env(env),
-            workdir=workdir,
-            interactive=interactive,
-            tty_mode=tty_mode,
-            timeout=timeout,
-        )
+    command = command_args(command)
+    if not command:
+        raise AgentkernelError("no command given: agentkernel exec NAME -- CMD...")
+    spec = _checked_command(command, env=env, workdir=workdir, timeout=timeout)
+    status = with_service(
+        lambda service: _exec(service, name, spec, interactive=interactive, tty_mode=tty_mode)
     )
     _status_exit(status, timeout)
 
 
 def attach(name: str = typer.Argument(..., help="Sandbox name.")) -> None:
     """Open an interactive shell in a running sandbox."""
-    status = _await(
-        _exec(name, LOGIN_SHELL, env={}, workdir=None, interactive=True, tty_mode=True, timeout=None)
-    )
+    spec = CommandSpec.checked(checks.LOGIN_SHELL)
+    status = with_service(lambda service: _exec(service, name, spec, interactive=True, tty_mode=True))
     raise typer.Exit(status.shell_code)
 
 
@@ -408,7 +440,8 @@ def _split_remote(spec: str) -> tuple[str | None, str]:
     if sep and head and "/" not in head:
         if not tail.startswith("/"):
             raise AgentkernelError(f"{spec}: the path in the sandbox must be absolute")
-        return sandboxes.validate_name(head), tail
+        with as_flags():
+            return checks.validate_name(head), tail
     return None, spec
 
 
@@ -422,10 +455,10 @@ def cp(
     if (src_name is None) == (dst_name is None):
         raise AgentkernelError("cp: exactly one of SRC and DST must be NAME:/path")
     if dst_name is not None:
-        _await(_upload(dst_name, Path(src_path), dst_path))
+        with_service(lambda service: _upload(service, dst_name, Path(src_path), dst_path))
     else:
         assert src_name is not None
-        _await(_download(src_name, src_path, Path(dst_path)))
+        with_service(lambda service: _download(service, src_name, src_path, Path(dst_path)))
 
 
 async def _read_local(path: Path) -> AsyncIterator[bytes]:
@@ -434,33 +467,33 @@ async def _read_local(path: Path) -> AsyncIterator[bytes]:
             yield chunk
 
 
-async def _upload(name: str, local: Path, remote: str) -> None:
+async def _upload(service: SandboxService, name: str, local: Path, remote: str) -> None:
     if not local.is_file():
         raise AgentkernelError(f"cp: {local}: not a file")
-    async with sandboxes.session(name) as conn:
-        if remote.endswith("/"):
-            remote += local.name
-        else:
-            with contextlib.suppress(AgentkernelError):
-                if (await conn.stat(remote)).kind == "dir":
-                    remote = f"{remote}/{local.name}"
-        await conn.write_file(remote, _read_local(local), mode=local.stat().st_mode & 0o777)
+    if remote.endswith("/"):
+        remote += local.name
+    else:
+        with contextlib.suppress(AgentkernelError):
+            if (await service.stat(name, remote)).kind == "dir":
+                remote = f"{remote}/{local.name}"
+    await service.write_file(name, remote, _read_local(local), mode=local.stat().st_mode & 0o777)
 
 
-async def _download(name: str, remote: str, local: Path) -> None:
+async def _download(service: SandboxService, name: str, remote: str, local: Path) -> None:
     if local.is_dir():
         base = remote.rstrip("/").rsplit("/", 1)[-1]
         if not base:
             raise AgentkernelError(f"cp: {name}:{remote} names no file to copy")
         local = local / base
     tmp = local.with_name(f".{local.name}.part")
-    async with sandboxes.session(name) as conn:
-        info = await conn.stat(remote)
-        if info.kind != "file":
-            raise AgentkernelError(f"cp: {name}:{remote}: not a regular file")
+    try:
+        info, chunks = await service.open_file(name, remote)
+    except NotAFileError:
+        raise AgentkernelError(f"cp: {name}:{remote}: not a regular file") from None
+    async with contextlib.aclosing(chunks):
         try:
             with tmp.open("wb") as f:
-                async for chunk in conn.read_file(remote):
+                async for chunk in chunks:
                     f.write(chunk)
             tmp.chmod(info.mode & 0o777)
             tmp.replace(local)
@@ -472,7 +505,6 @@ async def _download(name: str, remote: str, local: Path) -> None:
 
 def logs(name: str = typer.Argument(..., help="Sandbox name.")) -> None:
     """Print a sandbox's console log (the guest kernel's and agent's messages)."""
-    record = sandboxes.get(name)
-    log = sandboxes.spec_of(record).console_log
+    log = with_service(lambda service: service.console_log(name))
     if log.exists():
         sys.stdout.buffer.write(log.read_bytes())

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Literal
 
 import typer
 
 from agentkernel.errors import AgentkernelError
+from agentkernel.fleet import DEFAULT_TTL, ETCD_ENV
 
 DEFAULT_PORT = 18888
 ALLOW_HOSTS_ENV = "AGENTKERNEL_ALLOW_HOSTS"
@@ -24,14 +26,79 @@ def serve(
         help="Another name clients reach the server by, e.g. a reverse proxy's (repeatable; the "
         f"environment variable {ALLOW_HOSTS_ENV} takes them separated by spaces).",
     ),
+    node: bool = typer.Option(
+        False,
+        "--node",
+        help="Serve as a node of a fleet: register in etcd (needs --etcd and AGENTKERNEL_NODE_KEY).",
+    ),
+    fleet: bool = typer.Option(
+        False,
+        "--fleet",
+        help="Serve as a router in front of the fleet's nodes (needs --etcd and AGENTKERNEL_NODE_KEY).",
+    ),
+    etcd: str | None = typer.Option(
+        None,
+        "--etcd",
+        envvar=ETCD_ENV,
+        metavar="URL[,URL...]",
+        help="Client URLs of the fleet's etcd members.",
+    ),
+    node_id: str | None = typer.Option(
+        None, "--node-id", metavar="NAME", help="This node's name in the fleet (default: the host name)."
+    ),
+    advertise: str | None = typer.Option(
+        None,
+        "--advertise",
+        metavar="URL",
+        help="The URL routers reach this node at (default: http://<listen address>:<port>).",
+    ),
+    capacity: int | None = typer.Option(
+        None,
+        "--capacity",
+        min=1,
+        metavar="N",
+        help="Sandboxes this node takes (default: as many of the default size as its memory holds).",
+    ),
+    lease_ttl: int = typer.Option(
+        DEFAULT_TTL,
+        "--lease-ttl",
+        min=2,
+        max=60,
+        metavar="SECONDS",
+        help="A node that stops renewing its registration for this long is gone, its sandboxes lost.",
+    ),
 ) -> None:
     """Serve the HTTP API (OpenAPI at /openapi.json); set AGENTKERNEL_API_KEY to require a key.
 
     Requests whose Host names another site, and requests from web pages of other origins, are refused.
+    With --node the server joins a fleet; with --fleet it routes to the fleet's nodes (docs/deploy.md).
     """
     from agentkernel.api.app import serve as run_server
 
-    run_server(host, port, project_dir=Path.cwd(), allow_hosts=allow_host or ())
+    if node and fleet:
+        raise AgentkernelError("--node and --fleet exclude each other: a server is a node or a router")
+    if not (node or fleet):
+        if node_id or advertise or capacity:  # not --etcd: its variable may be set for `fleet status`
+            raise AgentkernelError("--node-id, --advertise and --capacity need --node")
+        run_server(host, port, project_dir=Path.cwd(), allow_hosts=allow_host or ())
+        return
+    from agentkernel.fleet.etcd import parse_urls
+    from agentkernel.fleet.node import NodeConfig, check_advertise, check_node_id
+
+    urls = parse_urls(etcd or "")
+    if fleet:
+        from agentkernel.fleet.router import serve as run_router
+
+        run_router(host, port, etcd=urls, allow_hosts=allow_host or ())
+        return
+    config = NodeConfig(
+        id=check_node_id(node_id or socket.gethostname()),
+        url=check_advertise(advertise or ""),
+        etcd=tuple(urls),
+        ttl=lease_ttl,
+        capacity=capacity,
+    )
+    run_server(host, port, project_dir=Path.cwd(), allow_hosts=allow_host or (), node=config)
 
 
 def mcp_server(

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
+import functools
 
 import typer
 
 from agentkernel.cli.output import console, human_size, print_json
-from agentkernel.service import snapshots
+from agentkernel.cli.sandbox_cmds import with_service
+from agentkernel.service.service import SandboxService
 
 app = typer.Typer(help="Save running sandboxes as snapshots.", no_args_is_help=True)
 
@@ -18,14 +19,14 @@ def create(
     name: str = typer.Argument(..., help="Name for the snapshot."),
 ) -> None:
     """Save a running sandbox's memory, devices and disk; it runs on."""
-    snapshot = asyncio.run(snapshots.create(sandbox, name))
+    snapshot = with_service(lambda service: service.snapshot(sandbox, name))
     console.print(snapshot.name)
 
 
 @app.command("list")
 def list_cmd(json_out: bool = typer.Option(False, "--json", help="Print a JSON array.")) -> None:
     """List snapshots."""
-    found = [s.public() for s in snapshots.list_snapshots()]
+    found = [s.public() for s in with_service(lambda service: service.list_snapshots())]
     if json_out:
         print_json(found)
         return
@@ -42,7 +43,7 @@ def list_cmd(json_out: bool = typer.Option(False, "--json", help="Print a JSON a
 def remove(names: list[str] = typer.Argument(..., help="Snapshot names.")) -> None:
     """Remove snapshots (not while sandboxes forked from them exist)."""
     for name in names:
-        snapshots.remove(name)
+        with_service(functools.partial(SandboxService.remove_snapshot, name=name))
         console.print(name)
 
 
@@ -51,5 +52,5 @@ def fork(
     name: str = typer.Argument(..., help="Name for the new sandbox."),
 ) -> None:
     """Start a new sandbox from a snapshot: memory, devices and disk as they were."""
-    asyncio.run(snapshots.fork(snapshot, name))
+    with_service(lambda service: service.fork(snapshot, name))
     console.print(name)

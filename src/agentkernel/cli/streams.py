@@ -16,7 +16,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 from agentkernel.errors import AgentkernelError
-from agentkernel.protocol.client import ExitStatus, Process
+from agentkernel.protocol.connection import ExitStatus, Process
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 _background: set[asyncio.Future[None]] = set()  # keeps fire-and-forget tasks referenced

@@ -8,7 +8,7 @@
 Errors are ClientError: ApiError when the server refuses a request, ClientConnectionError (also a
 builtin ConnectionError) when it cannot be reached or the connection fails midway.
 
-Not to be confused with `agentkernel.protocol.client`, the host side of the guest agent's protocol.
+Not to be confused with `agentkernel.protocol.connection`, the host side of the guest agent's protocol.
 """
 
 from agentkernel.client._common import (

@@ -75,6 +75,9 @@ class SandboxInfo:
     memory_mb: int
     profile: str
     created_at: str
+    labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    env: tuple[str, ...] = ()
+    """The names of the variables set for every command in the sandbox."""
 
 
 @dataclass(frozen=True)
@@ -232,7 +235,37 @@ def run_result(data: dict[str, Any]) -> RunResult:
 
 
 def sandbox_info(data: dict[str, Any]) -> SandboxInfo:
-    return _known(SandboxInfo, data)
+    info = _known(SandboxInfo, data)
+    return dataclasses.replace(info, labels=dict(info.labels), env=tuple(info.env))
+
+
+def create_body(
+    name: str | None,
+    *,
+    image: str | None,
+    profile: str | None,
+    vcpus: int | None,
+    memory_mb: int | None,
+    start: bool,
+    secrets: Sequence[str] | None,
+    env: Mapping[str, str] | None,
+    labels: Mapping[str, str] | None,
+) -> dict[str, Any]:
+    """The body of POST /sandboxes (what is not given is left to the server's agentkernel.toml)."""
+    body: dict[str, Any] = {"name": name, "image": image, "profile": profile, "vcpus": vcpus}
+    body = {k: v for k, v in {**body, "memory_mb": memory_mb}.items() if v is not None}
+    if secrets:  # names of secrets the server holds (docs/secrets.md); values never leave it
+        body["secrets"] = list(secrets)
+    if env:
+        body["env"] = dict(env)
+    if labels:
+        body["labels"] = dict(labels)
+    return {**body, "start": start}
+
+
+def label_filter(labels: Mapping[str, str] | None) -> dict[str, list[str]]:
+    """The query of GET /sandboxes that keeps the sandboxes with all of `labels`."""
+    return {"label": [f"{key}={value}" for key, value in labels.items()]} if labels else {}
 
 
 def file_entries(data: dict[str, Any]) -> list[FileEntry]:

@@ -37,10 +37,12 @@ from agentkernel.client._common import (
     SSEParser,
     attach_url,
     command_body,
+    create_body,
     dropped,
     file_entries,
     file_path,
     headers,
+    label_filter,
     problem_error,
     resolve_api_key,
     run_result,
@@ -205,8 +207,10 @@ class AsyncClient:
             body["secrets"] = list(secrets)
         return self._events("/run/stream", body, on_stdout, on_stderr)
 
-    async def list_sandboxes(self) -> list[SandboxInfo]:
-        return [sandbox_info(s) for s in (await self._request("GET", "/sandboxes")).json()]
+    async def list_sandboxes(self, *, labels: Mapping[str, str] | None = None) -> list[SandboxInfo]:
+        """Every sandbox; with `labels`, those that have all of them."""
+        found = (await self._request("GET", "/sandboxes", params=label_filter(labels))).json()
+        return [sandbox_info(s) for s in found]
 
     def create_sandbox(
         self,
@@ -218,26 +222,20 @@ class AsyncClient:
         memory_mb: int | None = None,
         start: bool = True,
         secrets: Sequence[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> Opening[AsyncSandbox]:
         """A new sandbox (booted unless `start` is False): `await` it, or `async with` it directly to
-        have it removed on exit."""
-        return Opening(self._create_sandbox(name, image, profile, vcpus, memory_mb, start, secrets))
+        have it removed on exit. `env` is set for every command in it (a command's own wins);
+        `labels` find it in a list."""
+        body = create_body(
+            name, image=image, profile=profile, vcpus=vcpus, memory_mb=memory_mb, start=start,
+            secrets=secrets, env=env, labels=labels,
+        )  # fmt: skip
+        return Opening(self._create_sandbox(body))
 
-    async def _create_sandbox(
-        self,
-        name: str | None,
-        image: str | None,
-        profile: str | None,
-        vcpus: int | None,
-        memory_mb: int | None,
-        start: bool,
-        secrets: Sequence[str] | None,
-    ) -> AsyncSandbox:
-        body: dict[str, Any] = {"name": name, "image": image, "profile": profile, "vcpus": vcpus}
-        body = {k: v for k, v in {**body, "memory_mb": memory_mb}.items() if v is not None}
-        if secrets:  # names of secrets the server holds (docs/secrets.md); values never leave it
-            body["secrets"] = list(secrets)
-        response = await self._request("POST", "/sandboxes", json={**body, "start": start})
+    async def _create_sandbox(self, body: dict[str, Any]) -> AsyncSandbox:
+        response = await self._request("POST", "/sandboxes", json=body)
         return AsyncSandbox(self, sandbox_info(response.json()), owned=True)
 
     def sandbox(self, name: str) -> Opening[AsyncSandbox]:

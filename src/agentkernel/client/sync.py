@@ -27,10 +27,12 @@ from agentkernel.client._common import (
     SSEParser,
     attach_url,
     command_body,
+    create_body,
     dropped,
     file_entries,
     file_path,
     headers,
+    label_filter,
     problem_error,
     resolve_api_key,
     run_result,
@@ -171,8 +173,10 @@ class Client:
             body["secrets"] = list(secrets)
         return self._events("/run/stream", body, on_stdout, on_stderr)
 
-    def list_sandboxes(self) -> list[SandboxInfo]:
-        return [sandbox_info(s) for s in self._request("GET", "/sandboxes").json()]
+    def list_sandboxes(self, *, labels: Mapping[str, str] | None = None) -> list[SandboxInfo]:
+        """Every sandbox; with `labels`, those that have all of them."""
+        found = self._request("GET", "/sandboxes", params=label_filter(labels)).json()
+        return [sandbox_info(s) for s in found]
 
     def create_sandbox(
         self,
@@ -184,13 +188,16 @@ class Client:
         memory_mb: int | None = None,
         start: bool = True,
         secrets: Sequence[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> Sandbox:
-        """A new sandbox (booted unless `start` is False); as a context manager, removed on exit."""
-        body: dict[str, Any] = {"name": name, "image": image, "profile": profile, "vcpus": vcpus}
-        body = {k: v for k, v in {**body, "memory_mb": memory_mb}.items() if v is not None}
-        if secrets:  # names of secrets the server holds (docs/secrets.md); values never leave it
-            body["secrets"] = list(secrets)
-        info = sandbox_info(self._request("POST", "/sandboxes", json={**body, "start": start}).json())
+        """A new sandbox (booted unless `start` is False); as a context manager, removed on exit.
+        `env` is set for every command in it (a command's own wins); `labels` find it in a list."""
+        body = create_body(
+            name, image=image, profile=profile, vcpus=vcpus, memory_mb=memory_mb, start=start,
+            secrets=secrets, env=env, labels=labels,
+        )  # fmt: skip
+        info = sandbox_info(self._request("POST", "/sandboxes", json=body).json())
         return Sandbox(self, info, owned=True)
 
     def sandbox(self, name: str) -> Sandbox:

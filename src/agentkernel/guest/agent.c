@@ -69,6 +69,7 @@ struct watch {
 	bool in_ep;
 	struct conn *c;
 	struct chan *ch;
+	struct bg *bg;
 };
 static struct watch *watches;
 static int nwatches;
@@ -150,9 +151,16 @@ void watch_add(int fd, int kind, uint32_t events, struct conn *c, struct chan *c
 	w->events = events;
 	w->c = c;
 	w->ch = ch;
+	w->bg = NULL;
 	w->in_ep = events != 0;
 	if (w->in_ep)
 		ep_ctl(EPOLL_CTL_ADD, fd, w);
+}
+
+void watch_bg(int fd, int kind, uint32_t events, struct bg *b)
+{
+	watch_add(fd, kind, events, NULL, NULL);
+	watches[fd].bg = b;
 }
 
 void watch_set(int fd, uint32_t events)
@@ -294,6 +302,10 @@ void chan_free(struct chan *ch)
 	struct conn *c = ch->c;
 	if (ch->op == OP_EXEC)
 		exec_release(ch);
+	else if (ch->op == OP_ATTACH)
+		bg_release(ch);
+	else if (ch->op == OP_WATCH)
+		watch_release(ch);
 	else
 		file_release(ch);
 	for (int i = 0; i < c->nch; i++)
@@ -484,10 +496,13 @@ static const char *do_hello(struct conn *c, const uint8_t *p, size_t n)
 	if (rec.has[F_ENTROPY])
 		reseed(&rec.f[F_ENTROPY]);
 	limits_apply(&rec);
+	/* Answer with the host's version where it is older: it then hears what it knows (protocol.md). */
+	int64_t version = rec_int(&rec, F_VERSION, PROTO_VERSION);
+	version = version < 1 ? 1 : version > PROTO_VERSION ? PROTO_VERSION : version;
 	char desc[48];
 	int dn = snprintf(desc, sizeof desc, "agentkernel-agent protocol %d", PROTO_VERSION);
 	struct rb b = { 0 };
-	rb_int(&b, F_VERSION, PROTO_VERSION);
+	rb_int(&b, F_VERSION, version);
 	rb_bytes(&b, F_MAGIC, "AGENTKRN", 8);
 	rb_bytes(&b, F_MESSAGE, desc, dn);
 	send_rec(c, 0, T_HELLO, &b);
@@ -522,7 +537,7 @@ static bool from_host(uint8_t type)
 	switch (type) {
 	case T_HELLO: case T_PING: case T_SHUTDOWN: case T_EXEC: case T_STDIN: case T_SIGNAL: case T_RESIZE:
 	case T_WINDOW: case T_DATA: case T_GET: case T_PUT: case T_STAT: case T_LIST: case T_MKDIR: case T_REMOVE:
-	case T_ARGS:
+	case T_ARGS: case T_RENAME: case T_WATCH: case T_JOBS: case T_ATTACH: case T_INPUT: case T_KILL: case T_WAIT:
 		return true;
 	}
 	return false;
@@ -552,6 +567,7 @@ static const char *handle_frame(struct conn *c, uint16_t id, uint8_t type, const
 		do_shutdown();
 		return NULL;
 	case T_EXEC: case T_GET: case T_PUT: case T_STAT: case T_LIST: case T_MKDIR: case T_REMOVE:
+	case T_RENAME: case T_WATCH: case T_JOBS: case T_ATTACH: case T_INPUT: case T_KILL: case T_WAIT:
 		if (rec_parse(&rec, p, n))
 			return "malformed record";
 		if (ch) {
@@ -562,6 +578,8 @@ static const char *handle_frame(struct conn *c, uint16_t id, uint8_t type, const
 			send_error(c, id, EMFILE, "too many open channels");
 		else if (type == T_EXEC)
 			exec_start(c, id, &rec);
+		else if (type >= T_JOBS)
+			bg_op(c, id, type, &rec);
 		else
 			file_op(c, id, type, &rec);
 		return NULL;
@@ -873,7 +891,9 @@ static void reap(int sfd)
 	while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
 		struct chan *ch = exec_by_pid(pid);
 		if (ch)
-			exec_reaped(ch, status);  /* anything else is an orphan: just reaped */
+			exec_reaped(ch, status);
+		else
+			bg_reaped(pid, status);  /* anything else is an orphan: just reaped */
 	}
 }
 
@@ -981,6 +1001,8 @@ static int next_timeout(void)
 			}
 	if (limits_next_timer() < next)
 		next = limits_next_timer();
+	if (bg_next_timer() < next)
+		next = bg_next_timer();
 	if (next == INT64_MAX)
 		return -1;
 	return next <= now ? 0 : next - now > 60000 ? 60000 : (int)(next - now);
@@ -1002,6 +1024,10 @@ static bool service(void)
 		for (int i = c->nch - 1; i >= 0 && !c->dead; i--)
 			if (c->ch[i]->op == OP_GET || c->ch[i]->op == OP_LIST)
 				want |= file_produce(c->ch[i]);
+			else if (c->ch[i]->op == OP_ATTACH)
+				want |= bg_produce(c->ch[i]);
+			else if (c->ch[i]->op == OP_WATCH)
+				want |= watch_produce(c->ch[i]);
 		if (c->dead)
 			continue;
 		conn_flush(c);
@@ -1086,11 +1112,13 @@ int main(void)
 			case W_UEVENT: uevent_read(fd); break;
 			case W_LIMITS: limits_event(fd); break;
 			case W_CONN: conn_event(w->c, evs[i].events); break;
-			case W_NONE: break;
+			case W_NONE: case W_INOTIFY: break;  /* service() reads inotify for its channel */
+			case W_BG_STATUS: case W_BG_IN: case W_BG_OUT: bg_event(w->bg, w->kind); break;
 			default: exec_event(w->ch, w->kind, evs[i].events); break;
 			}
 		}
 		limits_timers();
+		bg_timers();
 		more = service();
 		for (struct conn **pc = &conns; *pc;) {
 			struct conn *c = *pc;

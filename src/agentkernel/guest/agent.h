@@ -19,7 +19,10 @@
 #define CHUNK 65536           /* largest data frame the agent sends */
 #define OUTQ_HIGH (1 << 20)   /* above this many queued bytes, stop producing output */
 #define EXIT_QUIET_MS 100     /* the 100 ms rule for EXIT (protocol.md, Exec) */
-#define PROTO_VERSION 2
+#define PROTO_VERSION 3
+#define MAX_BG 64             /* background commands kept (protocol.md, Background commands) */
+#define BG_RING (1 << 20)     /* output kept per background command */
+#define BG_STDIN_MAX (256 << 10) /* stdin queued per background command */
 /* Linux's bounds on what execve takes (protocol.md, Exec): argv and env together, each string with
  * its NUL plus a pointer to it, at most a quarter of the 8 MiB stack limit; one string at most
  * MAX_ARG_STRLEN (32 pages) with its NUL. The agent holds no more than that for an EXEC. */
@@ -30,14 +33,16 @@ enum ftype {
 	T_HELLO = 1, T_PING = 2, T_PONG = 3, T_SHUTDOWN = 4,
 	T_EXEC = 16, T_STARTED, T_STDIN, T_STDOUT, T_STDERR, T_EXIT, T_SIGNAL, T_RESIZE,
 	T_WINDOW, T_ERROR, T_DATA, T_OK, T_INFO, T_ENTRY, T_ARGS,
-	T_GET = 32, T_PUT, T_STAT, T_LIST, T_MKDIR, T_REMOVE,
+	T_GET = 32, T_PUT, T_STAT, T_LIST, T_MKDIR, T_REMOVE, T_RENAME, T_WATCH,
+	T_JOBS = 48, T_ATTACH, T_INPUT, T_KILL, T_WAIT,
 };
 
 enum tag {
 	F_VERSION = 1, F_MAGIC, F_ARGV, F_ENV, F_CWD, F_UID, F_GID, F_TIMEOUT_MS, F_PID,
 	F_EXIT_CODE, F_SIGNAL, F_MESSAGE, F_ERRNO, F_ROWS, F_COLS, F_PTY, F_BYTES, F_TIMED_OUT,
 	F_HOSTNAME, F_TIME_NS, F_PATH, F_MODE, F_SIZE, F_MTIME_NS, F_KIND, F_NAME, F_PARENTS,
-	F_RECURSIVE, F_MAX_PROCS, F_MEMORY_MB, F_ENTROPY, F_CONTINUED, NTAGS
+	F_RECURSIVE, F_MAX_PROCS, F_MEMORY_MB, F_ENTROPY, F_CONTINUED, F_DETACH, F_CMD, F_OFFSET, F_FOLLOW,
+	F_STATE, F_STARTED_NS, F_DATA, F_EOF, F_CAUSE, F_TO, F_LOST, F_EVENT, NTAGS
 };
 
 enum kind { K_FILE = 1, K_DIR, K_SYMLINK, K_OTHER };
@@ -83,7 +88,10 @@ struct conn {
 	int nch;
 };
 
-enum op { OP_EXEC = 1, OP_GET, OP_PUT, OP_LIST };
+enum op { OP_EXEC = 1, OP_GET, OP_PUT, OP_LIST, OP_ATTACH, OP_WATCH };
+
+struct bg;
+struct watcher;
 
 struct chan {
 	struct conn *c;
@@ -107,12 +115,37 @@ struct chan {
 	unsigned group;      /* the process's cgroup (limits.c); 0: none */
 	int64_t deadline;    /* monotonic ms for timeout_ms, 0 = none */
 	int64_t last_out;    /* monotonic ms of the last output, for the 100 ms rule */
+	char *prog, *cwd;    /* argv[0] and the working directory, for the messages of a failed start */
+	/* background: the command an EXEC with `detach` starts, or that ATTACH or WAIT follows */
+	struct bg *bg;
+	uint64_t pos;        /* ATTACH: offset of the next output byte to send */
+	bool follow, quiet;  /* ATTACH: until the command ends; WAIT: no output */
+	struct watcher *watcher;  /* WATCH */
 	/* files */
 	int fd;
 	DIR *dir;
 	char *tmp, *path;  /* PUT: temporary file and target */
 	int mode;
 	int64_t size;
+};
+
+struct spawn {
+	char **argv, **envp, *cwd;
+	uid_t uid;
+	gid_t gid;
+	int sfd, in, out, err; /* child ends; for a PTY all three are the slave */
+	int cg;                /* the command's cgroup.procs (limits.c), or -1 */
+	bool pty;
+};
+
+/* An EXEC as its frames arrive: the settings of the EXEC record, and argv and env from it and from
+ * the ARGS frames that continue it (protocol.md, Exec). */
+struct xreq {
+	struct spawn s;            /* argv and envp are NULL-terminated arrays of argc, envc strings */
+	int argc, envc, argcap, envcap;
+	size_t size;               /* argv and env as Linux counts them against EXEC_ARG_MAX */
+	int64_t timeout, rows, cols;
+	bool detach;               /* a background command (bg.c) */
 };
 
 /* agent.c */
@@ -124,8 +157,9 @@ void logmsg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 void setup_failed(const char *what);
 bool is_mountpoint(const char *dir);
 enum wkind { W_NONE, W_SIGNAL, W_LISTEN, W_UEVENT, W_LIMITS, W_CONN, W_STATUS, W_STDIN, W_STDOUT, W_STDERR,
-	     W_PTY };
+	     W_PTY, W_BG_STATUS, W_BG_IN, W_BG_OUT, W_INOTIFY };
 void watch_add(int fd, int kind, uint32_t events, struct conn *c, struct chan *ch);
+void watch_bg(int fd, int kind, uint32_t events, struct bg *b);
 void watch_set(int fd, uint32_t events);
 void watch_close(int *fd);
 void send_frame(struct conn *c, uint16_t ch, uint8_t type, const void *p, size_t n);
@@ -152,6 +186,20 @@ void exec_update(struct chan *ch);
 void exec_timers(struct chan *ch);
 int64_t exec_next_timer(struct chan *ch);
 void exec_release(struct chan *ch);
+int spawn(struct xreq *x, bool merge, pid_t *pid, int fds[4], unsigned *group);
+int read_status(int fd, int *stage, int *err);
+void send_start_error(struct chan *ch, int stage, int err);
+void xreq_free(struct xreq *x);
+
+/* bg.c */
+void bg_launch(struct chan *ch, struct xreq *x);
+void bg_op(struct conn *c, uint16_t id, uint8_t type, const struct rec *r);
+void bg_event(struct bg *b, int kind);
+bool bg_reaped(pid_t pid, int status);
+void bg_timers(void);
+int64_t bg_next_timer(void);
+bool bg_produce(struct chan *ch);
+void bg_release(struct chan *ch);
 
 /* limits.c */
 void limits_init(void);
@@ -168,6 +216,12 @@ int64_t limits_next_timer(void);
 void file_op(struct conn *c, uint16_t id, uint8_t type, const struct rec *r);
 void file_data(struct chan *ch, const uint8_t *p, size_t n);
 bool file_produce(struct chan *ch);
+void file_rename(struct conn *c, uint16_t id, const char *from, const struct rec *r);
+
+/* watch.c */
+void watch_start(struct conn *c, uint16_t id, const char *path, bool recursive);
+bool watch_produce(struct chan *ch);
+void watch_release(struct chan *ch);
 void file_release(struct chan *ch);
 
 #endif

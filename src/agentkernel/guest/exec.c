@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <grp.h>
 #include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -22,15 +23,6 @@ extern char **environ;
 enum stage { S_LIMITS, S_SETSID, S_TTY, S_STDIO, S_GROUPS, S_GID, S_UID, S_CHDIR, S_EXEC };
 static const char *const stage_name[] = { "resource limits", "setsid", "controlling tty", "stdio",
 					  "setgroups", "setgid", "setuid", "chdir", "exec" };
-
-struct spawn {
-	char **argv, **envp, *cwd;
-	uid_t uid;
-	gid_t gid;
-	int sfd, in, out, err; /* child ends; for a PTY all three are the slave */
-	int cg;                /* the command's cgroup.procs (limits.c), or -1 */
-	bool pty;
-};
 
 static void child_fail(int sfd, int stage)
 {
@@ -82,16 +74,7 @@ static void nonblock(int fd)
 	fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
 }
 
-/* An EXEC as its frames arrive: the settings of the EXEC record, and argv and env from it and from
- * the ARGS frames that continue it (protocol.md, Exec). */
-struct xreq {
-	struct spawn s;            /* argv and envp are NULL-terminated arrays of argc, envc strings */
-	int argc, envc, argcap, envcap;
-	size_t size;               /* argv and env as Linux counts them against EXEC_ARG_MAX */
-	int64_t timeout, rows, cols;
-};
-
-static void xreq_free(struct xreq *x)
+void xreq_free(struct xreq *x)
 {
 	free_strv(x->s.argv);
 	free_strv(x->s.envp);
@@ -136,18 +119,15 @@ static int xreq_add(struct xreq *x, const struct rec *r)
 	return err ? err : strv_add(&x->s.envp, &x->envc, &x->envcap, r->env, r->nenv);
 }
 
-/* Start the process of a complete request on its channel; on failure ERROR ends the channel. */
-static void launch(struct chan *ch, struct xreq *x)
+/* Start the process of a request: fds gets the status pipe, then the process's stdin, stdout and
+ * stderr (a PTY master is all three; with `merge` stderr goes to the stdout pipe and fds[3] is -1),
+ * each close-on-exec. 0, or -1 with errno. */
+int spawn(struct xreq *x, bool merge, pid_t *pid, int fds[4], unsigned *group)
 {
 	struct spawn *s = &x->s;
 	int sp[2] = { -1, -1 }, ip[2] = { -1, -1 }, op[2] = { -1, -1 }, ep[2] = { -1, -1 };
-	int master = -1;
+	int master = -1, rc = -1;
 
-	if (!x->argc) {
-		send_error(ch->c, ch->id, EINVAL, "bad EXEC: no argv");
-		chan_free(ch);
-		return;
-	}
 	int i;
 	for (i = 0; i < x->envc && strncmp(s->envp[i], "PATH=", 5); i++)
 		;
@@ -155,10 +135,10 @@ static void launch(struct chan *ch, struct xreq *x)
 		s->envp[x->envc++] = strdup(DEFAULT_PATH);
 		s->envp[x->envc] = NULL;
 		if (!s->envp[x->envc - 1])
-			goto fail;
+			goto out;
 	}
 	if (pipe2(sp, O_CLOEXEC))
-		goto fail;
+		goto out;
 	s->sfd = sp[1];
 	if (s->pty) {
 		char name[64];
@@ -166,59 +146,122 @@ static void launch(struct chan *ch, struct xreq *x)
 		if ((master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC)) < 0 || unlockpt(master) ||
 		    ptsname_r(master, name, sizeof name) || ioctl(master, TIOCSWINSZ, &ws) ||
 		    (s->in = open(name, O_RDWR | O_NOCTTY | O_CLOEXEC)) < 0)
-			goto fail;
+			goto out;
 		s->out = s->err = s->in;
 	} else {
-		if (pipe2(ip, O_CLOEXEC) || pipe2(op, O_CLOEXEC) || pipe2(ep, O_CLOEXEC))
-			goto fail;
+		if (pipe2(ip, O_CLOEXEC) || pipe2(op, O_CLOEXEC) || (!merge && pipe2(ep, O_CLOEXEC)))
+			goto out;
 		s->in = ip[0];
 		s->out = op[1];
-		s->err = ep[1];
+		s->err = merge ? op[1] : ep[1];
 	}
-	s->cg = limits_group(&ch->group);
-	pid_t pid = fork();
-	if (pid < 0)
-		goto fail;
-	if (pid == 0)
+	s->cg = limits_group(group);
+	if ((*pid = fork()) < 0)
+		goto out;
+	if (*pid == 0)
 		child(s);
-
-	ch->pid = pid;
-	ch->pty = s->pty;
-	ch->deadline = x->timeout ? now + x->timeout : 0;
-	ch->sfd = sp[0];
+	fds[0] = sp[0];
 	sp[0] = -1;
-	watch_add(ch->sfd, W_STATUS, EPOLLIN, ch->c, ch);
 	if (s->pty) {
-		ch->ifd = ch->ofd = master;
+		fds[1] = fds[2] = master;
+		fds[3] = -1;
 		master = -1;
-		nonblock(ch->ofd);
-		watch_add(ch->ofd, W_PTY, 0, ch->c, ch);
 	} else {
-		ch->ifd = ip[1];
-		ch->ofd = op[0];
-		ch->efd = ep[0];
+		fds[1] = ip[1];
+		fds[2] = op[0];
+		fds[3] = ep[0];
 		ip[1] = op[0] = ep[0] = -1;
-		nonblock(ch->ifd);
-		nonblock(ch->ofd);
-		nonblock(ch->efd);
-		watch_add(ch->ifd, W_STDIN, 0, ch->c, ch);
-		watch_add(ch->ofd, W_STDOUT, 0, ch->c, ch);
-		watch_add(ch->efd, W_STDERR, 0, ch->c, ch);
 	}
-	goto out;
-fail:
-	send_error(ch->c, ch->id, errno, "cannot start process: %s", strerror(errno));
-	chan_free(ch);
-out:
+	rc = 0;
+out:;
 	/* What is left open here are the child's ends and anything of a failed start. */
+	int err = errno;
 	if (s->pty && s->in >= 0)
 		close(s->in);
 	if (s->cg >= 0)
 		close(s->cg);
-	int fds[] = { sp[0], sp[1], ip[0], ip[1], op[0], op[1], ep[0], ep[1], master };
-	for (size_t k = 0; k < sizeof fds / sizeof *fds; k++)
-		if (fds[k] >= 0)
-			close(fds[k]);
+	s->in = s->cg = -1;
+	int left[] = { sp[0], sp[1], ip[0], ip[1], op[0], op[1], ep[0], ep[1], master };
+	for (size_t k = 0; k < sizeof left / sizeof *left; k++)
+		if (left[k] >= 0)
+			close(left[k]);
+	errno = err;
+	return rc;
+}
+
+static char *clip(const char *s)
+{
+	return strndup(s ? s : "", 200);  /* enough to name it in a message */
+}
+
+/* Start the process of a complete request on its channel; on failure ERROR ends the channel. */
+static void launch(struct chan *ch, struct xreq *x)
+{
+	int fds[4];
+	if (!x->argc) {
+		send_error(ch->c, ch->id, EINVAL, "bad EXEC: no argv");
+		chan_free(ch);
+		return;
+	}
+	ch->prog = clip(x->s.argv[0]);
+	ch->cwd = clip(x->s.cwd);
+	if (x->detach) {
+		bg_launch(ch, x);
+		return;
+	}
+	if (spawn(x, false, &ch->pid, fds, &ch->group)) {
+		send_error(ch->c, ch->id, errno, "cannot start process: %s", strerror(errno));
+		chan_free(ch);
+		return;
+	}
+	ch->pty = x->s.pty;
+	ch->deadline = x->timeout ? now + x->timeout : 0;
+	ch->sfd = fds[0];
+	watch_add(ch->sfd, W_STATUS, EPOLLIN, ch->c, ch);
+	ch->ifd = fds[1];
+	ch->ofd = fds[2];
+	nonblock(ch->ofd);
+	if (ch->pty) {
+		watch_add(ch->ofd, W_PTY, 0, ch->c, ch);
+		return;
+	}
+	ch->efd = fds[3];
+	nonblock(ch->ifd);
+	nonblock(ch->efd);
+	watch_add(ch->ifd, W_STDIN, 0, ch->c, ch);
+	watch_add(ch->ofd, W_STDOUT, 0, ch->c, ch);
+	watch_add(ch->efd, W_STDERR, 0, ch->c, ch);
+}
+
+/* The message of a start that failed at `stage` with `err`, naming the program or the directory;
+ * `code` gets the exit status a shell would give (or -1), `cause` "command" or "cwd" (or NULL). */
+static const char *start_failure(const struct chan *ch, int stage, int err, int *code, const char **cause)
+{
+	static char msg[512];
+	const char *prog = ch->prog ? ch->prog : "", *cwd = ch->cwd ? ch->cwd : "";
+	*code = -1;
+	*cause = NULL;
+	if (stage == S_EXEC && err == ENOENT && prog[0] == '/' && !access(prog, F_OK)) {
+		*code = 127;
+		*cause = "command";
+		snprintf(msg, sizeof msg, "exec: %s: its interpreter or loader is missing", prog);
+	} else if (stage == S_EXEC && err == ENOENT) {
+		*code = 127;
+		*cause = "command";
+		snprintf(msg, sizeof msg, "exec: %s: %s", prog, strchr(prog, '/') ? "no such file" : "command not found");
+	} else if (stage == S_EXEC && (err == EACCES || err == ENOEXEC || err == EISDIR || err == ENOTDIR)) {
+		*code = 126;
+		*cause = "command";
+		snprintf(msg, sizeof msg, "exec: %s: %s", prog, err == ENOEXEC ? "not an executable format" :
+			 err == EISDIR ? "is a directory" : strerror(err));
+	} else if (stage == S_CHDIR) {
+		*cause = "cwd";
+		snprintf(msg, sizeof msg, "cwd %s: %s", cwd, err == ENOENT ? "no such directory" :
+			 err == ENOTDIR ? "not a directory" : strerror(err));
+	} else {
+		snprintf(msg, sizeof msg, "%s: %s", stage_name[stage], strerror(err));
+	}
+	return msg;
 }
 
 void exec_start(struct conn *c, uint16_t id, const struct rec *r)
@@ -237,9 +280,15 @@ void exec_start(struct conn *c, uint16_t id, const struct rec *r)
 	x->timeout = rec_int(r, F_TIMEOUT_MS, 0);
 	x->rows = rec_int(r, F_ROWS, 24);
 	x->cols = rec_int(r, F_COLS, 80);
+	x->detach = rec_int(r, F_DETACH, 0) == 1;
 	if (!x->s.cwd || uid < 0 || uid >= 0xffffffff || gid < 0 || gid >= 0xffffffff || x->timeout < 0 ||
 	    x->rows < 1 || x->rows > 0xffff || x->cols < 1 || x->cols > 0xffff) {
 		send_error(c, id, EINVAL, "bad EXEC: NUL byte or value out of range");
+		xreq_free(x);
+		return;
+	}
+	if (x->detach && x->s.pty) {
+		send_error(c, id, EINVAL, "bad EXEC: a background command runs without a terminal");
 		xreq_free(x);
 		return;
 	}
@@ -430,18 +479,46 @@ static void read_out(struct chan *ch, int *fd, uint8_t type)
 	}
 }
 
-static void status_ready(struct chan *ch)
+/* ERROR for a start that failed: the message, errno, and where known the exit status a shell would
+ * give (127: no such command) and what was missing (protocol.md, Exec). */
+void send_start_error(struct chan *ch, int stage, int err)
+{
+	int code;
+	const char *cause, *msg = start_failure(ch, stage, err, &code, &cause);
+	struct rb b = { 0 };
+	rb_bytes(&b, F_MESSAGE, msg, strlen(msg));
+	rb_int(&b, F_ERRNO, err);
+	if (code >= 0)
+		rb_int(&b, F_EXIT_CODE, code);
+	if (cause)
+		rb_bytes(&b, F_CAUSE, cause, strlen(cause));
+	send_rec(ch->c, ch->id, T_ERROR, &b);
+}
+
+/* Read a status pipe: 1 once the exec succeeded (end of file: the pipe is close-on-exec), 0 when the
+ * child failed before it (its stage and errno in *stage, *err; it exits 127 and is reaped as an
+ * orphan), -1 when there is nothing to read yet. */
+int read_status(int fd, int *stage, int *err)
 {
 	int msg[2];
-	ssize_t n = read(ch->sfd, msg, sizeof msg);
+	ssize_t n = read(fd, msg, sizeof msg);
 	if (n < 0 && (errno == EAGAIN || errno == EINTR))
+		return -1;
+	if (n == 0)
+		return 1;
+	*stage = n == sizeof msg && msg[0] >= 0 && msg[0] <= S_EXEC ? msg[0] : S_EXEC;
+	*err = n == sizeof msg ? msg[1] : EIO;
+	return 0;
+}
+
+static void status_ready(struct chan *ch)
+{
+	int stage, err, r = read_status(ch->sfd, &stage, &err);
+	if (r < 0)
 		return;
 	watch_close(&ch->sfd);
-	if (n != 0) {
-		/* The child failed before exec; it exits 127 and is reaped as an orphan. */
-		int stage = n == sizeof msg && msg[0] >= 0 && msg[0] <= S_EXEC ? msg[0] : S_EXEC;
-		int err = n == sizeof msg ? msg[1] : EIO;
-		send_error(ch->c, ch->id, err, "%s: %s", stage_name[stage], strerror(err));
+	if (!r) {
+		send_start_error(ch, stage, err);
 		chan_free(ch);
 		return;
 	}
@@ -539,6 +616,10 @@ int64_t exec_next_timer(struct chan *ch)
 
 void exec_release(struct chan *ch)
 {
+	free(ch->prog);
+	free(ch->cwd);
+	if (ch->bg)
+		bg_release(ch);
 	if (ch->xreq)
 		xreq_free(ch->xreq);
 	limits_release(ch->group);

@@ -1,4 +1,4 @@
-/* File operations: GET, PUT, STAT, LIST, MKDIR, REMOVE (protocol.md, Files). GET and LIST are
+/* File operations: GET, PUT, STAT, LIST, MKDIR, REMOVE, RENAME, and the start of WATCH (protocol.md, Files). GET and LIST are
  * produced a chunk at a time as the window and the out-queue allow; the rest run to completion. */
 #include "agent.h"
 
@@ -220,6 +220,19 @@ static void remove_path(struct conn *c, uint16_t id, const char *path, bool recu
 	ok(c, id, &b);
 }
 
+/* rename(2): a file or directory to a new path in the same filesystem, replacing a file there. */
+void file_rename(struct conn *c, uint16_t id, const char *from, const struct rec *r)
+{
+	char *to = r->has[F_TO] ? field_str(&r->f[F_TO]) : NULL;
+	if (!to || to[0] != '/')
+		send_error(c, id, EINVAL, "to: %s", to ? "not absolute" : "missing or holds a NUL byte");
+	else if (rename(from, to))
+		send_error(c, id, errno, "rename %s to %s: %s", from, to, strerror(errno));
+	else
+		ok(c, id, &(struct rb){ 0 });
+	free(to);
+}
+
 void file_op(struct conn *c, uint16_t id, uint8_t type, const struct rec *r)
 {
 	char *path = r->has[F_PATH] ? field_str(&r->f[F_PATH]) : NULL;
@@ -246,6 +259,12 @@ void file_op(struct conn *c, uint16_t id, uint8_t type, const struct rec *r)
 		break;
 	case T_REMOVE:
 		remove_path(c, id, path, rec_int(r, F_RECURSIVE, 0) == 1);
+		break;
+	case T_RENAME:
+		file_rename(c, id, path, r);
+		break;
+	case T_WATCH:
+		watch_start(c, id, path, rec_int(r, F_RECURSIVE, 0) == 1);
 		break;
 	}
 	free(path);

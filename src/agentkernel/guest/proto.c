@@ -19,6 +19,8 @@ static bool int_tag(int tag)
 	case F_SIGNAL: case F_ERRNO: case F_ROWS: case F_COLS: case F_PTY: case F_BYTES:
 	case F_TIMED_OUT: case F_TIME_NS: case F_MODE: case F_SIZE: case F_MTIME_NS: case F_KIND:
 	case F_PARENTS: case F_RECURSIVE: case F_MAX_PROCS: case F_MEMORY_MB: case F_CONTINUED:
+	case F_DETACH: case F_CMD: case F_OFFSET: case F_FOLLOW: case F_STATE: case F_STARTED_NS: case F_EOF:
+	case F_LOST: case F_EVENT:
 		return true;
 	}
 	return false;

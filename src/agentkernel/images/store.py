@@ -24,7 +24,7 @@ from urllib.parse import quote, unquote
 from agentkernel import paths
 from agentkernel.artifacts.cache import sha256_file
 from agentkernel.artifacts.run import warn
-from agentkernel.errors import AgentkernelError
+from agentkernel.errors import AgentkernelError, CorruptImageError
 from agentkernel.images import builddir
 from agentkernel.images.model import Image, ImageConfig, ImageRecord
 
@@ -33,10 +33,6 @@ RECORD = "image.json"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]*(/[A-Za-z0-9][A-Za-z0-9._:@-]*)*")
 HOLD_PREFIX = "sandbox/"  # names that keep images alive for the sandboxes that use them
 SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-class CorruptImageError(AgentkernelError):
-    """An image whose file is missing or no longer matches its digest."""
 
 
 def check_name(name: str) -> str:

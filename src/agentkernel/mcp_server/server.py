@@ -36,14 +36,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agentkernel import __version__
 from agentkernel.errors import AgentkernelError
-from agentkernel.protocol.client import ExitStatus, FileInfo, Process
-from agentkernel.sandbox.state import SandboxRecord
-from agentkernel.service.operations import (
-    CommandSpec,
-    Operations,
-    SandboxSettings,
-    exec_on,
-)
+from agentkernel.protocol.connection import ExitStatus, FileInfo, Process
+from agentkernel.sandbox.view import SandboxView
+from agentkernel.service.request import SandboxFlags
+from agentkernel.service.service import CommandSpec, SandboxService, exec_on
 
 OUTPUT_LIMIT = 16 << 10
 """Bytes of each stream a command's result shows by default (head and tail)."""
@@ -128,30 +124,8 @@ class CommandResult(BaseModel):
     )
 
 
-class SandboxInfo(BaseModel):
-    name: str
-    status: str
-    image: str
-    vcpus: int
-    memory_mb: int
-    profile: str
-    created_at: str
-
-    @classmethod
-    def of(cls, r: SandboxRecord) -> SandboxInfo:
-        return cls(
-            name=r.name,
-            status=r.status,
-            image=r.image,
-            vcpus=r.vcpus,
-            memory_mb=r.memory_mb,
-            profile=r.profile,
-            created_at=r.created_at,
-        )
-
-
 class SandboxList(BaseModel):
-    sandboxes: list[SandboxInfo]
+    sandboxes: list[SandboxView]
 
 
 class FileContent(BaseModel):
@@ -475,7 +449,7 @@ def checked_limit(limit: int | None) -> int:
 def build_server(project_dir: Path, *, output_limit: int | None = None) -> MCPServer[None]:
     """The server; `output_limit` is the bytes of each stream a result shows unless a call asks for
     another (default OUTPUT_LIMIT)."""
-    ops = Operations(project_dir)
+    sandboxes = SandboxService(project_dir)
     outputs = OutputStore()
     default_limit = checked_limit(output_limit)
     tools: list[Tool] = []
@@ -503,8 +477,9 @@ def build_server(project_dir: Path, *, output_limit: int | None = None) -> MCPSe
         output. Output past the limit is shown as head and tail; get_output reads all of it."""
         spec = _command(command, env, cwd, timeout)
         limit = output_limit or default_limit
-        settings = SandboxSettings(image=image, profile=profile, secrets=tuple(secrets))
-        async with ops.ephemeral(spec.argv, settings) as conn:
+        flags = SandboxFlags(image=image, profile=profile, secrets=tuple(secrets))
+        request = await sandboxes.resolve(flags, command=spec.argv)
+        async with sandboxes.ephemeral(request) as (_name, conn):
             status, captured = await gather(await exec_on(conn, spec), limit)
         if all(c.size <= limit for c in captured.values()):
             return command_result(status, captured, limit, {s: lambda _: "" for s in STREAMS})
@@ -547,16 +522,30 @@ def build_server(project_dir: Path, *, output_limit: int | None = None) -> MCPSe
             str | None, Field(description="Image: base, python, node, ... (default base).")
         ] = None,
         profile: ProfileArg = None,
-        vcpus: Annotated[int | None, Field(description="Virtual CPUs.", ge=1, le=32)] = None,
-        memory_mb: Annotated[int | None, Field(description="Memory in MiB.", ge=64, le=65536)] = None,
+        vcpus: Annotated[int | None, Field(description="Virtual CPUs.")] = None,
+        memory_mb: Annotated[int | None, Field(description="Memory in MiB.")] = None,
         start: Annotated[bool, Field(description="Boot it as well.")] = True,
         secrets: Secrets = (),
-    ) -> SandboxInfo:
+        env: Annotated[
+            dict[str, str] | None,
+            Field(description="Environment variables for every command in it (a command's own win)."),
+        ] = None,
+        labels: Annotated[
+            dict[str, str] | None, Field(description="Labels to find it by (list_sandboxes filters on them).")
+        ] = None,
+    ) -> SandboxView:
         """Create a sandbox that lasts until removed (booted unless start is false)."""
-        settings = SandboxSettings(
-            image=image, vcpus=vcpus, memory_mb=memory_mb, profile=profile, secrets=tuple(secrets)
+        flags = SandboxFlags(
+            image=image,
+            vcpus=vcpus,
+            memory_mb=memory_mb,
+            profile=profile,
+            secrets=tuple(secrets),
+            env=env or {},
+            labels=labels or {},
         )
-        return SandboxInfo.of(await ops.create(name, settings, start=start))
+        request = await sandboxes.resolve(flags)
+        return SandboxView.of(await sandboxes.create(request, name=name, start=start))
 
     @tool(hints(read_only=False, destructive=True, idempotent=False, open_world=True))
     async def exec_in_sandbox(
@@ -570,7 +559,9 @@ def build_server(project_dir: Path, *, output_limit: int | None = None) -> MCPSe
         """Run a command in a running sandbox; returns its exit code and output. Output past the limit
         is shown as head and tail; all of it is saved in a file in the sandbox, for read_file."""
         limit = output_limit or default_limit
-        status, captured = await gather(await ops.exec(name, _command(command, env, cwd, timeout)), limit)
+        status, captured = await gather(
+            await sandboxes.exec(name, _command(command, env, cwd, timeout)), limit
+        )
         key = tokens.token_hex(6)
         where: dict[Stream, Callable[[int], str]] = {}
         files: dict[str, str] = {}
@@ -580,8 +571,8 @@ def build_server(project_dir: Path, *, output_limit: int | None = None) -> MCPSe
                 continue
             path = f"{OUTPUT_DIR}/{key}.{stream}"
             try:
-                await ops.mkdir(name, OUTPUT_DIR, parents=True)
-                await ops.write_file(name, path, _once(bytes(captured[stream].saved)))
+                await sandboxes.mkdir(name, OUTPUT_DIR, parents=True)
+                await sandboxes.write_file(name, path, _once(bytes(captured[stream].saved)))
             except AgentkernelError as exc:
                 where[stream] = functools.partial(_not_saved, str(exc))
                 continue
@@ -590,26 +581,31 @@ def build_server(project_dir: Path, *, output_limit: int | None = None) -> MCPSe
         return command_result(status, captured, limit, where, **files)
 
     @tool(READS)
-    async def list_sandboxes() -> SandboxList:
+    async def list_sandboxes(
+        labels: Annotated[
+            dict[str, str] | None, Field(description="Only the sandboxes that have all these labels.")
+        ] = None,
+    ) -> SandboxList:
         """List all sandboxes and their status."""
-        return SandboxList(sandboxes=[SandboxInfo.of(r) for r in await ops.list_sandboxes()])
+        found = await sandboxes.list_sandboxes(labels=labels)
+        return SandboxList(sandboxes=[SandboxView.of(r) for r in found])
 
     @tool(hints(read_only=False, destructive=False, idempotent=False, open_world=False))
-    async def start_sandbox(name: Name) -> SandboxInfo:
+    async def start_sandbox(name: Name) -> SandboxView:
         """Boot a stopped sandbox."""
-        return SandboxInfo.of(await ops.start(name))
+        return SandboxView.of(await sandboxes.start(name))
 
     @tool(hints(read_only=False, destructive=True, idempotent=True, open_world=False))
-    async def stop_sandbox(name: Name) -> SandboxInfo:
+    async def stop_sandbox(name: Name) -> SandboxView:
         """Power a sandbox off (its processes end); its disk is kept for the next start."""
-        return SandboxInfo.of(await ops.stop(name))
+        return SandboxView.of(await sandboxes.stop(name))
 
     @tool(hints(read_only=False, destructive=True, idempotent=True, open_world=False))
     async def remove_sandbox(
         name: Name, force: Annotated[bool, Field(description="Remove it even if running.")] = False
     ) -> Done:
         """Remove a sandbox and everything on its disk."""
-        await ops.remove(name, force=force)
+        await sandboxes.remove(name, force=force)
         return Done(detail=f"removed {name}")
 
     @tool(READS)
@@ -621,7 +617,7 @@ def build_server(project_dir: Path, *, output_limit: int | None = None) -> MCPSe
     ) -> FileContent:
         """Read a file from a sandbox: `length` bytes (at most 1 MiB) from `offset`; next_offset says
         where to read on."""
-        info, chunks = await ops.open_file(name, path)
+        info, chunks = await sandboxes.open_file(name, path)
         async with contextlib.aclosing(chunks):
             data = await window(chunks, offset, length + 3)
         encoding, content, taken = text_slice(data, length)
@@ -647,8 +643,8 @@ def build_server(project_dir: Path, *, output_limit: int | None = None) -> MCPSe
     ) -> Done:
         """Write a file in a sandbox, replacing it whole."""
         data = _decode(content, encoding)
-        await ops.mkdir(name, posixpath.dirname(path) or "/", parents=True)
-        size = await ops.write_file(name, path, _once(data), mode=int(mode, 8))
+        await sandboxes.mkdir(name, posixpath.dirname(path) or "/", parents=True)
+        size = await sandboxes.write_file(name, path, _once(data), mode=int(mode, 8))
         return Done(detail=f"wrote {size} bytes to {path}")
 
     @tool(READS)
@@ -656,14 +652,14 @@ def build_server(project_dir: Path, *, output_limit: int | None = None) -> MCPSe
         name: Name, path: Annotated[str, Field(description="Absolute directory path in the sandbox.")] = "/"
     ) -> Listing:
         """List a directory in a sandbox."""
-        return Listing(path=path, entries=[Entry.of(e) for e in await ops.list_dir(name, path)])
+        return Listing(path=path, entries=[Entry.of(e) for e in await sandboxes.list_dir(name, path)])
 
     @contextlib.asynccontextmanager
     async def lifespan(_server: MCPServer[None]) -> AsyncIterator[None]:
         try:
             yield
         finally:
-            await ops.close()
+            await sandboxes.close()
 
     return AgentServer(
         tools, name="agentkernel", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan

@@ -1,5 +1,5 @@
 """The warm pool: a daemon keeps ready sandboxes per kind, and `run` takes one instead of booting.
 
 `wire` is how clients talk to the daemon (its socket, one request); `daemon` is the service process;
-`control` starts, stops and asks it. The key of a kind of sandbox is `service.sandboxes.pool_key`.
+`control` starts, stops and asks it. The key of a kind of sandbox is `service.service.pool_key`.
 """

@@ -18,7 +18,7 @@ from typing import Any
 from agentkernel import paths
 from agentkernel.backends.base import file_tail, tail_line
 from agentkernel.config import DEFAULT_MEMORY_MB, DEFAULT_VCPUS, Policy
-from agentkernel.errors import AgentkernelError
+from agentkernel.errors import AgentkernelError, DaemonUnavailable
 from agentkernel.pool import wire
 
 MAX_LOG_BYTES = 4 << 20
@@ -100,7 +100,7 @@ def start(
         try:
             wire.request({"op": "status"}, timeout=1.0)
             return proc.pid
-        except wire.DaemonUnavailable:
+        except DaemonUnavailable:
             if time.monotonic() > deadline:
                 proc.kill()
                 raise AgentkernelError(f"the pool daemon did not answer within {timeout:g}s") from None
@@ -132,7 +132,7 @@ def stop(*, timeout: float = 60.0) -> int:
     pid = running_pid()
     if pid is None:
         raise AgentkernelError("the pool daemon is not running")
-    with contextlib.suppress(wire.DaemonUnavailable):  # alive but not answering: killed below
+    with contextlib.suppress(DaemonUnavailable):  # alive but not answering: killed below
         wire.request({"op": "stop"})
     deadline = time.monotonic() + timeout
     while running_pid() is not None:

@@ -34,18 +34,22 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 from agentkernel import hostinfo, paths
-from agentkernel.backends import get_backend
+from agentkernel.backends import registry
 from agentkernel.config import Policy
 from agentkernel.errors import AgentkernelError
 from agentkernel.pool import wire
-from agentkernel.sandbox import state
-from agentkernel.service import audit, owners, sandboxes, snapshots
+from agentkernel.service import audit, owners
+from agentkernel.service.request import SandboxRequest
+from agentkernel.service.service import SandboxService, hand_out, pool_key, pooled_records, take_over
+from agentkernel.service.service import call as _call
 
 log = logging.getLogger("agentkernel.pool")
+T = TypeVar("T")
 TEMPLATE_PREFIX = "pool-template-"
 
 
@@ -60,11 +64,14 @@ class Kind:
     memory_mb: int
     backend: str | None  # None: what `run` would choose on this host
 
-    def key(self) -> str | None:
-        return sandboxes.pool_key(
+    def request(self) -> SandboxRequest:
+        return SandboxRequest(
             image=self.image, backend=self.backend, vcpus=self.vcpus, memory_mb=self.memory_mb,
-            policy=self.policy,
+            policy=self.policy, mount_dir=None, lifetime=None,
         )  # fmt: skip
+
+    def key(self) -> str | None:
+        return pool_key(self.request())
 
 
 @dataclass
@@ -130,11 +137,7 @@ class Pool:
     def _hand_out(self, name: str, taker: owners.Owner) -> bool:
         """Make a ready sandbox its taker's (no longer pooled), if it is still alive."""
         try:
-            with sandboxes.locked(name):
-                record = sandboxes.get(name)
-                if record.status != "running":
-                    raise AgentkernelError(f"pooled sandbox {name} is {record.status}")
-                state.update(name, extra={**record.extra, "pool": None, owners.KEY: taker})
+            hand_out(name, taker)
         except AgentkernelError as exc:
             log.warning("dropping %s: %s", name, exc)
             _discard(name)
@@ -158,15 +161,14 @@ class Pool:
     def adopt(self) -> None:
         """Take back the ready sandboxes a previous daemon left; remove pooled ones of other kinds,
         the ones it had not finished making, and its half-written templates."""
-        for name in snapshots.discard_partial():
+        for name in _call(lambda service: service.discard_partial_snapshots()):
             log.info("removed the half-written snapshot %s", name)
         for slot in self.slots:
             slot.key = slot.kind.key()
         keys = {slot.key: slot for slot in self.slots}
-        for record in state.all_records():
-            mark = record.extra.get("pool")
-            if not mark:
-                continue
+        for record in pooled_records():
+            mark = record.pool
+            assert mark is not None
             kept = keys.get(mark)
             if kept is not None and len(kept.ready) < kept.kind.size and take_over(record.name, mark):
                 kept.ready.append((record.name, time.time()))
@@ -174,10 +176,7 @@ class Pool:
             else:
                 _discard(record.name)
         templates = {TEMPLATE_PREFIX + str(slot.key) for slot in self.slots}
-        for snapshot in snapshots.list_snapshots():
-            if snapshot.name.startswith(TEMPLATE_PREFIX) and snapshot.name not in templates:
-                with contextlib.suppress(AgentkernelError):  # refused while sandboxes still use it
-                    snapshots.remove(snapshot.name)
+        _remove_templates(lambda name: name not in templates)
 
     def work(self) -> None:
         """Refill, check health, retire old sandboxes; until stopped."""
@@ -223,16 +222,18 @@ class Pool:
             log.info("ready: %s (%s)", name, slot.kind.image)
 
     def _make(self, kind: Kind, key: str) -> str:
-        name = sandboxes.new_ephemeral_name()
-        options = _create_options(kind)
+        name = SandboxService.new_name()
         template = _template(kind, key) if _can_snapshot(kind) else None
-        if template is None:
-            sandboxes.create(name, pool=key, owned=True, **options)
-            asyncio.run(sandboxes.start(name))
-        else:
-            asyncio.run(snapshots.fork(template, name, extra={"pool": key, owners.KEY: owners.current()}))
+
+        async def make(service: SandboxService) -> None:
+            if template is None:
+                await service.create(kind.request(), name=name, pool=key, owned=True)
+            else:
+                await service.fork(template, name, pool=key, owned=True)
+            await service.warm_up(name)
+
         try:
-            asyncio.run(sandboxes.warm_up(name))
+            _call(make)
         except BaseException:
             _discard(name)
             raise
@@ -263,36 +264,35 @@ class Pool:
                 slot.ready.clear()
         for name in names:
             _discard(name)
-        for snapshot in snapshots.list_snapshots():
-            if snapshot.name.startswith(TEMPLATE_PREFIX):
-                with contextlib.suppress(AgentkernelError):
-                    snapshots.remove(snapshot.name)
+        _remove_templates(lambda _name: True)
 
 
-def _create_options(kind: Kind) -> dict[str, Any]:
-    return {
-        "image": kind.image,
-        "vcpus": kind.vcpus,
-        "memory_mb": kind.memory_mb,
-        "backend": kind.backend,
-        "policy": kind.policy,
-    }
+def _remove_templates(which: Callable[[str], bool]) -> None:
+    """Remove the pool's template snapshots `which` selects, except those sandboxes still use."""
+
+    async def remove(service: SandboxService) -> None:
+        for snapshot in await service.list_snapshots():
+            if snapshot.name.startswith(TEMPLATE_PREFIX) and which(snapshot.name):
+                with contextlib.suppress(AgentkernelError):  # refused while sandboxes still use it
+                    await service.remove_snapshot(snapshot.name)
+
+    _call(remove)
 
 
 def _can_snapshot(kind: Kind) -> bool:
     name = kind.backend or hostinfo.choose_backend(needs_network=kind.policy.network)
-    return hasattr(get_backend(name, profile=kind.policy.profile), "snapshot")
+    return "snapshot" in registry.info(name).capabilities
 
 
 def _template(kind: Kind, key: str) -> str:
     """The snapshot pooled sandboxes of `kind` resume from, made by booting one sandbox once."""
     name = TEMPLATE_PREFIX + key
     with contextlib.suppress(AgentkernelError):
-        return snapshots.get(name).name
+        return _call(lambda service: service.get_snapshot(name)).name
     source = f"{TEMPLATE_PREFIX}{key[:8]}-boot"
     _discard(source)  # left by a daemon that died while making the template
-    asyncio.run(
-        snapshots.template(name, source=source, pool=f"template:{key}", owned=True, **_create_options(kind))
+    _call(
+        lambda service: service.template(name, source=source, request=kind.request(), pool=f"template:{key}")
     )
     log.info("template %s made", name)
     return name
@@ -301,12 +301,8 @@ def _template(kind: Kind, key: str) -> str:
 def _unhealthy(name: str) -> str | None:
     """Why a ready sandbox cannot be handed out (its VMM is gone, its agent is silent), or None."""
 
-    async def ping() -> None:
-        async with sandboxes.session(name, timeout=5.0) as conn:
-            await conn.ping()
-
     try:
-        asyncio.run(ping())
+        _call(lambda service: service.ping(name))
     except (AgentkernelError, OSError, TimeoutError) as exc:
         return str(exc) or type(exc).__name__
     return None
@@ -314,23 +310,12 @@ def _unhealthy(name: str) -> str | None:
 
 def _discard(name: str) -> None:
     with contextlib.suppress(AgentkernelError):
-        sandboxes.remove(name, force=True)
-
-
-def take_over(name: str, pool_key: str) -> bool:
-    """Make a ready sandbox a previous daemon left this daemon's, if it is still there and running
-    (under its lock, so a reaper cannot remove it halfway: it is either reaped first, or adopted)."""
-    with contextlib.suppress(AgentkernelError), sandboxes.locked(name):
-        record = sandboxes.get(name)
-        if record.status == "running" and record.extra.get("pool") == pool_key:
-            state.update(name, extra={**record.extra, owners.KEY: owners.current()})
-            return True
-    return False
+        _call(lambda service: service.remove(name, force=True))
 
 
 def _reap() -> None:
     try:
-        for name in sandboxes.reap():
+        for name in _call(lambda service: service.reap()):
             log.info("removed %s: its owner has died", name)
     except Exception as exc:  # the state database busy or broken: the next pass tries again
         log.error("reaper: %s", exc)

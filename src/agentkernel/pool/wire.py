@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from agentkernel import paths
-from agentkernel.errors import AgentkernelError
+from agentkernel.errors import AgentkernelError, DaemonUnavailable
 
 MAX_LINE = 1 << 20  # a status reply with many sandboxes stays far below this
 
@@ -25,10 +25,6 @@ def socket_path() -> Path:
 
 def pid_file() -> Path:
     return paths.data_dir() / "daemon.pid"
-
-
-class DaemonUnavailable(AgentkernelError):
-    pass
 
 
 def request(message: dict[str, Any], *, timeout: float = 5.0) -> dict[str, Any]:

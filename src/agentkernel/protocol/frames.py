@@ -20,12 +20,15 @@ MAX_CHANNELS = 1024
 INITIAL_WINDOW = 256 * 1024
 MAX_PING = 64
 MAGIC = b"AGENTKRN"
-VERSION = 2
-"""This side's protocol version. Version 2 added ARGS, which continues an EXEC too big for one frame."""
+VERSION = 3
+"""This side's protocol version. Version 2 added ARGS, which continues an EXEC too big for one frame;
+version 3 background commands (EXEC `detach`, JOBS, ATTACH, INPUT, KILL, WAIT), RENAME and WATCH."""
 OLDEST_VERSION = 1
 """The oldest agent the host still talks to (sandboxes keep the agent of the image they came from)."""
 ARGS_VERSION = 2
 """The first agent version that takes ARGS frames."""
+BACKGROUND_VERSION = 3
+"""The first agent version with background commands, RENAME and WATCH."""
 ARG_MAX = 2 << 20
 """Most bytes of a command's argv and env as Linux's execve counts them: each string with its NUL,
 plus a pointer (ARG_POINTER bytes) to each. It is a quarter of the guest's 8 MiB stack limit."""
@@ -64,6 +67,13 @@ class FrameType(IntEnum):
     LIST = 35
     MKDIR = 36
     REMOVE = 37
+    RENAME = 38
+    WATCH = 39
+    JOBS = 48
+    ATTACH = 49
+    INPUT = 50
+    KILL = 51
+    WAIT = 52
 
 
 DATA_TYPES = frozenset({FrameType.STDIN, FrameType.STDOUT, FrameType.STDERR, FrameType.DATA})
@@ -103,6 +113,18 @@ class Tag(IntEnum):
     MEMORY_MB = 30
     ENTROPY = 31
     CONTINUED = 32
+    DETACH = 33
+    CMD = 34
+    OFFSET = 35
+    FOLLOW = 36
+    STATE = 37
+    STARTED_NS = 38
+    DATA = 39
+    EOF = 40
+    CAUSE = 41
+    TO = 42
+    LOST = 43
+    EVENT = 44
 
 
 @dataclass(frozen=True, slots=True)

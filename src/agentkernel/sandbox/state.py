@@ -6,6 +6,11 @@ threads never share one. Names are unique by primary key: two `create`s of one n
 Every sqlite error becomes a StateError naming the file and what to do, never a traceback. A copy of
 each record is also kept as records/<name>.json, so `agentkernel doctor --repair` can rebuild a damaged
 database from what is on disk.
+
+A record is typed (`SandboxRecord`); this module is its one codec. The columns of the table hold the
+fields every sandbox has had from the start; the others are kept as JSON in its `extra` column, so a
+new field needs no schema change, a database written by an older release loads (a field it lacks gets
+its default) and keys this release does not know are ignored.
 """
 
 from __future__ import annotations
@@ -17,14 +22,22 @@ import sqlite3
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from agentkernel import paths
-from agentkernel.errors import AgentkernelError
+from agentkernel.config import PROFILES, Policy
+from agentkernel.errors import (
+    NoSuchSandboxError,
+    SandboxExistsError,
+    StateBusyError,
+    StateDamagedError,
+    StateError,
+    StateIOError,
+)
 
 DB_NAME = "state.db"
 RECORDS_DIR = "records"
@@ -52,7 +65,19 @@ CREATE TABLE IF NOT EXISTS sandboxes (
 )
 """
 
-STATUSES = ("created", "starting", "running", "stopped", "failed")
+Status = Literal["created", "starting", "running", "stopped", "failed"]
+STATUSES: tuple[Status, ...] = get_args(Status)
+Owner = dict[str, Any]
+"""A process, as `service.owners` marks it: its pid and start time."""
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A host directory the sandbox sees at `guest`."""
+
+    host: str
+    guest: str
+    read_only: bool
 
 
 @dataclass
@@ -64,50 +89,96 @@ class SandboxRecord:
     vcpus: int
     memory_mb: int
     profile: str
-    status: str
+    status: Status
     pid: int | None
     rundir: str
     created_at: str
-    extra: dict[str, Any] = field(default_factory=dict)
+    kernel: str = ""
+    image_path: str = ""
+    image_format: str = "raw"
+    policy: Policy | None = None
+    """None in records older than policies: the profile's."""
+    mounts: tuple[Mount, ...] = ()
+    lifetime_s: float | None = None
+    deadline: float | None = None
+    """When a running sandbox with a lifetime is stopped (seconds since the epoch)."""
+    stop_reason: str | None = None
+    pool: str | None = None
+    """The pool key of a sandbox the pool daemon keeps ready (`template:KEY` while making a template)."""
+    owner: Owner | None = None
+    """The process the sandbox exists for; None: it persists (see `service.owners`)."""
+    starter: Owner | None = None
+    """The process starting it, while it is `starting`."""
+    secrets: tuple[dict[str, Any], ...] = ()
+    """The records of the secret bindings its gateway brokers (placeholders and sources, no values)."""
+    restore_from: str | None = None
+    """The snapshot directory its next start resumes from (a fork's first start)."""
+    snapshot: str | None = None
+    """The snapshot it was forked from."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Set for every command run in it (below what a command sets)."""
+    labels: dict[str, str] = field(default_factory=dict)
 
-    def public(self) -> dict[str, Any]:
-        """The fields shown to users (`list --json`, the API)."""
-        data = asdict(self)
-        data.pop("rundir")
-        data.update(data.pop("extra"))
-        return data
-
-
-class SandboxExistsError(AgentkernelError):
-    pass
-
-
-class NoSuchSandboxError(AgentkernelError):
-    def __init__(self, name: str) -> None:
-        super().__init__(f"no sandbox named '{name}' (see `agentkernel list`)")
-
-
-class StateError(AgentkernelError):
-    """The state database cannot be used; the message names the file and what to do."""
-
-
-class StateBusyError(StateError):
-    """Another process held the database for longer than BUSY_LIMIT."""
-
-
-class StateDamagedError(StateError):
-    """The database file is not a (sound) SQLite database."""
-
-    def __init__(self, path: Path, detail: str) -> None:
-        super().__init__(
-            f"the state database {path} is damaged ({detail}): run `agentkernel doctor --repair` to set "
-            "it aside and rebuild it from the sandboxes on disk"
-        )
-        self.short = f"the state database {path} is damaged ({detail})"
+    @property
+    def effective_policy(self) -> Policy:
+        """The policy it runs with: its own, or its profile's in a record older than policies."""
+        return self.policy if self.policy is not None else PROFILES[self.profile]
 
 
-class StateIOError(StateError):
-    """The database file cannot be read or written: a full disk, permissions, an I/O error."""
+COLUMNS = (
+    "name", "backend", "image", "image_digest", "vcpus", "memory_mb", "profile", "status", "pid", "rundir",
+    "created_at",
+)  # fmt: skip
+EXTRA = tuple(f.name for f in fields(SandboxRecord) if f.name not in COLUMNS)
+"""The fields kept in the `extra` JSON column."""
+
+
+def to_row(record: SandboxRecord) -> dict[str, Any]:
+    """The record as a row of the table (`extra` as a JSON string)."""
+    data = {column: getattr(record, column) for column in COLUMNS}
+    data["extra"] = json.dumps(extra_of(record))
+    return data
+
+
+def extra_of(record: SandboxRecord) -> dict[str, Any]:
+    """The fields of the record kept in `extra`, as JSON data."""
+    return {key: _encoded(key, getattr(record, key)) for key in EXTRA}
+
+
+def from_row(row: Mapping[str, Any]) -> SandboxRecord:
+    """The record of a row (or of its records/<name>.json copy, whose `extra` is an object). Raises
+    ValueError or TypeError for a row that cannot be one."""
+    extra = row["extra"]
+    if isinstance(extra, str):
+        extra = json.loads(extra)
+    if not isinstance(extra, dict):
+        raise ValueError("its extra column is not an object")
+    if row["status"] not in STATUSES:
+        raise ValueError(f"unknown status {row['status']!r}")
+    known = {key: _decoded(key, value) for key, value in extra.items() if key in EXTRA and value is not None}
+    return SandboxRecord(**{column: row[column] for column in COLUMNS}, **known)
+
+
+def _encoded(key: str, value: Any) -> Any:
+    if key == "policy":
+        return asdict(value) if value is not None else None
+    if key == "mounts":
+        return [asdict(mount) for mount in value]
+    if key == "secrets":
+        return list(value)
+    return value
+
+
+def _decoded(key: str, value: Any) -> Any:
+    if key == "policy":
+        return Policy.from_record(value)
+    if key == "mounts":
+        return tuple(Mount(str(m["host"]), str(m["guest"]), bool(m["read_only"])) for m in value)
+    if key == "secrets":
+        return tuple(dict(s) for s in value)
+    if key in ("env", "labels"):
+        return {str(k): str(v) for k, v in value.items()}
+    return value
 
 
 def db_path() -> Path:
@@ -222,14 +293,13 @@ def _db(path: Path | None = None) -> Iterator[_Db]:
 def _record(row: sqlite3.Row) -> SandboxRecord:
     data = dict(row)
     try:
-        data["extra"] = json.loads(data["extra"])
-        return SandboxRecord(**data)
-    except (ValueError, TypeError) as exc:
+        return from_row(data)
+    except (ValueError, TypeError, KeyError) as exc:
         raise StateDamagedError(db_path(), f"a bad row for {data.get('name')!r}: {exc}") from None
 
 
 def insert(record: SandboxRecord) -> None:
-    data = _row(record)
+    data = to_row(record)
     cols = ", ".join(data)
     marks = ", ".join(f":{k}" for k in data)
     with _db() as db:
@@ -260,11 +330,21 @@ def all_records() -> list[SandboxRecord]:
 
 
 def update(name: str, **changes: Any) -> None:
-    if "extra" in changes:
-        changes["extra"] = json.dumps(changes["extra"])
-    sets = ", ".join(f"{k} = :{k}" for k in changes)
+    """Change fields of a record (by their `SandboxRecord` names). The caller holds the sandbox's lock:
+    fields kept in `extra` are read, changed and written back."""
+    unknown = set(changes) - set(COLUMNS) - set(EXTRA)
+    if unknown:
+        raise TypeError(f"not fields of a sandbox record: {', '.join(sorted(unknown))}")
+    columns = {key: value for key, value in changes.items() if key in COLUMNS}
+    extras = {key: _encoded(key, value) for key, value in changes.items() if key in EXTRA}
     with _db() as db:
-        db.execute(f"UPDATE sandboxes SET {sets} WHERE name = :name", {**changes, "name": name})
+        if extras:
+            rows = db.execute("SELECT extra FROM sandboxes WHERE name = ?", (name,))
+            if rows:
+                columns["extra"] = json.dumps({**json.loads(rows[0]["extra"]), **extras})
+        if columns:
+            sets = ", ".join(f"{k} = :{k}" for k in columns)
+            db.execute(f"UPDATE sandboxes SET {sets} WHERE name = :name", {**columns, "name": name})
         rows = db.execute("SELECT * FROM sandboxes WHERE name = ?", (name,))
     if rows:
         _mirror(_record(rows[0]))
@@ -279,12 +359,6 @@ def delete(name: str) -> None:
         raise translate(exc, db_path()) from None
 
 
-def _row(record: SandboxRecord) -> dict[str, Any]:
-    data = asdict(record)
-    data["extra"] = json.dumps(data["extra"])
-    return data
-
-
 def _mirror(record: SandboxRecord) -> None:
     """Keep records/<name>.json in step with the database (names are validated: safe as file names)."""
     directory = records_dir()
@@ -293,8 +367,10 @@ def _mirror(record: SandboxRecord) -> None:
         paths.private_dir(directory)
         fd, name = tempfile.mkstemp(prefix=f".{record.name}.", suffix=".partial", dir=directory)
         partial = Path(name)
+        data = to_row(record)
+        data["extra"] = json.loads(data["extra"])
         with os.fdopen(fd, "w") as f:
-            json.dump(asdict(record), f)
+            json.dump(data, f)
         partial.replace(directory / f"{record.name}.json")
     except OSError as exc:
         if partial is not None:
@@ -309,11 +385,10 @@ def mirrored_records() -> tuple[list[SandboxRecord], list[str]]:
     directory = records_dir()
     for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
         try:
-            data = json.loads(path.read_text())
-            record = SandboxRecord(**data)
-            if record.name != path.stem or not isinstance(record.extra, dict):
+            record = from_row(json.loads(path.read_text()))
+            if record.name != path.stem:
                 raise ValueError("it does not match its file name")
-        except (OSError, ValueError, TypeError) as exc:
+        except (OSError, ValueError, TypeError, KeyError) as exc:
             problems.append(f"{path}: unreadable record copy ({exc})")
             continue
         records.append(record)
@@ -334,7 +409,7 @@ def check(path: Path | None = None) -> str | None:
     result = [str(r[0]) for r in rows]
     if result != ["ok"]:
         return f"the state database {path} is damaged: {'; '.join(result)[:300]}"
-    missing = {f.name for f in SandboxRecord.__dataclass_fields__.values()} - names
+    missing = {*COLUMNS, "extra"} - names
     if missing:
         return f"the state database {path} lacks columns {', '.join(sorted(missing))}"
     return None
@@ -362,7 +437,7 @@ def restore(records: list[SandboxRecord]) -> None:
     """Insert `records` into the (new) database, replacing any of the same name, and mirror them."""
     with _db() as db:
         for record in records:
-            data = _row(record)
+            data = to_row(record)
             cols = ", ".join(data)
             marks = ", ".join(f":{k}" for k in data)
             db.execute(f"INSERT OR REPLACE INTO sandboxes ({cols}) VALUES ({marks})", data)

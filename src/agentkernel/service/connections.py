@@ -15,15 +15,9 @@ from dataclasses import dataclass
 
 import anyio
 
-from agentkernel.errors import AgentkernelError
-from agentkernel.protocol.client import Connection
+from agentkernel.errors import AgentkernelError, SandboxNotRunningError
+from agentkernel.protocol.connection import Connection
 from agentkernel.service import sandboxes
-
-
-class SandboxNotRunningError(AgentkernelError):
-    def __init__(self, name: str, status: str) -> None:
-        super().__init__(f"sandbox '{name}' is not running (status: {status}): start it first")
-        self.status = status
 
 
 @dataclass

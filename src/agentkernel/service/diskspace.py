@@ -1,6 +1,6 @@
 """The free-space floor under sandbox disks, checked before a sandbox boots.
 
-A QEMU sandbox's disk is reserved whole on the host when the sandbox is created (backends/qemu.py),
+A QEMU sandbox's disk is reserved whole on the host when the sandbox is created (backends/qemu/backend.py),
 so a host disk that fills up later cannot make its writes fail. What still grows on the host while
 sandboxes run is the host's own: console logs, records, the audit log, snapshots, and the disks of
 sandboxes on other backends. `start` refuses to boot below a floor so that these keep room.

@@ -17,12 +17,12 @@ import os
 import re
 import shutil
 import signal
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from agentkernel import paths, procs
 from agentkernel.backends import get_backend
+from agentkernel.backends.base import kill_and_wait
 from agentkernel.images import builddir
 from agentkernel.sandbox import state
 from agentkernel.sandbox.state import SandboxRecord
@@ -30,7 +30,7 @@ from agentkernel.service import sandboxes
 
 NAME = rb"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}"
 RAM = re.compile(rb"mem-path=(/dev/shm/agentkernel-[0-9]+-[0-9a-f]+\.ram),share=on")
-"""A VM's own RAM file (qemu.ram_file); a resumed copy maps its snapshot's file instead, not ours."""
+"""A VM's own RAM file (qemu/backend.ram_file); a resumed copy maps its snapshot's file instead, not ours."""
 
 
 @dataclass(frozen=True)
@@ -160,11 +160,7 @@ def _vmms() -> dict[str, Vmm]:
 
 def _stop(vmm: Vmm) -> None:
     """Kill a VMM nobody can reach any more, its helpers (gateway, watchdog) and its files."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(vmm.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while procs.start_time(vmm.pid) is not None and time.monotonic() < deadline:
-        time.sleep(0.02)
+    kill_and_wait(vmm.pid, lambda: procs.start_time(vmm.pid) is not None)
     if vmm.rundir is not None and vmm.rundir.parent == paths.runtime_dir():
         for pid in builddir.users(vmm.rundir):
             with contextlib.suppress(ProcessLookupError):

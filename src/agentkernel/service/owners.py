@@ -1,7 +1,7 @@
 """Owner records: which process a sandbox exists for, so that nothing a client started outlives it.
 
 A sandbox made for one caller (`run`, `agent run`, `POST /run`, MCP `run_command`, and what the pool
-daemon is making or keeps ready) carries its owner in its record, `extra["owner"]`: the process's pid
+daemon is making or keeps ready) carries its owner in its record (`SandboxRecord.owner`): the process's pid
 and its start time (field 22 of /proc/PID/stat, clock ticks after boot). A pid can be reused by a new
 process; the pair cannot, so a mark names one process for good. `sandboxes.reap` removes a sandbox
 whose owner has died. Persistent sandboxes (`create`, `start`, `run --keep`) have no owner and are
@@ -20,7 +20,6 @@ from typing import Any
 
 from agentkernel.procs import start_time
 
-KEY = "owner"
 ADOPT_GRACE = 20.0
 """Seconds a dead pool daemon's sandboxes wait for a new daemon to adopt them."""
 REAP_INTERVAL = 5.0
@@ -47,9 +46,8 @@ def is_alive(mark: Mapping[str, Any]) -> bool:
     return isinstance(pid, int) and isinstance(started, int) and start_time(pid) == started
 
 
-def dead_owner(extra: Mapping[str, Any]) -> Owner | None:
-    """The record's owner mark if its owner has died; None for a live owner or no owner."""
-    mark = extra.get(KEY)
-    if not isinstance(mark, dict) or is_alive(mark):
+def dead_owner(mark: Owner | None) -> Owner | None:
+    """A record's owner mark if its owner has died; None for a live owner or no owner."""
+    if mark is None or is_alive(mark):
         return None
     return mark

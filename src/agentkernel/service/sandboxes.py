@@ -1,6 +1,7 @@
 """Sandbox life cycle: create, start, stop, remove, list, and sessions to run commands in one.
 
-This is the one implementation behind the CLI, the HTTP API and the MCP server. A sandbox's
+The implementation behind `service.SandboxService`, private to this package: every face calls the
+service, which checks input once (`request`, `checks`) and calls this. A sandbox's
 record lives in SQLite; its VMM runs detached; any process reaches its agent through the sandbox's
 sockets. Status is reconciled with reality on every read: a VMM that died shows as failed (or stopped,
 when the guest powered itself off).
@@ -12,70 +13,61 @@ import asyncio
 import contextlib
 import datetime as dt
 import fcntl
+import functools
 import hashlib
 import json
 import os
-import re
 import secrets
 import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import asdict
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import IO, Any, TypeVar, cast
 
-from agentkernel import hostinfo, paths
+import anyio
+
+from agentkernel import hostinfo, metrics, paths
 from agentkernel.artifacts import kernel as kernel_artifact
-from agentkernel.backends import firecracker_version, get_backend
+from agentkernel.backends import get_backend
 from agentkernel.backends.base import Backend, Mount, SnapshotBackend, VMSpec, exit_reason, file_tail
+from agentkernel.backends.firecracker import version as firecracker_version
 from agentkernel.config import DEFAULT_MEMORY_MB, DEFAULT_VCPUS, PROFILES, Config, Policy, image_name
 from agentkernel.detect import detect_image
-from agentkernel.errors import AgentkernelError
+from agentkernel.errors import (
+    AgentConnectionError,
+    AgentkernelError,
+    NoSuchSandboxError,
+    SandboxNotRunningError,
+    SandboxStateError,
+    StateError,
+)
 from agentkernel.images import store
 from agentkernel.network import launcher as gateway
 from agentkernel.network.brokering import SecretBinding, guest_env
 from agentkernel.network.policy import EgressRules
 from agentkernel.pool import wire
-from agentkernel.protocol.client import AgentConnectionError, Connection
+from agentkernel.protocol.connection import Connection
 from agentkernel.sandbox import state
 from agentkernel.sandbox.state import SandboxRecord
 from agentkernel.service import audit, diskspace, owners
+from agentkernel.service.checks import validate_name
 
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+T = TypeVar("T")
 BOOT_TIMEOUT = 120.0
 STOP_TIMEOUT = 10.0
 VMM_EXIT_WAIT = 1.0
 POWERED_OFF = (b"reboot: Restarting system", b"agentkernel-agent: shutting down")  # VM, container
 WORKSPACE = "/workspace"
 PASS_ENV = frozenset({"LANG", "LANGUAGE", "TZ", "TERM", "COLORTERM"})  # with pass_env, plus LC_*
-STARTER = "starter"
-"""The record of a sandbox being started names the process starting it (an `owners` mark), from
-before its VMM is spawned until its pid is recorded: if that process dies meanwhile, `reconcile`
-finds and kills what it started."""
 INTERRUPTED = "its start was interrupted"
-
-
-def validate_name(name: str) -> str:
-    if not NAME_RE.fullmatch(name):
-        shown = name if len(name) <= 70 else name[:70] + "..."
-        raise AgentkernelError(
-            f"invalid sandbox name {shown!r}: use 1 to 63 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
-    return name
-
-
-def policy_of(record: SandboxRecord) -> Policy:
-    """The policy a sandbox runs with, as its record keeps it (its profile's if the record has none)."""
-    data = record.extra.get("policy")
-    return Policy.from_record(data) if data else PROFILES[record.profile]
 
 
 def spec_of(record: SandboxRecord) -> VMSpec:
     """The VM a record describes. Every path that starts, resumes or reaches a sandbox (create, start,
     fork, the pool, the API and MCP) gets its spec here, so the policy's limits always come along."""
-    policy = policy_of(record)
+    policy = record.effective_policy
     domains = policy.domains
     egress = (
         EgressRules(domains.allow, domains.block, domains.allowlist_only, secrets_of(record))
@@ -84,8 +76,8 @@ def spec_of(record: SandboxRecord) -> VMSpec:
     )
     return VMSpec(
         name=record.name,
-        kernel=Path(record.extra["kernel"]),
-        image=Path(record.extra["image_path"]),
+        kernel=Path(record.kernel),
+        image=Path(record.image_path),
         workdir=paths.data_dir() / "sandboxes" / record.name,
         rundir=Path(record.rundir),
         vcpus=record.vcpus,
@@ -93,47 +85,46 @@ def spec_of(record: SandboxRecord) -> VMSpec:
         egress=egress,
         read_only=policy.read_only,
         max_procs=policy.max_procs,
-        image_format=record.extra.get("image_format", "raw"),
-        restore=Path(record.extra["restore_from"]) if record.extra.get("restore_from") else None,
-        mounts=tuple(
-            Mount(Path(m["host"]), m["guest"], m["read_only"]) for m in record.extra.get("mounts", [])
-        ),
+        image_format=record.image_format,
+        restore=Path(record.restore_from) if record.restore_from else None,
+        mounts=tuple(Mount(Path(m.host), m.guest, m.read_only) for m in record.mounts),
     )
 
 
 def secrets_of(record: SandboxRecord) -> tuple[SecretBinding, ...]:
     """The secrets the sandbox's egress gateway brokers (placeholders and sources, no values)."""
-    return tuple(SecretBinding.from_record(s) for s in record.extra.get("secrets") or ())
+    return tuple(SecretBinding.from_record(s) for s in record.secrets)
 
 
 def policy_record(policy: Policy) -> dict[str, Any]:
     return asdict(policy)
 
 
-def _mounts(policy: Policy, mount_dir: Path | None) -> list[dict[str, Any]]:
+def _mounts(policy: Policy, mount_dir: Path | None) -> tuple[state.Mount, ...]:
     """The host directories a sandbox sees: the project at /workspace, the home (read-only) at /mnt."""
     mounts = []
     if policy.mount_cwd or mount_dir is not None:
         source = (mount_dir or Path.cwd()).expanduser()
         if not source.is_dir():
             raise AgentkernelError(f"cannot mount {source}: no such directory")
-        mounts.append({"host": str(source.resolve()), "guest": WORKSPACE, "read_only": False})
+        mounts.append(state.Mount(str(source.resolve()), WORKSPACE, read_only=False))
     if policy.mount_home:
-        mounts.append({"host": str(Path.home().resolve()), "guest": "/mnt", "read_only": True})
-    return mounts
+        mounts.append(state.Mount(str(Path.home().resolve()), "/mnt", read_only=True))
+    return tuple(mounts)
 
 
 def exec_env(record: SandboxRecord) -> dict[str, str]:
     """The environment every command in the sandbox starts from (what a command sets wins)."""
-    policy = record.extra.get("policy", {})
+    policy = record.effective_policy
     env: dict[str, str] = {}
-    if policy.get("pass_env"):
+    if policy.pass_env:
         env.update({k: v for k, v in os.environ.items() if k in PASS_ENV or k.startswith("LC_")})
-    if policy.get("network"):
+    if policy.network:
         env.update(gateway.proxy_env())
     if bindings := secrets_of(record):
         env.update(gateway.trust_env())
         env.update(guest_env(bindings))
+    env.update(record.env)
     return env
 
 
@@ -147,39 +138,110 @@ def _held_names() -> set[str]:
     return names
 
 
-@contextlib.contextmanager
-def locked(name: str) -> Iterator[None]:
-    """Serializes life-cycle changes of one sandbox across processes."""
-    with _lock(name, wait=True):
-        yield
+class Flock:
+    """A sandbox's lock, which serializes life-cycle changes of one sandbox across processes.
 
+    Taken in one thread and released in any: an async operation takes it in a worker thread, awaits
+    the guest with it held, and releases it. Code that reads the record under it runs `held_here`, so
+    `reconcile` knows the lock is this thread's."""
 
-@contextlib.contextmanager
-def _lock(name: str, *, wait: bool) -> Iterator[bool]:
-    """The sandbox's lock. Without `wait` it yields False instead when another holds it, and True
-    at once when this thread holds it already (a read under the lock, reconciling)."""
-    validate_name(name)  # before the name becomes a path
-    if not wait and name in _held_names():
-        yield True
-        return
-    path = paths.private_dir(paths.data_dir() / "locks") / f"{name}.lock"
-    with paths.open_private(path, "w") as f:
+    def __init__(self, name: str) -> None:
+        self.name = validate_name(name)  # before the name becomes a path
+        self.path = paths.private_dir(paths.data_dir() / "locks") / f"{name}.lock"
+        self._file: IO[str] | None = None
+
+    def acquire(self) -> None:
+        f = paths.open_private(self.path, "w")
         try:
-            fcntl.flock(f, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except BaseException:
+            f.close()
+            raise
+        self._file = f
+
+    def release(self) -> None:
+        if self._file is None:
             return
-        _held_names().add(name)
         try:
-            yield True
-        finally:
-            _held_names().discard(name)
             try:
-                gone = not state.exists(name)
-            except state.StateError:  # a full disk or a damaged database: the error is raised already
+                gone = not state.exists(self.name)
+            except StateError:  # a full disk or a damaged database: the error is raised already
                 gone = True
             if gone:  # removed, or never was: no lock file stays behind
-                path.unlink(missing_ok=True)
+                self.path.unlink(missing_ok=True)
+        finally:
+            self._file.close()
+            self._file = None
+
+    @contextlib.contextmanager
+    def held_here(self) -> Iterator[None]:
+        _held_names().add(self.name)
+        try:
+            yield
+        finally:
+            _held_names().discard(self.name)
+
+
+@contextlib.contextmanager
+def locked(name: str) -> Iterator[None]:
+    """The sandbox's lock, for blocking code in this thread."""
+    lock = Flock(name)
+    lock.acquire()
+    try:
+        with lock.held_here():
+            yield
+    finally:
+        lock.release()
+
+
+@contextlib.asynccontextmanager
+async def locked_async(name: str) -> AsyncIterator[Flock]:
+    """The sandbox's lock for an async operation: waited for in a worker thread, held across awaits."""
+    lock = Flock(name)
+    await finished_in_thread(lock.acquire, undo=lambda _none: lock.release())
+    try:
+        yield lock
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(lock.release)
+
+
+async def finished_in_thread(func: Callable[[], T], *, undo: Callable[[T], None]) -> T:
+    """`func()` in a worker thread, never abandoned: a caller cancelled meanwhile (by anyio or by
+    asyncio) waits for it to finish, has `undo` run on what it did (in a thread), and is then cancelled.
+    For what must not be lost: a lock taken, a VMM spawned."""
+    work = asyncio.ensure_future(anyio.to_thread.run_sync(func))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        with anyio.CancelScope(shield=True):
+            await asyncio.wait([work])
+            if not work.cancelled() and work.exception() is None:
+                await anyio.to_thread.run_sync(undo, work.result())
+        raise
+
+
+@contextlib.contextmanager
+def _try_lock(name: str) -> Iterator[bool]:
+    """The sandbox's lock if it is free (True), else False at once; True at once when this thread
+    holds it already (a read under the lock, reconciling)."""
+    if name in _held_names():
+        yield True
+        return
+    lock = Flock(name)
+    f = paths.open_private(lock.path, "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        yield False
+        return
+    lock._file = f
+    try:
+        with lock.held_here():
+            yield True
+    finally:
+        lock.release()
 
 
 def now() -> str:
@@ -195,21 +257,21 @@ def reconcile(record: SandboxRecord) -> SandboxRecord:
         return record
     backend = get_backend(record.backend)
     spec = spec_of(record)
-    expired = time.time() >= record.extra.get("deadline", float("inf"))
+    expired = record.deadline is not None and time.time() >= record.deadline
     if backend.is_alive(spec, record.pid):
         if not expired:
             return record
         backend.kill(spec, record.pid)  # its watchdog should have done this already
     if expired:
-        record.status, record.extra["stop_reason"] = "stopped", "lifetime exceeded"
+        record.status, record.stop_reason = "stopped", "lifetime exceeded"
         audit.record("expired", record.name)
     elif _powered_off(spec):
         record.status = "stopped"
     else:
-        record.status, record.extra["stop_reason"] = "failed", exit_reason(spec.console_log)
+        record.status, record.stop_reason = "failed", exit_reason(spec.console_log)
     record.pid = None
     backend.cleanup(spec, keep_disk=True)
-    state.update(record.name, status=record.status, pid=None, extra=record.extra)
+    state.update(record.name, status=record.status, pid=None, stop_reason=record.stop_reason)
     return record
 
 
@@ -219,31 +281,27 @@ def _reconcile_start(record: SandboxRecord) -> SandboxRecord:
     directory, see `Backend.kill`) and the sandbox is failed; `start` boots it again. Done under the
     sandbox's lock, checked again under it; while another process holds the lock the record is
     shown as it is."""
-    starter = record.extra.get(STARTER)
-    if isinstance(starter, dict) and owners.is_alive(starter):
+    starter = record.starter
+    if starter is not None and owners.is_alive(starter):
         return record
-    with _lock(record.name, wait=False) as mine:
+    with _try_lock(record.name) as mine:
         if not mine:
             return record
         try:
             current = state.get(record.name)
-        except state.NoSuchSandboxError:
+        except NoSuchSandboxError:
             return record
-        if current.status != "starting" or current.extra.get(STARTER) != starter:
+        if current.status != "starting" or current.starter != starter:
             return current  # finished, or started anew, meanwhile
         backend = get_backend(current.backend)
         spec = spec_of(current)
         backend.kill(spec, None)
         backend.cleanup(spec, keep_disk=True)
         current.status, current.pid = "failed", None
-        current.extra = {**_without_starter(current.extra), "stop_reason": INTERRUPTED}
-        state.update(current.name, status="failed", pid=None, extra=current.extra)
+        current.starter, current.stop_reason = None, INTERRUPTED
+        state.update(current.name, status="failed", pid=None, starter=None, stop_reason=INTERRUPTED)
     audit.record("start", current.name, ok=False, reason=INTERRUPTED)
     return current
-
-
-def _without_starter(extra: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in extra.items() if k != STARTER}
 
 
 def _powered_off(spec: VMSpec) -> bool:
@@ -259,7 +317,7 @@ def list_sandboxes(*, pooled: bool = False) -> list[SandboxRecord]:
     """All sandboxes; those the pool daemon keeps ready (not yet anyone's) only with `pooled`.
     Sandboxes whose owner died are removed first."""
     reap()
-    return [reconcile(r) for r in state.all_records() if pooled or not r.extra.get("pool")]
+    return [reconcile(r) for r in state.all_records() if pooled or not r.pool]
 
 
 def reap() -> list[str]:
@@ -271,7 +329,7 @@ def reap() -> list[str]:
     """
     reaped = []
     for record in state.all_records():
-        if owners.dead_owner(record.extra) is None:
+        if owners.dead_owner(record.owner) is None:
             continue
         with contextlib.suppress(AgentkernelError), locked(record.name):
             if _reap_locked(record.name):
@@ -282,15 +340,15 @@ def reap() -> list[str]:
 def _reap_locked(name: str) -> bool:
     try:
         record = state.get(name)
-    except state.NoSuchSandboxError:
+    except NoSuchSandboxError:
         return False  # removed meanwhile
-    mark = owners.dead_owner(record.extra)
+    mark = owners.dead_owner(record.owner)
     if mark is None:
         return False  # adopted meanwhile
-    if record.extra.get("pool"):  # a pool daemon's: a new daemon may yet adopt it
+    if record.pool:  # a pool daemon's: a new daemon may yet adopt it
         since = mark.get("orphaned_at")
         if not isinstance(since, int | float):
-            state.update(name, extra={**record.extra, owners.KEY: {**mark, "orphaned_at": time.time()}})
+            state.update(name, owner={**mark, "orphaned_at": time.time()})
             return False
         if time.time() - since < owners.ADOPT_GRACE:
             return False
@@ -299,19 +357,20 @@ def _reap_locked(name: str) -> bool:
     return True
 
 
-def register(record: SandboxRecord, vmm: Backend, *, hold: str) -> None:
-    """Record a new sandbox and make its disk; on any failure nothing of it is left."""
+def register(record: SandboxRecord, vmm: Backend, *, hold: str, disk_mb: int | None = None) -> None:
+    """Record a new sandbox and make its disk (of `disk_mb` MiB; None: the image's size); on any
+    failure nothing of it is left."""
     with locked(record.name):
         state.insert(record)  # fails if the name is taken, before anything is made
         try:
             store.hold(hold, record.name)
-            vmm.prepare(spec_of(record))
+            vmm.prepare(replace(spec_of(record), disk_mb=disk_mb))
         except BaseException:
             vmm.cleanup(spec_of(record), keep_disk=False)
             store.release(record.name)
             state.delete(record.name)
             raise
-    audit.record("create", record.name, image=record.image, backend=vmm.name, **record.extra)
+    audit.record("create", record.name, image=record.image, backend=vmm.name, **state.extra_of(record))
 
 
 def new_record(name: str, backend: str, **fields: Any) -> SandboxRecord:
@@ -332,6 +391,7 @@ def create(
     image: str = "base",
     vcpus: int = DEFAULT_VCPUS,
     memory_mb: int = DEFAULT_MEMORY_MB,
+    disk_mb: int | None = None,
     profile: str = "moderate",
     backend: str | None = None,
     policy: Policy | None = None,
@@ -340,31 +400,25 @@ def create(
     pool: str | None = None,
     owned: bool = False,
     secrets: Sequence[SecretBinding] = (),
+    env: Mapping[str, str] | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> SandboxRecord:
     """Make a sandbox (its own disk over the image); it is not started. With `owned` it is this
     process's, removed by the reaper once this process has died (see `owners`).
 
+    The settings come checked from `request.resolve` (the service's callers) or a test's hand.
     `policy` defaults to the profile's; `mount_dir` is shared at /workspace (the current directory
     when the policy mounts it and none is given); `lifetime` stops the sandbox that many seconds after
     each start; `pool` marks it as kept ready by the pool daemon for that pool key; `secrets` (from
-    `brokering.bind`) are brokered by its egress gateway. Without `backend`
-    the host's best is chosen (hostinfo.choose_backend: a VM whenever a VMM can run here).
+    `brokering.bind`) are brokered by its egress gateway; `env` is set for every command run in it
+    (below what a command sets); `labels` are kept to find it by; `disk_mb` sizes its writable disk
+    (None: its image's size). Without `backend` the host's best
+    is chosen (hostinfo.choose_backend: a VM whenever a VMM can run here).
     """
     validate_name(name)
     reap()
-    if policy is None:
-        if profile not in PROFILES:
-            raise AgentkernelError(f"unknown security profile {profile!r}: use {', '.join(PROFILES)}")
-        policy = PROFILES[profile]
-    if lifetime is not None and not 1 <= lifetime <= 30 * 86400:
-        raise AgentkernelError(f"--lifetime must be between 1 second and 30 days (got {lifetime:g})")
+    policy = policy or PROFILES[profile]
     mounts = _mounts(policy, mount_dir)
-    if secrets and not policy.network:
-        raise AgentkernelError("secrets are used through the network: they need a profile with network")
-    if not 1 <= vcpus <= 32:
-        raise AgentkernelError(f"--vcpus must be between 1 and 32 (got {vcpus})")
-    if not 64 <= memory_mb <= 65536:
-        raise AgentkernelError(f"--memory must be between 64 and 65536 MB (got {memory_mb})")
     vmm = get_backend(hostinfo.choose_backend(backend, needs_network=policy.network), profile=policy.profile)
     img = store.get(image)
     vmlinux = kernel_artifact.current()
@@ -378,18 +432,18 @@ def create(
         vcpus=vcpus,
         memory_mb=memory_mb,
         profile=policy.profile,
-        extra={
-            "kernel": str(vmlinux),
-            "image_path": str(img.path),
-            "policy": policy_record(policy),
-            "mounts": mounts,
-            "lifetime_s": lifetime,
-            "pool": pool,
-            owners.KEY: owners.current() if owned else None,
-            "secrets": [binding.record() for binding in secrets],
-        },
+        kernel=str(vmlinux),
+        image_path=str(img.path),
+        policy=policy,
+        mounts=mounts,
+        lifetime_s=lifetime,
+        pool=pool,
+        owner=owners.current() if owned else None,
+        secrets=tuple(binding.record() for binding in secrets),
+        env=dict(env or {}),
+        labels=dict(labels or {}),
     )
-    register(record, vmm, hold=img.name)
+    register(record, vmm, hold=img.name, disk_mb=disk_mb)
     return record
 
 
@@ -399,39 +453,72 @@ async def start(name: str, *, timeout: float = BOOT_TIMEOUT) -> SandboxRecord:
         return record
 
 
+@dataclass
+class _Boot:
+    """A boot under way: its VMM spawned, its record running, the guest not yet reached."""
+
+    record: SandboxRecord
+    backend: Backend
+    spec: VMSpec
+    pid: int
+
+
+def _spawn(name: str, lock: Flock) -> _Boot:
+    """The blocking half of a start, run in a worker thread with the sandbox's lock held: check the
+    record, spawn the VMM, record it running."""
+    with lock.held_here():
+        record = get(name)
+    if record.status in ("running", "starting"):
+        raise SandboxStateError(f"sandbox '{name}' is already {record.status}")
+    backend = get_backend(record.backend)
+    spec = spec_of(record)
+    diskspace.check_floor(spec.workdir)
+    # Recorded before the VMM exists: should this process die before the VMM's pid is recorded,
+    # `reconcile` sees its starter gone and kills what it started.
+    state.update(name, status="starting", pid=None, starter=owners.current())
+    try:
+        pid = backend.start(spec)
+    except BaseException:
+        backend.kill(spec, None)
+        backend.cleanup(spec, keep_disk=True)
+        state.update(name, status=record.status, pid=None, starter=None)
+        raise
+    deadline = None
+    if lifetime := record.lifetime_s:
+        deadline = time.time() + lifetime
+        _watchdog(spec, pid, lifetime)
+    state.update(name, status="running", pid=pid, starter=None, stop_reason=None, deadline=deadline)
+    record.status, record.pid, record.stop_reason, record.deadline = "running", pid, None, deadline
+    return _Boot(record, backend, spec, pid)
+
+
+def _abort(boot: _Boot) -> None:
+    """A boot that failed or was cancelled after its VMM was spawned: the VMM is killed."""
+    boot.backend.kill(boot.spec, boot.pid)
+    boot.backend.cleanup(boot.spec, keep_disk=True)
+    state.update(boot.record.name, status="failed", pid=None)
+    audit.record("start", boot.record.name, ok=False)
+
+
 @contextlib.asynccontextmanager
 async def _booted(name: str, *, timeout: float) -> AsyncIterator[tuple[SandboxRecord, Connection]]:
-    """Boot the sandbox and keep the first agent connection open for the caller."""
+    """Boot the sandbox and keep the first agent connection open for the caller.
+
+    The blocking parts (the lock, spawning the VMM, killing it) run in worker threads, the guest is
+    awaited on the caller's loop. A boot cancelled at any point kills its VMM: a cancellation that
+    comes while the VMM is being spawned waits for it to be spawned, and kills it."""
     stack = contextlib.AsyncExitStack()
-    with locked(name):
-        record = get(name)
-        if record.status in ("running", "starting"):
-            raise AgentkernelError(f"sandbox '{name}' is already {record.status}")
-        backend = get_backend(record.backend)
-        spec = spec_of(record)
-        diskspace.check_floor(spec.workdir)
-        # Recorded before the VMM exists: should this process die before the VMM's pid is recorded,
-        # `reconcile` sees its starter gone and kills what it started.
-        state.update(name, status="starting", pid=None, extra={**record.extra, STARTER: owners.current()})
-        try:
-            pid = backend.start(spec)
-        except BaseException:
-            backend.kill(spec, None)
-            backend.cleanup(spec, keep_disk=True)
-            state.update(name, status=record.status, pid=None, extra=record.extra)
-            raise
-        extra = {**_without_starter(record.extra), "stop_reason": None}
-        if lifetime := record.extra.get("lifetime_s"):
-            extra["deadline"] = time.time() + lifetime
-            _watchdog(spec, pid, lifetime)
-        state.update(name, status="running", pid=pid, extra=extra)
-        record.status, record.pid, record.extra = "running", pid, extra
+    began = time.monotonic()
+    async with locked_async(name) as lock:
+        boot = await finished_in_thread(functools.partial(_spawn, name, lock), undo=_abort)
+        record, backend, spec = boot.record, boot.backend, boot.spec
+        mode: metrics.StartMode = "cold" if spec.restore is None else "restore"
         try:
             if spec.restore is not None:
-                await cast(SnapshotBackend, backend).resume(spec, pid)
-                extra["restore_from"] = None  # resumed once; later starts boot from its own disk
-                state.update(name, extra=extra)
-            conn = await stack.enter_async_context(_session(backend, spec, pid, timeout=timeout))
+                await cast(SnapshotBackend, backend).resume(spec, boot.pid)
+                record.restore_from = None  # resumed once; later starts boot from its own disk
+                await anyio.to_thread.run_sync(functools.partial(state.update, name, restore_from=None))
+            conn = await stack.enter_async_context(_session(backend, spec, boot.pid, timeout=timeout))
             for mount in spec.mounts:
                 await _mount(conn, mount)
             if spec.egress is not None and not spec.read_only and spec.restore is None:
@@ -440,13 +527,13 @@ async def _booted(name: str, *, timeout: float) -> AsyncIterator[tuple[SandboxRe
                 await _trust_sandbox_ca(conn, spec)
             _configure(conn, record)  # from here on, what runs is the caller's: audited
         except BaseException:
-            await stack.aclose()
-            backend.kill(spec, pid)
-            backend.cleanup(spec, keep_disk=True)
-            state.update(name, status="failed", pid=None)
-            audit.record("start", name, ok=False)
+            metrics.start_failed(mode)
+            with anyio.CancelScope(shield=True):
+                await stack.aclose()
+                await anyio.to_thread.run_sync(_abort, boot)
             raise
-    audit.record("start", name, ok=True, pid=pid)
+    metrics.observe_start(mode, time.monotonic() - began)
+    audit.record("start", name, ok=True, pid=boot.pid)
     async with stack:
         yield record, conn
 
@@ -475,7 +562,12 @@ async def _mount(conn: Connection, mount: Mount) -> None:
 def _configure(conn: Connection, record: SandboxRecord) -> None:
     """Every command gets the policy's environment, and every operation goes to the audit log."""
     conn.default_env = exec_env(record)
-    conn.observer = lambda event, fields: audit.record(event, record.name, **fields)
+
+    def observe(event: str, fields: dict[str, Any]) -> None:
+        audit.record(event, record.name, **fields)
+        metrics.observe_operation(event, fields)
+
+    conn.observer = observe
 
 
 def _watchdog(spec: VMSpec, pid: int, lifetime: float) -> None:
@@ -488,39 +580,6 @@ def _watchdog(spec: VMSpec, pid: int, lifetime: float) -> None:
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-
-
-@contextlib.asynccontextmanager
-async def ephemeral(
-    *, name: str | None = None, keep: bool = False, pool: bool = True, **options: Any
-) -> AsyncIterator[tuple[str, Connection]]:
-    """A new sandbox (`options` as for `create`), booted, with a connection to its agent; removed
-    afterwards unless `keep`. With `pool` (and no `name`), a ready one from the pool daemon is taken
-    when it has one of this kind.
-
-    Unless kept, the sandbox is this process's (see `owners`): if the process dies without removing
-    it, the next reaper does."""
-    stack = contextlib.AsyncExitStack()
-    pooled = take_pooled(**options) if pool and name is None else None  # the daemon makes it ours
-    if pooled is not None:
-        if keep:
-            set_owner(pooled, None)
-        try:
-            conn = await stack.enter_async_context(session(pooled, timeout=5.0))
-        except AgentkernelError:
-            remove(pooled, force=True)  # it died after it was handed out: boot a new one instead
-            pooled = None
-    name = pooled or (validate_name(name) if name else new_ephemeral_name())
-    if pooled is None:
-        create(name, owned=not keep, **options)  # leaves nothing behind when it fails
-    try:
-        if pooled is None:
-            _record, conn = await stack.enter_async_context(_booted(name, timeout=BOOT_TIMEOUT))
-        async with stack:
-            yield name, conn
-    finally:
-        if not keep:
-            remove(name, force=True)
 
 
 WARM_UP = (
@@ -573,15 +632,16 @@ def take_pooled(
     mount_dir: Path | None = None,
     lifetime: float | None = None,
     secrets: Sequence[SecretBinding] = (),
+    disk_mb: int | None = None,
 ) -> str | None:
     """A ready sandbox of this kind from the pool daemon, now the caller's; None if there is none.
 
-    Sandboxes that share host directories, have a lifetime or secrets are never pooled.
+    Sandboxes that share host directories, have a lifetime, secrets or a disk size are never pooled.
     """
     policy = policy or PROFILES.get(profile)
     if policy is None or mount_dir is not None or policy.mount_cwd or policy.mount_home or lifetime:
         return None
-    if secrets:
+    if secrets or disk_mb is not None:
         return None
     if not wire.socket_path().exists():
         return None
@@ -594,14 +654,24 @@ def take_pooled(
 
 async def stop(name: str, *, timeout: float = STOP_TIMEOUT) -> SandboxRecord:
     """Power the guest off cleanly (filesystems synced); kill the VMM if it does not exit in time."""
-    with locked(name):
-        record = get(name)
+    async with locked_async(name) as lock:
+
+        def current() -> SandboxRecord:
+            with lock.held_here():
+                return get(name)
+
+        record = await anyio.to_thread.run_sync(current)
         backend = get_backend(record.backend)
         spec = spec_of(record)
         if record.status == "running" and record.pid is not None:
             await _shutdown(backend, spec, record.pid, timeout)
-        backend.cleanup(spec, keep_disk=True)
-        state.update(name, status="stopped", pid=None)
+
+        def stopped() -> None:
+            backend.cleanup(spec, keep_disk=True)
+            state.update(name, status="stopped", pid=None)
+
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(stopped)
         record.status, record.pid = "stopped", None
     audit.record("stop", name)
     return record
@@ -614,7 +684,8 @@ async def _shutdown(backend: Backend, spec: VMSpec, pid: int, timeout: float) ->
             await conn.shutdown()
             while backend.is_alive(spec, pid) and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
-    backend.kill(spec, pid)
+    with anyio.CancelScope(shield=True):
+        await anyio.to_thread.run_sync(backend.kill, spec, pid)
 
 
 def remove(name: str, *, force: bool = False) -> None:
@@ -629,7 +700,7 @@ def _remove_locked(name: str, *, force: bool) -> None:
     backend = get_backend(record.backend)
     spec = spec_of(record)
     if record.status in ("running", "starting") and not force:
-        raise AgentkernelError(f"sandbox '{name}' is {record.status}: stop it first or use --force")
+        raise SandboxStateError(f"sandbox '{name}' is {record.status}: stop it first or remove it with force")
     # Whatever the record says: no process of the sandbox outlives its files (see `Backend.kill`).
     backend.kill(spec, record.pid)
     backend.cleanup(spec, keep_disk=False)
@@ -640,19 +711,16 @@ def _remove_locked(name: str, *, force: bool) -> None:
 def set_owner(name: str, mark: owners.Owner | None) -> None:
     """Make the sandbox `mark`'s (None: nobody's, it persists), as one change under its lock."""
     with locked(name):
-        record = state.get(name)
-        state.update(name, extra={**record.extra, owners.KEY: mark})
+        state.get(name)  # NoSuchSandboxError when it is gone
+        state.update(name, owner=mark)
 
 
 @contextlib.asynccontextmanager
 async def session(name: str, *, timeout: float = 30.0) -> AsyncIterator[Connection]:
     """A connection to a running sandbox's agent, on a port no other process is using."""
-    record = get(name)
+    record = await anyio.to_thread.run_sync(get, name)
     if record.status != "running" or record.pid is None:
-        raise AgentkernelError(
-            f"sandbox '{name}' is not running (status: {record.status}): "
-            f"start it with `agentkernel start {name}`"
-        )
+        raise SandboxNotRunningError(name, record.status)
     async with _session(get_backend(record.backend), spec_of(record), record.pid, timeout=timeout) as conn:
         _configure(conn, record)
         yield conn
@@ -680,8 +748,8 @@ async def _raise_if_ended(backend: Backend, spec: VMSpec, pid: int) -> None:
         if time.monotonic() > deadline:
             return
         await asyncio.sleep(0.02)
-    record = get(spec.name)
-    reason = record.extra.get("stop_reason")
+    record = await anyio.to_thread.run_sync(get, spec.name)
+    reason = record.stop_reason
     raise AgentConnectionError(f"sandbox '{spec.name}' {record.status}" + (f": {reason}" if reason else ""))
 
 

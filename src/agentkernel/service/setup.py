@@ -12,7 +12,7 @@ from agentkernel import paths
 from agentkernel.artifacts import agent, kernel
 from agentkernel.errors import AgentkernelError
 from agentkernel.images import DEFAULT_IMAGES, store
-from agentkernel.images import api as images_api
+from agentkernel.images import make as images_make
 from agentkernel.images.model import Image
 
 # program -> Debian package, for everything `setup` runs.
@@ -79,6 +79,6 @@ def setup(
     if kernel_built:
         built.append("kernel")
     before = {img.name: img.digest for img in store.list_images()}
-    made = images_api.ensure_recipes(list(images), agent_path, log=log)
+    made = images_make.ensure_recipes(list(images), agent_path, log=log)
     built += [f"image {img.name}" for img in made if before.get(img.name) != img.digest]
     return SetupResult(agent_path, kernel_path, made, built, log)

@@ -15,19 +15,24 @@ import functools
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import anyio
+
 from agentkernel import paths
 from agentkernel.artifacts.cache import sha256_file
-from agentkernel.backends import firecracker_version, get_backend
+from agentkernel.backends import get_backend, registry
 from agentkernel.backends.base import Backend, SnapshotBackend, VMSpec
-from agentkernel.errors import AgentkernelError
+from agentkernel.backends.firecracker import version as firecracker_version
+from agentkernel.config import Policy
+from agentkernel.errors import AgentkernelError, SandboxNotRunningError
 from agentkernel.images import store
 from agentkernel.sandbox import state
 from agentkernel.sandbox.state import SandboxRecord
 from agentkernel.service import audit, owners, sandboxes
+from agentkernel.service.checks import validate_name
 
 META = "snapshot.json"
 
@@ -52,7 +57,7 @@ def _hold_name(snapshot: str) -> str:
 
 
 def get(name: str) -> Snapshot:
-    sandboxes.validate_name(name)
+    validate_name(name)
     path = snapshots_dir() / name
     try:
         meta = json.loads((path / META).read_text())
@@ -96,54 +101,70 @@ def discard_partial() -> list[str]:
 
 
 async def create(sandbox: str, name: str) -> Snapshot:
-    """Save running `sandbox` as snapshot `name`; the sandbox runs on."""
-    sandboxes.validate_name(name)
+    """Save running `sandbox` as snapshot `name`; the sandbox runs on. Blocking parts run in worker
+    threads; the sandbox's state is checked under its lock."""
+    validate_name(name)
     if (snapshots_dir() / name).exists():
         raise AgentkernelError(f"a snapshot named '{name}' already exists")
-    record = sandboxes.get(sandbox)
-    if record.status != "running" or record.pid is None:
-        raise AgentkernelError(
-            f"sandbox '{sandbox}' is not running (status: {record.status}): snapshot a running one"
-        )
-    backend = get_backend(record.backend)
-    if not hasattr(backend, "snapshot"):
-        raise AgentkernelError(f"the {record.backend} backend cannot take snapshots")
-    spec = sandboxes.spec_of(record)
-    discard_partial()
-    scratch = _scratch(name)
+    await anyio.to_thread.run_sync(discard_partial)
+    scratch = await anyio.to_thread.run_sync(_scratch, name)
     try:
-        with sandboxes.locked(sandbox):
-            vmm = _vmm_version(backend, spec, record.pid)
+        async with sandboxes.locked_async(sandbox) as lock:
+
+            def current() -> SandboxRecord:
+                with lock.held_here():
+                    return sandboxes.get(sandbox)
+
+            record = await anyio.to_thread.run_sync(current)
+            if record.status != "running" or record.pid is None:
+                raise SandboxNotRunningError(sandbox, record.status)
+            if "snapshot" not in registry.info(record.backend).capabilities:
+                raise AgentkernelError(f"the {record.backend} backend cannot take snapshots")
+            backend = get_backend(record.backend)
+            spec = sandboxes.spec_of(record)
+            pid = record.pid
+            vmm = await anyio.to_thread.run_sync(_vmm_version, backend, spec, pid)
             try:
-                await cast(SnapshotBackend, backend).snapshot(spec, record.pid, scratch)
+                await cast(SnapshotBackend, backend).snapshot(spec, pid, scratch)
             except AgentkernelError as exc:
-                _mark_if_ended(record, backend, spec, f"a snapshot failed: {exc}")
+                reason = f"a snapshot failed: {exc}"
+                await anyio.to_thread.run_sync(_mark_if_ended, record, backend, spec, reason)
                 raise
-        store.hold(store.HOLD_PREFIX + sandbox, _hold_name(name))  # the image the sandbox holds
-        meta = {
-            "source": sandbox,
-            "created_at": sandboxes.now(),
-            "backend": record.backend,
-            "image": record.image,
-            "image_digest": record.image_digest,
-            "image_path": record.extra["image_path"],
-            "kernel": record.extra["kernel"],
-            "kernel_sha256": sha256_file(Path(record.extra["kernel"])),
-            "vcpus": record.vcpus,
-            "memory_mb": record.memory_mb,
-            "profile": record.profile,
-            "policy": record.extra.get("policy", {}),
-            "lifetime_s": record.extra.get("lifetime_s"),
-            **vmm,
-        }
-        paths.write_private(scratch / META, json.dumps(meta, indent=2))
-        scratch.rename(snapshots_dir() / name)
+        await anyio.to_thread.run_sync(_keep, sandbox, name, record, vmm, scratch)
     except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        store.release(_hold_name(name))
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(_discard_scratch, name, scratch)
         raise
     audit.record("snapshot", sandbox, snapshot=name)
-    return get(name)
+    return await anyio.to_thread.run_sync(get, name)
+
+
+def _discard_scratch(name: str, scratch: Path) -> None:
+    shutil.rmtree(scratch, ignore_errors=True)
+    store.release(_hold_name(name))
+
+
+def _keep(sandbox: str, name: str, record: SandboxRecord, vmm: dict[str, str], scratch: Path) -> None:
+    """Write the snapshot's metadata and rename it into place."""
+    store.hold(store.HOLD_PREFIX + sandbox, _hold_name(name))  # the image the sandbox holds
+    meta = {
+        "source": sandbox,
+        "created_at": sandboxes.now(),
+        "backend": record.backend,
+        "image": record.image,
+        "image_digest": record.image_digest,
+        "image_path": record.image_path,
+        "kernel": record.kernel,
+        "kernel_sha256": sha256_file(Path(record.kernel)),
+        "vcpus": record.vcpus,
+        "memory_mb": record.memory_mb,
+        "profile": record.profile,
+        "policy": asdict(record.effective_policy),
+        "lifetime_s": record.lifetime_s,
+        **vmm,
+    }
+    paths.write_private(scratch / META, json.dumps(meta, indent=2))
+    scratch.rename(snapshots_dir() / name)
 
 
 def _vmm_version(backend: Backend, spec: VMSpec, pid: int) -> dict[str, str]:
@@ -151,7 +172,7 @@ def _vmm_version(backend: Backend, spec: VMSpec, pid: int) -> dict[str, str]:
     refuses a snapshot of another release)."""
     if backend.name != "firecracker":
         return {}
-    from agentkernel.backends.firecracker import FirecrackerBackend  # loaded already, by get_backend
+    from agentkernel.backends.firecracker.backend import FirecrackerBackend  # loaded by get_backend
 
     return {"firecracker_version": cast(FirecrackerBackend, backend).running_version(spec, pid)}
 
@@ -162,24 +183,12 @@ def _mark_if_ended(record: SandboxRecord, backend: Backend, spec: VMSpec, reason
     assert record.pid is not None
     if not backend.is_alive(spec, record.pid):
         backend.cleanup(spec, keep_disk=True)
-        state.update(record.name, status="failed", pid=None, extra={**record.extra, "stop_reason": reason})
-
-
-async def template(name: str, *, source: str, **options: Any) -> Snapshot:
-    """Snapshot `name` of a new sandbox `source` (`options` as for sandboxes.create), booted and warmed
-    so forks start with its page cache; `source` is removed afterwards. Many forks start from one."""
-    sandboxes.create(source, **options)
-    try:
-        await sandboxes.start(source)
-        await sandboxes.warm_up(source)
-        return await create(source, name)
-    finally:
-        sandboxes.remove(source, force=True)
+        state.update(record.name, status="failed", pid=None, stop_reason=reason)
 
 
 def remove(name: str) -> None:
     snapshot = get(name)
-    users = [r.name for r in state.all_records() if r.extra.get("snapshot") == name]
+    users = [r.name for r in state.all_records() if r.snapshot == name]
     if users:
         raise AgentkernelError(
             f"snapshot '{name}' is in use by sandboxes {', '.join(users)}: remove them first"
@@ -201,11 +210,23 @@ def _digest_of(path: Path, _inode: int, _size: int, _mtime_ns: int) -> str:
     return sha256_file(path)
 
 
-async def fork(name: str, new_sandbox: str, *, extra: dict[str, Any] | None = None) -> SandboxRecord:
+async def fork(name: str, new_sandbox: str, *, pool: str | None = None, owned: bool = False) -> SandboxRecord:
     """A new running sandbox resumed from snapshot `name`, with memory, devices and disk as they were
-    (`extra` is added to its record)."""
+    (`pool`, `owned`: as for `sandboxes.create`)."""
+    validate_name(new_sandbox)
+    await anyio.to_thread.run_sync(
+        functools.partial(_register_fork, name, new_sandbox, pool=pool, owned=owned)
+    )
+    try:
+        return await sandboxes.start(new_sandbox)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(functools.partial(sandboxes.remove, new_sandbox, force=True))
+        raise
+
+
+def _register_fork(name: str, new_sandbox: str, *, pool: str | None, owned: bool) -> None:
     snapshot = get(name)
-    sandboxes.validate_name(new_sandbox)
     meta = snapshot.meta
     kernel = Path(meta["kernel"])
     if not kernel.is_file() or _digest(kernel) != meta["kernel_sha256"]:
@@ -224,21 +245,14 @@ async def fork(name: str, new_sandbox: str, *, extra: dict[str, Any] | None = No
         vcpus=meta["vcpus"],
         memory_mb=meta["memory_mb"],
         profile=meta["profile"],
-        extra={
-            "kernel": str(kernel),
-            "image_path": str(snapshot.path / backend.snapshot_disk),
-            "image_format": backend.snapshot_disk_format,
-            "restore_from": str(snapshot.path),
-            "snapshot": name,
-            "policy": meta["policy"],
-            "mounts": [],
-            "lifetime_s": meta["lifetime_s"],
-            **(extra or {}),
-        },
+        kernel=str(kernel),
+        image_path=str(snapshot.path / backend.snapshot_disk),
+        image_format=backend.snapshot_disk_format,
+        restore_from=str(snapshot.path),
+        snapshot=name,
+        policy=Policy.from_record(meta["policy"]) if meta.get("policy") else None,
+        lifetime_s=meta["lifetime_s"],
+        pool=pool,
+        owner=owners.current() if owned else None,
     )
     sandboxes.register(record, backend, hold=store.HOLD_PREFIX + _hold_name(name))
-    try:
-        return await sandboxes.start(new_sandbox)
-    except BaseException:
-        sandboxes.remove(new_sandbox, force=True)
-        raise

@@ -7,7 +7,7 @@ from typing import Any
 
 from agentkernel import hostinfo, paths
 from agentkernel.artifacts import agent, kernel
-from agentkernel.backends import firecracker_version
+from agentkernel.backends.firecracker import version as firecracker_version
 from agentkernel.errors import AgentkernelError
 from agentkernel.images import store
 from agentkernel.pool import control
@@ -21,7 +21,7 @@ def status() -> dict[str, Any]:
         "accel": acc.name,
         "kvm_note": acc.note,
         "backends": {
-            name: {"available": b.available, "reason": b.reason} for name, b in hostinfo.backends(acc).items()
+            name: {"available": b.available, "reason": b.reason} for name, b in hostinfo.backends().items()
         },
         "default_backend": _default_backend(),
         "firecracker": _firecracker(),

@@ -1,0 +1,497 @@
+"""The fleet's router (`agentkernel serve --fleet`): the single-host HTTP API in front of many nodes.
+
+Stateless: everything it knows is in etcd (fleet/store.py), so any number of routers serve at once.
+A new sandbox is placed on a node by a transaction, then created there; every other call on a sandbox
+is passed to its node as it came (bodies and answers streamed, WebSockets relayed), with the node key
+in place of the client's. The client's API key is checked here; nodes accept only the node key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import anyio
+import httpx
+import uvicorn
+from fastapi import APIRouter, FastAPI, Path, Request, Response, WebSocket
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from starlette.types import ASGIApp, Receive, Scope, Send
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from agentkernel import __version__
+from agentkernel.api import problems
+from agentkernel.api.auth import API_KEY_ENV, BearerAuth, check_listen_address
+from agentkernel.api.guard import AllowedHosts, WebGuard
+from agentkernel.api.limits import BodyLimit
+from agentkernel.api.models import CreateRequest, Health, RunRequest
+from agentkernel.api.problems import MEDIA_TYPE, from_exception, problem, response
+from agentkernel.api.routes import Name
+from agentkernel.config import DEFAULT_MEMORY_MB, DEFAULT_VCPUS
+from agentkernel.errors import (
+    AgentkernelError,
+    FleetError,
+    NodeUnreachableError,
+    NoSuchNodeError,
+    SandboxLostError,
+)
+from agentkernel.fleet import NODE_KEY_ENV, store
+from agentkernel.fleet import node as fleet_node
+from agentkernel.fleet.etcd import Etcd
+
+SHUTDOWN_GRACE = 5
+CONNECT_TIMEOUT = 10.0
+"""Seconds a node has to accept a connection; answers may take as long as the command runs."""
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+        b"authorization",
+        b"origin",  # checked here against the router; the node is not the page's origin
+        b"sec-fetch-site",
+    }
+)
+
+
+class Fleet:
+    """What the routes share: etcd, the connection pool to the nodes and the node key."""
+
+    def __init__(self, etcd: Etcd, node_key: str) -> None:
+        self.etcd = etcd
+        self.auth = f"Bearer {node_key}"
+        self.http = httpx.AsyncClient(
+            timeout=httpx.Timeout(CONNECT_TIMEOUT, read=None, write=None, pool=None), trust_env=False
+        )
+
+    async def close(self) -> None:
+        await self.http.aclose()
+        await self.etcd.close()
+
+    async def node_of(self, name: str) -> store.NodeInfo:
+        """The live node that holds `name`: a 404 if the fleet has no such sandbox, a 410 if its node
+        is gone."""
+        placed = await store.placement(self.etcd, name)
+        node = (await store.nodes(self.etcd)).get(placed.node)
+        if node is None:
+            raise SandboxLostError(lost_reason(name, placed.node))
+        return node
+
+    async def send(
+        self,
+        node: store.NodeInfo,
+        method: str,
+        path: str,
+        *,
+        request: Request | None = None,
+        body: Any = None,
+    ) -> httpx.Response:
+        """Send a request to `node` with the node key; the answer is streamed (close it)."""
+        headers: list[tuple[bytes, bytes]] = []
+        content: Any = body
+        query = ""
+        if request is not None:
+            query = request.url.query
+            headers = [(k, v) for k, v in request.headers.raw if k not in HOP_BY_HOP]
+            if body is None:
+                content = request.stream()
+            else:
+                headers = [(k, v) for k, v in headers if k != b"content-length"]
+        headers.append((b"authorization", self.auth.encode()))
+        url = f"{node.url}{path}" + (f"?{query}" if query else "")
+        outgoing = self.http.build_request(method, url, headers=headers, content=content)
+        try:
+            answer = await self.http.send(outgoing, stream=True)
+        except httpx.TransportError as exc:
+            raise NodeUnreachableError(f"node {node.id} at {node.url} did not answer: {exc}") from None
+        if answer.status_code == 401:
+            await answer.aclose()
+            raise wrong_key(node)
+        return answer
+
+    async def json(self, node: store.NodeInfo, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+        answer = await self.send(node, method, path, **kwargs)
+        try:
+            data = await answer.aread()
+        finally:
+            await answer.aclose()
+        return answer.status_code, json.loads(data) if data else None
+
+
+def wrong_key(node: store.NodeInfo) -> NodeUnreachableError:
+    return NodeUnreachableError(
+        f"node {node.id} refused this router's key: {NODE_KEY_ENV} must be the same on routers and nodes",
+        code="node_auth_failed",
+    )
+
+
+def lost_reason(name: str, node: str) -> str:
+    return (
+        f"sandbox '{name}' was on node {node}, whose lease in etcd expired: the node died or lost etcd "
+        "(remove it with `agentkernel rm -f`)"
+    )
+
+
+def relay(answer: httpx.Response, *, then: Callable[[], Awaitable[None]] | None = None) -> StreamingResponse:
+    """The node's answer, streamed as it comes; `then()` runs once it is over or abandoned."""
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in answer.aiter_raw():
+                yield chunk
+        finally:
+            await answer.aclose()
+            if then is not None:
+                with anyio.CancelScope(shield=True):
+                    await then()
+
+    headers = {k: v for k, v in answer.headers.items() if k.encode() not in HOP_BY_HOP}
+    return StreamingResponse(body(), status_code=answer.status_code, headers=headers)
+
+
+def relayed_problem(status: int, data: Any) -> JSONResponse:
+    return JSONResponse(data, status_code=status, media_type=MEDIA_TYPE)
+
+
+def fleet_of(request: Request) -> Fleet:
+    fleet: Fleet = request.app.state.fleet
+    return fleet
+
+
+NodeId = Annotated[str, Path(pattern=f"^{fleet_node.NODE_ID.pattern}$", description="Node id.")]
+router = APIRouter()
+
+
+@router.get("/health", tags=["server"])
+async def health() -> Health:
+    return Health(status="ok", version=__version__)
+
+
+@router.get("/fleet/nodes", tags=["fleet"])
+async def list_nodes(request: Request) -> list[dict[str, Any]]:
+    return [node_view(n) for n in await store.live_nodes(fleet_of(request).etcd)]
+
+
+@router.get("/fleet/nodes/{node}", tags=["fleet"])
+async def get_node(node: NodeId, request: Request) -> dict[str, Any]:
+    for live in await store.live_nodes(fleet_of(request).etcd):
+        if live.info.id == node:
+            return node_view(live)
+    raise NoSuchNodeError(node)
+
+
+def node_view(node: store.LiveNode) -> dict[str, Any]:
+    info = node.info
+    return {
+        "id": info.id,
+        "url": info.url,
+        "version": info.version,
+        "cores": info.cores,
+        "memory_mb": info.memory_mb,
+        "capacity": info.capacity,
+        "placed": node.load.count,
+        "placed_memory_mb": node.load.memory_mb,
+        "running": info.running,
+        "sandboxes": info.sandboxes,
+        "images": list(info.images),
+    }
+
+
+@router.get("/sandboxes", tags=["sandboxes"])
+async def list_sandboxes(request: Request) -> list[dict[str, Any]]:
+    """Every sandbox of every live node with its `node`, and the placed sandboxes of nodes that are
+    gone as `lost`, with the `reason`."""
+    fleet = fleet_of(request)
+    live, placed = await store.nodes(fleet.etcd), await store.placements(fleet.etcd)
+    found: list[dict[str, Any]] = []
+
+    async def gather(node: store.NodeInfo) -> None:
+        try:
+            status, data = await fleet.json(node, "GET", "/sandboxes")
+        except NodeUnreachableError as exc:
+            found.extend(missing(p, "unreachable", str(exc)) for p in placed if p.node == node.id)
+            return
+        if status != 200 or not isinstance(data, list):
+            reason = f"node {node.id} answered HTTP {status} to a listing"
+            found.extend(missing(p, "unreachable", reason) for p in placed if p.node == node.id)
+            return
+        found.extend({**item, "node": node.id} for item in data if isinstance(item, dict))
+
+    async with anyio.create_task_group() as group:
+        for node in live.values():
+            group.start_soon(gather, node)
+    found.extend(missing(p, "lost", lost_reason(p.name, p.node)) for p in placed if p.node not in live)
+    return sorted(found, key=lambda s: (str(s.get("name")), str(s.get("node"))))
+
+
+def missing(placed: store.Placement, status: str, reason: str) -> dict[str, Any]:
+    """A placed sandbox whose node cannot say how it is."""
+    created = datetime.fromtimestamp(placed.created_at, UTC).isoformat(timespec="seconds")
+    return {
+        "name": placed.name,
+        "status": status,
+        "reason": reason,
+        "node": placed.node,
+        "backend": "",
+        "image": "",
+        "image_digest": "",
+        "vcpus": placed.vcpus,
+        "memory_mb": placed.memory_mb,
+        "profile": "",
+        "created_at": created,
+    }
+
+
+def _parsed(model: type[CreateRequest] | type[RunRequest], raw: bytes) -> Any:
+    """The body checked as the node would: bad input is refused here, before anything is placed."""
+    try:
+        return model.model_validate_json(raw or b"{}")
+    except ValidationError as exc:
+        from fastapi.exceptions import RequestValidationError
+
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+        ) from None
+
+
+@router.post("/sandboxes", tags=["sandboxes"], status_code=201)
+async def create_sandbox(request: Request) -> Response:
+    """Place the sandbox on a node with room (a transaction in etcd), then create it there."""
+    fleet = fleet_of(request)
+    body: CreateRequest = _parsed(CreateRequest, await request.body())
+    name = body.name or f"sandbox-{secrets.token_hex(4)}"
+    _, node = await store.place(
+        fleet.etcd,
+        name,
+        vcpus=body.vcpus or DEFAULT_VCPUS,
+        memory_mb=body.memory_mb or DEFAULT_MEMORY_MB,
+    )
+    try:
+        payload = body.model_dump(exclude_unset=True) | {"name": name}
+        status, data = await fleet.json(node, "POST", "/sandboxes", request=request, body=json.dumps(payload))
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await store.release(fleet.etcd, name)
+        raise
+    if status != 201:
+        await store.release(fleet.etcd, name)
+        return relayed_problem(status, data)
+    return JSONResponse({**data, "node": node.id}, status_code=201)
+
+
+@router.get("/sandboxes/{name}", tags=["sandboxes"])
+async def get_sandbox(name: Name, request: Request) -> Response:
+    fleet = fleet_of(request)
+    node = await fleet.node_of(name)
+    status, data = await fleet.json(node, "GET", f"/sandboxes/{name}", request=request, body=b"")
+    if status == 200 and isinstance(data, dict):
+        return JSONResponse({**data, "node": node.id})
+    return relayed_problem(status, data)
+
+
+@router.delete("/sandboxes/{name}", tags=["sandboxes"], status_code=204)
+async def remove_sandbox(name: Name, request: Request) -> Response:
+    """Remove it on its node and forget its placement; a lost sandbox's record is just forgotten."""
+    fleet = fleet_of(request)
+    try:
+        node = await fleet.node_of(name)
+    except SandboxLostError:
+        await store.release(fleet.etcd, name)
+        return Response(status_code=204)
+    status, data = await fleet.json(node, "DELETE", f"/sandboxes/{name}", request=request, body=b"")
+    if status in (204, 404):  # 404: the node no longer has it, so neither does the fleet
+        await store.release(fleet.etcd, name)
+    if status == 204:
+        return Response(status_code=204)
+    return relayed_problem(status, data)
+
+
+@router.api_route(
+    "/sandboxes/{name}/{rest:path}", methods=["GET", "POST", "PUT", "DELETE"], include_in_schema=False
+)
+async def on_node(name: Name, rest: str, request: Request) -> Response:
+    """Anything else on a sandbox (start, stop, exec, streams, files) goes to its node as it is."""
+    fleet = fleet_of(request)
+    node = await fleet.node_of(name)
+    return relay(await fleet.send(node, request.method, request.url.path, request=request))
+
+
+async def _ephemeral(request: Request, path: str) -> Response:
+    """/run and /run/stream: placed for as long as the command runs, under a name of its own."""
+    fleet = fleet_of(request)
+    raw = await request.body()
+    body: RunRequest = _parsed(RunRequest, raw)
+    name = f"run-{secrets.token_hex(6)}"
+    _, node = await store.place(
+        fleet.etcd, name, vcpus=body.vcpus or DEFAULT_VCPUS, memory_mb=body.memory_mb or DEFAULT_MEMORY_MB
+    )
+
+    async def release() -> None:
+        await store.release(fleet.etcd, name)
+
+    try:
+        answer = await fleet.send(node, "POST", path, request=request, body=raw)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await release()
+        raise
+    return relay(answer, then=release)
+
+
+@router.post("/run", tags=["run"])
+async def run(request: Request) -> Response:
+    return await _ephemeral(request, "/run")
+
+
+@router.post("/run/stream", tags=["run"])
+async def run_stream(request: Request) -> Response:
+    return await _ephemeral(request, "/run/stream")
+
+
+@router.websocket("/sandboxes/{name}/attach")
+async def attach(websocket: WebSocket, name: Name) -> None:
+    """The terminal on the sandbox's node, relayed message by message both ways."""
+    fleet: Fleet = websocket.app.state.fleet
+    try:
+        node = await fleet.node_of(name)
+        url = node.url.replace("http", "ws", 1) + websocket.url.path
+        if websocket.url.query:
+            url += f"?{websocket.url.query}"
+        upstream = await _open(url, fleet.auth, node)
+    except (AgentkernelError, _Refused) as exc:
+        denial = exc.answer if isinstance(exc, _Refused) else response(from_exception(exc))
+        await websocket.send_denial_response(denial)
+        return
+    async with upstream:
+        await websocket.accept()
+        async with anyio.create_task_group() as group:
+            group.start_soon(_client_to_node, websocket, upstream, group.cancel_scope)
+            code = 1000
+            try:
+                async for message in upstream:
+                    if isinstance(message, bytes):
+                        await websocket.send_bytes(message)
+                    else:
+                        await websocket.send_text(message)
+            except ConnectionClosed:
+                pass
+            code = upstream.close_code or 1000
+            group.cancel_scope.cancel()
+        with contextlib.suppress(RuntimeError):
+            await websocket.close(code if code != 1005 else 1000)
+
+
+class _Refused(Exception):
+    def __init__(self, answer: Response) -> None:
+        super().__init__("refused")
+        self.answer = answer
+
+
+async def _open(url: str, auth: str, node: store.NodeInfo) -> ClientConnection:
+    try:
+        return await connect(
+            url, additional_headers={"Authorization": auth}, open_timeout=CONNECT_TIMEOUT, max_size=None
+        )
+    except InvalidStatus as exc:
+        if exc.response.status_code == 401:
+            raise wrong_key(node) from None
+        raw = exc.response.body or b""
+        kind = exc.response.headers.get("Content-Type", MEDIA_TYPE)
+        raise _Refused(Response(raw, status_code=exc.response.status_code, media_type=kind)) from None
+    except (OSError, TimeoutError, InvalidHandshake) as exc:
+        raise NodeUnreachableError(f"node {node.id} at {node.url} did not answer: {exc}") from None
+
+
+async def _client_to_node(websocket: WebSocket, upstream: ClientConnection, scope: anyio.CancelScope) -> None:
+    try:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                break
+            if message.get("bytes") is not None:
+                await upstream.send(message["bytes"])
+            elif message.get("text") is not None:
+                await upstream.send(message["text"])
+    except ConnectionClosed:
+        pass
+    finally:
+        scope.cancel()
+
+
+class ReadyProbe:
+    """GET /ready, without the API key (a probe has none): 200 while etcd answers, else 503."""
+
+    def __init__(self, app: ASGIApp, etcd: Sequence[str]) -> None:
+        self.app = app
+        self.etcd = etcd
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/ready":
+            await self.app(scope, receive, send)
+            return
+        try:
+            async with Etcd(self.etcd) as etcd:
+                live = await store.nodes(etcd)
+            answer: Response = JSONResponse({"status": "ok", "nodes": len(live)})
+        except FleetError as exc:
+            answer = response(problem(503, exc.code, str(exc)))
+        await answer(scope, receive, send)
+
+
+def create_app(
+    *, etcd: Sequence[str], node_key: str, api_key: str | None, hosts: AllowedHosts | None = None
+) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.fleet = Fleet(Etcd(etcd), node_key)
+        try:
+            yield
+        finally:
+            await app.state.fleet.close()
+
+    app = FastAPI(
+        title="agentkernel fleet",
+        version=__version__,
+        summary="One API in front of many agentkernel hosts.",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    problems.install(app)
+    app.include_router(router)
+    app.add_middleware(BodyLimit)
+    if api_key:
+        app.add_middleware(BearerAuth, key=api_key)
+    app.add_middleware(ReadyProbe, etcd=etcd)
+    app.add_middleware(WebGuard, hosts=hosts or AllowedHosts())  # added last: it runs first
+    return app
+
+
+def serve(host: str, port: int, *, etcd: Sequence[str], allow_hosts: Sequence[str] = ()) -> None:
+    """Serve the fleet's API until interrupted; etcd must answer at start (a clear error if not)."""
+    key = os.environ.get(API_KEY_ENV) or None
+    check_listen_address(host, key)
+    node_key = fleet_node.node_key()
+    hosts = AllowedHosts.configured(host, allow_hosts)
+
+    async def check() -> None:
+        async with Etcd(etcd) as client:
+            await store.nodes(client)
+
+    asyncio.run(check())
+    app = create_app(etcd=etcd, node_key=node_key, api_key=key, hosts=hosts)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE)
