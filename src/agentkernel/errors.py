@@ -96,7 +96,8 @@ class SandboxNotRunningError(SandboxStateError):
     code = "sandbox_not_running"
 
     def __init__(self, name: str, status: str) -> None:
-        super().__init__(f"sandbox '{name}' is not running (status: {status}): start it first")
+        then = "resume it first" if status == "paused" else "start it first"
+        super().__init__(f"sandbox '{name}' is not running (status: {status}): {then}")
         self.sandbox_status = status
 
 

@@ -114,7 +114,7 @@ def _status_gauges() -> Iterator[GaugeMetricFamily]:
         labels=["sandbox", "kind"],
     )
     for record in records:
-        usage = vmm_memory(record.pid) if record.status == "running" and record.pid else None
+        usage = vmm_memory(record.pid) if record.status in ("running", "paused") and record.pid else None
         if usage is not None:
             for kind, value in usage.items():
                 memory.add_metric([record.name, kind], value)

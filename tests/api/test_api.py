@@ -43,7 +43,7 @@ def test_run_and_sandbox_life_cycle(api: str) -> None:
             slow = box.exec(["sleep", "30"], timeout=1)
             assert slow.timed_out and slow.exit_code is None
 
-            assert box.write_file("/root/deep/er/note.txt", b"kept\n", mode=0o600, parents=True) == 5
+            assert box.write_file("/root/deep/er/note.txt", b"kept\n", mode="0600", parents=True) == 5
             stopped = box.stop()
             assert stopped.status == "stopped"
             with pytest.raises(ApiError) as not_running:
@@ -52,7 +52,7 @@ def test_run_and_sandbox_life_cycle(api: str) -> None:
             box.start()
             assert box.read_file("/root/deep/er/note.txt") == b"kept\n"
             entries = {e.name: e for e in box.list_files("/root/deep/er")}
-            assert entries["note.txt"].kind == "file" and entries["note.txt"].mode == 0o600
+            assert entries["note.txt"].kind == "file" and entries["note.txt"].mode == "0600"
             box.remove_file("/root/deep", recursive=True)
             assert box.exec(["ls", "/root"]).stdout == ""
         assert ak.list_sandboxes() == []

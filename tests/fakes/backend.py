@@ -6,13 +6,16 @@ by tag, `reconcile`, the reaper) runs unchanged; killing that process is the VM 
 listens on `agent.sock` in the run directory, one connection per client (like the container
 transport). The disk is a directory tree (`rootfs/` in the sandbox's work directory) seeded at
 `prepare`, or copied from a snapshot; a snapshot copies it. There is no network and no shared
-directory: the gateway is never started, and a mount is refused by the guest.
+directory: the gateway is never started, and a mount is refused by the guest. A pause stops the
+stand-in VMM (SIGSTOP), so a paused sandbox shows as a stopped process, and a resume continues it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -109,6 +112,12 @@ class FakeBackend:
             raise AgentkernelError("a sandbox with a shared directory cannot be snapshotted")
         await asyncio.to_thread(shutil.copytree, root_of(spec), dest / DISK, symlinks=True)
 
+    async def pause(self, spec: VMSpec, pid: int) -> None:
+        os.kill(pid, signal.SIGSTOP)
+
+    async def unpause(self, spec: VMSpec, pid: int) -> None:
+        os.kill(pid, signal.SIGCONT)
+
     async def resume(self, spec: VMSpec, pid: int) -> None:
         if spec.restore is None or not (spec.restore / DISK).is_dir():
             raise AgentkernelError(f"no fake snapshot to resume at {spec.restore}")
@@ -118,7 +127,7 @@ INFO = BackendInfo(
     name=NAME,
     rank=-1,  # preferred over every real backend: where it is registered, it is what runs
     isolation="vm",
-    capabilities=frozenset({"snapshot", "network", "read_only_root"}),
+    capabilities=frozenset({"snapshot", "pause", "network", "read_only_root"}),
     probe=lambda: BackendStatus(True, "a fake guest served by this process (tests only)"),
     factory=lambda _profile: FakeBackend(),
 )

@@ -43,8 +43,18 @@ SHUTDOWN_LINE = b"agentkernel-agent: shutting down\n"
 """What the real agent logs on the console as it powers off (the service reads it as a clean stop)."""
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 FILE_OPS = frozenset(
-    {FrameType.GET, FrameType.PUT, FrameType.STAT, FrameType.LIST, FrameType.MKDIR, FrameType.REMOVE}
+    {
+        FrameType.GET,
+        FrameType.PUT,
+        FrameType.STAT,
+        FrameType.LIST,
+        FrameType.MKDIR,
+        FrameType.REMOVE,
+        FrameType.RENAME,
+    }
 )
+WATCH_POLL = 0.02
+"""Seconds between looks at a watched tree (the fake polls where the real agent uses inotify)."""
 KIND = {stat.S_IFREG: 1, stat.S_IFDIR: 2, stat.S_IFLNK: 3}
 SEED = {"/proc/uptime": b"1.00 1.00\n", "/etc/os-release": b"NAME=fake\n"}
 SEED_DIRS = ("/bin", "/etc", "/home", "/proc", "/root", "/tmp", "/usr/bin", "/workspace")
@@ -69,6 +79,8 @@ class FakeVM:
     read_only: bool = False
     server: asyncio.AbstractServer | None = None
     agents: set[FakeAgent] = field(default_factory=set)
+    jobs: dict[int, Job] = field(default_factory=dict)
+    """Background commands: the agent's, not a connection's (they end with the sandbox)."""
 
     def host_path(self, path: str) -> Path:
         """Where guest `path` is in the tree; a relative path is an error, as in the guest."""
@@ -225,6 +237,43 @@ async def _discard(_data: bytes) -> None:
 
 COMMANDS["sh"] = _sh
 
+RING = 1 << 16
+"""Bytes of output a fake background command keeps (the real agent: 1 MiB), so tests can overflow it."""
+
+
+@dataclass
+class Job:
+    """A background command: its output (the last RING bytes of it) and, once it ended, its status."""
+
+    id: int
+    argv: list[str]
+    stdin: asyncio.Queue[bytes] = field(default_factory=asyncio.Queue)
+    kept: bytearray = field(default_factory=bytearray)
+    written: int = 0
+    stdin_closed: bool = False
+    ending: list[tuple[Tag, int | bytes | str]] | None = None
+    task: asyncio.Task[None] | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def pid(self) -> int:
+        return 5000 + self.id
+
+    @property
+    def lost(self) -> int:
+        return self.written - len(self.kept)
+
+    async def out(self, data: bytes) -> None:
+        self.kept += data
+        self.written += len(data)
+        del self.kept[:-RING]
+        self.changed.set()
+        await asyncio.sleep(0)
+
+    def end(self, ending: list[tuple[Tag, int | bytes | str]]) -> None:
+        self.ending, self.stdin_closed = ending, True
+        self.changed.set()
+
 
 class FakeAgent(Agent):
     """The agent side of one connection to a fake sandbox."""
@@ -235,6 +284,7 @@ class FakeAgent(Agent):
         self.requests: dict[int, Record] = {}  # EXECs whose ARGS are still coming
         self.running: dict[int, asyncio.Task[None]] = {}
         self.uploads: dict[int, asyncio.Queue[bytes]] = {}
+        self.watches: dict[int, asyncio.Task[None]] = {}
 
     async def serve(self) -> None:
         self.vm.agents.add(self)
@@ -255,6 +305,14 @@ class FakeAgent(Agent):
                 request.fields.setdefault(tag, []).extend(more.fields.get(tag, []))
             request.fields[Tag.CONTINUED] = more.fields.get(Tag.CONTINUED, [])
             self._maybe_exec(channel)
+        elif frame.type in FILE_OPS and channel in self.watches:  # how the host ends a watch
+            self.watches.pop(channel).cancel()
+            await self._error(channel, errno.EBUSY, "watch ended")
+        elif frame.type is FrameType.WATCH:
+            self.open(channel)
+            self.watches[channel] = asyncio.create_task(self._watch(channel, decode_record(frame.payload)))
+            self.tasks.add(self.watches[channel])
+            self.watches[channel].add_done_callback(self.tasks.discard)
         elif frame.type in FILE_OPS:
             self.open(channel)
             if frame.type is FrameType.PUT:  # its DATA follows at once
@@ -266,6 +324,9 @@ class FakeAgent(Agent):
             self.running.pop(channel).cancel()
             signo = decode_record(frame.payload).int(Tag.SIGNAL, 9) or 9
             await self.end(channel, FrameType.EXIT, encode_record([(Tag.SIGNAL, signo)]))
+        elif frame.type in JOB_OPS:
+            self.open(channel)
+            self.track(channel, self._job_op(frame.type, channel, decode_record(frame.payload)))
         elif frame.type is FrameType.SHUTDOWN:
             self.vm.power_off()
         else:
@@ -290,6 +351,95 @@ class FakeAgent(Agent):
         self.open(channel)
         self.track(channel, self._exec(channel, request))
 
+    async def _job_op(self, ftype: FrameType, channel: int, record: Record) -> None:
+        """JOBS, ATTACH, INPUT, KILL or WAIT (docs/protocol.md, Background commands)."""
+        with contextlib.suppress(ConnectionError):
+            try:
+                if ftype is FrameType.JOBS:
+                    for job in self.vm.jobs.values():
+                        await self.send(channel, FrameType.ENTRY, encode_record(_job_entry(job)))
+                    await self.end(channel, FrameType.OK, b"")
+                    return
+                job = self.vm.jobs.get(record.int(Tag.CMD, 0) or 0)
+                if job is None:
+                    cmd = record.int(Tag.CMD, 0)
+                    await self._error(channel, errno.ESRCH, f"no background command {cmd}")
+                elif ftype is FrameType.ATTACH:
+                    await self._attach(
+                        channel, job, record.int(Tag.OFFSET, 0) or 0, record.int(Tag.FOLLOW, 1)
+                    )
+                elif ftype is FrameType.INPUT:
+                    if job.stdin_closed:
+                        await self._error(
+                            channel, errno.EPIPE, f"background command {job.id}: its stdin is closed"
+                        )
+                        return
+                    data = record.bytes(Tag.DATA) or b""
+                    if data:
+                        job.stdin.put_nowait(data)
+                    if record.int(Tag.EOF):
+                        job.stdin_closed = True
+                        job.stdin.put_nowait(b"")
+                    await self.end(channel, FrameType.OK, encode_record([(Tag.SIZE, len(data))]))
+                elif ftype is FrameType.KILL:
+                    if job.ending is not None:
+                        await self._error(channel, errno.ECHILD, f"background command {job.id} has exited")
+                        return
+                    assert job.task is not None
+                    job.task.cancel()
+                    job.end([(Tag.SIGNAL, record.int(Tag.SIGNAL, 9) or 9)])
+                    await self.end(channel, FrameType.OK, b"")
+                else:
+                    while job.ending is None:
+                        job.changed.clear()
+                        await job.changed.wait()
+                    await self.end(channel, FrameType.EXIT, encode_record(job.ending))
+            finally:
+                self.running.pop(channel, None)
+
+    async def _attach(self, channel: int, job: Job, offset: int, follow: int | None) -> None:
+        offset = min(max(offset, job.lost), job.written)
+        await self.send(channel, FrameType.STARTED, encode_record([(Tag.PID, job.pid), (Tag.OFFSET, offset)]))
+        while True:
+            job.changed.clear()
+            if offset < job.lost:  # the ring overtook this reader
+                await self.end(channel, FrameType.OK, encode_record([(Tag.OFFSET, offset), (Tag.LOST, 1)]))
+                return
+            if offset < job.written:
+                data = bytes(job.kept[offset - job.lost :])
+                await self.output(channel, data)
+                offset += len(data)
+                continue
+            if job.ending is not None:
+                await self.end(channel, FrameType.EXIT, encode_record(job.ending))
+                return
+            if not follow:
+                await self.end(channel, FrameType.OK, encode_record([(Tag.OFFSET, offset)]))
+                return
+            await job.changed.wait()
+
+    async def _start_job(
+        self, channel: int, request: Record, program: Callable[[Command], Awaitable[int]]
+    ) -> None:
+        argv = [a.decode(errors="surrogateescape") for a in request.all(Tag.ARGV)]
+        job = Job(max(self.vm.jobs, default=0) + 1, argv)
+        env = dict(e.decode(errors="surrogateescape").partition("=")[::2] for e in request.all(Tag.ENV))
+        cwd = posixpath.normpath(request.str(Tag.CWD, "/") or "/")
+        timeout_ms = request.int(Tag.TIMEOUT_MS, 0) or 0
+
+        async def run() -> None:
+            try:
+                async with asyncio.timeout(timeout_ms / 1000 if timeout_ms > 0 else None):
+                    code = await program(Command(argv, env, cwd, self.vm, job.stdin, job.out, job.out))
+            except TimeoutError:
+                job.end([(Tag.SIGNAL, int(signal.SIGKILL)), (Tag.TIMED_OUT, 1)])
+                return
+            job.end([(Tag.EXIT_CODE, code)])
+
+        job.task = asyncio.create_task(run())  # the VM's, not this connection's
+        self.vm.jobs[job.id] = job
+        await self.end(channel, FrameType.OK, encode_record([(Tag.CMD, job.id), (Tag.PID, job.pid)]))
+
     async def _exec(self, channel: int, request: Record) -> None:
         with contextlib.suppress(ConnectionError):
             try:
@@ -306,6 +456,9 @@ class FakeAgent(Agent):
         if program is None or not self.vm.host_path(cwd).is_dir():
             missing = argv[0] if program is None else cwd
             await self._error(channel, errno.ENOENT, f"{missing}: No such file or directory")
+            return
+        if request.int(Tag.DETACH):
+            await self._start_job(channel, request, program)
             return
         await self.started(channel)
 
@@ -367,11 +520,17 @@ class FakeAgent(Agent):
             return await self._put(channel, target, record.int(Tag.MODE, 0o644) or 0o644)
         if ftype is FrameType.MKDIR:
             mode = record.int(Tag.MODE, 0o755) or 0o755
+            if record.int(Tag.PARENTS) and target.is_dir():  # as the agent: an existing one is kept
+                return []
             if record.int(Tag.PARENTS):
-                target.mkdir(mode, parents=True, exist_ok=True)
-            else:
-                target.mkdir(mode)
+                target.parent.mkdir(0o755, parents=True, exist_ok=True)
+            target.mkdir(mode)
             target.chmod(mode)
+            return []
+        if ftype is FrameType.RENAME:
+            to = (record.bytes(Tag.TO) or b"").decode(errors="surrogateescape")
+            self.vm.writable(to)
+            target.rename(self.vm.host_path(to))
             return []
         if target == self.vm.root:
             raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
@@ -380,6 +539,48 @@ class FakeAgent(Agent):
         else:
             target.unlink()
         return []
+
+    async def _watch(self, channel: int, record: Record) -> None:
+        """WATCH by polling: each change between two looks becomes an event (a write is a change
+        of size or mtime, chmod one of mode); `gone` and OK when the directory goes."""
+        path = (record.bytes(Tag.PATH) or b"").decode(errors="surrogateescape")
+        with contextlib.suppress(ConnectionError):
+            try:
+                target = self.vm.host_path(path)
+                if not target.is_dir():
+                    code = errno.ENOTDIR if target.exists() else errno.ENOENT
+                    await self._error(channel, code, f"{path}: {os.strerror(code)}")
+                    return
+                await self.send(channel, FrameType.STARTED, b"")
+                seen = _tree(target, bool(record.int(Tag.RECURSIVE)))
+                while True:
+                    await asyncio.sleep(WATCH_POLL)
+                    if not target.is_dir():  # as inotify has it: what was in it is removed first
+                        for name in sorted(seen, reverse=True):
+                            await self._event(channel, name, seen[name][0], 3)
+                        await self._event(channel, "", 2, 8)
+                        await self.end(channel, FrameType.OK, b"")
+                        return
+                    now = _tree(target, bool(record.int(Tag.RECURSIVE)))
+                    for name in sorted(seen.keys() - now.keys()):
+                        await self._event(channel, name, seen[name][0], 3)
+                    for name in sorted(now):
+                        before = seen.get(name)
+                        if before is None:
+                            await self._event(channel, name, now[name][0], 1)
+                        elif before[1] != now[name][1]:
+                            await self._event(channel, name, now[name][0], 2)
+                        elif before[2] != now[name][2]:
+                            await self._event(channel, name, now[name][0], 6)
+                    seen = now
+            except OSError as exc:
+                await self._error(channel, exc.errno or errno.EIO, f"{path}: {exc.strerror or exc}")
+            finally:
+                self.watches.pop(channel, None)
+
+    async def _event(self, channel: int, name: str, kind: int, event: int) -> None:
+        fields: list[tuple[Tag, int | bytes | str]] = [(Tag.NAME, name), (Tag.KIND, kind), (Tag.EVENT, event)]
+        await self.output(channel, encode_record(fields), ftype=FrameType.DATA)
 
     async def _get(self, channel: int, target: Path) -> list[tuple[Tag, int | bytes | str]]:
         info = target.stat()
@@ -406,6 +607,36 @@ class FakeAgent(Agent):
         partial.chmod(mode)
         partial.replace(target)
         return [(Tag.SIZE, len(data))]
+
+
+JOB_OPS = frozenset({FrameType.JOBS, FrameType.ATTACH, FrameType.INPUT, FrameType.KILL, FrameType.WAIT})
+
+
+def _job_entry(job: Job) -> list[tuple[Tag, int | bytes | str]]:
+    fields: list[tuple[Tag, int | bytes | str]] = [
+        (Tag.CMD, job.id),
+        (Tag.PID, job.pid),
+        (Tag.STATE, 2 if job.ending is None else 3),
+        (Tag.STARTED_NS, 1_700_000_000_000_000_000 + job.id),
+        (Tag.OFFSET, job.written),
+        (Tag.LOST, job.lost),
+        *(job.ending or []),
+    ]
+    return fields + [(Tag.ARGV, a.encode(errors="surrogateescape")) for a in job.argv]
+
+
+def _tree(root: Path, recursive: bool) -> dict[str, tuple[int, tuple[int, int], int]]:
+    """What a watch compares: each entry's kind, (size, mtime) and mode, by its path below `root`."""
+    found: dict[str, tuple[int, tuple[int, int], int]] = {}
+    for entry in root.rglob("*") if recursive else root.iterdir():
+        try:
+            info = entry.lstat()
+        except FileNotFoundError:
+            continue
+        kind = 2 if stat.S_ISDIR(info.st_mode) else 1
+        changed = (info.st_size, info.st_mtime_ns) if kind == 1 else (0, 0)
+        found[entry.relative_to(root).as_posix()] = (kind, changed, info.st_mode)
+    return found
 
 
 def _info(info: os.stat_result) -> list[tuple[Tag, int | bytes | str]]:
@@ -460,6 +691,9 @@ class Host:
             vm.server.close()
         for agent in list(vm.agents):
             agent.writer.transport.abort()
+        for job in vm.jobs.values():  # background commands end with the sandbox
+            if job.task is not None:
+                job.task.cancel()
 
     def running(self) -> Iterator[FakeVM]:
         return iter(list(self.vms.values()))

@@ -20,6 +20,7 @@ from mcp import Client
 
 from tests.api.server import free_port
 from tests.conftest import cli
+from tests.mcp.test_mcp_server import TOOLS
 
 MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 INITIALIZE = {
@@ -66,7 +67,7 @@ def listening(host: str, port: int) -> bool:
 def test_streamable_http_on_loopback(isolated_home: Path, tmp_path: Path) -> None:
     async def main(url: str) -> None:
         async with Client(url) as client:
-            assert len((await client.list_tools()).tools) == 11
+            assert {tool.name for tool in (await client.list_tools()).tools} == TOOLS
             listed = await client.call_tool("list_sandboxes")
             assert listed.structured_content == {"sandboxes": []}
 

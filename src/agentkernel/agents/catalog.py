@@ -40,7 +40,7 @@ AGENTS = {
     for agent in (
         Agent("claude", "Claude Code", "claude", ("ANTHROPIC_API_KEY",)),
         Agent("gemini", "Gemini CLI", "gemini", ("GEMINI_API_KEY", "GOOGLE_API_KEY")),
-        Agent("codex", "Codex", "codex", ("OPENAI_API_KEY",)),
+        Agent("codex", "Codex", "codex", ("OPENAI_API_KEY", "CODEX_API_KEY")),  # CODEX_API_KEY: `codex exec`
         # OpenCode talks to whichever provider it is set up for; these are the providers' keys.
         Agent(
             "opencode",
@@ -56,6 +56,7 @@ AGENTS = {
 KEY_HOSTS: dict[str, Secret] = {
     "ANTHROPIC_API_KEY": Secret(from_env="ANTHROPIC_API_KEY", hosts=("api.anthropic.com",)),
     "OPENAI_API_KEY": Secret(from_env="OPENAI_API_KEY", hosts=("api.openai.com",)),
+    "CODEX_API_KEY": Secret(from_env="CODEX_API_KEY", hosts=("api.openai.com",)),
     "GEMINI_API_KEY": Secret(
         from_env="GEMINI_API_KEY", hosts=("generativelanguage.googleapis.com",), in_url=True
     ),

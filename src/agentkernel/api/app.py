@@ -12,12 +12,13 @@ import uvicorn
 from fastapi import FastAPI
 
 from agentkernel import __version__
-from agentkernel.api import attach, dashboard, files, problems, routes
+from agentkernel.api import attach, commands, dashboard, files, lifecycle, problems, routes
 from agentkernel.api.auth import API_KEY_ENV, BearerAuth, check_listen_address
 from agentkernel.api.guard import AllowedHosts, WebGuard
 from agentkernel.api.limits import BodyLimit
 from agentkernel.fleet import node as fleet_node
 from agentkernel.fleet.node import NodeConfig
+from agentkernel.service.lifetimes import DEFAULT_LIFETIME
 from agentkernel.service.service import SandboxService, reap_periodically
 
 SHUTDOWN_GRACE = 5
@@ -30,8 +31,10 @@ def create_app(
     api_key: str | None,
     hosts: AllowedHosts | None = None,
     node: NodeConfig | None = None,
+    default_lifetime: float | None = DEFAULT_LIFETIME,
 ) -> FastAPI:
     """The API; with `api_key`, every route but /health needs `Authorization: Bearer <api_key>`.
+    Sandboxes made through it without a lifetime get `default_lifetime` (None: none).
 
     Every request, /health included, first passes the Host and Origin check (`hosts`, by default
     loopback names and the address the connection arrived on): a web page never reaches the key check.
@@ -62,8 +65,9 @@ def create_app(
         docs_url=None,
         redoc_url=None,
     )
+    app.state.default_lifetime = default_lifetime
     problems.install(app)
-    for router in (routes.router, files.router, attach.router):
+    for router in (routes.router, files.router, attach.router, commands.router, lifecycle.router):
         app.include_router(router)
     dashboard.install(app, api_key)
     app.add_middleware(BodyLimit)
@@ -80,6 +84,7 @@ def serve(
     project_dir: Path,
     allow_hosts: Sequence[str] = (),
     node: NodeConfig | None = None,
+    default_lifetime: float | None = DEFAULT_LIFETIME,
 ) -> None:
     """Serve the API until interrupted. A non-loopback address needs AGENTKERNEL_API_KEY set;
     `allow_hosts` are more names (`name[:port]`) the Host and Origin headers may use. A fleet `node`
@@ -90,5 +95,7 @@ def serve(
     if node is not None:
         node = fleet_node.with_defaults(node, host, port)
         fleet_node.check_etcd(node)
-    app = create_app(project_dir=project_dir, api_key=key, hosts=hosts, node=node)
+    app = create_app(
+        project_dir=project_dir, api_key=key, hosts=hosts, node=node, default_lifetime=default_lifetime
+    )
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE)

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from agentkernel.config import MEMORY_MB_RANGE, VCPUS_RANGE, ProfileName
 from agentkernel.protocol.connection import FileInfo
 from agentkernel.service.checks import MAX_TIMEOUT, NAME_RE
+from agentkernel.service.files import MODE_DESCRIPTION, format_mode
 from agentkernel.service.service import Collected
 
 SandboxName = Annotated[str, Field(pattern=f"^{NAME_RE.pattern}$", examples=["box"])]
@@ -67,6 +68,12 @@ class CreateRequest(_Request):
         None, description="Kept with the sandbox; GET /sandboxes?label=k=v finds it."
     )
     start: bool = Field(True, description="Boot it as well.")
+    timeout: float | None = Field(
+        None,
+        ge=0,
+        description="Lifetime in seconds: it is stopped this long after each start (default: the "
+        "server's, `serve --default-lifetime`; 0: none). POST /sandboxes/{name}/timeout changes it.",
+    )
 
 
 class RunResult(BaseModel):
@@ -94,15 +101,15 @@ class RunResult(BaseModel):
 
 
 class FileEntry(BaseModel):
-    name: str
+    name: str = Field(description="The entry's name; in a recursive listing, its path below the directory.")
     kind: Literal["file", "dir", "symlink", "other"]
     size: int
-    mode: int
+    mode: str = Field(description=MODE_DESCRIPTION, examples=["0644"])
     mtime_ns: int
 
     @classmethod
     def of(cls, info: FileInfo) -> FileEntry:
-        return cls.model_validate(dataclasses.asdict(info))
+        return cls.model_validate({**dataclasses.asdict(info), "mode": format_mode(info.mode)})
 
 
 class DirListing(BaseModel):

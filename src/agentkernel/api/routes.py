@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
@@ -17,6 +18,7 @@ from agentkernel.api.sse import EventStreamResponse, stream_process
 from agentkernel.protocol.connection import Process
 from agentkernel.sandbox.view import SandboxView
 from agentkernel.service.checks import NAME_RE, parse_labels
+from agentkernel.service.lifetimes import lifetime_for
 from agentkernel.service.request import SandboxFlags
 from agentkernel.service.service import CommandSpec, SandboxService, collect, exec_on
 
@@ -145,9 +147,10 @@ async def list_sandboxes(
 
 
 @router.post("/sandboxes", tags=["sandboxes"], status_code=201, responses={**BODY, **problems(409)})
-async def create_sandbox(body: CreateRequest, sandboxes: Service) -> SandboxView:
+async def create_sandbox(body: CreateRequest, sandboxes: Service, http: Request) -> SandboxView:
     """Create a sandbox and (unless `start` is false) boot it."""
-    request = await sandboxes.resolve(_flags(body))
+    lifetime = lifetime_for(body.timeout, http.app.state.default_lifetime)
+    request = await sandboxes.resolve(dataclasses.replace(_flags(body), lifetime=lifetime))
     return SandboxView.of(await sandboxes.create(request, name=body.name, start=body.start))
 
 

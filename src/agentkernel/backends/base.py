@@ -103,6 +103,17 @@ class SnapshotBackend(Backend, Protocol):
         """Finish a start from `spec.restore`: load the saved state into the new VM and run it."""
 
 
+class PausableBackend(Backend, Protocol):
+    """A backend that can stop a running VM's vCPUs, keeping its memory and devices in the VMM, and
+    let them run on: the guest's processes continue where they were."""
+
+    async def pause(self, spec: VMSpec, pid: int) -> None:
+        """Stop the VM's vCPUs; the VMM keeps running."""
+
+    async def unpause(self, spec: VMSpec, pid: int) -> None:
+        """Let a paused VM's vCPUs run again."""
+
+
 KILL_WAIT = 5.0
 """Seconds `kill_tagged` and `kill_and_wait` keep at it before they give up on a process that will
 not die."""
@@ -147,6 +158,17 @@ def kill_tagged(*tags: str) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.01)
+
+
+def vm_greeting(spec: VMSpec) -> Callable[[Connection, float], Awaitable[None]]:
+    """The HELLO a VM's agent gets: its hostname, process and memory limits (and the host's clock)."""
+
+    async def greet(conn: Connection, remaining: float) -> None:
+        await conn.hello(
+            hostname=spec.name, max_procs=spec.max_procs, memory_mb=spec.memory_mb, timeout=remaining
+        )
+
+    return greet
 
 
 async def connect_agent(

@@ -24,9 +24,10 @@ from agentkernel.errors import AgentkernelError
 if TYPE_CHECKING:
     from agentkernel.backends.base import Backend
 
-Capability = Literal["snapshot", "network", "shared_dirs", "read_only_root"]
-"""What a backend can give a sandbox: snapshots and forks of a running sandbox, network (through
-the egress gateway), host directories shared into it, and a read-only root filesystem."""
+Capability = Literal["snapshot", "pause", "network", "shared_dirs", "read_only_root"]
+"""What a backend can give a sandbox: snapshots and forks of a running sandbox, pausing a running
+sandbox (its memory kept on the host) and resuming it, network (through the egress gateway), host
+directories shared into it, and a read-only root filesystem."""
 
 HostFeature = Literal["kvm", "root"]
 """What a backend (or one of its capabilities) needs of the host: hardware KVM, or running as root."""

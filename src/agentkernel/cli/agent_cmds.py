@@ -72,6 +72,20 @@ def run(
     agent: str | None = typer.Argument(
         None, help="claude, gemini, codex or opencode (default: [agent] preferred in agentkernel.toml)."
     ),
+    args: list[str] | None = typer.Argument(
+        None,
+        metavar="[-- ARGS...]",
+        help="Arguments for the agent, after `--` (say, `codex -- exec 'fix the tests'`): with them it may "
+        "run without a terminal.",
+    ),
+    env: list[str] = typer.Option(
+        [],
+        "--env",
+        "-e",
+        metavar="KEY=VALUE",
+        help="Set KEY=VALUE in the agent's environment (say, its provider's base URL). Keys belong in "
+        "[secrets]: a value given here enters the sandbox.",
+    ),
     directory: Path = DIRECTORY,
     profile: str | None = typer.Option(
         None, "--profile", metavar="PROFILE", help="Security profile (default moderate)."
@@ -96,16 +110,27 @@ def run(
     from agentkernel.artifacts import agent as guest_agent
     from agentkernel.config import load_config, resolve_policy
     from agentkernel.images import make
+    from agentkernel.service.checks import check_env, parse_pairs
     from agentkernel.service.setup import new_log
 
+    extra_env = check_env(parse_pairs(env, field="--env"), field="--env")
     project = catalog.project_directory(directory)
     config, config_path = load_config(search_from=project)
     launch = catalog.launch(catalog.chosen(agent, config.agent.preferred), project)
     spec = launch.agent
     if not resolve_policy(config, profile=profile).network:
         raise AgentkernelError(f"{spec.title} needs the network to reach its API: use a profile that has it")
-    if not os.isatty(0):
-        raise AgentkernelError(f"agent run attaches {spec.title}'s interactive UI: run it in a terminal")
+    if leaked := sorted(set(extra_env) & set(spec.key_vars)):
+        raise AgentkernelError(
+            f"--env {leaked[0]}: that is {spec.title}'s key, brokered without entering the sandbox: "
+            "set it on this machine, not with --env"
+        )
+    terminal = os.isatty(0)
+    if not terminal and not args:
+        raise AgentkernelError(
+            f"agent run attaches {spec.title}'s interactive UI: run it in a terminal, or give the agent "
+            "arguments after `--` for a run without one"
+        )
     if not launch.secrets:
         err_console.print(
             f"[dim]{' and '.join(spec.key_vars)} not set: {spec.title} will ask you to log in[/dim]"
@@ -116,7 +141,12 @@ def run(
     make.ensure_recipes([spec.image], agent_binary, log=new_log())  # builds it the first time
     request = agent_request(launch, config, config_path, profile=profile, vcpus=vcpus, memory_mb=memory)
     code = run_attached(
-        launch.command, env=launch.env, workdir=launch.workdir, request=request, project_dir=project
+        [*launch.command, *(args or [])],
+        env={**launch.env, **extra_env},
+        workdir=launch.workdir,
+        request=request,
+        project_dir=project,
+        terminal=terminal,
     )
     raise typer.Exit(code)
 
@@ -162,11 +192,13 @@ def run_attached(
     workdir: str | None,
     request: SandboxRequest,
     project_dir: Path,
+    terminal: bool = True,
 ) -> int:
-    """Run `command` on a terminal in a new sandbox made for `request`, attached to ours, then remove
-    the sandbox; the command's exit code. SIGTERM, SIGHUP and SIGINT remove the sandbox too (the keys
-    typed, ^C included, go to the guest) and exit 128+N; if this process is killed outright, the
-    reaper removes the sandbox it owned."""
+    """Run `command` in a new sandbox made for `request`, attached to ours (on a terminal when
+    `terminal`, else to our stdin, stdout and stderr), then remove the sandbox; the command's exit code.
+    SIGTERM, SIGHUP and SIGINT remove the sandbox too (on a terminal the keys typed, ^C included, go
+    to the guest) and exit 128+N; if this process is killed outright, the reaper removes the sandbox
+    it owned."""
     from agentkernel.cli.signals import SignalGuard, run_until_signalled
     from agentkernel.cli.streams import attach_process, raw_terminal, terminal_size
     from agentkernel.protocol.connection import ExitStatus
@@ -174,9 +206,9 @@ def run_attached(
 
     async def go(_guard: SignalGuard) -> ExitStatus:
         async with SandboxService(project_dir) as service, service.ephemeral(request) as (_name, conn):
-            proc = await conn.exec(command, env=env, cwd=workdir, pty=terminal_size())
-            with raw_terminal(True):
-                return await attach_process(proc, stdin=True, tty_mode=True)
+            proc = await conn.exec(command, env=env, cwd=workdir, pty=terminal_size() if terminal else None)
+            with raw_terminal(terminal):
+                return await attach_process(proc, stdin=True, tty_mode=terminal)
 
     return run_until_signalled(go).shell_code
 

@@ -11,10 +11,13 @@ from agentkernel.cli import (
     agent_cmds,
     audit_cmd,
     bench_cmd,
+    command_cmds,
     daemon_cmds,
     doctor_cmd,
+    files_cmds,
     fleet_cmds,
     images_cmd,
+    lifecycle_cmds,
     sandbox_cmds,
     secret_cmds,
     server_cmds,
@@ -65,6 +68,7 @@ app.command("agents")(agent_cmds.agents)
 app.add_typer(agent_cmds.agent_app, name="agent")
 app.add_typer(agent_cmds.plugin_app, name="plugin")
 app.add_typer(secret_cmds.app, name="secret")
+app.add_typer(files_cmds.app, name="files")
 for _name, _fn, _aliases in (
     ("run", sandbox_cmds.run, ()),
     ("create", sandbox_cmds.create, ()),
@@ -76,6 +80,13 @@ for _name, _fn, _aliases in (
     ("attach", sandbox_cmds.attach, ()),
     ("cp", sandbox_cmds.cp, ()),
     ("logs", sandbox_cmds.logs, ()),
+    ("commands", command_cmds.commands, ()),
+    ("output", command_cmds.output, ()),
+    ("wait", command_cmds.wait, ()),
+    ("kill", command_cmds.kill, ()),
+    ("update", lifecycle_cmds.update, ()),
+    ("pause", lifecycle_cmds.pause, ()),
+    ("resume", lifecycle_cmds.resume, ()),
 ):
     settings = sandbox_cmds.COMMAND_SETTINGS if _name in ("run", "exec") else {}
     for _alias in (_name, *_aliases):

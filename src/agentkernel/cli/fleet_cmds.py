@@ -20,29 +20,12 @@ ETCD = typer.Option(
 JSON = typer.Option(False, "--json", help="Print JSON.")
 
 
-def _node_row(node: Any) -> dict[str, Any]:
-    info = node.info
-    return {
-        "id": info.id,
-        "url": info.url,
-        "version": info.version,
-        "cores": info.cores,
-        "memory_mb": info.memory_mb,
-        "capacity": info.capacity,
-        "placed": node.load.count,
-        "placed_memory_mb": node.load.memory_mb,
-        "running": info.running,
-        "sandboxes": info.sandboxes,
-        "images": list(info.images),
-    }
-
-
 async def _read(urls: list[str]) -> tuple[list[dict[str, Any]], list[Any]]:
     from agentkernel.fleet import store
     from agentkernel.fleet.etcd import Etcd
 
     async with Etcd(urls) as etcd:
-        return [_node_row(n) for n in await store.live_nodes(etcd)], await store.placements(etcd)
+        return [store.node_view(n) for n in await store.live_nodes(etcd)], await store.placements(etcd)
 
 
 @app.command("nodes")

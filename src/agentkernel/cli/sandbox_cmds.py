@@ -415,12 +415,21 @@ def exec_cmd(
     timeout: float | None = typer.Option(
         None, "--timeout", metavar="SECONDS", help="Kill the command after this many seconds."
     ),
+    detach: bool = typer.Option(False, "--detach", "-d", help="Run it in the background; print its id."),
 ) -> None:
-    """Run a command in a running sandbox; exits with its exit code (128+N if killed by signal N)."""
+    """Run a command in a running sandbox; exits with its exit code (128+N if killed by signal N).
+    With -d it runs in the background, on after this command returns, until it exits or the sandbox
+    stops."""
     command = command_args(command)
     if not command:
         raise AgentkernelError("no command given: agentkernel exec NAME -- CMD...")
+    if detach and (interactive or tty_mode):
+        raise AgentkernelError("--detach runs the command without a terminal or stdin: drop -i and -t")
     spec = _checked_command(command, env=env, workdir=workdir, timeout=timeout)
+    if detach:
+        started = with_service(lambda service: service.start_command(name, spec))
+        print(started.id)
+        return
     status = with_service(
         lambda service: _exec(service, name, spec, interactive=interactive, tty_mode=tty_mode)
     )

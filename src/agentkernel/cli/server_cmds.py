@@ -10,9 +10,19 @@ import typer
 
 from agentkernel.errors import AgentkernelError
 from agentkernel.fleet import DEFAULT_TTL, ETCD_ENV
+from agentkernel.service.lifetimes import DEFAULT_LIFETIME
 
 DEFAULT_PORT = 18888
 ALLOW_HOSTS_ENV = "AGENTKERNEL_ALLOW_HOSTS"
+DEFAULT_LIFETIME_OPTION = typer.Option(
+    DEFAULT_LIFETIME,
+    "--default-lifetime",
+    min=0,
+    max=30 * 86400,
+    metavar="SECONDS",
+    help="Lifetime of sandboxes made without one: stopped this long after they start, so one a "
+    "client forgets does not run on (0: none).",
+)
 
 
 def serve(
@@ -67,6 +77,7 @@ def serve(
         metavar="SECONDS",
         help="A node that stops renewing its registration for this long is gone, its sandboxes lost.",
     ),
+    default_lifetime: float = DEFAULT_LIFETIME_OPTION,
 ) -> None:
     """Serve the HTTP API (OpenAPI at /openapi.json); set AGENTKERNEL_API_KEY to require a key.
 
@@ -80,7 +91,13 @@ def serve(
     if not (node or fleet):
         if node_id or advertise or capacity:  # not --etcd: its variable may be set for `fleet status`
             raise AgentkernelError("--node-id, --advertise and --capacity need --node")
-        run_server(host, port, project_dir=Path.cwd(), allow_hosts=allow_host or ())
+        run_server(
+            host,
+            port,
+            project_dir=Path.cwd(),
+            allow_hosts=allow_host or (),
+            default_lifetime=default_lifetime or None,
+        )
         return
     from agentkernel.fleet.etcd import parse_urls
     from agentkernel.fleet.node import NodeConfig, check_advertise, check_node_id
@@ -98,7 +115,14 @@ def serve(
         ttl=lease_ttl,
         capacity=capacity,
     )
-    run_server(host, port, project_dir=Path.cwd(), allow_hosts=allow_host or (), node=config)
+    run_server(
+        host,
+        port,
+        project_dir=Path.cwd(),
+        allow_hosts=allow_host or (),
+        node=config,
+        default_lifetime=default_lifetime or None,
+    )
 
 
 def mcp_server(
@@ -117,6 +141,7 @@ def mcp_server(
         help="Bytes of each of a command's stdout and stderr a result shows, as head and tail "
         "(default 16384; a call may ask for another, up to 1 MiB).",
     ),
+    default_lifetime: float = DEFAULT_LIFETIME_OPTION,
 ) -> None:
     """Serve agentkernel's tools to an agent over the Model Context Protocol."""
     from agentkernel.mcp_server.server import run
@@ -124,4 +149,11 @@ def mcp_server(
     if transport not in ("stdio", "http"):
         raise AgentkernelError(f"--transport must be stdio or http (got {transport!r})")
     chosen: Literal["stdio", "http"] = "stdio" if transport == "stdio" else "http"
-    run(chosen, host=host, port=port, project_dir=Path.cwd(), output_limit=output_limit)
+    run(
+        chosen,
+        host=host,
+        port=port,
+        project_dir=Path.cwd(),
+        output_limit=output_limit,
+        default_lifetime=default_lifetime or None,
+    )

@@ -18,30 +18,44 @@ from agentkernel.client._common import (
     Event,
     ExitEvent,
     FileEntry,
+    FileEvent,
     OutputEvent,
     RunResult,
     SandboxInfo,
+    SnapshotInfo,
     Started,
 )
 from agentkernel.client.aio import AsyncClient, AsyncSandbox, AsyncTerminal, Opening
+from agentkernel.client.commands import AsyncCommandHandle, CommandHandle, CommandInfo, CommandOutput
+from agentkernel.client.files import AsyncFiles, AsyncFileWatch, Files, FileWatch
 from agentkernel.client.sync import Client, Sandbox, Terminal
 
 __all__ = [
     "ApiError",
     "AsyncClient",
+    "AsyncCommandHandle",
+    "AsyncFileWatch",
+    "AsyncFiles",
     "AsyncSandbox",
     "AsyncTerminal",
     "Client",
     "ClientConnectionError",
     "ClientError",
+    "CommandHandle",
+    "CommandInfo",
+    "CommandOutput",
     "Event",
     "ExitEvent",
     "FileEntry",
+    "FileEvent",
+    "FileWatch",
+    "Files",
     "Opening",
     "OutputEvent",
     "RunResult",
     "Sandbox",
     "SandboxInfo",
+    "SnapshotInfo",
     "Started",
     "Terminal",
 ]

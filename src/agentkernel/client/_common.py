@@ -67,7 +67,7 @@ class RunResult:
 @dataclass(frozen=True)
 class SandboxInfo:
     name: str
-    status: Literal["created", "starting", "running", "stopped", "failed"]
+    status: Literal["created", "starting", "running", "paused", "stopped", "failed"]
     backend: str
     image: str
     image_digest: str
@@ -78,15 +78,45 @@ class SandboxInfo:
     labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
     env: tuple[str, ...] = ()
     """The names of the variables set for every command in the sandbox."""
+    lifetime_s: float | None = None
+    """Seconds it runs after each start before it is stopped (None: until stopped)."""
+    lifetime_left_s: float | None = None
+    """Seconds until a running (or paused) sandbox is stopped, when it was last seen."""
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """A saved sandbox (memory, processes, disk) that new sandboxes are forked from."""
+
+    name: str
+    source: str
+    created_at: str
+    image: str
+    disk_bytes: int
 
 
 @dataclass(frozen=True)
 class FileEntry:
+    """A file or directory. `name` is its name in a listing (its path below the listed directory
+    when listed with a depth), its full path from `stat`; `mode` is the permission bits as an octal
+    string, "0644", as everywhere in agentkernel."""
+
     name: str
     kind: Literal["file", "dir", "symlink", "other"]
     size: int
-    mode: int
+    mode: str
     mtime_ns: int
+
+
+@dataclass(frozen=True)
+class FileEvent:
+    """A change under a watched directory: `name` relative to it, `kind` "file" or "dir", `event`
+    one of create, write, remove, moved_from, moved_to, chmod, or overflow (changes were dropped:
+    list the directory again)."""
+
+    name: str
+    kind: str
+    event: str
 
 
 @dataclass(frozen=True)
@@ -204,13 +234,14 @@ def command_body(
     return {k: v for k, v in body.items() if v is not None}
 
 
-def file_path(name: str, path: str) -> str:
-    """The URL path of a guest file. `..` is refused here: URL normalization would resolve it."""
+def file_path(name: str, path: str, route: str = "files") -> str:
+    """The URL path of a guest file under `route` (files, stat, exists, mkdir, rename, watch). `..`
+    is refused here: URL normalization would resolve it."""
     if not path.startswith("/"):
         raise ValueError(f"{path!r}: paths in a sandbox are absolute")
     if ".." in path.split("/"):
         raise ValueError(f"{path!r}: '..' segments are not allowed")
-    return f"/sandboxes/{quote(name, safe='')}/files/{quote(path.lstrip('/'), safe='/')}"
+    return f"/sandboxes/{quote(name, safe='')}/{route}/{quote(path.lstrip('/'), safe='/')}"
 
 
 def sandbox_path(name: str, action: str = "") -> str:
@@ -234,6 +265,19 @@ def run_result(data: dict[str, Any]) -> RunResult:
     return _known(RunResult, data)
 
 
+def snapshot_info(data: dict[str, Any]) -> SnapshotInfo:
+    return _known(SnapshotInfo, data)
+
+
+def snapshot_path(name: str, action: str = "") -> str:
+    return f"/snapshots/{quote(name, safe='')}{action}"
+
+
+def fork_body(name: str | None, timeout: float | None) -> dict[str, Any]:
+    """The body of POST /snapshots/{name}/fork."""
+    return {k: v for k, v in {"name": name, "timeout": timeout}.items() if v is not None}
+
+
 def sandbox_info(data: dict[str, Any]) -> SandboxInfo:
     info = _known(SandboxInfo, data)
     return dataclasses.replace(info, labels=dict(info.labels), env=tuple(info.env))
@@ -250,10 +294,12 @@ def create_body(
     secrets: Sequence[str] | None,
     env: Mapping[str, str] | None,
     labels: Mapping[str, str] | None,
+    timeout: float | None = None,
 ) -> dict[str, Any]:
-    """The body of POST /sandboxes (what is not given is left to the server's agentkernel.toml)."""
+    """The body of POST /sandboxes (what is not given is left to the server's agentkernel.toml, and
+    a lifetime to the server's default)."""
     body: dict[str, Any] = {"name": name, "image": image, "profile": profile, "vcpus": vcpus}
-    body = {k: v for k, v in {**body, "memory_mb": memory_mb}.items() if v is not None}
+    body = {k: v for k, v in {**body, "memory_mb": memory_mb, "timeout": timeout}.items() if v is not None}
     if secrets:  # names of secrets the server holds (docs/secrets.md); values never leave it
         body["secrets"] = list(secrets)
     if env:

@@ -15,7 +15,7 @@ from collections.abc import (
     Sequence,
 )
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar, overload
 
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
@@ -34,6 +34,7 @@ from agentkernel.client._common import (
     OutputEvent,
     RunResult,
     SandboxInfo,
+    SnapshotInfo,
     SSEParser,
     attach_url,
     command_body,
@@ -41,6 +42,7 @@ from agentkernel.client._common import (
     dropped,
     file_entries,
     file_path,
+    fork_body,
     headers,
     label_filter,
     problem_error,
@@ -48,9 +50,19 @@ from agentkernel.client._common import (
     run_result,
     sandbox_info,
     sandbox_path,
+    snapshot_info,
+    snapshot_path,
     terminal_control,
     transport_errors,
 )
+from agentkernel.client.commands import (
+    AsyncCommandHandle,
+    CommandInfo,
+    command_info,
+    commands_path,
+    start_body,
+)
+from agentkernel.client.files import AsyncFiles
 
 H = TypeVar("H", bound=AbstractAsyncContextManager[Any])
 
@@ -224,13 +236,15 @@ class AsyncClient:
         secrets: Sequence[str] | None = None,
         env: Mapping[str, str] | None = None,
         labels: Mapping[str, str] | None = None,
+        timeout: float | None = None,
     ) -> Opening[AsyncSandbox]:
         """A new sandbox (booted unless `start` is False): `await` it, or `async with` it directly to
         have it removed on exit. `env` is set for every command in it (a command's own wins);
-        `labels` find it in a list."""
+        `labels` find it in a list; `timeout` is its lifetime in seconds (default: the server's; 0:
+        none, it runs until stopped), see `AsyncSandbox.set_timeout`."""
         body = create_body(
             name, image=image, profile=profile, vcpus=vcpus, memory_mb=memory_mb, start=start,
-            secrets=secrets, env=env, labels=labels,
+            secrets=secrets, env=env, labels=labels, timeout=timeout,
         )  # fmt: skip
         return Opening(self._create_sandbox(body))
 
@@ -247,6 +261,23 @@ class AsyncClient:
         response = await self._request("GET", sandbox_path(name))
         return AsyncSandbox(self, sandbox_info(response.json()), owned=False)
 
+    async def list_snapshots(self) -> list[SnapshotInfo]:
+        return [snapshot_info(s) for s in (await self._request("GET", "/snapshots")).json()]
+
+    def fork(
+        self, snapshot: str, name: str | None = None, *, timeout: float | None = None
+    ) -> Opening[AsyncSandbox]:
+        """A new running sandbox resumed from `snapshot` (see `AsyncSandbox.snapshot`): `await` it,
+        or `async with` it to have it removed on exit. `timeout`: as for `create_sandbox`."""
+        return Opening(self._fork(snapshot, fork_body(name, timeout)))
+
+    async def _fork(self, snapshot: str, body: dict[str, Any]) -> AsyncSandbox:
+        response = await self._request("POST", snapshot_path(snapshot, "/fork"), json=body)
+        return AsyncSandbox(self, sandbox_info(response.json()), owned=True)
+
+    async def remove_snapshot(self, snapshot: str) -> None:
+        await self._request("DELETE", snapshot_path(snapshot))
+
 
 class AsyncSandbox:
     """A sandbox on the server. `info` is its state as last seen (see `refresh`)."""
@@ -256,6 +287,8 @@ class AsyncSandbox:
         self.info = info
         self.name = info.name
         self._owned = owned
+        self.files = AsyncFiles(self)
+        """Its files: stat, exists, list, mkdir, rename, remove, read, write, watch."""
 
     async def __aenter__(self) -> AsyncSandbox:
         return self
@@ -278,6 +311,28 @@ class AsyncSandbox:
 
     async def stop(self) -> SandboxInfo:
         return await self._info("POST", "/stop")
+
+    async def set_timeout(self, timeout: float) -> SandboxInfo:
+        """Stop the sandbox `timeout` seconds from now, earlier or later than before (0: run until
+        stopped); for this run only: a later start gets its lifetime again."""
+        path = sandbox_path(self.name, "/timeout")
+        response = await self._client._request("POST", path, json={"timeout": timeout})
+        self.info = sandbox_info(response.json())
+        return self.info
+
+    async def pause(self) -> SandboxInfo:
+        """Freeze the sandbox, its memory kept: its processes stop where they are, and commands and
+        file operations are refused (ApiError 409) until `resume`."""
+        return await self._info("POST", "/pause")
+
+    async def resume(self) -> SandboxInfo:
+        """Let a paused sandbox's processes run on where they were."""
+        return await self._info("POST", "/resume")
+
+    async def snapshot(self, name: str) -> SnapshotInfo:
+        """Save the running sandbox (memory, processes, disk) as snapshot `name`; it runs on."""
+        path = sandbox_path(self.name, "/snapshots")
+        return snapshot_info((await self._client._request("POST", path, json={"name": name})).json())
 
     async def remove(self, *, force: bool = False) -> None:
         params = {"force": "true"} if force else {}
@@ -322,6 +377,87 @@ class AsyncSandbox:
         body = command_body(command, env=env, cwd=cwd, timeout=timeout, stdin=stdin)
         return self._client._events(sandbox_path(self.name, "/exec/stream"), body, on_stdout, on_stderr)
 
+    # -- background commands (commands.py) --------------------------------------------------
+
+    @overload
+    async def run(
+        self,
+        command: Sequence[str],
+        *,
+        background: Literal[False] = False,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        stdin: str | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> RunResult: ...
+
+    @overload
+    async def run(
+        self,
+        command: Sequence[str],
+        *,
+        background: Literal[True],
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        stdin: str | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> AsyncCommandHandle: ...
+
+    async def run(
+        self,
+        command: Sequence[str],
+        *,
+        background: bool = False,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        stdin: str | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> RunResult | AsyncCommandHandle:
+        """Run a command: as `exec` (waits for its exit), or with `background` started detached, a
+        AsyncCommandHandle at once. A background command runs on when this client is gone, until it exits, its
+        `timeout` is up or the sandbox stops; its stdout and stderr are one stream, which `on_stdout`
+        (or `on_stderr`, when only it is given) is called with while the handle's `wait()` reads it.
+        `stdin`, for a background command, is written to it and its stdin then closed."""
+        if not background:
+            return await self.exec(
+                command,
+                env=env,
+                cwd=cwd,
+                timeout=timeout,
+                stdin=stdin,
+                on_stdout=on_stdout,
+                on_stderr=on_stderr,
+            )
+        body = start_body(command, env=env, cwd=cwd, timeout=timeout)
+        started = (await self._client._request("POST", commands_path(self.name), json=body)).json()
+        handle = AsyncCommandHandle(
+            self._client, self.name, started["id"], started["pid"], on_stdout or on_stderr
+        )
+        if stdin is not None:
+            await handle.send_stdin(stdin)
+            await handle.close_stdin()
+        return handle
+
+    async def list_commands(self) -> list[CommandInfo]:
+        """Its background commands, oldest first (ended ones too, until newer ones push them out)."""
+        return [
+            command_info(c) for c in (await self._client._request("GET", commands_path(self.name))).json()
+        ]
+
+    async def connect_command(
+        self, command_id: int, *, on_stdout: OutputCallback | None = None
+    ) -> AsyncCommandHandle:
+        """A handle to background command `command_id` (from `run` or `list_commands`), say after a
+        restart of this program; its output is read from the start."""
+        info = command_info((await self._client._request("GET", commands_path(self.name, command_id))).json())
+        return AsyncCommandHandle(self._client, self.name, info.id, info.pid, on_stdout)
+
     async def read_file(self, path: str) -> bytes:
         return b"".join([chunk async for chunk in self.iter_file(path)])
 
@@ -341,11 +477,12 @@ class AsyncSandbox:
         path: str,
         data: bytes | Iterable[bytes] | AsyncIterable[bytes],
         *,
-        mode: int = 0o644,
+        mode: str = "0644",
         parents: bool = False,
     ) -> int:
-        """Write a file (bytes, or chunks from a sync or async iterable); returns its size."""
-        params = {"mode": f"{mode:o}", "parents": "true" if parents else "false"}
+        """Write a file (bytes, or chunks from a sync or async iterable); returns its size. `mode` is
+        octal permission bits, "0644"."""
+        params = {"mode": mode, "parents": "true" if parents else "false"}
         content = bytes(data) if isinstance(data, bytes | bytearray | memoryview) else data
         response = await self._client._request(
             "PUT", file_path(self.name, path), content=content, params=params

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
-from typing import IO, Any
+from typing import IO, Any, Literal, overload
 
 import httpx
 from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK, InvalidStatus, InvalidURI
@@ -24,6 +24,7 @@ from agentkernel.client._common import (
     OutputEvent,
     RunResult,
     SandboxInfo,
+    SnapshotInfo,
     SSEParser,
     attach_url,
     command_body,
@@ -31,6 +32,7 @@ from agentkernel.client._common import (
     dropped,
     file_entries,
     file_path,
+    fork_body,
     headers,
     label_filter,
     problem_error,
@@ -38,9 +40,13 @@ from agentkernel.client._common import (
     run_result,
     sandbox_info,
     sandbox_path,
+    snapshot_info,
+    snapshot_path,
     terminal_control,
     transport_errors,
 )
+from agentkernel.client.commands import CommandHandle, CommandInfo, command_info, commands_path, start_body
+from agentkernel.client.files import Files
 
 
 class Client:
@@ -190,12 +196,15 @@ class Client:
         secrets: Sequence[str] | None = None,
         env: Mapping[str, str] | None = None,
         labels: Mapping[str, str] | None = None,
+        timeout: float | None = None,
     ) -> Sandbox:
         """A new sandbox (booted unless `start` is False); as a context manager, removed on exit.
-        `env` is set for every command in it (a command's own wins); `labels` find it in a list."""
+        `env` is set for every command in it (a command's own wins); `labels` find it in a list;
+        `timeout` is its lifetime in seconds (default: the server's; 0: none, it runs until stopped),
+        see `Sandbox.set_timeout`."""
         body = create_body(
             name, image=image, profile=profile, vcpus=vcpus, memory_mb=memory_mb, start=start,
-            secrets=secrets, env=env, labels=labels,
+            secrets=secrets, env=env, labels=labels, timeout=timeout,
         )  # fmt: skip
         info = sandbox_info(self._request("POST", "/sandboxes", json=body).json())
         return Sandbox(self, info, owned=True)
@@ -203,6 +212,18 @@ class Client:
     def sandbox(self, name: str) -> Sandbox:
         """A handle to an existing sandbox; leaving it as a context manager does not remove it."""
         return Sandbox(self, sandbox_info(self._request("GET", sandbox_path(name)).json()), owned=False)
+
+    def list_snapshots(self) -> list[SnapshotInfo]:
+        return [snapshot_info(s) for s in self._request("GET", "/snapshots").json()]
+
+    def fork(self, snapshot: str, name: str | None = None, *, timeout: float | None = None) -> Sandbox:
+        """A new running sandbox resumed from `snapshot` (see `Sandbox.snapshot`); as a context
+        manager, removed on exit. `timeout`: as for `create_sandbox`."""
+        response = self._request("POST", snapshot_path(snapshot, "/fork"), json=fork_body(name, timeout))
+        return Sandbox(self, sandbox_info(response.json()), owned=True)
+
+    def remove_snapshot(self, snapshot: str) -> None:
+        self._request("DELETE", snapshot_path(snapshot))
 
 
 class Sandbox:
@@ -213,6 +234,8 @@ class Sandbox:
         self.info = info
         self.name = info.name
         self._owned = owned
+        self.files = Files(self)
+        """Its files: stat, exists, list, mkdir, rename, remove, read, write, watch."""
 
     def __enter__(self) -> Sandbox:
         return self
@@ -233,6 +256,27 @@ class Sandbox:
 
     def stop(self) -> SandboxInfo:
         return self._info("POST", "/stop")
+
+    def set_timeout(self, timeout: float) -> SandboxInfo:
+        """Stop the sandbox `timeout` seconds from now, earlier or later than before (0: run until
+        stopped); for this run only: a later start gets its lifetime again."""
+        path = sandbox_path(self.name, "/timeout")
+        self.info = sandbox_info(self._client._request("POST", path, json={"timeout": timeout}).json())
+        return self.info
+
+    def pause(self) -> SandboxInfo:
+        """Freeze the sandbox, its memory kept: its processes stop where they are, and commands and
+        file operations are refused (ApiError 409) until `resume`."""
+        return self._info("POST", "/pause")
+
+    def resume(self) -> SandboxInfo:
+        """Let a paused sandbox's processes run on where they were."""
+        return self._info("POST", "/resume")
+
+    def snapshot(self, name: str) -> SnapshotInfo:
+        """Save the running sandbox (memory, processes, disk) as snapshot `name`; it runs on."""
+        path = sandbox_path(self.name, "/snapshots")
+        return snapshot_info(self._client._request("POST", path, json={"name": name}).json())
 
     def remove(self, *, force: bool = False) -> None:
         params = {"force": "true"} if force else {}
@@ -274,6 +318,81 @@ class Sandbox:
         body = command_body(command, env=env, cwd=cwd, timeout=timeout, stdin=stdin)
         return self._client._events(sandbox_path(self.name, "/exec/stream"), body, on_stdout, on_stderr)
 
+    # -- background commands (commands.py) --------------------------------------------------
+
+    @overload
+    def run(
+        self,
+        command: Sequence[str],
+        *,
+        background: Literal[False] = False,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        stdin: str | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> RunResult: ...
+
+    @overload
+    def run(
+        self,
+        command: Sequence[str],
+        *,
+        background: Literal[True],
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        stdin: str | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> CommandHandle: ...
+
+    def run(
+        self,
+        command: Sequence[str],
+        *,
+        background: bool = False,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        stdin: str | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> RunResult | CommandHandle:
+        """Run a command: as `exec` (waits for its exit), or with `background` started detached, a
+        CommandHandle at once. A background command runs on when this client is gone, until it exits, its
+        `timeout` is up or the sandbox stops; its stdout and stderr are one stream, which `on_stdout`
+        (or `on_stderr`, when only it is given) is called with while the handle's `wait()` reads it.
+        `stdin`, for a background command, is written to it and its stdin then closed."""
+        if not background:
+            return self.exec(
+                command,
+                env=env,
+                cwd=cwd,
+                timeout=timeout,
+                stdin=stdin,
+                on_stdout=on_stdout,
+                on_stderr=on_stderr,
+            )
+        body = start_body(command, env=env, cwd=cwd, timeout=timeout)
+        started = (self._client._request("POST", commands_path(self.name), json=body)).json()
+        handle = CommandHandle(self._client, self.name, started["id"], started["pid"], on_stdout or on_stderr)
+        if stdin is not None:
+            handle.send_stdin(stdin)
+            handle.close_stdin()
+        return handle
+
+    def list_commands(self) -> list[CommandInfo]:
+        """Its background commands, oldest first (ended ones too, until newer ones push them out)."""
+        return [command_info(c) for c in (self._client._request("GET", commands_path(self.name))).json()]
+
+    def connect_command(self, command_id: int, *, on_stdout: OutputCallback | None = None) -> CommandHandle:
+        """A handle to background command `command_id` (from `run` or `list_commands`), say after a
+        restart of this program; its output is read from the start."""
+        info = command_info((self._client._request("GET", commands_path(self.name, command_id))).json())
+        return CommandHandle(self._client, self.name, info.id, info.pid, on_stdout)
+
     def read_file(self, path: str) -> bytes:
         return b"".join(self.iter_file(path))
 
@@ -292,12 +411,13 @@ class Sandbox:
         path: str,
         data: bytes | Iterable[bytes] | IO[bytes],
         *,
-        mode: int = 0o644,
+        mode: str = "0644",
         parents: bool = False,
     ) -> int:
-        """Write a file (bytes, an iterable of chunks, or a binary file object); returns its size."""
+        """Write a file (bytes, an iterable of chunks, or a binary file object); returns its size.
+        `mode` is octal permission bits, "0644"."""
         content = _chunks(data)
-        params = {"mode": f"{mode:o}", "parents": "true" if parents else "false"}
+        params = {"mode": mode, "parents": "true" if parents else "false"}
         response = self._client._request("PUT", file_path(self.name, path), content=content, params=params)
         size: int = response.json()["size"]
         return size

@@ -183,32 +183,15 @@ async def health() -> Health:
 
 @router.get("/fleet/nodes", tags=["fleet"])
 async def list_nodes(request: Request) -> list[dict[str, Any]]:
-    return [node_view(n) for n in await store.live_nodes(fleet_of(request).etcd)]
+    return [store.node_view(n) for n in await store.live_nodes(fleet_of(request).etcd)]
 
 
 @router.get("/fleet/nodes/{node}", tags=["fleet"])
 async def get_node(node: NodeId, request: Request) -> dict[str, Any]:
     for live in await store.live_nodes(fleet_of(request).etcd):
         if live.info.id == node:
-            return node_view(live)
+            return store.node_view(live)
     raise NoSuchNodeError(node)
-
-
-def node_view(node: store.LiveNode) -> dict[str, Any]:
-    info = node.info
-    return {
-        "id": info.id,
-        "url": info.url,
-        "version": info.version,
-        "cores": info.cores,
-        "memory_mb": info.memory_mb,
-        "capacity": info.capacity,
-        "placed": node.load.count,
-        "placed_memory_mb": node.load.memory_mb,
-        "running": info.running,
-        "sandboxes": info.sandboxes,
-        "images": list(info.images),
-    }
 
 
 @router.get("/sandboxes", tags=["sandboxes"])

@@ -221,3 +221,21 @@ async def release(etcd: Etcd, name: str) -> None:
         if await etcd.txn([unchanged(key, kv), unchanged(lkey, load_kv)], ops):
             return
     raise FleetError(f"could not release '{name}': its node's load kept changing")
+
+
+def node_view(node: LiveNode) -> dict[str, Any]:
+    """A node as `fleet nodes` and `GET /fleet/nodes` show it."""
+    info = node.info
+    return {
+        "id": info.id,
+        "url": info.url,
+        "version": info.version,
+        "cores": info.cores,
+        "memory_mb": info.memory_mb,
+        "capacity": info.capacity,
+        "placed": node.load.count,
+        "placed_memory_mb": node.load.memory_mb,
+        "running": info.running,
+        "sandboxes": info.sandboxes,
+        "images": list(info.images),
+    }

@@ -36,8 +36,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agentkernel import __version__
 from agentkernel.errors import AgentkernelError
+from agentkernel.mcp_server.files import file_tools
+from agentkernel.mcp_server.lifecycle import lifecycle_tools
 from agentkernel.protocol.connection import ExitStatus, FileInfo, Process
 from agentkernel.sandbox.view import SandboxView
+from agentkernel.service.files import MAX_DEPTH, MODE_DESCRIPTION, MODE_PATTERN, format_mode, parse_mode
+from agentkernel.service.lifetimes import DEFAULT_LIFETIME, lifetime_for
 from agentkernel.service.request import SandboxFlags
 from agentkernel.service.service import CommandSpec, SandboxService, exec_on
 
@@ -62,9 +66,11 @@ INSTRUCTIONS = """\
 agentkernel runs commands in microVM sandboxes: each has its own Linux kernel, isolated from the host.
 Use run_command for a one-off command in a fresh sandbox (removed afterwards). For work that spans
 several commands, create_sandbox, then exec_in_sandbox / read_file / write_file / list_files on it, and
-remove_sandbox when done. A command given as one string runs with /bin/sh -c. Long output is shown as
-its head and tail with a line saying what was left out and how to read it (read_file with an offset,
-or get_output)."""
+remove_sandbox when done (a sandbox is stopped when its lifetime is over: set_sandbox_timeout
+extends it). start_command runs a server or a long job in the background (read_command_output,
+wait_command and kill_command follow it). A command given as one string runs with /bin/sh -c.
+Long output is shown as its head and tail with a line saying what was left out and how to read it
+(read_file with an offset, or get_output)."""
 
 CommandArg = Annotated[
     list[str] | str,
@@ -157,7 +163,7 @@ class Entry(BaseModel):
     @classmethod
     def of(cls, info: FileInfo) -> Entry:
         return cls.model_validate(
-            {"name": info.name, "kind": info.kind, "size": info.size, "mode": f"{info.mode:04o}"}
+            {"name": info.name, "kind": info.kind, "size": info.size, "mode": format_mode(info.mode)}
         )
 
 
@@ -446,9 +452,12 @@ def checked_limit(limit: int | None) -> int:
     return limit
 
 
-def build_server(project_dir: Path, *, output_limit: int | None = None) -> MCPServer[None]:
+def build_server(
+    project_dir: Path, *, output_limit: int | None = None, default_lifetime: float | None = DEFAULT_LIFETIME
+) -> MCPServer[None]:
     """The server; `output_limit` is the bytes of each stream a result shows unless a call asks for
-    another (default OUTPUT_LIMIT)."""
+    another (default OUTPUT_LIMIT); `default_lifetime` the seconds a sandbox made without a lifetime
+    runs (None: until removed)."""
     sandboxes = SandboxService(project_dir)
     outputs = OutputStore()
     default_limit = checked_limit(output_limit)
@@ -525,6 +534,14 @@ def build_server(project_dir: Path, *, output_limit: int | None = None) -> MCPSe
         vcpus: Annotated[int | None, Field(description="Virtual CPUs.")] = None,
         memory_mb: Annotated[int | None, Field(description="Memory in MiB.")] = None,
         start: Annotated[bool, Field(description="Boot it as well.")] = True,
+        timeout: Annotated[
+            float | None,
+            Field(
+                ge=0,
+                description="Lifetime in seconds: it is stopped this long after it starts (default: "
+                "the server's; 0: none). set_sandbox_timeout changes it.",
+            ),
+        ] = None,
         secrets: Secrets = (),
         env: Annotated[
             dict[str, str] | None,
@@ -534,7 +551,8 @@ def build_server(project_dir: Path, *, output_limit: int | None = None) -> MCPSe
             dict[str, str] | None, Field(description="Labels to find it by (list_sandboxes filters on them).")
         ] = None,
     ) -> SandboxView:
-        """Create a sandbox that lasts until removed (booted unless start is false)."""
+        """Create a sandbox (booted unless start is false); it is stopped when its lifetime is over,
+        and removed only by remove_sandbox."""
         flags = SandboxFlags(
             image=image,
             vcpus=vcpus,
@@ -543,6 +561,7 @@ def build_server(project_dir: Path, *, output_limit: int | None = None) -> MCPSe
             secrets=tuple(secrets),
             env=env or {},
             labels=labels or {},
+            lifetime=lifetime_for(timeout, default_lifetime),
         )
         request = await sandboxes.resolve(flags)
         return SandboxView.of(await sandboxes.create(request, name=name, start=start))
@@ -639,20 +658,40 @@ def build_server(project_dir: Path, *, output_limit: int | None = None) -> MCPSe
         encoding: Annotated[
             Literal["utf-8", "base64"], Field(description="How content is encoded.")
         ] = "utf-8",
-        mode: Annotated[str, Field(pattern="^0?[0-7]{1,4}$", description="Octal permissions.")] = "644",
+        mode: Annotated[str, Field(pattern=MODE_PATTERN, description=MODE_DESCRIPTION)] = "0644",
     ) -> Done:
         """Write a file in a sandbox, replacing it whole."""
         data = _decode(content, encoding)
         await sandboxes.mkdir(name, posixpath.dirname(path) or "/", parents=True)
-        size = await sandboxes.write_file(name, path, _once(data), mode=int(mode, 8))
+        size = await sandboxes.write_file(name, path, _once(data), mode=parse_mode(mode))
         return Done(detail=f"wrote {size} bytes to {path}")
 
     @tool(READS)
     async def list_files(
-        name: Name, path: Annotated[str, Field(description="Absolute directory path in the sandbox.")] = "/"
+        name: Name,
+        path: Annotated[str, Field(description="Absolute directory path in the sandbox.")] = "/",
+        depth: Annotated[
+            int,
+            Field(
+                description=f"Levels to list: 1 is the directory's own entries; more lists below it "
+                f"too, each name its path below `path` (at most {MAX_DEPTH}).",
+                ge=1,
+                le=MAX_DEPTH,
+            ),
+        ] = 1,
     ) -> Listing:
-        """List a directory in a sandbox."""
-        return Listing(path=path, entries=[Entry.of(e) for e in await sandboxes.list_dir(name, path)])
+        """List a directory in a sandbox, optionally recursively."""
+        entries = await sandboxes.list_dir(name, path, depth=depth)
+        return Listing(path=path, entries=[Entry.of(e) for e in entries])
+
+    for fn, hinted in file_tools(sandboxes):
+        tool(hinted)(fn)
+    for fn, hinted in lifecycle_tools(sandboxes, default_lifetime=default_lifetime):
+        tool(hinted)(fn)
+    from agentkernel.mcp_server.commands import command_tools  # it builds on this module
+
+    for fn, hinted in command_tools(sandboxes, default_limit):
+        tool(hinted)(fn)
 
     @contextlib.asynccontextmanager
     async def lifespan(_server: MCPServer[None]) -> AsyncIterator[None]:
@@ -695,13 +734,14 @@ def run(
     port: int,
     project_dir: Path,
     output_limit: int | None = None,
+    default_lifetime: float | None = DEFAULT_LIFETIME,
 ) -> None:
     """Serve until the client goes away (stdio) or until interrupted (http, loopback only).
 
     Over HTTP, the SDK's streamable-HTTP app is wrapped in the HTTP API's own Host and Origin check
     (`agentkernel.api.guard`), so both servers refuse web pages alike; the SDK's check is turned off.
     """
-    server = build_server(project_dir, output_limit=output_limit)
+    server = build_server(project_dir, output_limit=output_limit, default_lifetime=default_lifetime)
     if transport == "stdio":
         server.run("stdio")
         return

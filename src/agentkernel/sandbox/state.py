@@ -65,7 +65,7 @@ CREATE TABLE IF NOT EXISTS sandboxes (
 )
 """
 
-Status = Literal["created", "starting", "running", "stopped", "failed"]
+Status = Literal["created", "starting", "running", "paused", "stopped", "failed"]
 STATUSES: tuple[Status, ...] = get_args(Status)
 Owner = dict[str, Any]
 """A process, as `service.owners` marks it: its pid and start time."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -42,6 +43,9 @@ class SandboxView(BaseModel):
     mounts: list[MountView]
     lifetime_s: float | None = Field(description="Seconds it runs after each start before it is stopped.")
     stops_at: str | None = Field(description="When a running sandbox's lifetime ends (UTC).")
+    lifetime_left_s: float | None = Field(
+        None, description="Seconds until a running (or paused) sandbox's lifetime ends."
+    )
     stop_reason: str | None = Field(description="Why it stopped or failed, when it did on its own.")
     snapshot: str | None = Field(description="The snapshot it was forked from.")
     secrets: list[str] = Field(description="The names of the secrets its gateway brokers for it.")
@@ -51,7 +55,7 @@ class SandboxView(BaseModel):
     @classmethod
     def of(cls, record: SandboxRecord) -> SandboxView:
         policy = record.effective_policy
-        running = record.status == "running" and record.deadline is not None
+        running = record.status in ("running", "paused") and record.deadline is not None
         return cls(
             name=record.name,
             status=record.status,
@@ -68,6 +72,11 @@ class SandboxView(BaseModel):
             mounts=[MountView(guest=m.guest, read_only=m.read_only) for m in record.mounts],
             lifetime_s=record.lifetime_s,
             stops_at=_utc(record.deadline) if running and record.deadline is not None else None,
+            lifetime_left_s=(
+                max(0.0, round(record.deadline - time.time(), 1))
+                if running and record.deadline is not None
+                else None
+            ),
             stop_reason=record.stop_reason,
             snapshot=record.snapshot,
             secrets=sorted(str(s.get("name")) for s in record.secrets),

@@ -16,6 +16,7 @@ import fcntl
 import functools
 import hashlib
 import json
+import math
 import os
 import secrets
 import subprocess
@@ -31,7 +32,15 @@ import anyio
 from agentkernel import hostinfo, metrics, paths
 from agentkernel.artifacts import kernel as kernel_artifact
 from agentkernel.backends import get_backend
-from agentkernel.backends.base import Backend, Mount, SnapshotBackend, VMSpec, exit_reason, file_tail
+from agentkernel.backends.base import (
+    Backend,
+    Mount,
+    PausableBackend,
+    SnapshotBackend,
+    VMSpec,
+    exit_reason,
+    file_tail,
+)
 from agentkernel.backends.firecracker import version as firecracker_version
 from agentkernel.config import DEFAULT_MEMORY_MB, DEFAULT_VCPUS, PROFILES, Config, Policy, image_name
 from agentkernel.detect import detect_image
@@ -250,10 +259,10 @@ def now() -> str:
 
 def reconcile(record: SandboxRecord) -> SandboxRecord:
     """Bring a record's status in line with the VMM process it names (or, while it is starting,
-    with the process starting it)."""
+    with the process starting it). A paused sandbox's VMM is running too, its vCPUs stopped."""
     if record.status == "starting":
         return _reconcile_start(record)
-    if record.status != "running" or record.pid is None:
+    if record.status not in ("running", "paused") or record.pid is None:
         return record
     backend = get_backend(record.backend)
     spec = spec_of(record)
@@ -468,7 +477,7 @@ def _spawn(name: str, lock: Flock) -> _Boot:
     record, spawn the VMM, record it running."""
     with lock.held_here():
         record = get(name)
-    if record.status in ("running", "starting"):
+    if record.status in ("running", "starting", "paused"):
         raise SandboxStateError(f"sandbox '{name}' is already {record.status}")
     backend = get_backend(record.backend)
     spec = spec_of(record)
@@ -486,7 +495,7 @@ def _spawn(name: str, lock: Flock) -> _Boot:
     deadline = None
     if lifetime := record.lifetime_s:
         deadline = time.time() + lifetime
-        _watchdog(spec, pid, lifetime)
+        arm_watchdog(spec, pid, deadline)
     state.update(name, status="running", pid=pid, starter=None, stop_reason=None, deadline=deadline)
     record.status, record.pid, record.stop_reason, record.deadline = "running", pid, None, deadline
     return _Boot(record, backend, spec, pid)
@@ -570,11 +579,41 @@ def _configure(conn: Connection, record: SandboxRecord) -> None:
     conn.observer = observe
 
 
-def _watchdog(spec: VMSpec, pid: int, lifetime: float) -> None:
-    """A detached `sleep` that kills the VMM when its lifetime is over, whoever is (not) watching."""
-    script = 'sleep "$1"; grep -qF "$2" /proc/"$3"/cmdline 2>/dev/null && kill -KILL "$3"'
+def deadline_file(spec: VMSpec) -> Path:
+    """Where the running sandbox's deadline is kept for its watchdogs (whole seconds since the epoch);
+    no file: it has no lifetime."""
+    return spec.rundir / "deadline"
+
+
+def set_deadline(spec: VMSpec, deadline: float | None) -> None:
+    """Write (or, with None, remove) the deadline the sandbox's watchdogs read."""
+    path = deadline_file(spec)
+    if deadline is None:
+        path.unlink(missing_ok=True)
+        return
+    scratch = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    with paths.open_private(scratch, "w") as f:
+        f.write(f"{math.ceil(deadline)}\n")
+    scratch.replace(path)  # a watchdog reads the old deadline or the new one, never half of it
+
+
+# Sleeps until the deadline in file $1, reading it again on waking (it may have been moved later),
+# and kills VMM $3 (if it still is the sandbox's: its command line names run directory $2) once the
+# deadline has passed; ends quietly if the file is gone (the lifetime was removed, or the sandbox
+# stopped).
+WATCHDOG = """
+while d=$(cat "$1" 2>/dev/null) && n=$(date +%s) && [ "$n" -lt "$d" ]; do sleep $((d - n)); done
+[ -f "$1" ] && grep -qF "$2" /proc/"$3"/cmdline 2>/dev/null && kill -KILL "$3"
+"""
+
+
+def arm_watchdog(spec: VMSpec, pid: int, deadline: float) -> None:
+    """Set the sandbox's deadline, and start a detached watchdog that kills the VMM once it has
+    passed, whoever is (not) watching. A deadline moved later needs no new watchdog (the running one
+    reads it again when it wakes); one moved earlier does, as the running one sleeps past it."""
+    set_deadline(spec, deadline)
     subprocess.Popen(
-        ["/bin/sh", "-c", script, "watchdog", str(int(lifetime) + 1), str(spec.rundir), str(pid)],
+        ["/bin/sh", "-c", WATCHDOG, "watchdog", str(deadline_file(spec)), str(spec.rundir), str(pid)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -663,6 +702,9 @@ async def stop(name: str, *, timeout: float = STOP_TIMEOUT) -> SandboxRecord:
         record = await anyio.to_thread.run_sync(current)
         backend = get_backend(record.backend)
         spec = spec_of(record)
+        if record.status == "paused" and record.pid is not None:  # runs on to power off cleanly
+            await cast(PausableBackend, backend).unpause(spec, record.pid)
+            record.status = "running"
         if record.status == "running" and record.pid is not None:
             await _shutdown(backend, spec, record.pid, timeout)
 
@@ -699,7 +741,7 @@ def _remove_locked(name: str, *, force: bool) -> None:
     record = get(name)
     backend = get_backend(record.backend)
     spec = spec_of(record)
-    if record.status in ("running", "starting") and not force:
+    if record.status in ("running", "starting", "paused") and not force:
         raise SandboxStateError(f"sandbox '{name}' is {record.status}: stop it first or remove it with force")
     # Whatever the record says: no process of the sandbox outlives its files (see `Backend.kill`).
     backend.kill(spec, record.pid)

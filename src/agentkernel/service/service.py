@@ -38,11 +38,28 @@ from agentkernel.errors import (
     NotAFileError,
     SandboxNotRunningError,
 )
-from agentkernel.protocol.connection import Connection, ExitStatus, FileInfo, Process, check_arguments
+from agentkernel.protocol.connection import (
+    Attachment,
+    BackgroundCommand,
+    BackgroundInfo,
+    Connection,
+    ExitStatus,
+    FileInfo,
+    Process,
+    Watch,
+    check_arguments,
+)
 from agentkernel.sandbox import state
 from agentkernel.sandbox.state import SandboxRecord
-from agentkernel.service import owners, sandboxes, snapshots
-from agentkernel.service.checks import check_command, check_env, check_timeout, guest_path, validate_name
+from agentkernel.service import commands, files, lifetimes, owners, sandboxes, snapshots
+from agentkernel.service.checks import (
+    check_command,
+    check_env,
+    check_lifetime,
+    check_timeout,
+    guest_path,
+    validate_name,
+)
 from agentkernel.service.connections import ConnectionPool
 from agentkernel.service.request import DEFAULTS, SandboxFlags, SandboxRequest, resolve_in
 from agentkernel.service.snapshots import Snapshot
@@ -244,12 +261,12 @@ class SandboxService:
         return await snapshots.create(validate_name(sandbox, field="sandbox"), validate_name(name))
 
     async def fork(
-        self, snapshot: str, name: str, *, pool: str | None = None, owned: bool = False
+        self, snapshot: str, name: str | None, *, pool: str | None = None, owned: bool = False
     ) -> SandboxRecord:
-        """A new running sandbox `name` resumed from `snapshot` (`pool`, `owned`: as for the pool's)."""
-        return await snapshots.fork(
-            validate_name(snapshot, field="snapshot"), validate_name(name), pool=pool, owned=owned
-        )
+        """A new running sandbox `name` (default: sandbox-XXXXXXXX) resumed from `snapshot` (`pool`,
+        `owned`: as for the pool's)."""
+        name = validate_name(name) if name else f"sandbox-{secrets.token_hex(4)}"
+        return await snapshots.fork(validate_name(snapshot, field="snapshot"), name, pool=pool, owned=owned)
 
     async def template(
         self, name: str, *, source: str, request: SandboxRequest, pool: str | None = None
@@ -278,6 +295,23 @@ class SandboxService:
         """Remove what makers of snapshots that died left half-written; the snapshots' names."""
         return await anyio.to_thread.run_sync(snapshots.discard_partial)
 
+    # -- lifetimes, pause and resume (lifetimes.py) ----------------------------------------------
+
+    async def set_timeout(self, name: str, seconds: float | None) -> SandboxRecord:
+        """End a running (or paused) sandbox `seconds` from now (None or 0: when it is stopped)."""
+        lifetime = check_lifetime(seconds, field="timeout") if seconds else None
+        return await lifetimes.set_timeout(validate_name(name), lifetime)
+
+    async def pause(self, name: str) -> SandboxRecord:
+        """Stop a running sandbox's vCPUs, its memory kept; commands and files wait for `resume`."""
+        name = validate_name(name)
+        await self.pool.discard(name)  # its agent cannot answer meanwhile
+        return await lifetimes.pause(name)
+
+    async def resume(self, name: str) -> SandboxRecord:
+        """Let a paused sandbox's processes run on where they were."""
+        return await lifetimes.resume(validate_name(name))
+
     # -- commands -----------------------------------------------------------------------------
 
     async def connection(self, name: str) -> Connection:
@@ -286,13 +320,75 @@ class SandboxService:
     async def exec(self, name: str, command: CommandSpec, *, pty: tuple[int, int] | None = None) -> Process:
         return await exec_on(await self.connection(name), command, pty=pty)
 
+    # -- background commands (commands.py) ----------------------------------------------------
+
+    async def start_command(self, name: str, command: CommandSpec) -> BackgroundCommand:
+        """Start `command` detached: it runs on without any client, until it exits, its timeout is
+        up, or the sandbox ends."""
+        return await (await self.connection(name)).exec_background(
+            command.argv, env=command.env, cwd=command.cwd, timeout=command.timeout
+        )
+
+    async def list_commands(self, name: str) -> list[BackgroundInfo]:
+        return await (await self.connection(name)).list_background()
+
+    async def command_info(self, name: str, command_id: int) -> BackgroundInfo:
+        command_id = commands.check_command_id(command_id)
+        return commands.find(await (await self.connection(name)).list_background(), command_id)
+
+    async def command_output(
+        self, name: str, command_id: int, *, offset: int = 0, follow: bool = True
+    ) -> Attachment:
+        """A reader of a background command's output from byte `offset` (0: from the start kept);
+        raises at once for an unknown id."""
+        command_id, offset = commands.check_command_id(command_id), commands.check_offset(offset)
+        conn = await self.connection(name)
+        return await conn.attach_background(command_id, offset=offset, follow=follow)
+
+    async def command_stdin(self, name: str, command_id: int, data: bytes, *, eof: bool = False) -> None:
+        command_id = commands.check_command_id(command_id)
+        commands.check_stdin(data)
+        await (await self.connection(name)).write_background(command_id, data, eof=eof)
+
+    async def signal_command(self, name: str, command_id: int, signal: str | int) -> int:
+        """Send `signal` (a name or number) to a background command; the signal's number."""
+        command_id, signo = commands.check_command_id(command_id), commands.parse_signal(signal)
+        await (await self.connection(name)).signal_background(command_id, signo)
+        return signo
+
+    async def wait_command(self, name: str, command_id: int) -> ExitStatus:
+        command_id = commands.check_command_id(command_id)
+        return await (await self.connection(name)).wait_background(command_id)
+
     # -- files --------------------------------------------------------------------------------
 
     async def stat(self, name: str, path: str) -> FileInfo:
         return await (await self.connection(name)).stat(guest_path(path))
 
-    async def list_dir(self, name: str, path: str) -> list[FileInfo]:
-        return await (await self.connection(name)).list_dir(guest_path(path))
+    async def exists(self, name: str, path: str) -> bool:
+        return await (await self.connection(name)).exists(guest_path(path))
+
+    async def list_dir(self, name: str, path: str, *, depth: int = 1) -> list[FileInfo]:
+        """A directory's entries by name; with `depth` > 1 those below it too, each named by its
+        path relative to `path`, parents first (symlinks are not followed)."""
+        path, depth = guest_path(path), files.check_depth(depth)
+        conn = await self.connection(name)
+        if depth == 1:  # in the guest's readdir order: sorted, as `walk` sorts each level
+            return sorted(await conn.list_dir(path), key=lambda e: e.name)
+        return await conn.walk(path, depth=depth)
+
+    async def rename(self, name: str, path: str, to: str) -> FileInfo:
+        """Move `path` to `to` (replacing a file there); what is at `to` afterwards."""
+        path, to = guest_path(path), guest_path(to, field="to")
+        if "/" in (path, to):
+            raise InvalidRequestError("path", "refusing to move the sandbox's root directory")
+        conn = await self.connection(name)
+        await conn.rename(path, to)
+        return await conn.stat(to)
+
+    async def watch(self, name: str, path: str, *, recursive: bool = False) -> Watch:
+        """Follow changes under directory `path`; the watch is active once this returns."""
+        return await (await self.connection(name)).watch(guest_path(path), recursive=recursive)
 
     async def open_file(self, name: str, path: str) -> tuple[FileInfo, AsyncGenerator[bytes, None]]:
         """A regular file's metadata and its bytes as they arrive (errors come before any byte)."""
@@ -327,8 +423,10 @@ class SandboxService:
             raise InvalidRequestError("mode", f"must be between 0 and 0o7777 (got {mode:#o})")
         return await (await self.connection(name)).write_file(guest_path(path), chunks, mode=mode)
 
-    async def mkdir(self, name: str, path: str, *, parents: bool = True) -> None:
-        await (await self.connection(name)).mkdir(guest_path(path), parents=parents)
+    async def mkdir(self, name: str, path: str, *, parents: bool = True, mode: int = 0o755) -> None:
+        if not 0 <= mode <= 0o7777:
+            raise InvalidRequestError("mode", f"must be between 0 and 0o7777 (got {mode:#o})")
+        await (await self.connection(name)).mkdir(guest_path(path), parents=parents, mode=mode)
 
     async def remove_path(self, name: str, path: str, *, recursive: bool = False) -> None:
         path = guest_path(path)

@@ -46,6 +46,7 @@ from agentkernel.backends.base import (
     runs_naming,
     tagged,
     tail_line,
+    vm_greeting,
 )
 from agentkernel.backends.firecracker.api import FirecrackerAPI
 from agentkernel.backends.firecracker.version import check_version
@@ -755,14 +756,9 @@ class FirecrackerBackend:
                 return None
             return await Connection.open_firecracker(sock, timeout=min(5.0, remaining))
 
-        async def greet(conn: Connection, remaining: float) -> None:
-            await conn.hello(
-                hostname=spec.name, max_procs=spec.max_procs, memory_mb=spec.memory_mb, timeout=remaining
-            )
-
         return await connect_agent(
             open_socket,
-            greet,
+            vm_greeting(spec),
             alive=lambda: self.is_alive(spec, pid),
             detail=lambda: failure_detail(spec),
             what="the microVM",

@@ -33,7 +33,7 @@ INFO = BackendInfo(
     name="qemu",
     rank=20,
     isolation="vm",
-    capabilities=frozenset({"snapshot", "network", "shared_dirs", "read_only_root"}),
+    capabilities=frozenset({"snapshot", "pause", "network", "shared_dirs", "read_only_root"}),
     probe=status,
     factory=_make,
 )

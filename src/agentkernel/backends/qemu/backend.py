@@ -30,6 +30,7 @@ from agentkernel.backends.base import (
     kill_tagged,
     runs_naming,
     tail_line,
+    vm_greeting,
 )
 from agentkernel.backends.qemu.qmp import Qmp
 from agentkernel.errors import AgentkernelError
@@ -274,14 +275,9 @@ class QemuBackend:
                 return None
             return await Connection.open_unix(sock, timeout=remaining, shared_stream=True)
 
-        async def greet(conn: Connection, remaining: float) -> None:
-            await conn.hello(
-                hostname=spec.name, max_procs=spec.max_procs, memory_mb=spec.memory_mb, timeout=remaining
-            )
-
         return await connect_agent(
             open_socket,
-            greet,
+            vm_greeting(spec),
             alive=lambda: self.is_alive(spec, pid),
             detail=lambda: console_tail(spec),
             what="the VM",
@@ -344,6 +340,19 @@ class QemuBackend:
         )  # fmt: skip
         if proc.returncode != 0:
             raise AgentkernelError(f"cannot save the sandbox disk: {proc.stderr.strip()[:300]}")
+
+    async def pause(self, spec: VMSpec, pid: int) -> None:
+        await self._qmp(spec, "stop")
+
+    async def unpause(self, spec: VMSpec, pid: int) -> None:
+        await self._qmp(spec, "cont")
+
+    async def _qmp(self, spec: VMSpec, command: str) -> None:
+        qmp = await Qmp.connect(qmp_socket(spec))
+        try:
+            await qmp.execute(command)
+        finally:
+            await qmp.close()
 
     async def resume(self, spec: VMSpec, pid: int) -> None:
         assert spec.restore is not None
