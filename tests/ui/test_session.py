@@ -121,8 +121,11 @@ def test_sandbox_page_files_and_actions(server: str) -> None:
             assert box.exec(["echo", "from", "the", "api"]).exit_code == 0
             ask = "GET http://169.254.169.254/ HTTP/1.1\\r\\nHost: 169.254.169.254\\r\\n\\r\\n"
             box.exec(["sh", "-c", f"printf '{ask}' | nc -w 10 10.0.2.100 3128"])
+            waiting = box.run(["sleep", "600"], background=True)
         page = client.get("/ui/sandboxes/files")
         assert "<code>echo from the api</code>" in page.text
+        shown = re.search(r'<table id="background">(.*?)</table>', page.text, re.S)
+        assert shown and "<code>sleep 600</code>" in shown[1] and f"running (pid {waiting.pid})" in shown[1]
         refused = re.search(r'<tr class="refused">(.*?)</tr>', page.text, re.S)
         assert refused and "169.254.169.254" in refused[1], page.text[-3000:]
 

@@ -13,6 +13,7 @@ import http.server
 import json
 import mmap
 import os
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -183,6 +184,10 @@ def test_guest_uses_placeholder_and_never_holds_the_secret(cli_home: Path, serve
     attempts = [e for e in audit.entries("sec") if e["event"] == "exfiltration"]
     assert {e["where"] for e in attempts} == {"header", "url", "body"}
     assert all(e["host"] == ELSEWHERE and e["secret"] == "API_KEY" for e in attempts)
+    # Each names the command that made it: the one whose exec entry has that id.
+    (execd,) = [e for e in audit.entries("sec") if e["event"] == "exec" and "/root/guest.py" in e["argv"]]
+    assert re.fullmatch(r"c-[0-9a-f]{8}", execd["command"]), execd
+    assert {e["command"] for e in attempts} == {execd["command"]}
 
     # A client that does not trust the sandbox CA fails closed: the host saw no such request.
     assert out["distrusting"][0] == "error" and "CERTIFICATE_VERIFY_FAILED" in out["distrusting"][1]
@@ -191,6 +196,7 @@ def test_guest_uses_placeholder_and_never_holds_the_secret(cli_home: Path, serve
     # Model request recorded with its token usage.
     (request,) = [e for e in audit.entries("sec") if e["event"] == "model_request"]
     assert request["status"] == 200 and request["usage"] == {"input_tokens": 5, "output_tokens": 7}
+    assert request["command"] == execd["command"]
 
     # Nor the guest's memory (its RAM file, read from the host while it runs) ...
     spec = sandboxes.spec_of(sandboxes.get("sec"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import typer
@@ -100,6 +101,8 @@ def one_line(message: str) -> str:
 
 def main() -> None:
     """Entry point: expected errors become one line on stderr and a non-zero exit, never a traceback."""
+    # The service logs for servers (serve, mcp-server, which show it); a command says things its own way.
+    logging.getLogger("agentkernel").addHandler(logging.NullHandler())
     try:
         # Named as installed, also under `python -m agentkernel`: usage lines and completion scripts
         # (whose variable is _AGENTKERNEL_COMPLETE) then match the command a user types.

@@ -127,11 +127,14 @@ async def _exec(
     """Run `command` in sandbox `name` (on `conn` when given) attached to this terminal."""
     if tty_mode:
         command = replace(command, env={"TERM": os.environ.get("TERM", "xterm"), **command.env})
-    proc = await exec_on(
-        conn or await service.connection(name), command, pty=terminal_size() if tty_mode else None
-    )
-    with raw_terminal(tty_mode):
-        return await attach_process(proc, stdin=interactive, tty_mode=tty_mode, give_up_after=give_up_after)
+    async with service.explaining_loss(name):
+        proc = await exec_on(
+            conn or await service.connection(name), command, pty=terminal_size() if tty_mode else None
+        )
+        with raw_terminal(tty_mode):
+            return await attach_process(
+                proc, stdin=interactive, tty_mode=tty_mode, give_up_after=give_up_after
+            )
 
 
 def _flags(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import socket
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -11,6 +13,16 @@ import typer
 from agentkernel.errors import AgentkernelError
 from agentkernel.fleet import DEFAULT_TTL, ETCD_ENV
 from agentkernel.service.lifetimes import DEFAULT_LIFETIME
+
+
+def log_to_stderr() -> None:
+    """A server's own log (a sandbox that is a container, the reaper's removals) goes to its stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("agentkernel: %(message)s"))
+    logger = logging.getLogger("agentkernel")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
 
 DEFAULT_PORT = 18888
 ALLOW_HOSTS_ENV = "AGENTKERNEL_ALLOW_HOSTS"
@@ -86,6 +98,7 @@ def serve(
     """
     from agentkernel.api.app import serve as run_server
 
+    log_to_stderr()
     if node and fleet:
         raise AgentkernelError("--node and --fleet exclude each other: a server is a node or a router")
     if not (node or fleet):
@@ -146,6 +159,7 @@ def mcp_server(
     """Serve agentkernel's tools to an agent over the Model Context Protocol."""
     from agentkernel.mcp_server.server import run
 
+    log_to_stderr()
     if transport not in ("stdio", "http"):
         raise AgentkernelError(f"--transport must be stdio or http (got {transport!r})")
     chosen: Literal["stdio", "http"] = "stdio" if transport == "stdio" else "http"

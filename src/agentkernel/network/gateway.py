@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import ipaddress
 import json
@@ -39,6 +40,7 @@ from agentkernel.network import usage
 from agentkernel.network.brokering import Armed, Broker, SecretBinding, substitute
 from agentkernel.network.dns import Resolver
 from agentkernel.network.hostnames import BadHost, Host, IPAddress, normalise_host
+from agentkernel.network.launcher import COMMAND_ID, COMMAND_PASSWORD
 from agentkernel.network.mitm import Issuer, TLSServer, upstream_context
 from agentkernel.network.policy import Decision, EgressRules
 from agentkernel.network.tls import HANDSHAKE, BadHello, read_client_hello
@@ -58,6 +60,7 @@ HOP_HEADERS = {"proxy-connection", "proxy-authorization", "connection", "keep-al
 MAX_BODY = 32 * 1024 * 1024  # a brokered request's body is read whole (to check and rewrite it)
 CHECKED_PREFIX = 1024 * 1024  # of a plain request body, read before its head is sent on
 MAX_CAPTURE = 4 * 1024 * 1024  # of a brokered response, kept to read its token usage
+MAX_CREDENTIAL = 256  # of a Proxy-Authorization token; a command id's is 36 characters
 BROKERED_DROP = HOP_HEADERS | {"host", "content-length", "transfer-encoding", "expect", "te", "upgrade"}
 
 
@@ -80,6 +83,32 @@ class Request:
     head: bytes  # what to send upstream (HTTP), empty for CONNECT
     body_length: int
     raw_host: str  # the host as the guest wrote it
+    command: str | None = None  # the id of the command that sent it, as the guest claims it
+
+
+def claimed_command(headers: Sequence[tuple[str, str]]) -> str | None:
+    """The command id a request's Proxy-Authorization carries (`launcher.proxy_env` puts it in every
+    command's proxy address), or None where there is none or it is malformed. The guest can send any
+    id or none: it labels audit entries and never changes a decision."""
+    values = [v for k, v in headers if k == "proxy-authorization"]
+    if len(values) != 1:
+        return None
+    scheme, _, token = values[0].partition(" ")
+    if scheme.lower() != "basic" or not 0 < len(token) <= MAX_CREDENTIAL:
+        return None
+    try:
+        user, sep, password = base64.b64decode(token, validate=True).decode("ascii").partition(":")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not sep or password not in ("", COMMAND_PASSWORD) or not COMMAND_ID.fullmatch(user):
+        return None
+    return user
+
+
+def command_of_head(headers: bytes) -> str | None:
+    """`claimed_command` of the header lines of a request head that may not parse as a whole."""
+    lines = headers.decode("latin-1").split("\r\n")
+    return claimed_command([(k.lower(), v.strip()) for k, _, v in (line.partition(":") for line in lines)])
 
 
 def parse_head(head: bytes) -> Request:
@@ -102,7 +131,7 @@ def parse_head(head: bytes) -> Request:
         headers.append((name.lower(), value.strip()))
     if method == "CONNECT":
         raw, host, port = split_host_port(target, default_port=None)
-        return Request(method, host, port, b"", 0, raw)
+        return Request(method, host, port, b"", 0, raw, claimed_command(headers))
     if not target.startswith("http://"):
         raise Refused(400, "only absolute http:// URIs and CONNECT are proxied")
     rest = target[len("http://") :]
@@ -127,7 +156,7 @@ def parse_head(head: bytes) -> Request:
     kept = [f"{k}: {v}" for k, v in headers if k not in HOP_HEADERS and k != "host"]
     request_line = f"{method} {path if path.startswith('/') else '/' + path} {version}"
     upstream = "\r\n".join([request_line, f"Host: {host_header}", *kept, "Connection: close", "", ""])
-    return Request(method, host, port, upstream.encode("latin-1"), length, raw)
+    return Request(method, host, port, upstream.encode("latin-1"), length, raw, claimed_command(headers))
 
 
 def split_host_port(value: str, *, default_port: int | None) -> tuple[str, Host, int]:
@@ -184,6 +213,7 @@ class Gateway:
             addresses=[str(a) for a in addresses],
             allowed=decision.allowed,
             reason=decision.reason,
+            command=req.command if req else None,
         )
 
     async def judge(self, req: Request) -> list[IPAddress]:
@@ -323,7 +353,7 @@ class Gateway:
             self._refuse_tunnel(req, f"TLS server name {sni[:100]!r}: {exc}")
         if name == req.host:
             return
-        tls = Request("TLS", name, req.port, b"", 0, sni)
+        tls = Request("TLS", name, req.port, b"", 0, sni, req.command)
         if req.host.address is None or name.address is not None:
             self._refuse_tunnel(tls, f"TLS server name {name.name} differs from CONNECT host {req.host.name}")
         decision = self.rules.decide(name, [req.host.address])
@@ -338,7 +368,8 @@ class Gateway:
     ) -> NoReturn:
         """Audit an attempt to send a secret (its placeholder or value) where it may not go; refuse it."""
         if req is not None:
-            fields.update(host=req.host.name, port=req.port, method=req.method)
+            fields.update(host=req.host.name, port=req.port, method=req.method, command=req.command)
+        fields.setdefault("command", None)
         audit.record("exfiltration", self.sandbox, secret=secret, what=what, where=where, **fields)
         raise Refused(403, f"secret {secret} may not be sent to this host: refused and audited")
 
@@ -352,7 +383,8 @@ class Gateway:
         host = req.host.name if req else ""
         for where, part in (("connect" if line.startswith(b"CONNECT ") else "url", line), ("header", rest)):
             if leak := self.broker.leak(part, host):
-                self._exfiltration(leak.secret, leak.what, where, req)
+                command = {} if req else {"command": command_of_head(rest)}
+                self._exfiltration(leak.secret, leak.what, where, req, **command)
         if req is not None and req.method != "CONNECT" and (own := self.broker.any_secret(head)):
             reason = f"secret {own.binding.name} is sent only over HTTPS (a CONNECT tunnel)"
             self._audit(Decision(False, reason), req)
@@ -404,7 +436,7 @@ class Gateway:
         if any(v.lower() == "100-continue" for k, v in headers if k.lower() == "expect"):
             await tls.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         body = await _read_body(tls.reader, headers)
-        inner = Request(method, req.host, req.port, b"", len(body), req.raw_host)
+        inner = Request(method, req.host, req.port, b"", len(body), req.raw_host, req.command)
         line, _, rest = head.partition(b"\r\n")
         for where, part in (("url", line), ("header", rest), ("body", body)):
             if leak := self.broker.leak(part, req.host.name):
@@ -453,6 +485,7 @@ class Gateway:
             secrets=sorted(used),
             usage=usage.extract(captured, encoding),
             duration_ms=int((time.monotonic() - started) * 1000),
+            command=req.command,
         )
 
     async def _connect_tls(
@@ -477,7 +510,8 @@ class Gateway:
         raise Refused(502, f"cannot connect: {last}")
 
     def _refuse_tunnel(self, req: Request, reason: str) -> NoReturn:
-        self._audit(Decision(False, reason), Request("TLS", req.host, req.port, b"", 0, req.raw_host))
+        tls = Request("TLS", req.host, req.port, b"", 0, req.raw_host, req.command)
+        self._audit(Decision(False, reason), tls)
         raise TunnelRefused(reason)
 
 

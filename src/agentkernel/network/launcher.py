@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -72,9 +73,16 @@ fi
 """
 
 
-def proxy_env() -> dict[str, str]:
-    """What exec'd commands need to find the way out (the only one there is)."""
-    proxy = f"http://{GUEST_PROXY}"
+COMMAND_ID = re.compile(r"c-[0-9a-f]{8}")  # as `protocol.connection.new_command_id` makes them
+COMMAND_PASSWORD = "agentkernel"  # some clients (urllib, wget) send proxy credentials only with one
+
+
+def proxy_env(command: str | None = None) -> dict[str, str]:
+    """What exec'd commands need to find the way out (the only one there is). With `command`, its
+    id rides in the proxy address's userinfo: clients send it as Proxy-Authorization, and the gateway
+    writes it in its audit entries (as the guest claims it: see `gateway.claimed_command`)."""
+    userinfo = f"{command}:{COMMAND_PASSWORD}@" if command else ""
+    proxy = f"http://{userinfo}{GUEST_PROXY}"
     local = "localhost,127.0.0.1,::1"
     return {
         "http_proxy": proxy,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import time
@@ -124,6 +125,14 @@ takes the agent for broken (a real agent sends output before it can fall behind)
 
 Observer = Callable[[str, dict[str, Any]], None]
 """Told of each finished operation: ("exec", {argv, exit_code, ...}), ("file_read", {path, size}), ..."""
+
+CommandEnv = Callable[[str], Mapping[str, str]]
+"""What a command gets, given its id (`new_command_id`), over `Connection.default_env`."""
+
+
+def new_command_id() -> str:
+    """The id of one command the host starts: `c-` and 8 hex digits, in its exec audit entry."""
+    return f"c-{secrets.token_hex(4)}"
 
 
 def check_arguments(argv: Sequence[str | bytes], env: Mapping[str, str]) -> tuple[list[bytes], list[bytes]]:
@@ -262,10 +271,13 @@ class _Channel:
 class Process:
     """A command running in the guest."""
 
-    def __init__(self, channel: _Channel, pid: int, argv: list[str], *, timeout: float | None) -> None:
+    def __init__(
+        self, channel: _Channel, pid: int, argv: list[str], *, timeout: float | None, command: str
+    ) -> None:
         self._ch = channel
         self.pid = pid
         self.argv = argv
+        self.command = command  # its id
         self._started = time.monotonic()
         self._give_up_at = None if not timeout else self._started + timeout + TIMEOUT_GRACE
         self._status: ExitStatus | None = None
@@ -298,6 +310,7 @@ class Process:
                 self._ch.conn.notify(
                     "exec",
                     argv=self.argv,
+                    command=self.command,
                     exit_code=status.exit_code,
                     signal=status.signal,
                     timed_out=status.timed_out,
@@ -306,7 +319,7 @@ class Process:
             elif frame.type is FrameType.ERROR:
                 self._ch.conn.release(self._ch)
                 error = _exec_error(decode_record(frame.payload))
-                self._ch.conn.notify("exec", argv=self.argv, error=str(error))
+                self._ch.conn.notify("exec", argv=self.argv, command=self.command, error=str(error))
                 raise error
             elif frame.type is not FrameType.WINDOW:
                 raise self._ch.conn.violation(f"unexpected {frame.type.name} frame during exec")
@@ -592,6 +605,7 @@ class Connection:
         self.agent_version = 0
         self._greeted = False
         self.default_env: dict[str, str] = {}  # under what exec is given; its env wins
+        self.command_env: CommandEnv | None = None  # over default_env, under what exec is given
         self.observer: Observer | None = None
         self._heartbeat = heartbeat
         self._heartbeat_task: asyncio.Task[None] | None = None
@@ -759,7 +773,8 @@ class Connection:
         gets it killed, and AgentConnectionError is raised. Arguments over Linux's limits raise
         ArgumentsTooLongError; those that do not fit one frame go in ARGS frames after the EXEC.
         """
-        records = self._exec_records(argv, env, cwd, uid, gid, timeout, pty, detach=False)
+        command = new_command_id()
+        records = self._exec_records(argv, env, cwd, uid, gid, timeout, pty, command, detach=False)
         channel, frame = await self._start(records, start_timeout, detach=False)
         if frame.type is FrameType.ERROR:
             self.release(channel)
@@ -768,7 +783,7 @@ class Connection:
             raise self.violation(f"expected STARTED, got {frame.type.name}")
         pid = decode_record(frame.payload).int(Tag.PID)
         shown = [a if isinstance(a, str) else a.decode(errors="replace") for a in argv]
-        return Process(channel, pid if pid is not None else -1, shown, timeout=timeout)
+        return Process(channel, pid if pid is not None else -1, shown, timeout=timeout, command=command)
 
     async def _start(
         self, records: list[bytes], start_timeout: float, *, detach: bool
@@ -799,15 +814,18 @@ class Connection:
         gid: int | None,
         timeout: float | None,
         pty: tuple[int, int] | None,
+        command: str,
         *,
         detach: bool,
     ) -> list[bytes]:
-        """The EXEC record and the ARGS records after it, once the request is checked."""
+        """The EXEC record and the ARGS records after it, once the request is checked. `command` is
+        the command's id (its environment may carry it: `command_env`)."""
         if not argv:
             raise AgentkernelError("no command given")
         if timeout is not None and not 0 <= timeout <= MAX_TIMEOUT:  # NaN too
             raise AgentkernelError(f"the timeout must be from 0 to {MAX_TIMEOUT:g} seconds (got {timeout:g})")
-        args, env_strings = check_arguments(argv, {**self.default_env, **(env or {})})
+        tagged = self.command_env(command) if self.command_env else {}
+        args, env_strings = check_arguments(argv, {**self.default_env, **tagged, **(env or {})})
         fields: list[tuple[Tag, int | bytes | str]] = []
         if cwd:
             if len(_raw(cwd)) >= PATH_MAX:
@@ -884,7 +902,8 @@ class Connection:
         fails raises as `exec` does; the guest keeps 64 commands, and refuses a new one (ExecError,
         EAGAIN) when all of them still run."""
         self._need_background()
-        records = self._exec_records(argv, env, cwd, uid, gid, timeout, None, detach=True)
+        command = new_command_id()
+        records = self._exec_records(argv, env, cwd, uid, gid, timeout, None, command, detach=True)
         channel, frame = await self._start(records, start_timeout, detach=True)
         self.release(channel)
         record = decode_record(frame.payload)
@@ -894,7 +913,7 @@ class Connection:
         if cmd_id is None or cmd_id <= 0 or pid is None:
             raise self.violation("a background command's OK lacks its id or pid")
         shown = [a if isinstance(a, str) else a.decode(errors="replace") for a in argv]
-        self.notify("exec_background", argv=shown, id=cmd_id, pid=pid)
+        self.notify("exec_background", argv=shown, id=cmd_id, pid=pid, command=command)
         return BackgroundCommand(cmd_id, pid)
 
     async def list_background(self) -> list[BackgroundInfo]:

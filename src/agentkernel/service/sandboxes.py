@@ -137,6 +137,11 @@ def exec_env(record: SandboxRecord) -> dict[str, str]:
     return env
 
 
+def _command_proxy_env(record: SandboxRecord, command: str) -> dict[str, str]:
+    """One command's proxy variables, carrying its id (those the sandbox's own env sets stay its)."""
+    return {k: v for k, v in gateway.proxy_env(command).items() if k not in record.env}
+
+
 _held = threading.local()  # `names`: the sandboxes whose lock this thread holds
 
 
@@ -571,6 +576,8 @@ async def _mount(conn: Connection, mount: Mount) -> None:
 def _configure(conn: Connection, record: SandboxRecord) -> None:
     """Every command gets the policy's environment, and every operation goes to the audit log."""
     conn.default_env = exec_env(record)
+    if record.effective_policy.network:
+        conn.command_env = functools.partial(_command_proxy_env, record)
 
     def observe(event: str, fields: dict[str, Any]) -> None:
         audit.record(event, record.name, **fields)
@@ -780,6 +787,17 @@ async def _session(backend: Backend, spec: VMSpec, pid: int, *, timeout: float) 
             raise
         finally:
             await conn.close()
+
+
+async def raise_if_ended(name: str) -> None:
+    """After a lost agent connection: if the sandbox has ended (or ends within a moment), an
+    AgentConnectionError that says so, and why; else nothing (the caller re-raises its own error)."""
+    record = await anyio.to_thread.run_sync(get, name)
+    if record.pid is not None:
+        await _raise_if_ended(get_backend(record.backend), spec_of(record), record.pid)
+    elif record.status in ("failed", "stopped"):
+        reason = record.stop_reason
+        raise AgentConnectionError(f"sandbox '{name}' {record.status}" + (f": {reason}" if reason else ""))
 
 
 async def _raise_if_ended(backend: Backend, spec: VMSpec, pid: int) -> None:

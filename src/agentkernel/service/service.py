@@ -32,6 +32,7 @@ import anyio
 from agentkernel import hostinfo, metrics
 from agentkernel.backends.base import VMSpec
 from agentkernel.errors import (
+    AgentConnectionError,
     AgentkernelError,
     InvalidRequestError,
     NoSuchSandboxError,
@@ -316,6 +317,18 @@ class SandboxService:
 
     async def connection(self, name: str) -> Connection:
         return await self.pool.get(validate_name(name))
+
+    @contextlib.asynccontextmanager
+    async def explaining_loss(self, name: str) -> AsyncIterator[None]:
+        """Around work on a sandbox's agent connection: a lost connection whose sandbox has ended
+        becomes an error that says it ended, and why (killed, crashed, powered off, out of lifetime)."""
+        try:
+            yield
+        except AgentConnectionError:
+            await self.pool.discard(name)
+            with anyio.CancelScope(shield=True):
+                await sandboxes.raise_if_ended(name)
+            raise
 
     async def exec(self, name: str, command: CommandSpec, *, pty: tuple[int, int] | None = None) -> Process:
         return await exec_on(await self.connection(name), command, pty=pty)

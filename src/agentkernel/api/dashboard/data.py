@@ -19,7 +19,7 @@ from starlette.requests import HTTPConnection
 from agentkernel import hostinfo, metrics, paths
 from agentkernel.errors import AgentkernelError
 from agentkernel.images import store
-from agentkernel.protocol.connection import FileInfo
+from agentkernel.protocol.connection import BackgroundInfo, FileInfo
 from agentkernel.sandbox.state import SandboxRecord
 from agentkernel.service import audit
 from agentkernel.service.checks import parse_labels
@@ -144,6 +144,11 @@ def _audit_trail(name: str) -> list[dict[str, Any]]:
 async def audit_trail(name: str) -> list[dict[str, Any]]:
     """The sandbox's newest audit entries, newest first."""
     return list(reversed(await anyio.to_thread.run_sync(_audit_trail, name)))
+
+
+async def background(conn: HTTPConnection, name: str) -> list[BackgroundInfo]:
+    """The sandbox's background commands, oldest first."""
+    return await _service(conn).list_commands(name)
 
 
 async def list_dir(conn: HTTPConnection, name: str, path: str) -> list[FileInfo]:

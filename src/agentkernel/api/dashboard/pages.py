@@ -290,10 +290,11 @@ async def sandbox_page(request: Request, name: str, path: str, *, error: Problem
         record = await data.record(request, name)
     except AgentkernelError as exc:
         return await _list_page(request, error=from_exception(exc))
-    files, files_error = None, None
+    files, files_error, background = None, None, []
     if record.status == "running":
         try:
             files = await data.list_dir(request, name, path)
+            background = await data.background(request, name)
         except AgentkernelError as exc:
             files_error = from_exception(exc)
     trail = await data.audit_trail(name)
@@ -308,6 +309,7 @@ async def sandbox_page(request: Request, name: str, path: str, *, error: Problem
         trail=trail,
         network=data.events(trail, "network"),
         commands=data.events(trail, "exec"),
+        background=background,
         path=path,
         parent=posixpath.dirname(path.rstrip("/")) or "/",
         files=files,
