@@ -245,7 +245,8 @@ def test_agent_run_without_a_name_runs_the_preferred_agent(tmp_path: Path) -> No
     )
     (project / "agentkernel.toml").write_text('[agent]\npreferred = "gemini"\n')
     assert refused("--dir", str(project)) == (
-        "agent run attaches Gemini CLI's interactive UI: run it in a terminal"
+        "agent run attaches Gemini CLI's interactive UI: run it in a terminal, or give the agent arguments "
+        "after `--` for a run without one"
     )
     assert refused("--dir", str(project), "--profile", "restrictive") == (
         "Gemini CLI needs the network to reach its API: use a profile that has it"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from agentkernel import paths
 from agentkernel.artifacts import cache
 from agentkernel.artifacts import kernel as kernel_artifact
 from agentkernel.images import store
@@ -22,7 +23,8 @@ def populate() -> None:
     cache.store(kernel_artifact.KIND, key, _kernel)
     cache.set_current(kernel_artifact.KIND, key)
     for name in IMAGES:
-        with store.scratch() as scratch:
-            rootfs = Path(scratch) / "rootfs.ext4"
-            rootfs.write_bytes(f"not an ext4 image: {name}\n".encode())
-            store.add(rootfs, name, source="tests.fakes")
+        # Made beside the store rather than in store.scratch(): a few bytes need none of the build
+        # directory's care (its cleanup scans every process), which would cost each test half a second.
+        rootfs = paths.private_dir(paths.data_dir() / "fake-images") / f"{name}.ext4"
+        rootfs.write_bytes(f"not an ext4 image: {name}\n".encode())
+        store.add(rootfs, name, source="tests.fakes")
