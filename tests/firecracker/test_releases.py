@@ -13,15 +13,18 @@ from pathlib import Path
 
 import pytest
 
+from agentkernel import hostinfo
+from agentkernel.backends import registry
 from agentkernel.backends.firecracker import version as fv
 from agentkernel.backends.firecracker.api import FirecrackerAPI
 from agentkernel.backends.firecracker.backend import FirecrackerBackend
+from agentkernel.backends.registry import BackendStatus
 from agentkernel.config import PROFILES
 from agentkernel.errors import AgentkernelError, FirecrackerAPIError
 from agentkernel.sandbox import state
 from agentkernel.service import sandboxes, snapshots
 from tests.conftest import cli
-from tests.firecracker.conftest import NO_NETWORK, Fake, MakeSpec
+from tests.firecracker.conftest import KVM, NO_NETWORK, Fake, MakeSpec
 from tests.firecracker.test_snapshots import MEMORY_MB, run, started
 
 
@@ -141,6 +144,19 @@ def test_the_pool_key_holds_the_release(service: Path, fake: Fake) -> None:
     after = {backend: key(backend) for backend in (None, "firecracker", "qemu")}
     assert after[None] != before[None] and after["firecracker"] != before["firecracker"]
     assert after["qemu"] == before["qemu"]
+
+
+def test_a_release_before_the_floor_is_not_offered(fake: Fake, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With KVM and a firecracker too old to run sandboxes, selection passes it over, saying why."""
+    monkeypatch.setattr(hostinfo, "accel", lambda: KVM)
+    assert registry.info("firecracker").probe() == BackendStatus(
+        True, f"{fake.bin / 'firecracker'} (Firecracker 1.16.1) with KVM"
+    )
+    fake.set_version("1.15.2")
+    found = registry.info("firecracker").probe()
+    assert not found.available
+    assert found.reason.startswith(f"{fake.bin / 'firecracker'} is Firecracker 1.15.2; ")
+    assert hostinfo.choose_backend(None, needs_network=False) != "firecracker"
 
 
 def test_status_shows_the_release(fake: Fake, isolated_home: Path) -> None:

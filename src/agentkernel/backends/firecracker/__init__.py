@@ -22,7 +22,14 @@ def status() -> BackendStatus:
     acc = hostinfo.accel()
     if acc.name != "kvm":
         return BackendStatus(False, f"firecracker needs hardware KVM: {acc.note}")
-    return BackendStatus(True, f"{firecracker} with KVM")
+    from agentkernel.backends.firecracker.version import check_version
+    from agentkernel.errors import AgentkernelError
+
+    try:  # a release below the floor is not offered: a sandbox made on it would fail to start
+        release = check_version(firecracker)
+    except AgentkernelError as exc:
+        return BackendStatus(False, str(exc))
+    return BackendStatus(True, f"{firecracker} (Firecracker {release}) with KVM")
 
 
 def _make(profile: str) -> Backend:
