@@ -118,6 +118,16 @@ def test_log_in_see_a_sandbox_and_use_its_terminal(server: str, browser: Any, sc
         typed(browser, "exit 3\n")
         wait_for("the exit code", lambda: status.text == "exited with code 3")
         browser.save_screenshot(str(screenshots / "terminal-exited.png"))
+        commands = browser.find_element(By.ID, "commands")  # kept current by the page's event stream
+
+        def ended_shell() -> bool:
+            rows = [
+                r.find_elements(By.TAG_NAME, "td")
+                for r in commands.find_elements(By.CSS_SELECTOR, "tbody tr")
+            ]
+            return any(len(cells) == 4 and cells[2].text == "3" for cells in rows)
+
+        wait_for("the shell's end in the live commands table", ended_shell, seen=lambda: commands.text)
     browser.get(f"{server}/ui/host")
     wait_for("the host page", lambda: "Acceleration" in browser.page_source)
     browser.save_screenshot(str(screenshots / "host.png"))

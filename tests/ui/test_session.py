@@ -129,6 +129,18 @@ def test_sandbox_page_files_and_actions(server: str) -> None:
         refused = re.search(r'<tr class="refused">(.*?)</tr>', page.text, re.S)
         assert refused and "169.254.169.254" in refused[1], page.text[-3000:]
 
+        # The page's tables follow the sandbox as it runs: a decision made after the stream opened
+        # arrives on it.
+        with client.stream("GET", "/ui/sandboxes/files/events", timeout=60) as events:
+            lines = events.iter_lines()
+            first = _next_event(lines, "network")
+            assert "169.254.169.254" in first and "late.invalid" not in first
+            with Client(server, api_key=KEY) as api:
+                later = "GET http://late.invalid/ HTTP/1.1\\r\\nHost: late.invalid\\r\\n\\r\\n"
+                api.sandbox("files").exec(["sh", "-c", f"printf '{later}' | nc -w 10 10.0.2.100 3128"])
+            assert "late.invalid" in _next_event(lines, "network")
+        assert client.get("/ui/sandboxes/nobody/events").status_code == 404
+
         upload = {"file": ("note.txt", b"from the page\n", "text/plain")}
         done = client.post(
             "/ui/sandboxes/files/upload", data={"csrf": csrf, "directory": "/tmp"}, files=upload
@@ -170,3 +182,14 @@ def test_sessions_are_bounded_and_expire(monkeypatch: pytest.MonkeyPatch) -> Non
     assert store.find(tokens[1]) is None
     store.logout(tokens[2])
     assert store.find(tokens[2]) is None and store.find(None) is None
+
+
+def _next_event(lines: Iterator[str], name: str) -> str:
+    """The data of the next Server-Sent Event called `name`."""
+    event = None
+    for line in lines:
+        if line.startswith("event: "):
+            event = line.removeprefix("event: ")
+        elif line.startswith("data: ") and event == name:
+            return line.removeprefix("data: ")
+    raise AssertionError(f"the stream ended before a {name} event")

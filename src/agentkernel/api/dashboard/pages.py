@@ -193,6 +193,28 @@ async def events(request: Request) -> Response:
     )
 
 
+@router.get("/sandboxes/{name}/events")
+async def sandbox_events(request: Request, name: Name) -> Response:
+    """A sandbox's egress decisions and ended commands as they happen (Server-Sent Events): a
+    `network` and a `commands` event, each with the whole table (newest first), on every change."""
+    await data.record(request, name)  # an unknown sandbox is a 404 problem now, not a broken stream
+
+    async def stream() -> AsyncGenerator[bytes, None]:
+        last: dict[str, str] = {}
+        while True:
+            trail = await data.audit_trail(name)
+            for event, kind in (("network", "network"), ("commands", "exec")):
+                current = json.dumps(data.events(trail, kind), separators=(",", ":"), default=str)
+                if current != last.get(event):
+                    yield f"event: {event}\ndata: {current}\n\n".encode()
+                    last[event] = current
+            await asyncio.sleep(EVENTS_INTERVAL)
+
+    return ClosingStreamingResponse(
+        b"retry: 2000\n\n", stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"}
+    )
+
+
 def _whole(field: str, text: str) -> int | None:
     if not text.strip():
         return None
