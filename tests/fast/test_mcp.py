@@ -11,38 +11,7 @@ from mcp import Client
 from mcp_types import CallToolResult, TextContent
 
 from agentkernel.mcp_server.server import build_server
-
-TOOLS = {
-    "run_command",
-    "create_sandbox",
-    "exec_in_sandbox",
-    "list_sandboxes",
-    "start_sandbox",
-    "stop_sandbox",
-    "remove_sandbox",
-    "read_file",
-    "write_file",
-    "list_files",
-    "stat_path",
-    "make_directory",
-    "move_path",
-    "remove_path",
-    "watch_directory",
-    "get_output",
-    "start_command",
-    "list_commands",
-    "read_command_output",
-    "send_command_input",
-    "kill_command",
-    "wait_command",
-    "set_sandbox_timeout",
-    "pause_sandbox",
-    "resume_sandbox",
-    "snapshot_sandbox",
-    "list_snapshots",
-    "fork_snapshot",
-    "remove_snapshot",
-}
+from tests.mcp.test_mcp_server import TOOLS
 
 
 def with_server(body: Callable[[Client], Awaitable[None]], project: Path, **options: Any) -> None:
