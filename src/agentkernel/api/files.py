@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agentkernel.api.models import DirListing, FileEntry, Written
 from agentkernel.api.problems import from_exception
-from agentkernel.api.routes import Name, Service, problems
+from agentkernel.api.routes import BODY, Name, Service, problems
 from agentkernel.api.sse import KEEPALIVE, ClosingStreamingResponse, event
 from agentkernel.errors import AgentkernelError
 from agentkernel.protocol.connection import FileEvent, Watch
@@ -148,7 +148,7 @@ async def mkdir(
     return FileEntry.of(dataclasses.replace(await sandboxes.stat(name, full), name=full))
 
 
-@router.post("/sandboxes/{name}/rename/{path:path}")
+@router.post("/sandboxes/{name}/rename/{path:path}", responses=BODY)
 async def rename(name: Name, path: str, body: RenameRequest, sandboxes: Service) -> FileEntry:
     """Move a file or directory within the sandbox (rename(2): one filesystem); returns the moved entry."""
     info = await sandboxes.rename(name, "/" + path, body.to)
