@@ -15,7 +15,7 @@ import threading
 import typing
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -25,10 +25,10 @@ from agentkernel.errors import AgentkernelError
 from agentkernel.pool import wire
 from agentkernel.sandbox import state
 from agentkernel.service import audit
+from agentkernel.service.observers import StartMode
 
 log = logging.getLogger("agentkernel.metrics")
 
-StartMode = Literal["cold", "restore", "pool"]
 """How a sandbox came up: booted, restored from a snapshot, or taken ready from the pool daemon."""
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 START_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)

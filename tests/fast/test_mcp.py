@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from mcp import Client
-from mcp_types import CallToolResult, TextContent
 
 from agentkernel.mcp_server.server import build_server
-from tests.mcp.test_mcp_server import TOOLS
+from tests.mcp.test_mcp_server import TOOLS, error_text, ok
 
 
 def with_server(body: Callable[[Client], Awaitable[None]], project: Path, **options: Any) -> None:
@@ -20,19 +19,6 @@ def with_server(body: Callable[[Client], Awaitable[None]], project: Path, **opti
             await body(client)
 
     asyncio.run(asyncio.wait_for(main(), 60))
-
-
-def ok(result: CallToolResult) -> dict[str, Any]:
-    assert not result.is_error, result.content
-    assert isinstance(result.structured_content, dict)
-    return result.structured_content
-
-
-def error_text(result: CallToolResult) -> str:
-    assert result.is_error
-    block = result.content[0]
-    assert isinstance(block, TextContent)
-    return block.text
 
 
 def test_sandbox_tools(tmp_path: Path) -> None:

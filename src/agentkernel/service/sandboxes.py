@@ -29,7 +29,7 @@ from typing import IO, Any, TypeVar, cast
 
 import anyio
 
-from agentkernel import hostinfo, metrics, paths
+from agentkernel import hostinfo, paths
 from agentkernel.artifacts import kernel as kernel_artifact
 from agentkernel.backends import get_backend
 from agentkernel.backends.base import (
@@ -60,7 +60,7 @@ from agentkernel.pool import wire
 from agentkernel.protocol.connection import Connection
 from agentkernel.sandbox import state
 from agentkernel.sandbox.state import SandboxRecord
-from agentkernel.service import audit, diskspace, owners
+from agentkernel.service import audit, diskspace, observers, owners
 from agentkernel.service.checks import validate_name
 
 T = TypeVar("T")
@@ -526,7 +526,7 @@ async def _booted(name: str, *, timeout: float) -> AsyncIterator[tuple[SandboxRe
     async with locked_async(name) as lock:
         boot = await finished_in_thread(functools.partial(_spawn, name, lock), undo=_abort)
         record, backend, spec = boot.record, boot.backend, boot.spec
-        mode: metrics.StartMode = "cold" if spec.restore is None else "restore"
+        mode: observers.StartMode = "cold" if spec.restore is None else "restore"
         try:
             if spec.restore is not None:
                 await cast(SnapshotBackend, backend).resume(spec, boot.pid)
@@ -541,12 +541,12 @@ async def _booted(name: str, *, timeout: float) -> AsyncIterator[tuple[SandboxRe
                 await _trust_sandbox_ca(conn, spec)
             _configure(conn, record)  # from here on, what runs is the caller's: audited
         except BaseException:
-            metrics.start_failed(mode)
+            observers.start_failed(mode)
             with anyio.CancelScope(shield=True):
                 await stack.aclose()
                 await anyio.to_thread.run_sync(_abort, boot)
             raise
-    metrics.observe_start(mode, time.monotonic() - began)
+    observers.started(mode, time.monotonic() - began)
     audit.record("start", name, ok=True, pid=boot.pid)
     async with stack:
         yield record, conn
@@ -581,7 +581,7 @@ def _configure(conn: Connection, record: SandboxRecord) -> None:
 
     def observe(event: str, fields: dict[str, Any]) -> None:
         audit.record(event, record.name, **fields)
-        metrics.observe_operation(event, fields)
+        observers.operation(event, fields)
 
     conn.observer = observe
 

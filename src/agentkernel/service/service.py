@@ -29,7 +29,7 @@ from typing import TypeVar
 
 import anyio
 
-from agentkernel import hostinfo, metrics
+from agentkernel import hostinfo
 from agentkernel.backends.base import VMSpec
 from agentkernel.errors import (
     AgentConnectionError,
@@ -52,7 +52,7 @@ from agentkernel.protocol.connection import (
 )
 from agentkernel.sandbox import state
 from agentkernel.sandbox.state import SandboxRecord
-from agentkernel.service import commands, files, lifetimes, owners, sandboxes, snapshots
+from agentkernel.service import commands, files, lifetimes, observers, owners, sandboxes, snapshots
 from agentkernel.service.checks import (
     check_command,
     check_env,
@@ -228,7 +228,7 @@ class SandboxService:
                 self.ephemerals.add(made[0])
                 try:
                     conn = await self.pool.get(made[0])
-                    metrics.observe_start("pool", time.monotonic() - began)
+                    observers.started("pool", time.monotonic() - began)
                 except AgentkernelError:  # it died after it was handed out: boot a new one instead
                     await self._remove_ephemeral(made.pop())
                     pooled = False

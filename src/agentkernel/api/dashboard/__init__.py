@@ -11,6 +11,7 @@ from starlette.staticfiles import StaticFiles
 from agentkernel import metrics
 from agentkernel.api.dashboard import pages
 from agentkernel.api.dashboard.session import PREFIX, SessionGuard, Sessions, owns
+from agentkernel.service import observers
 
 __all__ = ["install", "owns"]
 
@@ -25,6 +26,7 @@ def scrape() -> Response:
 
 def install(app: FastAPI, api_key: str | None) -> None:
     """Add /metrics (behind the API's key) and the dashboard (behind its own session login)."""
+    observers.sink = metrics  # from now on this process counts what the service reports
     app.state.dashboard_sessions = sessions = Sessions(api_key)
     app.include_router(metrics_router)
     app.include_router(pages.router)
