@@ -1,3 +1,3 @@
-from agentkernel.cli.app import main
+from agentkernel.cli.thin import main
 
 main()

@@ -4,10 +4,11 @@
     [sandbox]           name (`create`'s default), base_image, backend
     [agent]             preferred (`agent run`'s default)
     [resources]         vcpus, memory_mb, disk_mb, min_free_disk_mb
-    [security]          profile, network, mount_cwd, mount_home, pass_env, read_only
+    [security]          profile, network, mount_cwd, mount_home, pass_env, read_only, ports
     [security.domains]  allow, block, allowlist_only
     [secrets.NAME]      from_env or from_file (else the secret store), hosts, in_url, in_body,
                         upstream_ca: a secret the egress gateway brokers (docs/secrets.md)
+    [pool]              images, size, parallel; [pool.sizes] IMAGE = N: what the pool daemon keeps ready
 
 Every key is optional; an unset one is left to the command-line flag or the default. Every key is
 read by the commands it names, none is only checked: types are strict (TOML has them: `vcpus = "2"`
@@ -36,6 +37,7 @@ from annotated_types import Ge, Le, Predicate
 
 from agentkernel.errors import AgentkernelError
 from agentkernel.images.store import check_name
+from agentkernel.names import SANDBOX_NAME
 
 if TYPE_CHECKING:
     from pydantic import TypeAdapter
@@ -44,16 +46,20 @@ if TYPE_CHECKING:
 FILENAME = "agentkernel.toml"
 
 ProfileName = Literal["permissive", "moderate", "restrictive"]
+PortsSetting = Literal["off", "loopback", "any"]
+"""Whether a sandbox's ports may be forwarded to the host: not at all, to the host's loopback only,
+or to any address of the host (which must still be asked for explicitly)."""
 AgentName = Literal["claude", "gemini", "codex", "opencode"]
 
 RUNTIME_IMAGES = {"python": "python", "node": "node", "rust": "rust", "golang": "go", "go": "go"}
-SANDBOX_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 VCPUS_RANGE = (1, 32)
 """The virtual CPUs a sandbox may have, inclusive."""
 MEMORY_MB_RANGE = (64, 65536)
 """The memory a sandbox may have, in MiB, inclusive."""
 DISK_MB_RANGE = (64, 1024 * 1024)
 """The writable disk a sandbox may have, in MiB, inclusive."""
+POOL_SIZE_RANGE = (0, 200)
+"""Ready sandboxes the pool daemon may keep of one kind, inclusive."""
 
 REMOVED = {
     ("network", "vsock_cid"): "vsock CIDs are allocated per sandbox",
@@ -182,6 +188,7 @@ class Security(_Section):
     mount_home: bool | None = None
     pass_env: bool | None = None
     read_only: bool | None = None
+    ports: PortsSetting | None = None
     domains: Domains = field(default_factory=Domains)
 
 
@@ -201,11 +208,27 @@ class Secret(_Section):
 
 
 @dataclass(frozen=True)
+class PoolSettings(_Section):
+    """What `agentkernel daemon start` keeps ready in this project (a flag wins; pool/kinds.py)."""
+
+    images: tuple[Annotated[str, Predicate(_is_image_name)], ...] | None = None
+    """None: every image `run` would choose here."""
+    size: Annotated[int, Ge(1), Le(POOL_SIZE_RANGE[1])] | None = None
+    sizes: dict[Annotated[str, Predicate(_is_image_name)], Annotated[int, Ge(0), Le(POOL_SIZE_RANGE[1])]] = (
+        field(default_factory=dict)
+    )
+    """Ready sandboxes of one image, over `size`."""
+    parallel: Annotated[int, Ge(1), Le(64)] | None = None
+    """Sandboxes made at once; None: bounded by the host's cores and free memory."""
+
+
+@dataclass(frozen=True)
 class Config(_Section):
     sandbox: Sandbox = field(default_factory=Sandbox)
     agent: Agent = field(default_factory=Agent)
     resources: Resources = field(default_factory=Resources)
     security: Security = field(default_factory=Security)
+    pool: PoolSettings = field(default_factory=PoolSettings)
     secrets: dict[Annotated[str, Predicate(_is_secret_name)], Secret] = field(default_factory=dict)
 
 
@@ -310,12 +333,16 @@ class Policy:
     """Processes and threads the sandbox's commands may have at once; 0 (or less): the profile's.
     Part of the policy so that it is stored with every sandbox, snapshot and pool kind, and no path
     that makes a VM from a record can leave it out."""
+    ports: str = ""
+    """A PortsSetting; "" (a record written before policies carried it): the profile's."""
 
     def __post_init__(self) -> None:
+        if self.profile not in MAX_PROCS:
+            raise AgentkernelError(f"unknown security profile {self.profile!r}")
         if self.max_procs <= 0:
-            if self.profile not in MAX_PROCS:
-                raise AgentkernelError(f"unknown security profile {self.profile!r}")
             object.__setattr__(self, "max_procs", MAX_PROCS[self.profile])
+        if not self.ports:
+            object.__setattr__(self, "ports", PORTS[self.profile])
 
     @classmethod
     def from_record(cls, data: dict[str, Any]) -> Policy:
@@ -327,6 +354,7 @@ class Policy:
 
 
 MAX_PROCS = {"permissive": 4096, "moderate": 1024, "restrictive": 256}  # processes per sandbox
+PORTS: dict[str, PortsSetting] = {"permissive": "any", "moderate": "loopback", "restrictive": "off"}
 DEFAULT_MAX_PROCS = MAX_PROCS["moderate"]  # the default profile's
 
 PROFILES: dict[str, Policy] = {
@@ -370,6 +398,7 @@ def resolve_policy(
         pass_env=_first(pass_env, security.pass_env, base.pass_env),
         read_only=_first(read_only, security.read_only, base.read_only),
         domains=security.domains,
+        ports=security.ports or base.ports,
     )
 
 

@@ -15,6 +15,9 @@ mapping is a lookup (`api/problems.py`), and `field` names the input it is about
     │   ├── ArgumentsTooLongError        422 arguments_too_long
     │   └── WorkingDirectoryError        422 invalid_cwd
     ├── BackgroundCommandError           by errno: 404 background_command_not_found, 409 ...
+    ├── PortForwardError                 409 port_forward_failed (the host address is taken, ...)
+    │   ├── PortsNotAllowedError         403 ports_not_allowed (the sandbox's profile refuses)
+    │   └── GuestPortError               502 guest_port_unreachable (nothing listens in the guest)
     ├── AgentConnectionError             502 agent_unreachable
     ├── VMMError                         502 vmm_failed
     │   ├── QmpError
@@ -33,6 +36,7 @@ mapping is a lookup (`api/problems.py`), and `field` names the input it is about
         ├── EtcdUnavailable              503 etcd_unavailable
         ├── FleetFullError               503 fleet_full
         ├── NoSuchNodeError              404 node_not_found
+        ├── NoSuchSnapshotError          404 snapshot_not_found (no live node holds it)
         ├── NodeUnreachableError         502 node_unreachable (or node_auth_failed)
         └── SandboxLostError             410 sandbox_lost
 
@@ -275,6 +279,34 @@ class BackgroundCommandError(AgentkernelError):
         self.status, self.code = BACKGROUND_ERRNOS.get(errno or 0, (self.status, self.code))
 
 
+class PortForwardError(AgentkernelError):
+    """A port of a sandbox could not be forwarded to the host: the host address is taken or cannot
+    be bound, or the forwarder could not be started."""
+
+    status, code, field = 409, "port_forward_failed", "port"
+
+    def __init__(self, message: str, *, field: str = "port") -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class PortsNotAllowedError(PortForwardError):
+    """The sandbox's policy forwards no ports, or none to an address beyond the host's loopback."""
+
+    status, code = 403, "ports_not_allowed"
+
+
+class GuestPortError(PortForwardError):
+    """A connection to a port in the guest failed there: nothing listens on it (ECONNREFUSED), or the
+    guest's server reset it (`errno` says which)."""
+
+    status, code = 502, "guest_port_unreachable"
+
+    def __init__(self, message: str, errno: int | None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
 class FleetError(AgentkernelError):
     """A router of many hosts (`serve --fleet`) could not do what a single host would have."""
 
@@ -298,6 +330,15 @@ class NoSuchNodeError(FleetError):
 
     def __init__(self, node: str) -> None:
         super().__init__(f"no node named '{node}' is registered (see `agentkernel fleet nodes`)")
+
+
+class NoSuchSnapshotError(FleetError):
+    status, code, field = 404, "snapshot_not_found", "snapshot"
+
+    def __init__(self, snapshot: str) -> None:
+        super().__init__(
+            f"no live node holds a snapshot named '{snapshot}' (see `agentkernel fleet nodes --json`)"
+        )
 
 
 class NodeUnreachableError(FleetError):

@@ -116,3 +116,16 @@ def isolation_warning(backend: str) -> str | None:
     if registry.info(backend).isolation == "vm":
         return None
     return "warning: this sandbox is a container (it shares the host's kernel), not a virtual machine"
+
+
+def cores() -> int:
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0))
+
+
+def available_memory() -> int:
+    """Bytes the host can still give processes without swapping (/proc/meminfo's MemAvailable)."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise AgentkernelError("no MemAvailable in /proc/meminfo")

@@ -10,10 +10,9 @@ keep the user's umask: the process umask is never changed. Subprocesses that wri
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import IO, Any, BinaryIO, Literal, TextIO, overload
-
-from platformdirs import user_data_dir
 
 from agentkernel.errors import AgentkernelError
 
@@ -29,9 +28,25 @@ _FLAGS = {
 
 def data_dir() -> Path:
     home = os.environ.get("AGENTKERNEL_HOME")
-    path = Path(home) if home else Path(user_data_dir("agentkernel", appauthor=False))
+    path = Path(home) if home else Path(user_data_dir())
     path.parent.mkdir(parents=True, exist_ok=True)  # ~/.local/share and such: not ours to restrict
     return private_dir(path)
+
+
+def user_data_dir() -> str:
+    """platformdirs' user data dir for agentkernel. On Linux with an absolute HOME and XDG_DATA_HOME
+    unset or absolute (the XDG rule every platformdirs release agrees on) it is worked out here:
+    importing platformdirs (tempfile, shutil, random) would double the thin command line's start-up."""
+    xdg, home = os.environ.get("XDG_DATA_HOME"), os.environ.get("HOME", "")
+    if (
+        sys.platform == "linux"
+        and home.startswith("/")
+        and (xdg is None or (xdg.startswith("/") and xdg == xdg.strip()))
+    ):
+        return os.path.join(xdg or os.path.expanduser("~/.local/share"), "agentkernel")
+    import platformdirs
+
+    return platformdirs.user_data_dir("agentkernel", appauthor=False)
 
 
 def cache_dir() -> Path:

@@ -332,6 +332,13 @@ class FakeAgent(Agent):
         elif frame.type in JOB_OPS:
             self.open(channel)
             self.track(channel, self._job_op(frame.type, channel, decode_record(frame.payload)))
+        elif frame.type is FrameType.CONNECT and channel in self.running:
+            self.running.pop(channel).cancel()
+            await self._error(channel, errno.EBUSY, "operation ended")
+        elif frame.type is FrameType.CONNECT:
+            self.open(channel)
+            self.uploads[channel] = asyncio.Queue()
+            self.track(channel, self._connect(channel, decode_record(frame.payload)))
         elif frame.type is FrameType.SHUTDOWN:
             self.vm.power_off()
         else:
@@ -544,6 +551,53 @@ class FakeAgent(Agent):
         else:
             target.unlink()
         return []
+
+    async def _connect(self, channel: int, record: Record) -> None:
+        """CONNECT: the guest's loopback is the host's here, so a test's server on 127.0.0.1 is the
+        guest's server. Bytes both ways under the windows, each side's end passed on as a half-close."""
+        port = record.int(Tag.PORT, 0) or 0
+        try:
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError as exc:
+                code = exc.errno or errno.EIO
+                await self._error(
+                    channel, code, f"connection to 127.0.0.1:{port} in the sandbox: {os.strerror(code)}"
+                )
+                return
+            await self.send(channel, FrameType.STARTED)
+
+            async def up() -> None:
+                while data := await self.uploads[channel].get():
+                    writer.write(data)
+                    await writer.drain()
+                    await self.send(channel, FrameType.WINDOW, encode_record([(Tag.BYTES, len(data))]))
+                writer.write_eof()
+
+            async def down() -> None:
+                while data := await reader.read(65536):
+                    await self.output(channel, data, ftype=FrameType.DATA)
+                await self.send(channel, FrameType.DATA)
+
+            failed: OSError | None = None
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    tasks.create_task(up())
+                    tasks.create_task(down())
+            except* OSError as group:
+                failed = next(e for e in group.exceptions if isinstance(e, OSError))
+            finally:
+                writer.close()
+            if failed is None:
+                await self.end(channel, FrameType.OK, b"")
+            else:
+                code = failed.errno or errno.ECONNRESET
+                await self._error(channel, code, f"connection to 127.0.0.1:{port}: {os.strerror(code)}")
+        except ConnectionError:
+            pass
+        finally:
+            self.running.pop(channel, None)
+            self.uploads.pop(channel, None)
 
     async def _watch(self, channel: int, record: Record) -> None:
         """WATCH by polling: each change between two looks becomes an event (a write is a change

@@ -77,7 +77,14 @@ def pool() -> Iterator[daemon.Pool]:
     """A pool daemon in threads of this process (its request server and its worker, as `daemon.run`
     has them) keeping 2 sandboxes of the default kind (`base`, what `run` makes) ready."""
     kind = daemon.Kind("base", 2, PROFILES["moderate"], DEFAULT_VCPUS, DEFAULT_MEMORY_MB, None)
-    pool = daemon.Pool([kind], max_age=600, health_interval=0.5)
+    with serving(daemon.Pool([kind], max_age=600, health_interval=0.5)) as pool:
+        yield pool
+
+
+@contextlib.contextmanager
+def serving(pool: daemon.Pool) -> Iterator[daemon.Pool]:
+    """`pool` served in threads of this process: its request server and its worker, as
+    `daemon.run` has them; drained afterwards."""
     loop = asyncio.new_event_loop()
     shutdown = asyncio.Event()
     server = threading.Thread(

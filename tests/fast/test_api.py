@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import os
+import signal
+import time
 
 import httpx
 import pytest
 
 from agentkernel.client import ApiError, AsyncClient, Client, ExitEvent, OutputEvent, Started
+from agentkernel.service import sandboxes
 
 
 def test_sandbox_routes_sync(api: str) -> None:
@@ -94,3 +99,21 @@ def test_sandbox_routes_async(api: str) -> None:
             assert await ak.list_sandboxes() == []
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_a_sandbox_that_dies_under_an_exec_says_so(api: str) -> None:
+    """The API's exec shares the server's agent connection: when the VMM dies under it, the error
+    names the sandbox's end and its reason, as the CLI's does."""
+    with Client(api) as ak, ak.create_sandbox("box", image="base") as box:
+        pid = sandboxes.get(box.name).pid
+        assert pid is not None
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            running = pool.submit(box.exec, ["sleep", "30"])
+            time.sleep(0.5)
+            os.kill(pid, signal.SIGKILL)
+            with pytest.raises(ApiError) as lost:
+                running.result(timeout=20)
+        assert lost.value.status == 502
+        assert str(lost.value.detail) == (
+            "sandbox 'box' failed: its VMM process ended without a shutdown (killed, or crashed)"
+        )

@@ -128,6 +128,32 @@ def test_api_routes_and_problems(api: str) -> None:
             assert f"/sandboxes/{{name}}{path}" in spec
 
 
+def test_exec_route_starts_a_background_command(api: str) -> None:
+    with Client(api) as ak, ak.create_sandbox("box", image="base"), httpx.Client(base_url=api) as http:
+        started = http.post(
+            "/sandboxes/box/exec", json={"command": ["cat"], "stdin": "fed", "background": True}
+        )
+        assert started.status_code == 201
+        cid = started.json()["id"]
+        assert started.json()["pid"] > 0
+        # its stdin was given and closed, so cat ends on its own
+        waited = http.post(f"/sandboxes/box/commands/{cid}/wait").json()
+        assert waited == {"exit_code": 0, "signal": None, "timed_out": False}
+        assert [c["id"] for c in http.get("/sandboxes/box/commands").json()] == [cid]
+        assert ("output", {"offset": 0, "next_offset": 3, "data": "fed", "lost": 0}) in _sse(
+            http.get(f"/sandboxes/box/commands/{cid}/output").text
+        )
+        foreground = http.post("/sandboxes/box/exec", json={"command": ["cat"], "stdin": "x"})
+        assert (foreground.status_code, foreground.json()["stdout"]) == (200, "x")
+        run = http.post("/run", json={"command": ["true"], "background": True})
+        assert run.status_code == 422  # a one-off run has nothing to leave running in
+        spec = http.get("/openapi.json").json()
+        exec_responses = spec["paths"]["/sandboxes/{name}/exec"]["post"]["responses"]
+        assert exec_responses["201"]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/Started"
+        }
+
+
 def test_output_text_keeps_characters_whole_and_offsets_exact() -> None:
     text = _Text(10)
     assert text.add(BackgroundOutput(10, b"a\xc3")) == [

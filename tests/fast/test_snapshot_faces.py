@@ -98,13 +98,15 @@ def test_snapshot_and_fork_sync(api: str) -> None:
         assert [s.name for s in ak.list_snapshots()] == ["snap"]
         assert "image_path" not in httpx.get(f"{api}/snapshots/snap").json()  # no host paths
         with ak.fork("snap", "copy") as copy:
-            left = copy.info.lifetime_left_s  # the server's default lifetime, for this run
+            left = copy.info.lifetime_left_s  # the server's default lifetime, its own
             assert copy.info.status == "running" and left is not None and 3500 < left <= 3600
+            assert copy.info.lifetime_s == 3600  # and each later start's, not only this run's
             assert copy.read_file("/root/state") == b"before"
             with pytest.raises(ApiError):
                 ak.remove_snapshot("snap")  # a fork of it exists
         with ak.fork("snap", timeout=0) as unnamed:
             assert unnamed.name.startswith("sandbox-") and unnamed.info.lifetime_left_s is None
+            assert unnamed.info.lifetime_s is None
         ak.remove_snapshot("snap")
         assert ak.list_snapshots() == []
         with pytest.raises(ApiError) as bad:
@@ -147,7 +149,7 @@ def test_mcp_tools(tmp_path: Path) -> None:
             assert [s["name"] for s in listed] == ["s"]
             fork = ok(await client.call_tool("fork_snapshot", {"snapshot": "s", "name": "f", "timeout": 120}))
             assert (fork["status"], fork["snapshot"]) == ("running", "s")
-            assert 110 < fork["lifetime_left_s"] <= 120
+            assert 110 < fork["lifetime_left_s"] <= 120 and fork["lifetime_s"] == 120
             for name in ("f", "m"):
                 ok(await client.call_tool("remove_sandbox", {"name": name, "force": True}))
             ok(await client.call_tool("remove_snapshot", {"snapshot": "s"}))

@@ -58,3 +58,20 @@ def test_a_stopped_sandbox_cannot_be_snapshotted() -> None:
     sandboxes.create("idle")
     with pytest.raises(AgentkernelError, match="not running"):
         asyncio.run(snapshots.create("idle", "snap"))
+
+
+def test_a_fork_keeps_its_snapshots_lifetime_unless_given_its_own() -> None:
+    async def main() -> None:
+        sandboxes.create("timed", lifetime=600)
+        await sandboxes.start("timed")
+        await snapshots.create("timed", "snap")
+        kept = await snapshots.fork("snap", "kept")
+        given = await snapshots.fork("snap", "given", lifetime_s=60)
+        endless = await snapshots.fork("snap", "endless", lifetime_s=None)
+        assert (kept.lifetime_s, given.lifetime_s, endless.lifetime_s) == (600, 60, None)
+        assert given.deadline is not None and endless.deadline is None
+        for name in ("kept", "given", "endless", "timed"):
+            sandboxes.remove(name, force=True)
+        snapshots.remove("snap")
+
+    asyncio.run(asyncio.wait_for(main(), 30))

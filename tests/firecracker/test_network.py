@@ -87,7 +87,7 @@ def wired(isolated_home: Path, tmp_path: Path) -> Iterator[VMSpec]:
         yield vm
     finally:
         fc.teardown_network(vm)
-        gateway.stop(rundir)
+        gateway.stop(vm.name, rundir)
         shutil.rmtree(rundir, ignore_errors=True)
 
 

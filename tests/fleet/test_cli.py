@@ -4,6 +4,7 @@ or a hang (the real CLI in a subprocess)."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -60,3 +61,9 @@ def test_status_with_unreachable_etcd() -> None:
 def test_bad_options(args: list[str], env: dict[str, str], says: str) -> None:
     line = one_line_error(*args, env={"AGENTKERNEL_NODE_KEY": "", "AGENTKERNEL_ETCD": "", **env})
     assert says in line, line
+
+
+def test_certs_for_a_bad_host_name(tmp_path: Path) -> None:
+    line = one_line_error("fleet", "certs", str(tmp_path / "certs"), "--host", "not a host")
+    assert line == "agentkernel: error: --host: 'not a host' is not a host name or an address"
+    assert not (tmp_path / "certs").exists()

@@ -4,6 +4,7 @@ no unknown fields), the privileges nodes get, and probes that hit endpoints the 
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -117,3 +118,15 @@ def test_probes_hit_real_health_endpoints(
         ready = client.get("/ready")
         assert ready.status_code == 503 and ready.json()["code"] == "etcd_unavailable"
         assert client.get("/health").status_code == 200  # alive: not restarted for etcd's outage
+
+
+def test_every_image_is_pinned() -> None:
+    """Every image by an exact version (x.y.z), never a moving tag such as latest or a bare major."""
+    for obj in objects():
+        if "template" not in obj.get("spec", {}):
+            continue
+        spec = obj["spec"]["template"]["spec"]
+        for container in [*spec.get("initContainers", []), *spec["containers"]]:
+            image: str = container["image"]
+            tag = image.split("@")[0].rpartition(":")[2]
+            assert re.fullmatch(r"\d+\.\d+\.\d+(-\d+)?", tag), f"{image} is not pinned to an exact version"

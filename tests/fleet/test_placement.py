@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from agentkernel.errors import EtcdUnavailable, FleetFullError, SandboxExistsError
 from agentkernel.fleet import store
 from agentkernel.fleet.etcd import Etcd
+from agentkernel.fleet.nodecache import NodeCache
 from tests.api.server import free_port
 from tests.fleet.conftest import EtcdCluster, wipe
 
@@ -153,3 +156,58 @@ def test_an_expired_lease_takes_the_node_away(cluster: EtcdCluster) -> None:
 
     left, nodes = run(scenario())  # type: ignore[misc]
     assert left == 0 and "brief" not in nodes
+
+
+def test_the_router_learns_node_changes_by_watch(cluster: EtcdCluster) -> None:
+    """The node cache reads etcd once, then follows the watch: a node that registers, changes its
+    load and has its lease end shows in the cache without another read of every node."""
+
+    async def scenario() -> None:
+        async with Etcd(cluster.urls) as etcd, Etcd(cluster.urls[::-1]) as writer:
+            ranges = 0
+            real_range = etcd.range
+
+            async def counted(*args: Any, **kwargs: Any) -> Any:
+                nonlocal ranges
+                ranges += 1
+                return await real_range(*args, **kwargs)
+
+            etcd.range = counted  # type: ignore[method-assign]
+            cache = NodeCache(etcd)
+            task = asyncio.create_task(cache.follow())
+            try:
+                await until(lambda: cache.revision > 0)
+                lease = await register(writer, "watched", capacity=2)
+                await until(lambda: "watched" in cache._nodes)
+                busier = store.NodeInfo(
+                    "watched", "http://127.0.0.1:9/", cores=2, memory_mb=1024, capacity=2, running=1
+                )
+                await writer.put(store.node_key("watched"), busier.encode(), lease=lease)
+                await until(lambda: cache._nodes.get("watched") == busier)
+                await writer.revoke(lease)  # as when the lease expires: etcd deletes the key
+                await until(lambda: "watched" not in cache._nodes)
+                assert (await cache.nodes()) == {} and ranges == 1
+            finally:
+                task.cancel()
+
+    run(scenario())
+
+
+async def until(check: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "the cache did not follow"
+        await asyncio.sleep(0.05)
+
+
+def test_a_watch_on_an_unreachable_etcd_is_one_error() -> None:
+    async def scenario() -> None:
+        async with Etcd([f"http://127.0.0.1:{free_port()}"]) as etcd:
+            async for _ in etcd.watch(b"/x", start_revision=1):
+                raise AssertionError("no events from a dead etcd")
+
+    with pytest.raises(
+        EtcdUnavailable,
+        match=r"etcd is unreachable for a watch \(tried http://127.0.0.1:\d+: cannot connect\)",
+    ):
+        run(scenario())

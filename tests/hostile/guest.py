@@ -380,6 +380,24 @@ class WatchHugeField(Agent):
         await self.send(frame.channel, FrameType.DATA, head + b"n" * (INITIAL_WINDOW - len(head)))
 
 
+class ConnectFlood(Agent):
+    """Answers CONNECT with STARTED, then full DATA frames without end, ignoring the window: a
+    guest's server that floods a host that does not read, with an agent that does not keep to it."""
+
+    async def handle(self, frame: Frame) -> None:
+        if frame.type is not FrameType.CONNECT:
+            await super().handle(frame)
+            return
+        channel = frame.channel
+        await self.send(channel, FrameType.STARTED)
+
+        async def more() -> int:
+            await self.send(channel, FrameType.DATA, b"a" * MAX_PAYLOAD)
+            return MAX_PAYLOAD
+
+        self.spawn(flood(more))
+
+
 class OldAgent(Agent):
     """A well-behaved agent of protocol version 2, from before background commands: it knows no
     JOBS, ATTACH, INPUT, KILL, WAIT or RENAME, and would break the connection on one."""
@@ -417,6 +435,7 @@ BEHAVIOURS: dict[str, type[Agent]] = {
     "attach-flood": AttachFlood,
     "watch-huge-field": WatchHugeField,
     "old-agent": OldAgent,
+    "connect-flood": ConnectFlood,
 }
 
 

@@ -50,6 +50,7 @@ TOOLS = {
     "list_snapshots",
     "fork_snapshot",
     "remove_snapshot",
+    "expose_port",
 }
 
 

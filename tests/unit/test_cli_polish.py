@@ -68,7 +68,7 @@ def test_every_option_shows_a_word_for_its_value() -> None:
     assert not bad, "\n".join(bad)
     assert re.search(r"--memory +MB ", "\n".join(rows["run"]))
     assert re.search(r"--timeout +SECONDS ", "\n".join(rows["exec"]))
-    assert re.search(r"--image +IMAGE ", "\n".join(rows["daemon start"]))
+    assert re.search(r"--image +IMAGE\[=N\] ", "\n".join(rows["daemon start"]))
 
 
 def test_bash_completion_is_offered_and_completes() -> None:

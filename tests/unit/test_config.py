@@ -393,6 +393,7 @@ READERS = {
     "security.mount_home": "agentkernel.config:resolve_policy",
     "security.pass_env": "agentkernel.config:resolve_policy",
     "security.read_only": "agentkernel.config:resolve_policy",
+    "security.ports": "agentkernel.service.ports:check_allowed",
     "security.domains": "agentkernel.config:resolve_policy",
     "security.domains.allow": "agentkernel.service.sandboxes:spec_of",
     "security.domains.block": "agentkernel.service.sandboxes:spec_of",
@@ -403,6 +404,10 @@ READERS = {
     "secrets.NAME.in_url": "agentkernel.network.brokering:_from_declaration",
     "secrets.NAME.in_body": "agentkernel.network.brokering:_from_declaration",
     "secrets.NAME.upstream_ca": "agentkernel.network.brokering:_from_declaration",
+    "pool.images": "agentkernel.pool.kinds:targets",
+    "pool.size": "agentkernel.pool.kinds:targets",
+    "pool.sizes": "agentkernel.pool.kinds:targets",
+    "pool.parallel": "agentkernel.pool.kinds:plan",
 }
 
 
@@ -413,7 +418,7 @@ def config_keys(cls: type, prefix: str = "") -> list[str]:
     hints = typing.get_type_hints(cls, include_extras=True)
     for field in dataclasses.fields(cls):
         key, hint = prefix + field.name, hints[field.name]
-        if typing.get_origin(hint) is dict:
+        if typing.get_origin(hint) is dict and dataclasses.is_dataclass(typing.get_args(hint)[1]):
             keys += config_keys(typing.get_args(hint)[1], f"{key}.NAME.")
         elif dataclasses.is_dataclass(hint):
             keys += ([key] if prefix else []) + config_keys(hint, f"{key}.")

@@ -13,9 +13,38 @@ pytestmark = pytest.mark.vm
 
 
 def test_bench_reports_every_figure(cli_home: Path) -> None:
-    result = cli("bench", "--runs", "1", "--json")
+    # Started in a Python project (where `run` would choose `python`): it measures in a directory
+    # of its own with the image named, so its pool and `run` agree.
+    Path("pyproject.toml").write_text("[project]\nname = 'x'\n")
+    result = cli("bench", "--runs", "1", "--count", "3", "--idle-seconds", "2", "--json")
     assert result.returncode == 0, result.stderr.decode()
     figures = json.loads(result.stdout)
+    print(json.dumps(figures["table"], indent=1))
+    table = figures["table"]
+    rows = (
+        "run_over_bare_boot",
+        "pool_over_cold_cli",
+        "cli_start_over_python",
+        "cli_cost_over_python",
+        "restored_pss_mib",
+        "pool_fill_s",
+        "idle_cpu_percent",
+        "stress_s",
+        "stress_network_s",
+    )
+    assert set(rows) <= set(table), set(table)
+    for name, row in table.items():
+        assert row["target"] > 0 and "holds" in row, name
+        assert row["holds"] is None or row["holds"] == (row["value"] <= row["target"]), name
+    assert table["run_over_bare_boot"]["holds"] is not None  # measured in full in this run
+    for name in ("pool_fill_s", "restored_pss_mib", "idle_cpu_percent", "stress_s"):
+        assert table[name]["count"] == 3 and table[name]["holds"] is None, name  # fewer than 100
+    assert table["cli_cost_over_python"]["value"] > 0
+    fill = figures["fill"]
+    assert fill["fill_s"] > 0 and 1 <= fill["peak_making"] <= fill["parallel"]
+    for key in ("stress", "stress_network"):
+        assert (figures[key]["succeeded"], figures[key]["count"]) == (3, 3), figures[key]
+        assert not any(figures[key]["leaks"].values()), figures[key]["leaks"]
     for key in ("bare_qemu_boot_to_agent_s", "run_to_command_start_s", "exec_round_trip_true_s", "stop_s",
                 "first_exec_in_new_vm_s", "cli_start_s"):  # fmt: skip
         assert figures[key] > 0, key

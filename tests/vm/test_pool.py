@@ -84,7 +84,7 @@ def pool_home(cli_home: Path) -> Iterator[Path]:
 
 
 def test_pool_hands_out_each_sandbox_once(pool_home: Path) -> None:
-    ok("daemon", "start", "--size", "2", "--wait")  # the backend `run` would choose: QEMU (network on)
+    ok("daemon", "start", "--image", "base", "--size", "2", "--wait")  # as `run` makes them: QEMU, network
     pooled = set(ready())
     assert len(pooled) == 2
     assert names() == set() and names("--all") == pooled  # kept ready, hidden from a plain list
@@ -125,7 +125,8 @@ def test_pool_hands_out_each_sandbox_once(pool_home: Path) -> None:
 
 
 def test_pool_replaces_dead_and_old_sandboxes_and_is_adopted_after_a_restart(pool_home: Path) -> None:
-    start = ("daemon", "start", "--backend", "qemu", "--no-network", "--size", "2", "--health-interval", "1")
+    start = ("daemon", "start", "--image", "base", "--backend", "qemu", "--no-network", "--size", "2",
+             "--health-interval", "1")  # fmt: skip
     ok(*start, "--wait")
     before = ready()
     victim = next(s for s in json.loads(ok("list", "--all", "--json")) if s["name"] == before[0])
@@ -146,8 +147,8 @@ def test_pool_replaces_dead_and_old_sandboxes_and_is_adopted_after_a_restart(poo
     assert ok("run", "--backend", "qemu", "--no-network", "--", "hostname").strip() in survivors
     ok("daemon", "stop")
 
-    ok("daemon", "start", "--backend", "qemu", "--no-network", "--size", "1", "--max-age", "2",
-       "--health-interval", "0.5", "--wait")  # fmt: skip
+    ok("daemon", "start", "--image", "base", "--backend", "qemu", "--no-network", "--size", "1",
+       "--max-age", "2", "--health-interval", "0.5", "--wait")  # fmt: skip
     first = ready()
     wait_for(lambda: ready() and ready() != first, "a sandbox past its maximum age to be replaced")
     assert not set(first) & names("--all")
@@ -162,7 +163,7 @@ def test_daemon_usage_errors(pool_home: Path) -> None:
     old_log = pool_home / "logs" / "daemon.log"
     old_log.parent.mkdir(exist_ok=True)
     old_log.write_bytes(b"x" * (5 << 20))  # a large log from earlier runs
-    ok("daemon", "start", "--backend", "qemu", "--no-network", "--size", "1")
+    ok("daemon", "start", "--image", "base", "--backend", "qemu", "--no-network", "--size", "1")
     assert "already running" in one_line_error("daemon", "start")
     assert (pool_home / "logs" / "daemon.log.1").stat().st_size == 5 << 20  # kept once, not appended to
     assert old_log.stat().st_size < 1 << 20
@@ -172,10 +173,42 @@ def test_the_pool_follows_the_project_config(pool_home: Path) -> None:
     # Started in a project, the pool's sandboxes get its settings, so `run` there can take them.
     Path("agentkernel.toml").write_text(
         "[resources]\nmemory_mb = 256\n[security]\nnetwork = false\n"
-        '[security.domains]\nallow = ["pypi.org"]\n'
+        '[security.domains]\nallow = ["pypi.org"]\n[pool]\nimages = ["base"]\n'
     )
     ok("daemon", "start", "--size", "1", "--wait")
     pooled = ready()
     assert status()["pools"][0]["memory_mb"] == 256 and status()["pools"][0]["network"] is False
     assert ok("run", "--", "hostname").strip() in pooled
     assert status()["misses"] == 0
+
+
+def test_run_in_a_python_project_takes_a_pooled_python_sandbox(pool_home: Path) -> None:
+    # There `run` chooses `python` whatever the command; `node` for a node command. The daemon keeps
+    # every installed image `run` would choose there, one template each.
+    Path("pyproject.toml").write_text("[project]\nname = 'x'\n")
+    ok("daemon", "start", "--backend", "qemu", "--no-network", "--size", "1", "--wait")
+    pools = {pool["image"]: pool for pool in status()["pools"]}
+    assert next(iter(pools)) == "python" and "base" not in pools, list(pools)
+    templates = {s["name"] for s in json.loads(ok("snapshot", "list", "--json"))}
+    assert templates == {"pool-template-" + pool["key"] for pool in pools.values()}
+    pooled = {pool["ready"][0]["name"] for pool in pools.values()}
+
+    assert ok("run", "--backend", "qemu", "--no-network", "--", "hostname").strip() in pooled
+    current = status()
+    assert current["misses"] == 0
+    assert {p["image"]: p["handed_out"] for p in current["pools"]}["python"] == 1
+
+
+def test_a_killed_daemon_leaves_nothing_running(pool_home: Path) -> None:
+    # Killed while it makes sandboxes side by side: what it made or was making is removed by
+    # `doctor --repair` (no daemon came after it to adopt them), and no VMM is left running.
+    ok("daemon", "start", "--image", "base=4", "--parallel", "2", "--backend", "qemu", "--no-network")
+    wait_for(lambda: status()["pools"][0]["making"] > 0 and ready(), "makes in flight", timeout=120)
+    daemon_pid = status()["pid"]
+    os.kill(daemon_pid, signal.SIGKILL)
+    wait_for(lambda: cli("daemon", "status").returncode != 0, "the daemon to be gone")
+    assert names("--all") and vmm_pids(pool_home)
+    report = cli("doctor", "--repair", timeout=120)
+    assert b"outlived its owner" in report.stdout, report.stdout.decode()
+    wait_for(lambda: not vmm_pids(pool_home), "every VMM to be gone", timeout=30)
+    assert names("--all") == set()

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
+from starlette.routing import Route
 
 from agentkernel import __version__
-from agentkernel.api import attach, commands, dashboard, files, lifecycle, problems, routes
+from agentkernel.api import attach, commands, dashboard, files, lifecycle, ports, problems, routes
 from agentkernel.api.auth import API_KEY_ENV, BearerAuth, check_listen_address
 from agentkernel.api.guard import AllowedHosts, WebGuard
 from agentkernel.api.limits import BodyLimit
+from agentkernel.fleet import mcp as fleet_mcp
 from agentkernel.fleet import node as fleet_node
 from agentkernel.fleet.node import NodeConfig
 from agentkernel.service.lifetimes import DEFAULT_LIFETIME
@@ -47,9 +49,10 @@ def create_app(
         reaper = asyncio.create_task(reap_periodically())  # what dead clients and servers left
         tasks = [reaper]
         if node is not None:
-            tasks.append(asyncio.create_task(fleet_node.run(node, app.state.service.list_sandboxes)))
+            tasks.append(asyncio.create_task(fleet_node.run(node, app.state.service)))
         try:
-            yield
+            async with tools.running() if tools else contextlib.nullcontext():
+                yield
         finally:
             for task in tasks:
                 task.cancel()
@@ -67,8 +70,18 @@ def create_app(
     )
     app.state.default_lifetime = default_lifetime
     problems.install(app)
-    for router in (routes.router, files.router, attach.router, commands.router, lifecycle.router):
+    for router in (
+        routes.router,
+        files.router,
+        attach.router,
+        commands.router,
+        lifecycle.router,
+        ports.router,
+    ):
         app.include_router(router)
+    tools = fleet_mcp.NodeTools(project_dir, default_lifetime) if node is not None else None
+    if tools is not None:  # a node serves the MCP tools too, for the fleet's routers (fleet/mcp.py)
+        app.router.routes.append(Route("/mcp", tools, methods=["GET", "POST", "DELETE"]))
     dashboard.install(app, api_key)
     app.add_middleware(BodyLimit)
     if api_key:
@@ -89,8 +102,9 @@ def serve(
     """Serve the API until interrupted. A non-loopback address needs AGENTKERNEL_API_KEY set;
     `allow_hosts` are more names (`name[:port]`) the Host and Origin headers may use. A fleet `node`
     takes the node key instead of the API key: only the fleet's routers call it."""
-    key = fleet_node.node_key() if node else os.environ.get(API_KEY_ENV) or None
-    check_listen_address(host, key)
+    key = fleet_node.node_key(required=node.tls is None) if node else os.environ.get(API_KEY_ENV) or None
+    if not (node and node.tls):  # a node with mutual TLS takes only routers with the fleet's certificates
+        check_listen_address(host, key)
     hosts = AllowedHosts.configured(host, allow_hosts)
     if node is not None:
         node = fleet_node.with_defaults(node, host, port)
@@ -98,4 +112,5 @@ def serve(
     app = create_app(
         project_dir=project_dir, api_key=key, hosts=hosts, node=node, default_lifetime=default_lifetime
     )
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE)
+    tls = node.tls.server_options() if node and node.tls else {}
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE, **tls)

@@ -18,7 +18,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from fastapi import APIRouter, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from agentkernel.api.models import Command, Timeout
+from agentkernel.api.models import Command, Started, Timeout
 from agentkernel.api.problems import from_exception
 from agentkernel.api.routes import BODY, SSE, Name, Service, problems
 from agentkernel.api.sse import KEEPALIVE, QUEUED_CHUNKS, EventStreamResponse, event
@@ -38,11 +38,6 @@ class StartRequest(BaseModel):
     env: dict[str, str] | None = None
     cwd: str | None = Field(None, description="Working directory in the sandbox (absolute).")
     timeout: Timeout | None = None
-
-
-class Started(BaseModel):
-    id: int = Field(description="The command's id in its sandbox (for the routes below).")
-    pid: int
 
 
 class ExitView(BaseModel):

@@ -11,7 +11,7 @@ from agentkernel.api.models import SandboxName, _Request
 from agentkernel.api.routes import BODY, Name, Service, problems
 from agentkernel.sandbox.view import SandboxView
 from agentkernel.service.checks import NAME_RE
-from agentkernel.service.lifetimes import lifetime_for
+from agentkernel.service.lifetimes import fork_lifetime
 from agentkernel.service.snapshots import Snapshot
 
 router = APIRouter(responses=problems(401, 422))
@@ -121,8 +121,6 @@ async def fork_snapshot(
     snapshot: SnapshotName, body: ForkRequest, sandboxes: Service, request: Request
 ) -> SandboxView:
     """A new running sandbox resumed from a snapshot: its processes, memory and disk as they were."""
-    lifetime = lifetime_for(body.timeout, request.app.state.default_lifetime)
-    record = await sandboxes.fork(snapshot, body.name)
-    if lifetime:
-        record = await sandboxes.set_timeout(record.name, lifetime)
+    lifetime = fork_lifetime(body.timeout, request.app.state.default_lifetime)
+    record = await sandboxes.fork(snapshot, body.name, lifetime=lifetime)
     return SandboxView.of(record)

@@ -46,6 +46,20 @@ SecretNames = Annotated[
 ]
 
 
+class ExecInSandboxRequest(ExecRequest):
+    background: bool = Field(
+        False,
+        description="Start the command detached and answer at once (201) with its id: it runs on "
+        "after this request, as one started by POST /sandboxes/{name}/commands, except that its "
+        "stdin is `stdin` and then closed, as for a command run in the foreground.",
+    )
+
+
+class Started(BaseModel):
+    id: int = Field(description="The command's id in its sandbox (for the /commands routes).")
+    pid: int
+
+
 class RunRequest(ExecRequest):
     image: str | None = Field(None, description="Image (default: agentkernel.toml, else detected).")
     profile: ProfileName | None = None

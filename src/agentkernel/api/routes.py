@@ -12,7 +12,15 @@ import anyio
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
 from agentkernel import __version__
-from agentkernel.api.models import CreateRequest, ExecRequest, Health, RunRequest, RunResult
+from agentkernel.api.models import (
+    CreateRequest,
+    ExecInSandboxRequest,
+    ExecRequest,
+    Health,
+    RunRequest,
+    RunResult,
+    Started,
+)
 from agentkernel.api.problems import MEDIA_TYPE, Problem
 from agentkernel.api.sse import EventStreamResponse, stream_process
 from agentkernel.protocol.connection import Process
@@ -179,9 +187,25 @@ async def stop_sandbox(name: Name, sandboxes: Service) -> SandboxView:
     return SandboxView.of(await sandboxes.stop(name))
 
 
-@router.post("/sandboxes/{name}/exec", tags=["commands"], responses={**BODY, **problems(404, 409, 502)})
-async def exec_in_sandbox(name: Name, body: ExecRequest, sandboxes: Service) -> RunResult:
-    """Run a command in a running sandbox; answers when it has exited."""
+@router.post(
+    "/sandboxes/{name}/exec",
+    tags=["commands"],
+    responses={
+        201: {"model": Started, "description": "Started in the background (`background: true`)."},
+        **BODY,
+        **problems(404, 409, 502),
+    },
+)
+async def exec_in_sandbox(
+    name: Name, body: ExecInSandboxRequest, sandboxes: Service, response: Response
+) -> RunResult | Started:
+    """Run a command in a running sandbox; answers when it has exited, or at once with the command's
+    id when `background` is true."""
+    if body.background:
+        started = await sandboxes.start_command(name, _command(body))
+        await sandboxes.command_stdin(name, started.id, _stdin(body), eof=True)
+        response.status_code = 201
+        return Started(id=started.id, pid=started.pid)
     proc = await sandboxes.exec(name, _command(body))
     return RunResult.of(await collect(proc, stdin=_stdin(body), limit=OUTPUT_LIMIT))
 

@@ -82,9 +82,10 @@ class Backend(Protocol):
         """Whether `pid` is still this sandbox's VMM (not a dead or reused pid)."""
 
     def kill(self, spec: VMSpec, pid: int | None) -> None:
-        """Stop the VMM at once, and every helper process of the sandbox (its egress gateway, a
-        watchdog). With pid None (a start that was interrupted before it recorded one) the VMM is
-        found by what names this sandbox in its command line (see `tagged`)."""
+        """Stop the VMM at once, and every helper process of the sandbox (a port relay, a watchdog),
+        and withdraw it from the egress gateway. With pid None (a start that was interrupted before
+        it recorded one) the VMM is found by what names this sandbox in its command line (see
+        `tagged`)."""
 
     def cleanup(self, spec: VMSpec, *, keep_disk: bool) -> None:
         """Remove runtime files; with keep_disk False also the disk and logs."""
@@ -142,8 +143,8 @@ def tagged(*tags: str) -> list[int]:
     an argument.
 
     A sandbox's processes all name its run directory, which is unique per sandbox: QEMU its
-    `-pidfile`, the forwarders QEMU spawns and the egress gateway their sockets, a lifetime
-    watchdog the directory itself; Firecracker under its jailer has its instance id. So they are
+    `-pidfile`, the forwarders QEMU spawns their sockets, a port relay and a lifetime watchdog the
+    directory itself; Firecracker under its jailer has its instance id. So they are
     found whether or not their pid was ever recorded.
     """
     return procs.naming(*tags)
@@ -151,12 +152,16 @@ def tagged(*tags: str) -> list[int]:
 
 def kill_tagged(*tags: str) -> None:
     """SIGKILL every process `tagged` with `tags`, scanning again until none is left: a VMM that
-    was still daemonizing when first seen forks a child that the next scan finds."""
+    was still daemonizing when first seen forks a child that the next scan finds. Whatever a scan
+    finds is killed even when the scan outlasted KILL_WAIT (on a loaded host one pass over /proc
+    can), so only the scans after it are bounded."""
     deadline = time.monotonic() + KILL_WAIT
-    while (pids := tagged(*tags)) and time.monotonic() < deadline:
+    while pids := tagged(*tags):
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        if time.monotonic() >= deadline:
+            break
         time.sleep(0.01)
 
 

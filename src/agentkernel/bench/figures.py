@@ -1,7 +1,11 @@
-"""Benchmarks that print figures: our overhead on top of a bare QEMU boot, exec round trip, stop time.
+"""Benchmarks that print figures: our overhead on top of a bare QEMU boot, exec round trip, stop time,
+snapshots, the warm pool, filling it, and many sandboxes at once.
 
 Each figure is the median of several runs, measured side by side in one process so that the ratios
-compare like with like on a shared, noisy machine.
+compare like with like on a shared, noisy machine. Every command runs in a new empty project
+directory with the image named, so `run` and the pool agree on the image wherever `bench` is started
+(inside a Python project `run` would otherwise choose `python`). `table` gives each figure of the
+speed and density targets with its target and whether it holds.
 """
 
 from __future__ import annotations
@@ -23,10 +27,12 @@ from agentkernel import hostinfo
 from agentkernel.artifacts import kernel as kernel_artifact
 from agentkernel.backends.base import VMSpec
 from agentkernel.backends.qemu import backend as qemu
+from agentkernel.bench import DEFAULT_CONCURRENCY
 from agentkernel.config import Config
 from agentkernel.errors import AgentkernelError
 from agentkernel.images import store
 from agentkernel.pool import control
+from agentkernel.pool.kinds import Kind
 from agentkernel.service.request import SandboxFlags, SandboxRequest, resolve
 from agentkernel.service.service import SandboxService, call
 
@@ -59,11 +65,12 @@ def agentkernel_run(*args: str) -> list[str]:
     return [sys.executable, "-m", "agentkernel", "run", "--backend", "qemu", *args]
 
 
-def cli_run_to_start(image: str, *flags: str) -> float:
-    """Seconds from launching `agentkernel run` to the command's first output."""
+def cli_run_to_start(project: Path, image: str, *flags: str) -> float:
+    """Seconds from launching `agentkernel run` (in `project`) to the command's first output."""
     start = time.monotonic()
     proc = subprocess.Popen(
         agentkernel_run("--image", image, "--no-pool", *flags, "--", "echo", "started"),
+        cwd=project,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -77,10 +84,10 @@ def cli_run_to_start(image: str, *flags: str) -> float:
     return elapsed
 
 
-def _request(image: str, *, network: bool | None = None) -> SandboxRequest:
+def _request(project: Path, image: str, *, network: bool | None = None) -> SandboxRequest:
     """A QEMU sandbox of `image` with the defaults (no project's agentkernel.toml: figures compare)."""
     flags = SandboxFlags(image=image, backend="qemu", network=network)
-    return resolve(flags, Config(), project_dir=Path.cwd())
+    return resolve(flags, Config(), project_dir=project)
 
 
 async def _exec_and_stop(service: SandboxService, name: str, rounds: int) -> tuple[list[float], float]:
@@ -96,10 +103,9 @@ async def _exec_and_stop(service: SandboxService, name: str, rounds: int) -> tup
     return times, time.monotonic() - start
 
 
-def _cli_version() -> float:
-    """Seconds for `agentkernel --version`: the interpreter and the CLI's imports, nothing else."""
+def _timed_process(argv: list[str], project: Path) -> float:
     start = time.monotonic()
-    subprocess.run([sys.executable, "-m", "agentkernel", "--version"], check=True, capture_output=True)
+    subprocess.run(argv, check=True, capture_output=True, cwd=project)
     return time.monotonic() - start
 
 
@@ -107,7 +113,7 @@ def _median(samples: list[float]) -> float:
     return statistics.median(samples)
 
 
-def lifecycle(*, runs: int = 5, image: str = "base") -> dict[str, Any]:
+def lifecycle(project: Path, *, runs: int = 5, image: str = "base") -> dict[str, Any]:
     accel = hostinfo.accel()
     vmlinux = kernel_artifact.current()
     if vmlinux is None:
@@ -122,20 +128,23 @@ def lifecycle(*, runs: int = 5, image: str = "base") -> dict[str, Any]:
         try:
             for _ in range(runs):  # interleaved, so drift in machine load hits all alike
                 bare.append(bare_boot(spec, accel))
-                ours.append(cli_run_to_start(image, "--no-network"))  # the same VM as the bare one
-                networked.append(cli_run_to_start(image))  # the default profile: network through a gateway
+                ours.append(cli_run_to_start(project, image, "--no-network"))  # the same VM as the bare one
+                networked.append(cli_run_to_start(project, image))  # the default profile: network, gateway
         finally:
             backend.cleanup(spec, keep_disk=False)  # the bare VM's RAM file and disk
     name = f"bench-{secrets.token_hex(3)}"
 
     async def exec_and_stop(service: SandboxService) -> tuple[list[float], float]:
-        await service.create(_request(image), name=name)
+        await service.create(_request(project, image), name=name)
         try:
             return await _exec_and_stop(service, name, rounds=max(10, runs * 4))
         finally:
             await service.remove(name, force=True)
 
-    exec_times, stop_time = call(exec_and_stop)
+    exec_times, stop_time = call(exec_and_stop, project_dir=project)
+    version = [sys.executable, "-m", "agentkernel", "--version"]
+    cli_start = [_timed_process(version, project) for _ in range(runs)]
+    python = [_timed_process([sys.executable, "-c", "pass"], project) for _ in range(runs)]
     bare_s, ours_s = _median(bare), _median(ours)
     return {
         "accel": accel.name,
@@ -147,7 +156,8 @@ def lifecycle(*, runs: int = 5, image: str = "base") -> dict[str, Any]:
         "run_with_network_to_command_start_s": round(_median(networked), 3),
         "exec_round_trip_true_s": round(_median(exec_times[1:]), 4),
         "first_exec_in_new_vm_s": round(exec_times[0], 4),
-        "cli_start_s": round(_median([_cli_version() for _ in range(runs)]), 3),
+        "cli_start_s": round(_median(cli_start), 3),
+        "python_pass_s": round(_median(python), 3),
         "stop_s": round(stop_time, 3),
         "samples": {
             "bare": [round(x, 3) for x in bare],
@@ -172,7 +182,7 @@ async def _timed(coro: Coroutine[Any, Any, Any]) -> float:
     return time.monotonic() - start
 
 
-def snapshot_figures(*, forks: int = 10, image: str = "base") -> dict[str, Any]:
+def snapshot_figures(project: Path, *, forks: int = 10, image: str = "base") -> dict[str, Any]:
     """Cold boot-to-ready against restore-to-ready, and host memory (PSS) of a cold VMM against that of
     each of `forks` idle copies resumed from one snapshot, measured in one run."""
     tag = secrets.token_hex(3)
@@ -182,7 +192,7 @@ def snapshot_figures(*, forks: int = 10, image: str = "base") -> dict[str, Any]:
     async def measure(service: SandboxService) -> tuple[float, list[float], int, list[int]]:
         made: list[str] = []
         try:
-            await service.create(_request(image, network=False), name=source, start=False)  # no gateway
+            await service.create(_request(project, image, network=False), name=source, start=False)
             made.append(source)
             cold = await _timed(service.start(source))
             await service.snapshot(source, snapshot)
@@ -199,7 +209,7 @@ def snapshot_figures(*, forks: int = 10, image: str = "base") -> dict[str, Any]:
             with contextlib.suppress(AgentkernelError):
                 await service.remove_snapshot(snapshot)
 
-    cold, restores, cold_pss, fork_pss = call(measure)
+    cold, restores, cold_pss, fork_pss = call(measure, project_dir=project)
     restore = _median(restores)
     return {
         "cold_boot_to_ready_s": round(cold, 3),
@@ -222,31 +232,26 @@ async def _pid(service: SandboxService, name: str) -> int:
 POOL_SIZE = 2
 
 
-def pool_figures(*, runs: int = 5, image: str = "base") -> dict[str, Any]:
+def _no_daemon(what: str) -> None:
+    if control.running_pid() is not None:
+        raise AgentkernelError(f"the pool daemon is running: stop it first ({what} starts its own)")
+
+
+def pool_figures(project: Path, *, runs: int = 5, image: str = "base") -> dict[str, Any]:
     """`run -- true` cold against through the warm pool, in process (the service calls `run` makes)
     and through the CLI, measured side by side with a pool daemon this benchmark starts."""
-    if control.running_pid() is not None:
-        raise AgentkernelError("the pool daemon is running: stop it first (the benchmark starts its own)")
-    request = _request(image, network=False)
+    _no_daemon("the benchmark")
+    request = _request(project, image, network=False)
     cold, pooled, cli_cold, cli_pooled = [], [], [], []
-    control.start(
-        images=[image],
-        size=POOL_SIZE,
-        policy=request.policy,
-        vcpus=request.vcpus,
-        memory_mb=request.memory_mb,
-        backend="qemu",
-        max_age=3600,
-        health_interval=60,
-    )
+    control.start([Kind.of(request, POOL_SIZE)], max_age=3600, health_interval=60)
     try:
         control.wait_ready(lambda _status: None)
         for _ in range(runs):
-            cold.append(call(lambda service: _run_true(service, request, pool=False)))
-            pooled.append(call(lambda service: _run_true(service, request, pool=True)))
+            cold.append(call(lambda service: _run_true(service, request, pool=False), project_dir=project))
+            pooled.append(call(lambda service: _run_true(service, request, pool=True), project_dir=project))
             control.wait_ready(lambda _status: None)
-            cli_cold.append(_cli_run_true("--no-pool"))
-            cli_pooled.append(_cli_run_true())
+            cli_cold.append(_cli_run_true(project, image, "--no-pool"))
+            cli_pooled.append(_cli_run_true(project, image))
             control.wait_ready(lambda _status: None)
         handed_out = control.status()["pools"][0]["handed_out"]
     finally:
@@ -266,6 +271,34 @@ def pool_figures(*, runs: int = 5, image: str = "base") -> dict[str, Any]:
     }
 
 
+def fill_figures(project: Path, *, count: int = 100, image: str = "base") -> dict[str, Any]:
+    """Seconds for a new pool daemon to have `count` sandboxes ready, its template's boot included,
+    and how many it made at once."""
+    _no_daemon("the benchmark")
+    request = _request(project, image, network=False)
+    start = time.monotonic()
+    control.start([Kind.of(request, count)], max_age=3600, health_interval=3600)
+    first: float | None = None
+
+    def progress(status: dict[str, Any]) -> None:
+        nonlocal first
+        if first is None and status["pools"][0]["ready"]:
+            first = time.monotonic() - start
+
+    try:
+        status = control.wait_ready(progress, timeout=max(600.0, 10.0 * count))
+        total = time.monotonic() - start
+    finally:
+        control.stop(timeout=max(60.0, count))
+    return {
+        "count": count,
+        "fill_s": round(total, 3),
+        "first_ready_s": round(first or total, 3),  # the template's boot and snapshot, one fork
+        "parallel": status["parallel"],
+        "peak_making": status["peak_making"],
+    }
+
+
 async def _run_true(service: SandboxService, request: SandboxRequest, *, pool: bool) -> float:
     """Seconds for what `run -- true` does: a sandbox (new or from the pool), the command, removal."""
     start = time.monotonic()
@@ -276,12 +309,105 @@ async def _run_true(service: SandboxService, request: SandboxRequest, *, pool: b
     return time.monotonic() - start
 
 
-def _cli_run_true(*flags: str) -> float:
+def _cli_run_true(project: Path, image: str, *flags: str) -> float:
     start = time.monotonic()
     proc = subprocess.run(
-        agentkernel_run("--no-network", *flags, "--", "true"), stdin=subprocess.DEVNULL, capture_output=True
+        agentkernel_run("--image", image, "--no-network", *flags, "--", "true"),
+        cwd=project,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
     )
     elapsed = time.monotonic() - start
     if proc.returncode != 0:
         raise AgentkernelError(f"`agentkernel run` failed: {proc.stderr.decode(errors='replace').strip()}")
     return elapsed
+
+
+TABLE_COUNT = 100
+"""The issue's table measures the pool fill, stress and idle figures with this many sandboxes."""
+
+
+def _row(
+    what: str, value: float | None, target: float, unit: str, *, count: int | None = None, **extra: Any
+) -> dict[str, Any]:
+    """One figure of the table: its value against its target (an upper bound). `holds` is None when
+    the figure was not measured, or measured with fewer sandboxes than the table's."""
+    measured = value is not None and (count is None or count >= TABLE_COUNT)
+    row = {"what": what, "value": value, "unit": unit, "target": target}
+    if count is not None:
+        row["count"] = count
+    return {**row, **extra, "holds": value <= target if measured and value is not None else None}
+
+
+def table(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every figure of the speed and density targets, from one `bench` run's `result`."""
+    pool, snap, fill = result["pool"], result["snapshots"], result["fill"]
+    memory, idle, cli = result["density"], result["idle"], result["cli_cost"]
+    pss = memory["sandboxes"][max(memory["sandboxes"], key=int)]
+    rows = {
+        "run_over_bare_boot": _row(
+            "`run` to the command's first output over a bare QEMU boot to the agent's ready line, - 1",
+            result["overhead_ratio"], 0.15, "ratio",
+        ),
+        "pool_over_cold_cli": _row(
+            "`agentkernel run -- true` through the pool over a cold `--no-pool` run",
+            pool["cli_pool_over_cold"], 0.1, "ratio",
+            stretch=0.05, stretch_holds=pool["cli_pool_over_cold"] <= 0.05,
+        ),
+        "cli_start_over_python": _row(
+            "`agentkernel --version` over `python3 -c pass`",
+            round(result["cli_start_s"] / result["python_pass_s"], 2), 3.0, "ratio",
+        ),
+        "cli_cost_over_python": _row(
+            "the CLI's own cost on run, exec, ls, stop, rm over `python3 -c pass` (the largest)",
+            cli["largest_ratio"], 3.0, "ratio",
+        ),
+        "restored_pss_mib": _row(
+            "PSS of each sandbox restored from one snapshot, at the most sandboxes measured",
+            pss["pss_mib"], 10.0, "MiB", count=max(map(int, memory["sandboxes"])),
+            at={count: row["pss_mib"] for count, row in memory["sandboxes"].items()},
+            forks_of_snapshot_figures=round(snap["restored_pss_bytes_mean"] / 2**20, 1),
+        ),
+        "pool_fill_s": _row(
+            "filling the pool (its template's boot included)", fill["fill_s"], 25.0, "s", count=fill["count"],
+        ),
+        "idle_cpu_percent": _row(
+            f"host CPU of idle sandboxes over {idle['seconds']:g} s, in all",
+            idle["cpu_percent_of_one_core"], 10.0, "% of one core", count=idle["sandboxes"],
+        ),
+    }  # fmt: skip
+    for key, network in (("stress", False), ("stress_network", True)):
+        if (stress := result.get(key)) is not None:
+            complete = stress["succeeded"] == stress["count"]
+            rows[f"{key}_s"] = _row(
+                f"`bench stress` (snapshot mode{', --network' if network else ''}), every sandbox succeeding",
+                stress["total_s"] if complete else None, 20.0, "s", count=stress["count"],
+                succeeded=stress["succeeded"],
+            )  # fmt: skip
+            if not complete and stress["count"] >= TABLE_COUNT:
+                rows[f"{key}_s"]["holds"] = False
+    return rows
+
+
+def everything(
+    *, runs: int = 5, image: str = "base", count: int = TABLE_COUNT, idle_seconds: float = 60.0
+) -> dict[str, Any]:
+    """Every figure, measured in a new empty project directory, and the table of them; `count`
+    sandboxes for the pool fill, stress, memory and idle figures."""
+    from agentkernel.bench import cli_cost, density, stress
+
+    with tempfile.TemporaryDirectory(prefix="akbench-project-") as tmp:
+        project = Path(tmp)
+        result = lifecycle(project, runs=runs, image=image)
+        result["cli_cost"] = cli_cost.cli_costs(runs=runs, cwd=project)
+        result["snapshots"] = snapshot_figures(project, image=image)
+        result["density"] = density.restored_memory(tuple(sorted({1, min(10, count), count})), image=image)
+        result["idle"] = density.idle_cpu(count, seconds=idle_seconds, image=image)
+        result["pool"] = pool_figures(project, runs=runs, image=image)
+        result["fill"] = fill_figures(project, count=count, image=image)
+        for key, network in (("stress", False), ("stress_network", True)):
+            result[key] = stress.stress(
+                count=count, concurrency=DEFAULT_CONCURRENCY, image=image, network=network
+            )
+    result["table"] = table(result)
+    return result

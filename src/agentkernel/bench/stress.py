@@ -26,6 +26,7 @@ from agentkernel.backends.qemu import backend as qemu
 from agentkernel.config import Config
 from agentkernel.errors import AgentkernelError
 from agentkernel.pool import control
+from agentkernel.pool.kinds import Kind
 from agentkernel.sandbox import state
 from agentkernel.service.request import SandboxFlags, SandboxRequest, resolve
 from agentkernel.service.service import SandboxService, call
@@ -113,16 +114,7 @@ def _template(tag: str, request: SandboxRequest) -> str:
 def _fill_pool(count: int, request: SandboxRequest) -> None:
     if control.running_pid() is not None:
         raise AgentkernelError("the pool daemon is running: stop it first (the stress test starts its own)")
-    control.start(
-        images=[request.image],
-        size=count,
-        policy=request.policy,
-        vcpus=request.vcpus,
-        memory_mb=request.memory_mb,
-        backend=request.backend,
-        max_age=86400,
-        health_interval=3600,
-    )
+    control.start([Kind.of(request, count)], max_age=86400, health_interval=3600)
     try:
         control.wait_ready(lambda _status: None, timeout=max(600.0, 5.0 * count))
     except BaseException:

@@ -19,12 +19,14 @@ from agentkernel.cli import (
     fleet_cmds,
     images_cmd,
     lifecycle_cmds,
+    port_cmds,
     sandbox_cmds,
     secret_cmds,
     server_cmds,
     setup_cmd,
     snapshot_cmds,
     status_cmd,
+    thin,
 )
 from agentkernel.errors import AgentkernelError
 
@@ -88,6 +90,7 @@ for _name, _fn, _aliases in (
     ("update", lifecycle_cmds.update, ()),
     ("pause", lifecycle_cmds.pause, ()),
     ("resume", lifecycle_cmds.resume, ()),
+    ("port", port_cmds.port, ()),
 ):
     settings = sandbox_cmds.COMMAND_SETTINGS if _name in ("run", "exec") else {}
     for _alias in (_name, *_aliases):
@@ -114,8 +117,7 @@ def main() -> None:
         print(f"agentkernel: error: {one_line(str(exc))}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except OSError as exc:  # on the host's side: a full disk, a file it may not read or write
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"agentkernel: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        print(thin.os_error_line(exc), file=sys.stderr)
         sys.exit(1)
     except (KeyboardInterrupt, typer.Abort):
         print("agentkernel: interrupted", file=sys.stderr)

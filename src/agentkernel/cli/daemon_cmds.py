@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
 from typing import Any
 
 import typer
 
 from agentkernel.cli.output import console, err_console, print_json
 from agentkernel.cli.sandbox_cmds import with_service
-from agentkernel.pool import control
-from agentkernel.service.request import SandboxFlags, SandboxRequest
-from agentkernel.service.service import SandboxService
+from agentkernel.pool import control, kinds
+from agentkernel.service.request import SandboxFlags
 
 app = typer.Typer(help="The warm pool of ready sandboxes that `run` uses.", no_args_is_help=True)
 
@@ -20,9 +18,15 @@ app = typer.Typer(help="The warm pool of ready sandboxes that `run` uses.", no_a
 @app.command("start")
 def start(
     images: list[str] = typer.Option(
-        ["base"], "--image", metavar="IMAGE", help="Keep sandboxes of this image (repeatable)."
+        [],
+        "--image",
+        metavar="IMAGE[=N]",
+        help="Keep sandboxes of this image, N of them (repeatable; default: every image `run` would "
+        "choose here, or agentkernel.toml's [pool] images).",
     ),
-    size: int = typer.Option(2, "--size", min=1, max=200, metavar="N", help="Ready sandboxes per image."),
+    size: int | None = typer.Option(
+        None, "--size", min=1, max=200, metavar="N", help="Ready sandboxes per image (default 2)."
+    ),
     profile: str | None = typer.Option(
         None, "--profile", metavar="PROFILE", help="Their security profile (as `run`)."
     ),
@@ -32,6 +36,14 @@ def start(
     backend: str | None = typer.Option(
         None, "--backend", metavar="BACKEND", help="Their backend (default: as `run`)."
     ),
+    parallel: int | None = typer.Option(
+        None,
+        "--parallel",
+        min=1,
+        max=64,
+        metavar="N",
+        help="Sandboxes made at once (default: as the host's cores and free memory allow).",
+    ),
     max_age: float = typer.Option(
         600, "--max-age", min=1, metavar="SECONDS", help="Replace ready ones older than this (s)."
     ),
@@ -40,27 +52,17 @@ def start(
     ),
     wait: bool = typer.Option(False, "--wait", help="Return once every pool is full."),
 ) -> None:
-    """Start the pool daemon in the background. Its sandboxes get what `run` in this directory would
-    give them (flags, then agentkernel.toml, then the defaults), so that `run` can take them."""
-
-    async def resolve(service: SandboxService) -> list[SandboxRequest]:
-        # every image checked now (a missing one is an error, not a pool that never fills)
-        flags = SandboxFlags(backend=backend, vcpus=vcpus, memory_mb=memory, profile=profile, network=network)
-        return [await service.resolve(replace(flags, image=image)) for image in images]
-
-    requests = with_service(resolve)
-    kind = requests[0]  # the same settings for every image
-    pid = control.start(
-        images=[request.image for request in requests],
-        size=size,
-        policy=kind.policy,
-        vcpus=kind.vcpus,
-        memory_mb=kind.memory_mb,
-        backend=kind.backend,
-        max_age=max_age,
-        health_interval=health_interval,
+    """Start the pool daemon in the background. It keeps every image `run` in this directory would
+    choose, each sandbox as `run` here would make it (flags, then agentkernel.toml, then the
+    defaults), so that `run` can take them."""
+    flags = SandboxFlags(backend=backend, vcpus=vcpus, memory_mb=memory, profile=profile, network=network)
+    plan = with_service(
+        lambda service: kinds.plan(service, flags, images=images, size=size, parallel=parallel)
     )
+    pid = control.start(plan.kinds, max_age=max_age, health_interval=health_interval, parallel=plan.parallel)
     console.print(f"pool daemon started (pid {pid}); log: {control.log_file()}")
+    for kind in plan.kinds:
+        console.print(f"  {kind.image}: {kind.size} ready")
     if wait:
         control.wait_ready(_progress)
         if sys.stderr.isatty():
@@ -97,12 +99,13 @@ def status(json_out: bool = typer.Option(False, "--json", help="Print one JSON o
         return
     console.print(
         f"pool daemon: running (pid {current['pid']}, up {current['uptime_s']:.0f} s, "
-        f"max age {current['max_age_s']:g} s); acquires of kinds not kept: {current['misses']}"
+        f"max age {current['max_age_s']:g} s, {current['parallel']} made at once); "
+        f"acquires of kinds not kept: {current['misses']}"
     )
     for pool in current["pools"]:
         network = "network" if pool["network"] else "no network"
         console.print(
-            f"  {pool['image']:<10} {len(pool['ready'])}/{pool['size']} ready  "
+            f"  {pool['image']:<10} {len(pool['ready'])}/{pool['size']} ready, {pool['making']} making  "
             f"({pool['profile']}, {network}, {pool['vcpus']} vcpu, {pool['memory_mb']} MB)  "
             f"handed out {pool['handed_out']}, found empty {pool['empty_acquires']}"
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -83,3 +84,18 @@ def status(etcd: str = ETCD, json_out: bool = JSON) -> None:
         console.print(f"  {r['id']:<20} placed {r['placed']:>3}/{r['capacity']:<3} running {r['running']:>3}")
     for s in lost:
         console.print(f"  lost: {s['name']} (node {s['node']} is gone)")
+
+
+@app.command("certs")
+def certs(
+    directory: Path = typer.Argument(..., help="Directory to write the PEM files to."),
+    host: list[str] = typer.Option(
+        ..., "--host", metavar="NAME|ADDRESS", help="A name or address nodes are reached at (repeatable)."
+    ),
+) -> None:
+    """A CA for the fleet and, signed by it, a node and a router certificate, for mutual TLS between
+    routers and nodes (serve --tls-ca/--tls-cert/--tls-key; docs/deploy.md)."""
+    from agentkernel.fleet.tls import make
+
+    for path in make(directory, host):
+        console.print(str(path))

@@ -14,6 +14,7 @@ import typer
 
 from agentkernel import hostinfo, paths
 from agentkernel.backends import registry
+from agentkernel.cli import thin
 from agentkernel.cli.output import console, err_console, print_json
 from agentkernel.cli.signals import SignalGuard, run_until_signalled
 from agentkernel.cli.streams import attach_process, raw_terminal, terminal_size
@@ -46,6 +47,9 @@ FLAGS = {
     "timeout": "--timeout",
     "cwd": "--workdir",
     "command": "CMD",
+    "publish": "--publish",
+    "host": "--publish",
+    "host_port": "--publish",
 }
 """The service's field names as this command line spells them."""
 
@@ -127,14 +131,11 @@ async def _exec(
     """Run `command` in sandbox `name` (on `conn` when given) attached to this terminal."""
     if tty_mode:
         command = replace(command, env={"TERM": os.environ.get("TERM", "xterm"), **command.env})
-    async with service.explaining_loss(name):
-        proc = await exec_on(
-            conn or await service.connection(name), command, pty=terminal_size() if tty_mode else None
-        )
-        with raw_terminal(tty_mode):
-            return await attach_process(
-                proc, stdin=interactive, tty_mode=tty_mode, give_up_after=give_up_after
-            )
+    proc = await exec_on(
+        conn or await service.connection(name), command, pty=terminal_size() if tty_mode else None
+    )
+    with raw_terminal(tty_mode):
+        return await attach_process(proc, stdin=interactive, tty_mode=tty_mode, give_up_after=give_up_after)
 
 
 def _flags(
@@ -245,15 +246,27 @@ def run(
         None, "--name", metavar="NAME", help="Name for the sandbox (default: run-XXXXXXXX)."
     ),
     no_pool: bool = typer.Option(False, "--no-pool", help="Boot a new sandbox even if the pool has one."),
+    publish: list[str] = typer.Option(
+        [],
+        "--publish",
+        "-p",
+        metavar="[HOST_IP:][HOST_PORT:]GUEST_PORT",
+        help="Reach guest port GUEST_PORT at HOST_IP:HOST_PORT (default 127.0.0.1, a free port) while "
+        "the command runs. Repeatable.",
+    ),
 ) -> None:
     """Run a command in a new sandbox, stream its output, exit with its exit code, then remove it.
 
     When the pool daemon runs (`agentkernel daemon start`) and keeps sandboxes of this kind, one of
     them is taken instead of booting."""
+    from agentkernel.cli.port_cmds import parse_publish, publish_all  # it builds on this module
+
     command = command_args(command)
     if not command:
         raise AgentkernelError("no command given: agentkernel run -- CMD...")
     spec = _checked_command(command, env=env, workdir=workdir, timeout=timeout)
+    with as_flags():
+        published = [parse_publish(p) for p in publish]
     flags = _flags(
         image=image,
         backend=backend,
@@ -275,6 +288,7 @@ def run(
                 _warn_isolation((await service.get(sandbox)).backend)
                 if keep:
                     _note(f"sandbox {sandbox} is kept: remove it with `agentkernel rm -f {sandbox}`")
+                await publish_all(service, sandbox, published)
                 try:  # while it runs, signals go to the command (a second one gives up on it)
                     return await _exec(
                         service,
@@ -394,14 +408,11 @@ def list_cmd(
         print_json([SandboxView.of(r).to_json() for r in records])
         return
     if not records:
-        console.print("no sandboxes")
+        console.print(thin.NO_SANDBOXES)
         return
-    console.print(f"{'NAME':<24} {'STATUS':<8} {'BACKEND':<8} {'IMAGE':<12} {'CPUS':>4} {'MEM':>6}  CREATED")
+    console.print(thin.LIST_HEADER)
     for r in records:
-        console.print(
-            f"{r.name:<24} {r.status:<8} {r.backend:<8} {r.image:<12} {r.vcpus:>4} "
-            f"{r.memory_mb:>4}MB  {r.created_at}"
-        )
+        console.print(thin.list_line(vars(r)))
 
 
 def exec_cmd(

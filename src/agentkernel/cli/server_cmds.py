@@ -89,6 +89,16 @@ def serve(
         metavar="SECONDS",
         help="A node that stops renewing its registration for this long is gone, its sandboxes lost.",
     ),
+    tls_ca: str | None = typer.Option(
+        None, "--tls-ca", metavar="FILE", help="Fleet mTLS: the fleet's CA certificate (PEM)."
+    ),
+    tls_cert: str | None = typer.Option(
+        None,
+        "--tls-cert",
+        metavar="FILE",
+        help="Fleet mTLS: this node's or router's certificate from that CA (`agentkernel fleet certs`).",
+    ),
+    tls_key: str | None = typer.Option(None, "--tls-key", metavar="FILE", help="Fleet mTLS: its key."),
     default_lifetime: float = DEFAULT_LIFETIME_OPTION,
 ) -> None:
     """Serve the HTTP API (OpenAPI at /openapi.json); set AGENTKERNEL_API_KEY to require a key.
@@ -104,6 +114,8 @@ def serve(
     if not (node or fleet):
         if node_id or advertise or capacity:  # not --etcd: its variable may be set for `fleet status`
             raise AgentkernelError("--node-id, --advertise and --capacity need --node")
+        if tls_ca or tls_cert or tls_key:
+            raise AgentkernelError("--tls-ca, --tls-cert and --tls-key need --node or --fleet")
         run_server(
             host,
             port,
@@ -114,12 +126,14 @@ def serve(
         return
     from agentkernel.fleet.etcd import parse_urls
     from agentkernel.fleet.node import NodeConfig, check_advertise, check_node_id
+    from agentkernel.fleet.tls import TlsFiles
 
     urls = parse_urls(etcd or "")
+    tls = TlsFiles.of(tls_ca, tls_cert, tls_key)
     if fleet:
         from agentkernel.fleet.router import serve as run_router
 
-        run_router(host, port, etcd=urls, allow_hosts=allow_host or ())
+        run_router(host, port, etcd=urls, allow_hosts=allow_host or (), tls=tls)
         return
     config = NodeConfig(
         id=check_node_id(node_id or socket.gethostname()),
@@ -127,6 +141,7 @@ def serve(
         etcd=tuple(urls),
         ttl=lease_ttl,
         capacity=capacity,
+        tls=tls,
     )
     run_server(
         host,

@@ -47,6 +47,7 @@ from agentkernel.client._common import (
 )
 from agentkernel.client.commands import CommandHandle, CommandInfo, command_info, commands_path, start_body
 from agentkernel.client.files import Files
+from agentkernel.client.ports import host_address, port_body
 
 
 class Client:
@@ -263,6 +264,17 @@ class Sandbox:
         path = sandbox_path(self.name, "/timeout")
         self.info = sandbox_info(self._client._request("POST", path, json={"timeout": timeout}).json())
         return self.info
+
+    def get_host(self, port: int, *, bind: str | None = None, host_port: int | None = None) -> str:
+        """Where to reach guest port `port` (a server on the sandbox's loopback) from outside:
+        `host:port`, forwarded on first use (asking again gives the same address). The server
+        listens on 127.0.0.1 unless `bind` names another address (0.0.0.0: every one; the
+        sandbox's profile must allow it). For a listener on every address `host` is the API
+        server's host name as this client reaches it; a loopback one is reachable only on the API
+        server's machine. ApiError 403 (ports_not_allowed) under a profile that forwards no ports."""
+        path = sandbox_path(self.name, "/ports")
+        response = self._client._request("POST", path, json=port_body(port, bind, host_port))
+        return host_address(response.json())
 
     def pause(self) -> SandboxInfo:
         """Freeze the sandbox, its memory kept: its processes stop where they are, and commands and

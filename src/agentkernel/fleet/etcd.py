@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,6 +24,9 @@ TIMEOUT = 3.0
 """Seconds one member has to answer one request (a lease of a few seconds must be renewed in time)."""
 MAX_RESPONSE = 16 << 20
 """Bytes of one answer read at most: a range is also bounded by its `limit`."""
+WATCH_IDLE = 30.0
+"""Seconds a watch may stay silent before it is opened again (on another member if need be): a member
+cut off from the others keeps the stream open but sends nothing."""
 
 Json = dict[str, Any]
 
@@ -76,6 +79,14 @@ class KV:
             int(data.get("mod_revision", 0)),
             int(data.get("lease", 0)),
         )
+
+
+@dataclass(frozen=True)
+class Event:
+    """One change seen by a watch: `kv` was put, or (deleted) its key was removed, at `kv.mod_revision`."""
+
+    kv: KV
+    deleted: bool
 
 
 @dataclass(frozen=True)
@@ -164,6 +175,41 @@ class Etcd:
             raise ValueError("answer is not a JSON object")
         return data
 
+    async def watch(
+        self, key: bytes, *, prefix: bool = False, start_revision: int
+    ) -> AsyncIterator[list[Event]]:
+        """The changes to `key` (or every key under it) from `start_revision` on, a batch at a time
+        (an empty batch when the watch is set up), from one member's stream. Ends with
+        `EtcdUnavailable` when no member serves the watch, or the one serving it falls silent for
+        WATCH_IDLE seconds or cancels it (a compacted revision): the caller reads afresh and watches again."""
+        create: Json = {"key": _b64(key), "start_revision": str(start_revision), "progress_notify": True}
+        if prefix:
+            create["range_end"] = _b64(prefix_end(key))
+        errors = []
+        for i in range(len(self.urls)):
+            url = self.urls[(self._first + i) % len(self.urls)]
+            timeout = httpx.Timeout(self._http.timeout.connect, read=WATCH_IDLE)
+            try:
+                async with self._http.stream(
+                    "POST", f"{url}/v3/watch", json={"create_request": create}, timeout=timeout
+                ) as response:
+                    if response.status_code != 200:
+                        errors.append(f"{url}: HTTP {response.status_code}")
+                        continue
+                    async for message in _messages(response):
+                        result = message.get("result", {})
+                        if "error" in message or result.get("canceled"):
+                            reason = message.get("error") or result.get("cancel_reason", "canceled")
+                            raise EtcdUnavailable(f"etcd at {url} ended the watch: {reason}")
+                        yield [
+                            Event(KV.of(e["kv"]), e.get("type") == "DELETE") for e in result.get("events", [])
+                        ]
+            except (httpx.TransportError, ValueError) as exc:
+                errors.append(f"{url}: {_describe(exc)}")
+                continue
+            errors.append(f"{url}: the watch ended")
+        raise EtcdUnavailable(f"etcd is unreachable for a watch (tried {', '.join(errors)})")
+
     async def get(self, key: bytes) -> KV | None:
         kvs, _ = await self.range(key)
         return kvs[0] if kvs else None
@@ -201,6 +247,22 @@ class Etcd:
     async def revoke(self, lease: int) -> None:
         """End the lease now, deleting its keys."""
         await self.call("lease/revoke", {"ID": str(lease)})
+
+
+async def _messages(response: httpx.Response) -> AsyncIterator[Json]:
+    """The JSON objects of a streamed answer, one a line, none longer than MAX_RESPONSE bytes."""
+    buffer = b""
+    async for chunk in response.aiter_bytes():
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        if len(buffer) > MAX_RESPONSE:
+            raise ValueError(f"a watch message larger than {MAX_RESPONSE} bytes")
+        for line in lines:
+            if line.strip():
+                data = json.loads(line)
+                if not isinstance(data, dict):
+                    raise ValueError("a watch message is not a JSON object")
+                yield data
 
 
 def _describe(exc: Exception) -> str:

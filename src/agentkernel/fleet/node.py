@@ -15,16 +15,20 @@ import logging
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
 from agentkernel import __version__
 from agentkernel.errors import FleetError, InvalidRequestError
 from agentkernel.fleet import DEFAULT_TTL, NODE_KEY_ENV, store
 from agentkernel.fleet.etcd import Etcd
+from agentkernel.fleet.tls import TlsFiles
 from agentkernel.sandbox.state import SandboxRecord
+
+if TYPE_CHECKING:
+    from agentkernel.service.snapshots import Snapshot
 
 log = logging.getLogger("agentkernel.fleet")
 
@@ -34,7 +38,13 @@ SETTLE = 30.0
 """Placements younger than this are not reconciled away: a router may be creating the sandbox now."""
 
 NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
-Lister = Callable[[], Awaitable[list[SandboxRecord]]]
+
+
+class Holdings(Protocol):
+    """What a node publishes of what it holds (the service behind its API)."""
+
+    async def list_sandboxes(self) -> list[SandboxRecord]: ...
+    async def list_snapshots(self) -> list[Snapshot]: ...
 
 
 @dataclass(frozen=True)
@@ -45,16 +55,21 @@ class NodeConfig:
     ttl: int = DEFAULT_TTL
     capacity: int | None = None
     """Sandboxes it takes; None: as many of the default size as its memory holds."""
+    tls: TlsFiles | None = None
+    """Serve HTTPS and take only routers with a client certificate from the fleet's CA."""
 
 
-def node_key() -> str:
-    """The secret routers authenticate to nodes with: the same on every router and node."""
+def node_key(*, required: bool = True) -> str | None:
+    """The secret routers authenticate to nodes with: the same on every router and node. Optional
+    where mutual TLS authenticates them."""
     key = os.environ.get(NODE_KEY_ENV, "")
-    if not key:
+    if not key and required:
         raise InvalidRequestError(
-            NODE_KEY_ENV, "not set: routers and nodes need the same secret in it (it authenticates routers)"
+            NODE_KEY_ENV,
+            "not set: routers and nodes need the same secret in it (it authenticates routers), "
+            "or certificates from one CA (--tls-ca, --tls-cert, --tls-key)",
         )
-    return key
+    return key or None
 
 
 def check_etcd(config: NodeConfig) -> None:
@@ -90,7 +105,9 @@ def host_memory_mb() -> int:
     raise FleetError("cannot read the host's memory from /proc/meminfo")
 
 
-def describe(config: NodeConfig, records: list[SandboxRecord], images: list[str]) -> store.NodeInfo:
+def describe(
+    config: NodeConfig, records: list[SandboxRecord], images: list[str], snapshots: list[str]
+) -> store.NodeInfo:
     from agentkernel.config import DEFAULT_MEMORY_MB
 
     memory = host_memory_mb()
@@ -103,11 +120,12 @@ def describe(config: NodeConfig, records: list[SandboxRecord], images: list[str]
         running=sum(r.status == "running" for r in records),
         sandboxes=len(records),
         images=tuple(sorted(images)),
+        snapshots=tuple(sorted(snapshots)),
         version=__version__,
     )
 
 
-async def run(config: NodeConfig, list_sandboxes: Lister) -> None:
+async def run(config: NodeConfig, holdings: Holdings) -> None:
     """Register and keep the registration fresh until cancelled; then withdraw it at once."""
     from agentkernel.images import store as images
 
@@ -117,10 +135,11 @@ async def run(config: NodeConfig, list_sandboxes: Lister) -> None:
             while True:
                 try:
                     lease = await etcd.grant(config.ttl)
-                    await reconcile(etcd, config.id, await list_sandboxes())
+                    await reconcile(etcd, config.id, await holdings.list_sandboxes())
                     published: store.NodeInfo | None = None
                     while True:
-                        info = describe(config, await list_sandboxes(), images.names())
+                        snapshots = [s.name for s in await holdings.list_snapshots()]
+                        info = describe(config, await holdings.list_sandboxes(), images.names(), snapshots)
                         if info != published:
                             await etcd.put(store.node_key(config.id), info.encode(), lease=lease)
                             if published is None:
@@ -162,4 +181,5 @@ def with_defaults(config: NodeConfig, host: str, port: int) -> NodeConfig:
 
     name = socket.getfqdn() if host in ("0.0.0.0", "::", "") else host
     name = f"[{name}]" if ":" in name else name
-    return replace(config, url=f"http://{name}:{port}")
+    scheme = "https" if config.tls else "http"
+    return replace(config, url=f"{scheme}://{name}:{port}")

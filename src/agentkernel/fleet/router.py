@@ -15,7 +15,7 @@ import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import anyio
 import httpx
@@ -23,6 +23,7 @@ import uvicorn
 from fastapi import APIRouter, FastAPI, Path, Request, Response, WebSocket
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
+from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
@@ -31,6 +32,7 @@ from agentkernel import __version__
 from agentkernel.api import problems
 from agentkernel.api.auth import API_KEY_ENV, BearerAuth, check_listen_address
 from agentkernel.api.guard import AllowedHosts, WebGuard
+from agentkernel.api.lifecycle import ForkRequest, SnapshotName
 from agentkernel.api.limits import BodyLimit
 from agentkernel.api.models import CreateRequest, Health, RunRequest
 from agentkernel.api.problems import MEDIA_TYPE, from_exception, problem, response
@@ -41,15 +43,21 @@ from agentkernel.errors import (
     FleetError,
     NodeUnreachableError,
     NoSuchNodeError,
+    NoSuchSnapshotError,
     SandboxLostError,
 )
-from agentkernel.fleet import NODE_KEY_ENV, store
+from agentkernel.fleet import NODE_KEY_ENV, mcp, store
 from agentkernel.fleet import node as fleet_node
 from agentkernel.fleet.etcd import Etcd
+from agentkernel.fleet.nodecache import NodeCache
+from agentkernel.fleet.tls import TlsFiles, tls_failure
 
 SHUTDOWN_GRACE = 5
+T = TypeVar("T")
 CONNECT_TIMEOUT = 10.0
 """Seconds a node has to accept a connection; answers may take as long as the command runs."""
+PUBLISH_WAIT = 3.0
+"""Seconds a fork waits for a snapshot just taken to show in its node's record."""
 HOP_BY_HOP = frozenset(
     {
         b"connection",
@@ -69,13 +77,18 @@ HOP_BY_HOP = frozenset(
 
 
 class Fleet:
-    """What the routes share: etcd, the connection pool to the nodes and the node key."""
+    """What the routes share: etcd, the nodes as its watch shows them, the connection pool to the
+    nodes and the credentials the router shows them (the node key, or a client certificate)."""
 
-    def __init__(self, etcd: Etcd, node_key: str) -> None:
+    def __init__(self, etcd: Etcd, node_key: str | None, tls: TlsFiles | None = None) -> None:
         self.etcd = etcd
-        self.auth = f"Bearer {node_key}"
+        self.cache = NodeCache(etcd)
+        self.auth = f"Bearer {node_key}" if node_key else None
+        self.tls = tls.client_context() if tls is not None else None
         self.http = httpx.AsyncClient(
-            timeout=httpx.Timeout(CONNECT_TIMEOUT, read=None, write=None, pool=None), trust_env=False
+            timeout=httpx.Timeout(CONNECT_TIMEOUT, read=None, write=None, pool=None),
+            trust_env=False,
+            verify=self.tls if self.tls is not None else True,
         )
 
     async def close(self) -> None:
@@ -86,10 +99,20 @@ class Fleet:
         """The live node that holds `name`: a 404 if the fleet has no such sandbox, a 410 if its node
         is gone."""
         placed = await store.placement(self.etcd, name)
-        node = (await store.nodes(self.etcd)).get(placed.node)
+        node = await self.cache.node(placed.node)
         if node is None:
             raise SandboxLostError(lost_reason(name, placed.node))
         return node
+
+    async def holder_of(self, snapshot: str) -> store.NodeInfo:
+        """A live node that holds `snapshot` (snapshots are named per node: the first one listed)."""
+        for node in sorted((await self.cache.nodes()).values(), key=lambda n: n.id):
+            if snapshot in node.snapshots:
+                return node
+        raise NoSuchSnapshotError(snapshot)
+
+    def credentials(self) -> list[tuple[bytes, bytes]]:
+        return [(b"authorization", self.auth.encode())] if self.auth else []
 
     async def send(
         self,
@@ -111,13 +134,13 @@ class Fleet:
                 content = request.stream()
             else:
                 headers = [(k, v) for k, v in headers if k != b"content-length"]
-        headers.append((b"authorization", self.auth.encode()))
+        headers.extend(self.credentials())
         url = f"{node.url}{path}" + (f"?{query}" if query else "")
         outgoing = self.http.build_request(method, url, headers=headers, content=content)
         try:
             answer = await self.http.send(outgoing, stream=True)
         except httpx.TransportError as exc:
-            raise NodeUnreachableError(f"node {node.id} at {node.url} did not answer: {exc}") from None
+            raise unreachable(node, exc) from None
         if answer.status_code == 401:
             await answer.aclose()
             raise wrong_key(node)
@@ -137,6 +160,18 @@ def wrong_key(node: store.NodeInfo) -> NodeUnreachableError:
         f"node {node.id} refused this router's key: {NODE_KEY_ENV} must be the same on routers and nodes",
         code="node_auth_failed",
     )
+
+
+def unreachable(node: store.NodeInfo, exc: BaseException) -> NodeUnreachableError:
+    """A node that did not answer; one whose TLS handshake failed says so (a certificate not from
+    the fleet's CA on either side, or a plain-HTTP node)."""
+    if tls_failure(exc):
+        return NodeUnreachableError(
+            f"node {node.id} at {node.url}: the TLS handshake failed ({tls_failure(exc)}): routers and "
+            "nodes need certificates from the same CA (docs/deploy.md, mTLS)",
+            code="node_auth_failed",
+        )
+    return NodeUnreachableError(f"node {node.id} at {node.url} did not answer: {exc}")
 
 
 def lost_reason(name: str, node: str) -> str:
@@ -199,7 +234,7 @@ async def list_sandboxes(request: Request) -> list[dict[str, Any]]:
     """Every sandbox of every live node with its `node`, and the placed sandboxes of nodes that are
     gone as `lost`, with the `reason`."""
     fleet = fleet_of(request)
-    live, placed = await store.nodes(fleet.etcd), await store.placements(fleet.etcd)
+    live, placed = await fleet.cache.nodes(), await store.placements(fleet.etcd)
     found: list[dict[str, Any]] = []
 
     async def gather(node: store.NodeInfo) -> None:
@@ -221,6 +256,25 @@ async def list_sandboxes(request: Request) -> list[dict[str, Any]]:
     return sorted(found, key=lambda s: (str(s.get("name")), str(s.get("node"))))
 
 
+async def each(call: Callable[[store.NodeInfo], Awaitable[T]], nodes: Sequence[store.NodeInfo]) -> list[T]:
+    """`call` on every node at once; the first failure (as itself, not in a group) if any fails."""
+    results: list[T] = []
+    failures: list[BaseException] = []
+
+    async def one(node: store.NodeInfo) -> None:
+        try:
+            results.append(await call(node))
+        except AgentkernelError as exc:
+            failures.append(exc)
+
+    async with anyio.create_task_group() as group:
+        for node in nodes:
+            group.start_soon(one, node)
+    if failures:
+        raise failures[0]
+    return results
+
+
 def missing(placed: store.Placement, status: str, reason: str) -> dict[str, Any]:
     """A placed sandbox whose node cannot say how it is."""
     created = datetime.fromtimestamp(placed.created_at, UTC).isoformat(timespec="seconds")
@@ -239,7 +293,7 @@ def missing(placed: store.Placement, status: str, reason: str) -> dict[str, Any]
     }
 
 
-def _parsed(model: type[CreateRequest] | type[RunRequest], raw: bytes) -> Any:
+def _parsed(model: type[CreateRequest] | type[RunRequest] | type[ForkRequest], raw: bytes) -> Any:
     """The body checked as the node would: bad input is refused here, before anything is placed."""
     try:
         return model.model_validate_json(raw or b"{}")
@@ -263,9 +317,17 @@ async def create_sandbox(request: Request) -> Response:
         vcpus=body.vcpus or DEFAULT_VCPUS,
         memory_mb=body.memory_mb or DEFAULT_MEMORY_MB,
     )
+    payload = json.dumps(body.model_dump(exclude_unset=True) | {"name": name})
+    return await _create_on(fleet, node, name, "/sandboxes", request, payload)
+
+
+async def _create_on(
+    fleet: Fleet, node: store.NodeInfo, name: str, path: str, request: Request, payload: str
+) -> Response:
+    """POST the creation of placed sandbox `name` to its node; its placement is given back if the
+    node refuses or the call fails."""
     try:
-        payload = body.model_dump(exclude_unset=True) | {"name": name}
-        status, data = await fleet.json(node, "POST", "/sandboxes", request=request, body=json.dumps(payload))
+        status, data = await fleet.json(node, "POST", path, request=request, body=payload)
     except BaseException:
         with anyio.CancelScope(shield=True):
             await store.release(fleet.etcd, name)
@@ -303,13 +365,77 @@ async def remove_sandbox(name: Name, request: Request) -> Response:
     return relayed_problem(status, data)
 
 
-@router.api_route(
-    "/sandboxes/{name}/{rest:path}", methods=["GET", "POST", "PUT", "DELETE"], include_in_schema=False
-)
+METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
+
+
+@router.api_route("/sandboxes/{name}/{rest:path}", methods=METHODS, include_in_schema=False)
 async def on_node(name: Name, rest: str, request: Request) -> Response:
-    """Anything else on a sandbox (start, stop, exec, streams, files) goes to its node as it is."""
+    """Every other route on a sandbox (start, stop, exec, streams, files, commands, snapshots of it,
+    and routes added later) goes to its node as it came: routed by the name in the path alone."""
     fleet = fleet_of(request)
     node = await fleet.node_of(name)
+    return relay(await fleet.send(node, request.method, request.url.path, request=request))
+
+
+@router.get("/snapshots", tags=["snapshots"])
+async def list_snapshots(request: Request) -> list[dict[str, Any]]:
+    """Every live node's snapshots, each with its `node`."""
+    fleet = fleet_of(request)
+    found: list[dict[str, Any]] = []
+
+    async def gather(node: store.NodeInfo) -> list[dict[str, Any]]:
+        status, data = await fleet.json(node, "GET", "/snapshots")
+        if status != 200 or not isinstance(data, list):
+            raise NodeUnreachableError(f"node {node.id} answered HTTP {status} to a listing of snapshots")
+        return [{**item, "node": node.id} for item in data if isinstance(item, dict)]
+
+    holders = [n for n in (await fleet.cache.nodes()).values() if n.snapshots]
+    for listed in await each(gather, holders):
+        found.extend(listed)
+    return sorted(found, key=lambda s: (str(s.get("name")), str(s.get("node"))))
+
+
+@router.post("/snapshots/{snapshot}/fork", tags=["snapshots"], status_code=201)
+async def fork_snapshot(snapshot: SnapshotName, request: Request) -> Response:
+    """Place the new sandbox on a node that holds the snapshot (only there are its files), then fork
+    it there."""
+    fleet = fleet_of(request)
+    body: ForkRequest = _parsed(ForkRequest, await request.body())
+    name = body.name or f"sandbox-{secrets.token_hex(4)}"
+    source = await published(fleet, snapshot)
+    status, meta = await fleet.json(source, "GET", f"/snapshots/{snapshot}")
+    if status != 200 or not isinstance(meta, dict):
+        return relayed_problem(status, meta)
+    _, node = await store.place(
+        fleet.etcd,
+        name,
+        vcpus=int(meta.get("vcpus") or DEFAULT_VCPUS),
+        memory_mb=int(meta.get("memory_mb") or DEFAULT_MEMORY_MB),
+        snapshot=snapshot,
+    )
+    payload = json.dumps(body.model_dump(exclude_unset=True) | {"name": name})
+    return await _create_on(fleet, node, name, f"/snapshots/{snapshot}/fork", request, payload)
+
+
+async def published(fleet: Fleet, snapshot: str) -> store.NodeInfo:
+    """The holder of `snapshot`, waiting a moment for one just taken (a node publishes what it holds
+    within a second)."""
+    deadline = anyio.current_time() + PUBLISH_WAIT
+    while True:
+        try:
+            return await fleet.holder_of(snapshot)
+        except NoSuchSnapshotError:
+            if anyio.current_time() > deadline:
+                raise
+            await anyio.sleep(0.2)
+
+
+@router.api_route("/snapshots/{snapshot}", methods=METHODS, include_in_schema=False)
+@router.api_route("/snapshots/{snapshot}/{rest:path}", methods=METHODS, include_in_schema=False)
+async def on_holder(snapshot: SnapshotName, request: Request) -> Response:
+    """Every other route on a snapshot goes to the node that holds it."""
+    fleet = fleet_of(request)
+    node = await fleet.holder_of(snapshot)
     return relay(await fleet.send(node, request.method, request.url.path, request=request))
 
 
@@ -345,16 +471,17 @@ async def run_stream(request: Request) -> Response:
     return await _ephemeral(request, "/run/stream")
 
 
-@router.websocket("/sandboxes/{name}/attach")
-async def attach(websocket: WebSocket, name: Name) -> None:
-    """The terminal on the sandbox's node, relayed message by message both ways."""
+@router.websocket("/sandboxes/{name}/{rest:path}")
+async def websocket_on_node(websocket: WebSocket, name: Name, rest: str) -> None:
+    """A WebSocket on a sandbox (the terminal of `attach`) opened on its node, relayed message by
+    message both ways."""
     fleet: Fleet = websocket.app.state.fleet
     try:
         node = await fleet.node_of(name)
         url = node.url.replace("http", "ws", 1) + websocket.url.path
         if websocket.url.query:
             url += f"?{websocket.url.query}"
-        upstream = await _open(url, fleet.auth, node)
+        upstream = await _open(url, fleet, node)
     except (AgentkernelError, _Refused) as exc:
         denial = exc.answer if isinstance(exc, _Refused) else response(from_exception(exc))
         await websocket.send_denial_response(denial)
@@ -384,10 +511,15 @@ class _Refused(Exception):
         self.answer = answer
 
 
-async def _open(url: str, auth: str, node: store.NodeInfo) -> ClientConnection:
+async def _open(url: str, fleet: Fleet, node: store.NodeInfo) -> ClientConnection:
+    headers = {k.decode(): v.decode() for k, v in fleet.credentials()}
     try:
         return await connect(
-            url, additional_headers={"Authorization": auth}, open_timeout=CONNECT_TIMEOUT, max_size=None
+            url,
+            additional_headers=headers,
+            open_timeout=CONNECT_TIMEOUT,
+            max_size=None,
+            ssl=fleet.tls if url.startswith("wss:") else None,
         )
     except InvalidStatus as exc:
         if exc.response.status_code == 401:
@@ -396,7 +528,7 @@ async def _open(url: str, auth: str, node: store.NodeInfo) -> ClientConnection:
         kind = exc.response.headers.get("Content-Type", MEDIA_TYPE)
         raise _Refused(Response(raw, status_code=exc.response.status_code, media_type=kind)) from None
     except (OSError, TimeoutError, InvalidHandshake) as exc:
-        raise NodeUnreachableError(f"node {node.id} at {node.url} did not answer: {exc}") from None
+        raise unreachable(node, exc) from None
 
 
 async def _client_to_node(websocket: WebSocket, upstream: ClientConnection, scope: anyio.CancelScope) -> None:
@@ -436,15 +568,26 @@ class ReadyProbe:
 
 
 def create_app(
-    *, etcd: Sequence[str], node_key: str, api_key: str | None, hosts: AllowedHosts | None = None
+    *,
+    etcd: Sequence[str],
+    node_key: str | None,
+    api_key: str | None,
+    hosts: AllowedHosts | None = None,
+    tls: TlsFiles | None = None,
 ) -> FastAPI:
+    """The router's API; nodes are called with `node_key`, or with the client certificate of `tls`
+    (or both)."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.fleet = Fleet(Etcd(etcd), node_key)
-        try:
-            yield
-        finally:
-            await app.state.fleet.close()
+        fleet = app.state.fleet = Fleet(Etcd(etcd), node_key, tls)
+        async with anyio.create_task_group() as group:
+            group.start_soon(fleet.cache.follow)
+            try:
+                yield
+            finally:
+                group.cancel_scope.cancel()
+                await fleet.close()
 
     app = FastAPI(
         title="agentkernel fleet",
@@ -456,6 +599,7 @@ def create_app(
     )
     problems.install(app)
     app.include_router(router)
+    app.router.routes.append(Route("/mcp", mcp.Endpoint(), methods=["GET", "POST", "DELETE"]))
     app.add_middleware(BodyLimit)
     if api_key:
         app.add_middleware(BearerAuth, key=api_key)
@@ -464,11 +608,20 @@ def create_app(
     return app
 
 
-def serve(host: str, port: int, *, etcd: Sequence[str], allow_hosts: Sequence[str] = ()) -> None:
-    """Serve the fleet's API until interrupted; etcd must answer at start (a clear error if not)."""
+def serve(
+    host: str,
+    port: int,
+    *,
+    etcd: Sequence[str],
+    allow_hosts: Sequence[str] = (),
+    tls: TlsFiles | None = None,
+) -> None:
+    """Serve the fleet's API until interrupted; etcd must answer at start (a clear error if not).
+    With `tls`, nodes are called over HTTPS with its client certificate; the node key is then
+    optional."""
     key = os.environ.get(API_KEY_ENV) or None
     check_listen_address(host, key)
-    node_key = fleet_node.node_key()
+    node_key = fleet_node.node_key(required=tls is None)
     hosts = AllowedHosts.configured(host, allow_hosts)
 
     async def check() -> None:
@@ -476,5 +629,5 @@ def serve(host: str, port: int, *, etcd: Sequence[str], allow_hosts: Sequence[st
             await store.nodes(client)
 
     asyncio.run(check())
-    app = create_app(etcd=etcd, node_key=node_key, api_key=key, hosts=hosts)
+    app = create_app(etcd=etcd, node_key=node_key, api_key=key, hosts=hosts, tls=tls)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE)

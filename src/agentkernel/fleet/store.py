@@ -21,7 +21,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from agentkernel.errors import FleetError, FleetFullError, NoSuchSandboxError, SandboxExistsError
+from agentkernel.errors import (
+    FleetError,
+    FleetFullError,
+    NoSuchSandboxError,
+    NoSuchSnapshotError,
+    SandboxExistsError,
+)
 from agentkernel.fleet.etcd import KV, Etcd, absent, delete, put, unchanged
 
 ROOT = b"/agentkernel/fleet/"
@@ -62,6 +68,8 @@ class NodeInfo:
     running: int = 0
     sandboxes: int = 0
     images: tuple[str, ...] = ()
+    snapshots: tuple[str, ...] = ()
+    """Snapshots on its disk (the pool's templates among them): a fork of one is placed on a holder."""
     version: str = ""
 
     def encode(self) -> bytes:
@@ -72,6 +80,7 @@ class NodeInfo:
         raw: dict[str, Any] = json.loads(data)
         known = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__}
         known["images"] = tuple(known.get("images", ()))
+        known["snapshots"] = tuple(known.get("snapshots", ()))
         return cls(**known)
 
 
@@ -159,19 +168,31 @@ async def placement(etcd: Etcd, name: str) -> Placement:
 
 
 async def place(
-    etcd: Etcd, name: str, *, vcpus: int, memory_mb: int, rng: random.Random | None = None
+    etcd: Etcd,
+    name: str,
+    *,
+    vcpus: int,
+    memory_mb: int,
+    snapshot: str | None = None,
+    rng: random.Random | None = None,
 ) -> tuple[Placement, NodeInfo]:
     """Record `name` on the best of a few random live nodes with room for it, in one transaction;
-    the placement and the node it chose."""
+    the placement and the node it chose. A fork of `snapshot` goes only to a node that holds it (its
+    memory and disk files are there and nowhere else)."""
     rng = rng or random.Random()
     for _ in range(TRIES):
         live = await live_nodes(etcd)
         if not live:
             raise FleetFullError("no node is registered in etcd: start `agentkernel serve --node` on a host")
+        if snapshot is not None:
+            live = [n for n in live if snapshot in n.info.snapshots]
+            if not live:
+                raise NoSuchSnapshotError(snapshot)
         room = [n for n in live if n.fits(memory_mb)]
         if not room:
+            holding = f" holding snapshot '{snapshot}'" if snapshot is not None else ""
             raise FleetFullError(
-                f"no node has room for a sandbox of {memory_mb} MB: all {len(live)} are full "
+                f"no node{holding} has room for a sandbox of {memory_mb} MB: all {len(live)} are full "
                 "(see `agentkernel fleet nodes`)"
             )
         best = max(rng.sample(room, min(SAMPLE, len(room))), key=lambda n: n.free(memory_mb))
@@ -238,4 +259,5 @@ def node_view(node: LiveNode) -> dict[str, Any]:
         "running": info.running,
         "sandboxes": info.sandboxes,
         "images": list(info.images),
+        "snapshots": list(info.snapshots),
     }

@@ -306,6 +306,8 @@ void chan_free(struct chan *ch)
 		bg_release(ch);
 	else if (ch->op == OP_WATCH)
 		watch_release(ch);
+	else if (ch->op == OP_TCP)
+		tcp_release(ch);
 	else
 		file_release(ch);
 	for (int i = 0; i < c->nch; i++)
@@ -444,6 +446,8 @@ static void conn_flush(struct conn *c)
 		for (int i = 0; i < c->nch; i++)
 			if (c->ch[i]->op == OP_EXEC)
 				exec_update(c->ch[i]);
+			else if (c->ch[i]->op == OP_TCP)
+				tcp_update(c->ch[i]);
 	}
 }
 
@@ -538,6 +542,7 @@ static bool from_host(uint8_t type)
 	case T_HELLO: case T_PING: case T_SHUTDOWN: case T_EXEC: case T_STDIN: case T_SIGNAL: case T_RESIZE:
 	case T_WINDOW: case T_DATA: case T_GET: case T_PUT: case T_STAT: case T_LIST: case T_MKDIR: case T_REMOVE:
 	case T_ARGS: case T_RENAME: case T_WATCH: case T_JOBS: case T_ATTACH: case T_INPUT: case T_KILL: case T_WAIT:
+	case T_CONNECT:
 		return true;
 	}
 	return false;
@@ -568,6 +573,7 @@ static const char *handle_frame(struct conn *c, uint16_t id, uint8_t type, const
 		return NULL;
 	case T_EXEC: case T_GET: case T_PUT: case T_STAT: case T_LIST: case T_MKDIR: case T_REMOVE:
 	case T_RENAME: case T_WATCH: case T_JOBS: case T_ATTACH: case T_INPUT: case T_KILL: case T_WAIT:
+	case T_CONNECT:
 		if (rec_parse(&rec, p, n))
 			return "malformed record";
 		if (ch) {
@@ -578,6 +584,8 @@ static const char *handle_frame(struct conn *c, uint16_t id, uint8_t type, const
 			send_error(c, id, EMFILE, "too many open channels");
 		else if (type == T_EXEC)
 			exec_start(c, id, &rec);
+		else if (type == T_CONNECT)
+			tcp_start(c, id, &rec);
 		else if (type >= T_JOBS)
 			bg_op(c, id, type, &rec);
 		else
@@ -586,12 +594,14 @@ static const char *handle_frame(struct conn *c, uint16_t id, uint8_t type, const
 	case T_STDIN:
 	case T_DATA:
 		/* Frames for a channel that already ended are expected (they crossed its end): drop them. */
-		if (!ch || ch->op != (type == T_STDIN ? OP_EXEC : OP_PUT))
+		if (!ch || (type == T_STDIN ? ch->op != OP_EXEC : ch->op != OP_PUT && ch->op != OP_TCP))
 			return NULL;
 		if (n > ch->in_win)
 			return "data beyond the window";
 		if (type == T_STDIN)
 			exec_stdin(ch, p, n);
+		else if (ch->op == OP_TCP)
+			tcp_data(ch, p, n);
 		else
 			file_data(ch, p, n);
 		return NULL;
@@ -612,6 +622,8 @@ static const char *handle_frame(struct conn *c, uint16_t id, uint8_t type, const
 				ch->out_win = 1LL << 40;
 			if (ch->op == OP_EXEC)
 				exec_update(ch);
+			else if (ch->op == OP_TCP)
+				tcp_update(ch);
 		} else if (ch->op != OP_EXEC) {
 			/* nothing to signal or resize */
 		} else if (type == T_SIGNAL) {
@@ -1114,6 +1126,7 @@ int main(void)
 			case W_CONN: conn_event(w->c, evs[i].events); break;
 			case W_NONE: case W_INOTIFY: break;  /* service() reads inotify for its channel */
 			case W_BG_STATUS: case W_BG_IN: case W_BG_OUT: bg_event(w->bg, w->kind); break;
+			case W_TCP: tcp_event(w->ch, evs[i].events); break;
 			default: exec_event(w->ch, w->kind, evs[i].events); break;
 			}
 		}

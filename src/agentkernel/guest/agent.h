@@ -19,7 +19,7 @@
 #define CHUNK 65536           /* largest data frame the agent sends */
 #define OUTQ_HIGH (1 << 20)   /* above this many queued bytes, stop producing output */
 #define EXIT_QUIET_MS 100     /* the 100 ms rule for EXIT (protocol.md, Exec) */
-#define PROTO_VERSION 3
+#define PROTO_VERSION 4
 #define MAX_BG 64             /* background commands kept (protocol.md, Background commands) */
 #define BG_RING (1 << 20)     /* output kept per background command */
 #define BG_STDIN_MAX (256 << 10) /* stdin queued per background command */
@@ -34,7 +34,7 @@ enum ftype {
 	T_EXEC = 16, T_STARTED, T_STDIN, T_STDOUT, T_STDERR, T_EXIT, T_SIGNAL, T_RESIZE,
 	T_WINDOW, T_ERROR, T_DATA, T_OK, T_INFO, T_ENTRY, T_ARGS,
 	T_GET = 32, T_PUT, T_STAT, T_LIST, T_MKDIR, T_REMOVE, T_RENAME, T_WATCH,
-	T_JOBS = 48, T_ATTACH, T_INPUT, T_KILL, T_WAIT,
+	T_JOBS = 48, T_ATTACH, T_INPUT, T_KILL, T_WAIT, T_CONNECT,
 };
 
 enum tag {
@@ -42,7 +42,7 @@ enum tag {
 	F_EXIT_CODE, F_SIGNAL, F_MESSAGE, F_ERRNO, F_ROWS, F_COLS, F_PTY, F_BYTES, F_TIMED_OUT,
 	F_HOSTNAME, F_TIME_NS, F_PATH, F_MODE, F_SIZE, F_MTIME_NS, F_KIND, F_NAME, F_PARENTS,
 	F_RECURSIVE, F_MAX_PROCS, F_MEMORY_MB, F_ENTROPY, F_CONTINUED, F_DETACH, F_CMD, F_OFFSET, F_FOLLOW,
-	F_STATE, F_STARTED_NS, F_DATA, F_EOF, F_CAUSE, F_TO, F_LOST, F_EVENT, NTAGS
+	F_STATE, F_STARTED_NS, F_DATA, F_EOF, F_CAUSE, F_TO, F_LOST, F_EVENT, F_PORT, NTAGS
 };
 
 enum kind { K_FILE = 1, K_DIR, K_SYMLINK, K_OTHER };
@@ -88,7 +88,7 @@ struct conn {
 	int nch;
 };
 
-enum op { OP_EXEC = 1, OP_GET, OP_PUT, OP_LIST, OP_ATTACH, OP_WATCH };
+enum op { OP_EXEC = 1, OP_GET, OP_PUT, OP_LIST, OP_ATTACH, OP_WATCH, OP_TCP };
 
 struct bg;
 struct watcher;
@@ -121,6 +121,9 @@ struct chan {
 	uint64_t pos;        /* ATTACH: offset of the next output byte to send */
 	bool follow, quiet;  /* ATTACH: until the command ends; WAIT: no output */
 	struct watcher *watcher;  /* WATCH */
+	/* CONNECT (tcp.c): the socket is `fd` */
+	int port;
+	bool tcp_up, tcp_rd_eof, tcp_wr_shut;  /* connected; the server ended its data; ours ended */
 	/* files */
 	int fd;
 	DIR *dir;
@@ -157,7 +160,7 @@ void logmsg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 void setup_failed(const char *what);
 bool is_mountpoint(const char *dir);
 enum wkind { W_NONE, W_SIGNAL, W_LISTEN, W_UEVENT, W_LIMITS, W_CONN, W_STATUS, W_STDIN, W_STDOUT, W_STDERR,
-	     W_PTY, W_BG_STATUS, W_BG_IN, W_BG_OUT, W_INOTIFY };
+	     W_PTY, W_BG_STATUS, W_BG_IN, W_BG_OUT, W_INOTIFY, W_TCP };
 void watch_add(int fd, int kind, uint32_t events, struct conn *c, struct chan *ch);
 void watch_bg(int fd, int kind, uint32_t events, struct bg *b);
 void watch_set(int fd, uint32_t events);
@@ -223,5 +226,12 @@ void watch_start(struct conn *c, uint16_t id, const char *path, bool recursive);
 bool watch_produce(struct chan *ch);
 void watch_release(struct chan *ch);
 void file_release(struct chan *ch);
+
+/* tcp.c */
+void tcp_start(struct conn *c, uint16_t id, const struct rec *r);
+void tcp_data(struct chan *ch, const uint8_t *p, size_t n);
+void tcp_event(struct chan *ch, uint32_t events);
+void tcp_update(struct chan *ch);
+void tcp_release(struct chan *ch);
 
 #endif

@@ -13,7 +13,7 @@ from mcp_types import ToolAnnotations
 from pydantic import BaseModel, Field
 
 from agentkernel.sandbox.view import SandboxView
-from agentkernel.service.lifetimes import lifetime_for
+from agentkernel.service.lifetimes import fork_lifetime
 from agentkernel.service.service import SandboxService
 from agentkernel.service.snapshots import Snapshot
 
@@ -100,10 +100,8 @@ def lifecycle_tools(
         ] = None,
     ) -> SandboxView:
         """Start a new sandbox from a snapshot: its processes, memory and files as they were saved."""
-        lifetime = lifetime_for(timeout, default_lifetime)
-        record = await sandboxes.fork(snapshot, name)
-        if lifetime:
-            record = await sandboxes.set_timeout(record.name, lifetime)
+        lifetime = fork_lifetime(timeout, default_lifetime)
+        record = await sandboxes.fork(snapshot, name, lifetime=lifetime)
         return SandboxView.of(record)
 
     async def remove_snapshot(snapshot: SnapshotName) -> Removed:

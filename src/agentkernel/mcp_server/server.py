@@ -38,6 +38,7 @@ from agentkernel import __version__
 from agentkernel.errors import AgentkernelError
 from agentkernel.mcp_server.files import file_tools
 from agentkernel.mcp_server.lifecycle import lifecycle_tools
+from agentkernel.mcp_server.ports import port_tools
 from agentkernel.protocol.connection import ExitStatus, FileInfo, Process
 from agentkernel.sandbox.view import SandboxView
 from agentkernel.service.files import MAX_DEPTH, MODE_DESCRIPTION, MODE_PATTERN, format_mode, parse_mode
@@ -687,6 +688,8 @@ def build_server(
     for fn, hinted in file_tools(sandboxes):
         tool(hinted)(fn)
     for fn, hinted in lifecycle_tools(sandboxes, default_lifetime=default_lifetime):
+        tool(hinted)(fn)
+    for fn, hinted in port_tools(sandboxes):
         tool(hinted)(fn)
     from agentkernel.mcp_server.commands import command_tools  # it builds on this module
 

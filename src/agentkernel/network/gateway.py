@@ -1,7 +1,8 @@
-"""The egress gateway: an HTTP proxy on a Unix socket, the only way out of a sandbox with network on.
+"""The egress gateway of one sandbox: an HTTP proxy, the only way out of a sandbox with network on.
 
 The VMM forwards the guest's proxy address (10.0.2.100:3128 under QEMU user networking, whose
-`restrict=on` drops every other packet) to this socket. Each request names its destination: an
+`restrict=on` drops every other packet) to the sandbox's own Unix socket, which the shared gateway
+process (`host`) serves with this sandbox's Gateway. Each request names its destination: an
 absolute URI with a Host header for HTTP, `CONNECT host:port` for HTTPS and other TCP. The gateway
 normalises the host once (`hostnames.normalise_host`), resolves the normalised name itself, decides by
 the sandbox's EgressRules, connects only to the addresses it checked (no second lookup for the guest to
@@ -18,33 +19,28 @@ exfiltration attempt. Inside other hosts' TLS tunnels nothing can be seen.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import contextlib
 import ipaddress
-import json
-import os
 import re
-import signal
 import socket
 import ssl
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from agentkernel.network import usage
-from agentkernel.network.brokering import Armed, Broker, SecretBinding, substitute
-from agentkernel.network.dns import Resolver
+from agentkernel.network.brokering import Armed, Broker, substitute
 from agentkernel.network.hostnames import BadHost, Host, IPAddress, normalise_host
 from agentkernel.network.launcher import COMMAND_ID, COMMAND_PASSWORD
-from agentkernel.network.mitm import Issuer, TLSServer, upstream_context
 from agentkernel.network.policy import Decision, EgressRules
 from agentkernel.network.tls import HANDSHAKE, BadHello, read_client_hello
 from agentkernel.service import audit
+
+if TYPE_CHECKING:  # mitm loads cryptography: imported where a sandbox with secrets needs it
+    from agentkernel.network.mitm import Issuer, TLSServer
 
 MAX_HEAD = 64 * 1024
 MAX_CONNECTIONS = 256
@@ -194,6 +190,12 @@ class Gateway:
         self.broker = broker or Broker(())
         self.issuer = issuer
         self.slots = asyncio.Semaphore(MAX_CONNECTIONS)
+        self.open: set[asyncio.StreamWriter] = set()  # the guest's connections being served
+
+    def close(self) -> None:
+        """End every connection of this sandbox (it was withdrawn: its VMM is gone)."""
+        for writer in list(self.open):
+            writer.transport.abort()
 
     def _audit(
         self,
@@ -241,6 +243,7 @@ class Gateway:
         if self.slots.locked():
             await _respond(writer, 503, "too many connections")
             return
+        self.open.add(writer)
         async with self.slots:
             req: Request | None = None
             try:
@@ -266,6 +269,7 @@ class Gateway:
             except (OSError, TunnelRefused):
                 pass
             finally:
+                self.open.discard(writer)
                 writer.close()
 
     async def _connect(
@@ -402,6 +406,8 @@ class Gateway:
         issuer: Issuer,
     ) -> None:
         """Terminate the guest's TLS to a secret host, and serve one request through it."""
+        from agentkernel.network.mitm import TLSServer
+
         writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
         await writer.drain()
         records = await self._tunnel_start(req, reader)
@@ -492,6 +498,8 @@ class Gateway:
         self, addresses: list[IPAddress], req: Request, armed: list[Armed]
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A verified TLS connection to the secret host (at an address the policy checked)."""
+        from agentkernel.network.mitm import upstream_context
+
         ca = next((a.binding.upstream_ca for a in armed if a.binding.upstream_ca), None)
         context = upstream_context(ca)
         last = "no address"
@@ -672,57 +680,3 @@ async def _respond(writer: asyncio.StreamWriter, status: int, reason: str) -> No
     with contextlib.suppress(OSError):
         writer.write(_response(status, reason))
         await writer.drain()
-
-
-async def serve(
-    sandbox: str,
-    rules: EgressRules,
-    path: Path,
-    dns_path: Path,
-    broker: Broker | None = None,
-    issuer: Issuer | None = None,
-) -> None:
-    gateway = Gateway(sandbox, rules, broker, issuer)
-    proxy = await asyncio.start_unix_server(
-        gateway.handle, path=str(dns_path.with_name(".proxy.tmp")), limit=MAX_HEAD
-    )
-    resolver = await asyncio.start_unix_server(Resolver(gateway.dns_lookup).handle, path=str(dns_path))
-    # The proxy socket appears last, under its real name: its existence means both are ready.
-    dns_path.with_name(".proxy.tmp").rename(path)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signo in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signo, stop.set)
-    async with proxy, resolver:
-        await stop.wait()
-
-
-def _armed(data: dict[str, Any]) -> Armed:
-    value = data.pop("value")
-    return Armed(SecretBinding.from_record(data), value.encode())
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="agentkernel egress gateway for one sandbox")
-    parser.add_argument("--sandbox", required=True)
-    parser.add_argument("--socket", required=True, type=Path)
-    parser.add_argument("--dns-socket", required=True, type=Path)
-    parser.add_argument("--rules", required=True, help="JSON: allow, block, allowlist_only")
-    parser.add_argument(
-        "--secrets-from-stdin", action="store_true", help="JSON on stdin: secrets, ca_cert, ca_key"
-    )
-    args = parser.parse_args()
-    data = json.loads(args.rules)
-    broker, issuer = None, None
-    os.umask(0o077)
-    if args.secrets_from_stdin:
-        brokered = json.loads(sys.stdin.buffer.read())
-        broker = Broker([_armed(s) for s in brokered.pop("secrets")])
-        issuer = Issuer(brokered["ca_cert"].encode(), brokered["ca_key"].encode())
-        del brokered
-    rules = EgressRules(tuple(data["allow"]), tuple(data["block"]), bool(data["allowlist_only"]))
-    asyncio.run(serve(args.sandbox, rules, args.socket, args.dns_socket, broker, issuer))
-
-
-if __name__ == "__main__":
-    main()

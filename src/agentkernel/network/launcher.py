@@ -1,18 +1,31 @@
-"""Starting and stopping a sandbox's egress gateway: a detached process, like the VMM it serves."""
+"""Registering a sandbox with the egress gateway, and withdrawing it: one gateway process per data
+dir (`host`) serves every sandbox with network on, each on sockets of its own in its run directory.
+
+The first start spawns the process (detached, like a VMM); it exits when the last sandbox is
+withdrawn. Starts and stops take one lock (`lock_path`), so two starts never spawn two processes and
+a stop never races the process's exit. When no gateway answers, a start spawns one and registers the
+running sandboxes with network on again, from their records: the gateway keeps nothing on disk, so
+one that died left nothing registered, and a sandbox stopped meanwhile is not registered again."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import re
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from agentkernel import paths, procs
+from agentkernel import paths
 from agentkernel.errors import AgentkernelError
 from agentkernel.network import brokering
 from agentkernel.network.policy import EgressRules
@@ -37,6 +50,30 @@ def dns_socket_path(rundir: Path) -> Path:
 def ca_cert_path(rundir: Path) -> Path:
     """The sandbox CA's certificate (public), made anew by each `start` of a sandbox with secrets."""
     return rundir / "sandbox-ca.pem"
+
+
+def ca_key_path(rundir: Path) -> Path:
+    """The sandbox CA's key (0600, owner only, like the secret store): what lets a restarted gateway
+    serve a running sandbox again with the CA its guest already trusts."""
+    return rundir / "sandbox-ca.key"
+
+
+def gateway_dir() -> Path:
+    """The gateway's private directory (0700): one per data dir, named from the data dir's path."""
+    tag = hashlib.sha256(str(paths.data_dir().resolve()).encode()).hexdigest()[:12]
+    return paths.private_dir(paths.runtime_dir() / f"gateway-{tag}")
+
+
+def control_path() -> Path:
+    return gateway_dir() / "control.sock"
+
+
+def lock_path() -> Path:
+    return gateway_dir() / "lock"
+
+
+def log_path() -> Path:
+    return paths.logs_dir() / "gateway.log"
 
 
 def trust_env() -> dict[str, str]:
@@ -94,68 +131,174 @@ def proxy_env(command: str | None = None) -> dict[str, str]:
     }
 
 
-def start(sandbox: str, rules: EgressRules, rundir: Path) -> int:
-    """Start the gateway. With secrets, their values are read here (AgentkernelError if one cannot
-    be) and, with a new CA's key, reach the gateway on its stdin: never argv, env or a file."""
-    brokered = _brokered(sandbox, rules, rundir) if rules.secrets else None
-    sock = socket_path(rundir)
-    sock.unlink(missing_ok=True)
-    dns_socket_path(rundir).unlink(missing_ok=True)
-    plain = {"allow": rules.allow, "block": rules.block, "allowlist_only": rules.allowlist_only}
-    with paths.open_private(rundir / "gateway.log", "ab") as log:
+START_TIMEOUT = 60.0  # a Python start on a loaded host can take tens of seconds
+CONTROL_TIMEOUT = 10.0
+HUNG_TIMEOUT = 30.0
+
+
+def start(sandbox: str, rules: EgressRules, rundir: Path) -> None:
+    """Register the sandbox with the gateway (spawning it if none runs); its sockets listen when
+    this returns. With secrets, their values are read here (AgentkernelError if one cannot be) and,
+    with a new CA's key, reach the gateway over the control socket: never argv, env or a log."""
+    brokered = _brokered(sandbox, rules, rundir, new_ca=True) if rules.secrets else None
+    with _locked():
+        if not _answers():
+            _spawn()
+            _recover(exclude=sandbox)
+        _register(sandbox, rules, rundir, brokered)
+
+
+def _answers() -> bool:
+    """Whether the gateway runs and answers. One that is slow (a loaded host) gets HUNG_TIMEOUT more
+    before it is taken for hung, killed and replaced."""
+    try:
+        request({"op": "status"})
+    except TimeoutError:
+        return status(HUNG_TIMEOUT) is not None
+    except OSError:  # no socket, or no process behind it
+        return False
+    return True
+
+
+def stop(sandbox: str, rundir: Path) -> None:
+    """Withdraw the sandbox, and remove its sockets and CA key. Nothing to do without its sockets (a
+    sandbox without network, or stopped already); a gateway that died holds nothing to withdraw."""
+    sockets = (socket_path(rundir), dns_socket_path(rundir))
+    if any(path.exists() for path in sockets):
+        with _locked(), contextlib.suppress(OSError, AgentkernelError):
+            request({"op": "withdraw", "sandbox": sandbox})
+    for path in (*sockets, ca_key_path(rundir)):
+        path.unlink(missing_ok=True)
+
+
+def status(timeout: float | None = None) -> dict[str, Any] | None:
+    """The running gateway's pid and registered sandboxes; None when none answers."""
+    try:
+        return request({"op": "status"}, timeout=timeout)
+    except (OSError, AgentkernelError):
+        return None
+
+
+@contextlib.contextmanager
+def _locked() -> Iterator[None]:
+    with paths.open_private(lock_path(), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The uid of the process at the other end of a connected Unix socket (from the kernel)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", creds)[1])
+
+
+def request(
+    message: dict[str, Any], control: Path | None = None, *, timeout: float | None = None
+) -> dict[str, Any]:
+    """One control request to the gateway at `control` (this data dir's by default) and its reply:
+    OSError when none answers (TimeoutError when it does not in time), AgentkernelError when it
+    refuses. The peer must be of this uid."""
+    path = control or control_path()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout or CONTROL_TIMEOUT)
+        sock.connect(str(path))
+        if peer_uid(sock) != os.getuid():
+            raise AgentkernelError(f"{path} is served by another user: refusing it")
+        sock.sendall(json.dumps(message).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            if not (chunk := sock.recv(65536)):
+                raise ConnectionResetError("the egress gateway closed the control connection")
+            data += chunk
+    reply: dict[str, Any] = json.loads(data)
+    if not reply.get("ok"):
+        raise AgentkernelError(f"the egress gateway refused: {reply.get('error')}")
+    return reply
+
+
+def pid_path() -> Path:
+    return gateway_dir() / "pid"
+
+
+def _kill_previous() -> None:
+    """SIGKILL the gateway process spawned last for this data dir, if it still runs (hung: it did not
+    answer): two would fight over the sandboxes' sockets. Checked by its arguments and data dir."""
+    try:
+        pid = int(pid_path().read_text())
+        ours = b"agentkernel.network.host" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        home = b"AGENTKERNEL_HOME=" + os.fsencode(paths.data_dir())
+        if ours and home in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+            os.kill(pid, signal.SIGKILL)
+    except (OSError, ValueError):
+        pass
+
+
+def _spawn() -> None:
+    """Start the gateway process and wait until its control socket answers."""
+    _kill_previous()
+    control_path().unlink(missing_ok=True)  # a dead gateway's
+    # Its data dir (and runtime dir) come by the environment: it derives its paths from them and
+    # writes the audit log there. It works in / so that it keeps no user folder busy.
+    env = {**os.environ, "AGENTKERNEL_HOME": str(paths.data_dir())}
+    with paths.open_private(log_path(), "ab") as log:
         proc = subprocess.Popen(
-            [
-                sys.executable, "-m", "agentkernel.network.gateway",
-                "--sandbox", sandbox, "--socket", str(sock), "--dns-socket", str(dns_socket_path(rundir)),
-                "--rules", json.dumps(plain), *(["--secrets-from-stdin"] if brokered else []),
-            ],
-            stdin=subprocess.PIPE if brokered else subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
+            [sys.executable, "-m", "agentkernel.network.host"],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd="/", env=env, start_new_session=True,
         )  # fmt: skip
-    if brokered is not None and proc.stdin is not None:
-        with contextlib.suppress(BrokenPipeError), proc.stdin:
-            proc.stdin.write(brokered)
-    paths.write_private(rundir / "gateway.pid", str(proc.pid))
-    return proc.pid
-
-
-def _brokered(sandbox: str, rules: EgressRules, rundir: Path) -> bytes:
-    """The gateway's secrets document; writes the new CA's certificate to `ca_cert_path`."""
-    from agentkernel.network import mitm  # cryptography: only for sandboxes with secrets
-
-    armed = [{**b.record(), "value": brokering.read_value(b)} for b in rules.secrets]
-    cert, key = mitm.make_ca(sandbox)
-    paths.write_private(ca_cert_path(rundir), cert)
-    return json.dumps({"secrets": armed, "ca_cert": cert.decode(), "ca_key": key.decode()}).encode()
-
-
-def wait_ready(rundir: Path, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    pid = int((rundir / "gateway.pid").read_text())
-    while not socket_path(rundir).exists():
-        if time.monotonic() > deadline or not procs.running(
-            pid
-        ):  # our child, just started: no pid reuse to fear
-            raise AgentkernelError(f"the egress gateway did not start: see {rundir / 'gateway.log'}")
+    paths.write_private(pid_path(), str(proc.pid))
+    deadline = time.monotonic() + START_TIMEOUT
+    while status() is None:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AgentkernelError(f"the egress gateway did not start: see {log_path()}")
         time.sleep(0.01)
 
 
-def stop(rundir: Path) -> None:
-    pid = _pid(rundir)
-    if pid:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    (rundir / "gateway.pid").unlink(missing_ok=True)
-
-
-def _pid(rundir: Path) -> int | None:
-    """The gateway's pid if it runs (checked against its command line: pids get reused)."""
+def _register(sandbox: str, rules: EgressRules, rundir: Path, brokered: dict[str, Any] | None) -> None:
+    plain = {"allow": rules.allow, "block": rules.block, "allowlist_only": rules.allowlist_only}
     try:
-        pid = int((rundir / "gateway.pid").read_text())
-        if str(socket_path(rundir)).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-            return pid
-    except (OSError, ValueError):
-        pass
-    return None
+        request(
+            {
+                "op": "register", "sandbox": sandbox, "rules": plain, "brokered": brokered,
+                "socket": str(socket_path(rundir)), "dns_socket": str(dns_socket_path(rundir)),
+            }
+        )  # fmt: skip
+    except OSError as exc:
+        raise AgentkernelError(f"the egress gateway did not answer: {exc}; see {log_path()}") from None
+
+
+def _brokered(sandbox: str, rules: EgressRules, rundir: Path, *, new_ca: bool) -> dict[str, Any]:
+    """The gateway's secrets document. A new CA writes its certificate to `ca_cert_path` and its key
+    to `ca_key_path`; otherwise the sandbox's current CA is read from there."""
+    armed = [{**b.record(), "value": brokering.read_value(b)} for b in rules.secrets]
+    if new_ca:
+        from agentkernel.network import mitm  # cryptography: only for sandboxes with secrets
+
+        cert, key = mitm.make_ca(sandbox)
+        paths.private_dir(rundir)
+        paths.write_private(ca_cert_path(rundir), cert)
+        paths.write_private(ca_key_path(rundir), key)
+    else:
+        try:
+            cert, key = ca_cert_path(rundir).read_bytes(), ca_key_path(rundir).read_bytes()
+        except OSError as exc:
+            raise AgentkernelError(f"the sandbox CA is gone: {exc.strerror}") from None
+    return {"secrets": armed, "ca_cert": cert.decode(), "ca_key": key.decode()}
+
+
+def _recover(*, exclude: str) -> None:
+    """Register again every running sandbox with network on (but `exclude`, about to register), from
+    its record: after the gateway died, they have no way out until this. One that cannot be (its
+    secret is gone) stays without network, which the audit log records."""
+    from agentkernel.service import audit
+    from agentkernel.service.sandboxes import running_with_network  # the service imports this module
+
+    for name, rules, rundir in running_with_network():
+        if name == exclude:
+            continue
+        try:
+            brokered = _brokered(name, rules, rundir, new_ca=False) if rules.secrets else None
+            _register(name, rules, rundir, brokered)
+        except AgentkernelError as exc:
+            audit.record("gateway_recovery", name, ok=False, reason=str(exc))
+        else:
+            audit.record("gateway_recovery", name, ok=True)

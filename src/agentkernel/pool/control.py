@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import json
 import os
@@ -11,15 +10,17 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agentkernel import paths
 from agentkernel.backends.base import file_tail, tail_line
-from agentkernel.config import DEFAULT_MEMORY_MB, DEFAULT_VCPUS, Policy
 from agentkernel.errors import AgentkernelError, DaemonUnavailable
 from agentkernel.pool import wire
+
+if TYPE_CHECKING:
+    from agentkernel.pool.kinds import Kind
 
 MAX_LOG_BYTES = 4 << 20
 
@@ -52,32 +53,26 @@ def running_pid() -> int | None:
 
 
 def start(
+    kinds: Sequence[Kind],
     *,
-    images: list[str],
-    size: int,
-    policy: Policy,
-    vcpus: int = DEFAULT_VCPUS,
-    memory_mb: int = DEFAULT_MEMORY_MB,
-    backend: str | None = None,
     max_age: float = 600.0,
     health_interval: float = 15.0,
+    parallel: int | None = None,
     timeout: float = 30.0,
 ) -> int:
-    """Start the daemon detached, keeping `size` sandboxes of each image with these settings; return
-    its pid once it answers on its socket."""
-    if policy.mount_cwd or policy.mount_home:
-        raise AgentkernelError(
-            f"the {policy.profile} profile shares host directories: its sandboxes cannot be pooled"
-        )
+    """Start the daemon detached, keeping each kind's `size` sandboxes ready (at most `parallel`
+    made at once; None: as the host's cores and free memory allow); return its pid once it answers
+    on its socket."""
+    for kind in kinds:
+        if kind.policy.mount_cwd or kind.policy.mount_home:
+            raise AgentkernelError(
+                f"the {kind.policy.profile} profile shares host directories: its sandboxes cannot be pooled"
+            )
     spec = {
-        "images": list(dict.fromkeys(images)),
-        "size": size,
-        "policy": dataclasses.asdict(policy),
-        "vcpus": vcpus,
-        "memory_mb": memory_mb,
-        "backend": backend,
+        "kinds": [kind.record() for kind in kinds],
         "max_age": max_age,
         "health_interval": health_interval,
+        "parallel": parallel,
     }
     if (pid := running_pid()) is not None:
         raise AgentkernelError(
@@ -105,6 +100,9 @@ def start(
                 proc.kill()
                 raise AgentkernelError(f"the pool daemon did not answer within {timeout:g}s") from None
             time.sleep(0.05)
+        except BaseException:  # this caller gives up (interrupted, a refused reply): so does the daemon
+            proc.terminate()  # it removes what it made on its way out
+            raise
 
 
 def status() -> dict[str, Any]:

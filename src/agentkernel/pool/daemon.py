@@ -5,12 +5,16 @@ backend can snapshot, the first sandbox of a kind is booted once and snapshotted
 every pooled sandbox is resumed from that template (a fraction of a boot); otherwise each is booted.
 A handed-out sandbox belongs to its taker, who removes it: the pool never takes one back.
 
-Two threads: the main one serves requests on the socket (an acquire is answered from memory, never
-waiting for a boot), the worker refills, checks health (the VMM alive, the agent answering) and
-replaces sandboxes older than the maximum age. Restarted, the daemon adopts the ready sandboxes a
-previous run left, so none are orphaned, and removes what it was making when it died: a sandbox not
-yet ready (a fork, or a template's boot sandbox, whose VMM is killed with it) and a half-written
-template snapshot.
+The main thread serves requests on the socket (an acquire is answered from memory, never waiting
+for a boot, and wakes the worker); the worker thread checks health (the VMM alive, the agent
+answering), replaces sandboxes older than the maximum age, and refills: several sandboxes at once,
+the emptiest kind first, as many as the host's cores allow (PER_CORE each) and its free memory holds
+(each in flight counted at its full guest memory), so a pooled sandbox is ready again before the one
+just handed out has finished its command. A kind's first make waits for its template alone.
+
+Restarted, the daemon adopts the ready sandboxes a previous run left, so none are orphaned, and
+removes what it was making when it died: a sandbox not yet ready (a fork, or a template's boot
+sandbox, whose VMM is killed with it) and a half-written template snapshot.
 
 Ownership (see service/owners.py): what the daemon makes and keeps ready is the daemon's; an acquire
 makes the sandbox the requesting process's (its pid from the socket's peer credentials), in the same
@@ -35,56 +39,48 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TextIO, TypeVar
+from typing import Any, TextIO
 
 from agentkernel import hostinfo, paths
 from agentkernel.backends import registry
-from agentkernel.config import Policy
 from agentkernel.errors import AgentkernelError
 from agentkernel.pool import wire
+from agentkernel.pool.kinds import Kind
 from agentkernel.service import audit, owners
-from agentkernel.service.request import SandboxRequest
-from agentkernel.service.service import SandboxService, hand_out, pool_key, pooled_records, take_over
+from agentkernel.service.service import SandboxService, hand_out, pooled_records, take_over
 from agentkernel.service.service import call as _call
 
 log = logging.getLogger("agentkernel.pool")
-T = TypeVar("T")
 TEMPLATE_PREFIX = "pool-template-"
+PER_CORE = 2
+"""Sandboxes made at once per host core: a make waits on the VMM and the agent part of the time."""
+MAX_PARALLEL = 64
+MEMORY_RESERVE = 512 << 20
+"""Bytes of the host's free memory that refills leave to everything else."""
 
-
-@dataclass(frozen=True)
-class Kind:
-    """One kind of sandbox the pool keeps ready."""
-
-    image: str
-    size: int
-    policy: Policy
-    vcpus: int
-    memory_mb: int
-    backend: str | None  # None: what `run` would choose on this host
-
-    def request(self) -> SandboxRequest:
-        return SandboxRequest(
-            image=self.image, backend=self.backend, vcpus=self.vcpus, memory_mb=self.memory_mb,
-            policy=self.policy, mount_dir=None, lifetime=None,
-        )  # fmt: skip
-
-    def key(self) -> str | None:
-        return pool_key(self.request())
+__all__ = ["Kind", "Pool"]
 
 
 @dataclass
 class Slot:
-    """The pool of one kind: its ready sandboxes (oldest first) and counters."""
+    """The pool of one kind: its ready sandboxes (oldest first), those being made, and counters."""
 
     kind: Kind
     key: str | None = None
     ready: deque[tuple[str, float]] = field(default_factory=deque)  # (name, ready since)
+    making: int = 0  # makes in flight
+    templated: bool = False  # its template exists (or its backend has none): makes may run side by side
     handed_out: int = 0
     empty: int = 0  # acquires that found no ready sandbox
-    failures: int = 0  # consecutive failed refills (backs off)
+    failures: int = 0  # consecutive failed makes (backs off until retry_at)
+    retry_at: float = 0.0
     last_error: str | None = None
+    template_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def wanted(self) -> int:
+        return self.kind.size - len(self.ready) - self.making
 
     def public(self) -> dict[str, Any]:
         now = time.time()
@@ -98,6 +94,7 @@ class Slot:
             "backend": self.kind.backend,
             "key": self.key,
             "ready": [{"name": name, "age_s": round(now - since, 1)} for name, since in self.ready],
+            "making": self.making,
             "handed_out": self.handed_out,
             "empty_acquires": self.empty,
             "last_error": self.last_error,
@@ -105,10 +102,14 @@ class Slot:
 
 
 class Pool:
-    def __init__(self, kinds: list[Kind], *, max_age: float, health_interval: float) -> None:
+    def __init__(
+        self, kinds: list[Kind], *, max_age: float, health_interval: float, parallel: int | None = None
+    ) -> None:
         self.slots = [Slot(kind) for kind in kinds]
         self.max_age = max_age
         self.health_interval = health_interval
+        self.parallel = min(MAX_PARALLEL, parallel or PER_CORE * hostinfo.cores())
+        self.peak_making = 0  # the most makes that were ever in flight at once
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.stopping = threading.Event()
@@ -152,6 +153,8 @@ class Pool:
                 "uptime_s": round(time.time() - self.started, 1),
                 "max_age_s": self.max_age,
                 "health_interval_s": self.health_interval,
+                "parallel": self.parallel,
+                "peak_making": self.peak_making,
                 "misses": self.misses,
                 "pools": [slot.public() for slot in self.slots],
             }
@@ -179,51 +182,104 @@ class Pool:
         _remove_templates(lambda name: name not in templates)
 
     def work(self) -> None:
-        """Refill, check health, retire old sandboxes; until stopped."""
+        """Refill, check health, retire old sandboxes; until stopped (then wait for the makes in
+        flight: what they make is ready, and drained with the rest)."""
         next_check = next_reap = 0.0
-        while not self.stopping.is_set():
-            if time.monotonic() >= next_reap:
-                _reap()
-                next_reap = time.monotonic() + owners.REAP_INTERVAL
-            if time.monotonic() >= next_check:
-                self._check()
-                next_check = time.monotonic() + self.health_interval
-            for slot in self.slots:
-                self._refill(slot)
-            self.wake.wait(timeout=min(1.0, max(0.0, min(next_check, next_reap) - time.monotonic())))
-            self.wake.clear()
+        with ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="pool-make") as makers:
+            while not self.stopping.is_set():
+                self.wake.clear()
+                if time.monotonic() >= next_reap:
+                    _reap()
+                    next_reap = time.monotonic() + owners.REAP_INTERVAL
+                if time.monotonic() >= next_check:
+                    self._check()
+                    next_check = time.monotonic() + self.health_interval
+                self._refill(makers)
+                with self.lock:
+                    retries = [s.retry_at for s in self.slots if s.wanted() > 0 and s.retry_at]
+                wake_at = min([next_check, next_reap, *retries])
+                self.wake.wait(timeout=min(1.0, max(0.0, wake_at - time.monotonic())))
 
-    def _refill(self, slot: Slot) -> None:
+    def _refill(self, makers: ThreadPoolExecutor) -> None:
+        """Start makes for the kinds short of their size, emptiest first, while the bounds allow."""
+        for slot in self.slots:
+            self._rekey(slot)
+        free = hostinfo.available_memory() - MEMORY_RESERVE
+        while not self.stopping.is_set():
+            now = time.monotonic()
+            with self.lock:
+                in_flight = [s for s in self.slots for _ in range(s.making)]
+                if len(in_flight) >= self.parallel:
+                    return
+                candidates = [
+                    s for s in self.slots
+                    if s.key is not None and s.wanted() > 0 and s.retry_at <= now
+                    and (s.templated or s.making == 0)
+                ]  # fmt: skip
+                if not candidates:
+                    return
+                slot = min(candidates, key=lambda s: (len(s.ready) + s.making) / s.kind.size)
+                need = sum(s.kind.memory_mb << 20 for s in [*in_flight, slot])
+                if need > free:
+                    if not in_flight:
+                        slot.last_error = (
+                            f"waiting for free memory: {max(0, free) >> 20} MiB available to refills, "
+                            f"a sandbox needs {slot.kind.memory_mb} MiB"
+                        )
+                    return
+                slot.making += 1
+                self.peak_making = max(self.peak_making, len(in_flight) + 1)
+                key = slot.key
+            assert key is not None
+            makers.submit(self._make_one, slot, key)
+
+    def _rekey(self, slot: Slot) -> None:
+        """Follow the kind's key: when the image or kernel changed, what is ready is of an old kind."""
         try:
             key = slot.kind.key()
         except AgentkernelError as exc:
             slot.last_error = str(exc)
             return
-        if key != slot.key:  # the image or kernel changed: what is ready is of an old kind
+        if key == slot.key:
+            return
+        with self.lock:
+            old, slot.ready, slot.key, slot.templated = list(slot.ready), deque(), key, False
+        for name, _since in old:
+            _discard(name)
+
+    def _make_one(self, slot: Slot, key: str) -> None:
+        """Make one ready sandbox of `slot` (in a maker thread); a failure backs the kind off."""
+        try:
+            name = self._make(slot, key)
+        except Exception as exc:  # a failed boot must not end the daemon: report it and back off
             with self.lock:
-                old, slot.ready, slot.key = list(slot.ready), deque(), key
-            for name, _since in old:
-                _discard(name)
-        while not self.stopping.is_set() and key is not None:
-            with self.lock:
-                if len(slot.ready) >= slot.kind.size:
-                    return
-            try:
-                name = self._make(slot.kind, key)
-            except Exception as exc:  # a failed boot must not end the daemon: report it and back off
+                slot.making -= 1
                 slot.failures += 1
                 slot.last_error = str(exc) or type(exc).__name__
-                log.error("cannot make a %s sandbox: %s", slot.kind.image, slot.last_error)
-                self.stopping.wait(min(60.0, 2.0**slot.failures))
-                return
-            slot.failures, slot.last_error = 0, None
+                slot.retry_at = time.monotonic() + min(60.0, 2.0**slot.failures)
+            log.error("cannot make a %s sandbox: %s", slot.kind.image, slot.last_error)
+        else:
             with self.lock:
-                slot.ready.append((name, time.time()))
-            log.info("ready: %s (%s)", name, slot.kind.image)
+                slot.making -= 1
+                slot.failures, slot.last_error, slot.retry_at = 0, None, 0.0
+                current = slot.key == key
+                if current:
+                    slot.ready.append((name, time.time()))
+            if current:
+                log.info("ready: %s (%s)", name, slot.kind.image)
+            else:
+                _discard(name)  # the kind changed while it was being made
+        finally:
+            self.wake.set()
 
-    def _make(self, kind: Kind, key: str) -> str:
+    def _make(self, slot: Slot, key: str) -> str:
         name = SandboxService.new_name()
-        template = _template(kind, key) if _can_snapshot(kind) else None
+        kind = slot.kind
+        template = None
+        if _can_snapshot(kind):
+            with slot.template_lock:
+                template = _template(kind, key)
+        slot.templated = True
 
         async def make(service: SandboxService) -> None:
             if template is None:
@@ -386,9 +442,9 @@ def _hold_pid_file() -> TextIO:
     return f
 
 
-def run(kinds: list[Kind], *, max_age: float, health_interval: float) -> None:
+def run(kinds: list[Kind], *, max_age: float, health_interval: float, parallel: int | None = None) -> None:
     pid_file = _hold_pid_file()
-    pool = Pool(kinds, max_age=max_age, health_interval=health_interval)
+    pool = Pool(kinds, max_age=max_age, health_interval=health_interval, parallel=parallel)
     audit.record("daemon_start", None, pid=os.getpid(), pools=[k.image for k in kinds])
     pool.adopt()  # before the worker's first reaper pass: what is adopted is this daemon's
 
@@ -413,14 +469,6 @@ def run(kinds: list[Kind], *, max_age: float, health_interval: float) -> None:
         pid_file.close()
 
 
-def kinds_from(spec: dict[str, Any]) -> list[Kind]:
-    policy = Policy.from_record(spec["policy"])
-    return [
-        Kind(image, spec["size"], policy, spec["vcpus"], spec["memory_mb"], spec.get("backend"))
-        for image in spec["images"]
-    ]
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m agentkernel.pool.daemon")
     parser.add_argument("spec", help="the pools, as JSON (written by `agentkernel daemon start`)")
@@ -428,7 +476,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     spec = json.loads(args.spec)
     try:
-        run(kinds_from(spec), max_age=spec["max_age"], health_interval=spec["health_interval"])
+        run(
+            [Kind.from_record(kind) for kind in spec["kinds"]],
+            max_age=spec["max_age"],
+            health_interval=spec["health_interval"],
+            parallel=spec.get("parallel"),
+        )
     except AgentkernelError as exc:
         log.error("%s", exc)
         sys.exit(1)

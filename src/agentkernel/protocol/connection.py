@@ -1,5 +1,5 @@
 """An asyncio connection to a guest agent: HELLO, PING, EXEC with streamed I/O, background commands,
-file operations and watches, SHUTDOWN.
+file operations and watches, TCP connections to guest ports, SHUTDOWN.
 
 One reader task per connection demultiplexes frames to channels. Each channel's inbound data is bounded
 by the window this side granted; more than that is a protocol violation that breaks the connection.
@@ -15,7 +15,7 @@ import signal
 import socket
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from errno import E2BIG, EAGAIN, EBUSY, ENAMETOOLONG, ENOENT
 from pathlib import Path
@@ -28,6 +28,7 @@ from agentkernel.errors import (
     BackgroundCommandError,
     ExecError,
     FileOpError,
+    GuestPortError,
     SandboxStateError,
     WorkingDirectoryError,
 )
@@ -45,6 +46,7 @@ from agentkernel.protocol.frames import (
     MAX_PAYLOAD,
     MAX_PING,
     OLDEST_VERSION,
+    PORTS_VERSION,
     VERSION,
     Frame,
     FrameDecoder,
@@ -95,6 +97,7 @@ REPLIES = {
     FrameType.ATTACH: frozenset({FrameType.STARTED, FrameType.STDOUT, FrameType.EXIT, *FILE_REPLIES}),
     FrameType.WAIT: frozenset({FrameType.EXIT, FrameType.ERROR}),
     FrameType.WATCH: frozenset({FrameType.STARTED, FrameType.DATA, *FILE_REPLIES}),
+    FrameType.CONNECT: frozenset({FrameType.STARTED, FrameType.DATA, *FILE_REPLIES}),
 }
 """The frames the agent may send on a channel, by the operation that opened it (PUT, STAT, MKDIR,
 REMOVE, RENAME, INPUT, KILL, and an EXEC with `detach`: FILE_REPLIES). Each may come once, but for
@@ -128,6 +131,9 @@ Observer = Callable[[str, dict[str, Any]], None]
 
 CommandEnv = Callable[[str], Mapping[str, str]]
 """What a command gets, given its id (`new_command_id`), over `Connection.default_env`."""
+
+Explain = Callable[[AgentConnectionError], Awaitable[AgentConnectionError]]
+"""The error a lost connection's waiters get, given the one the connection saw."""
 
 
 def new_command_id() -> str:
@@ -547,6 +553,61 @@ class Watch:
             self._channel = None
 
 
+class TcpStream:
+    """A TCP connection to a port of the guest's loopback (`Connection.open_tcp`): bytes both ways,
+    each direction under the channel's window, so neither side holds more than a window of the
+    other's data however slowly it is read."""
+
+    def __init__(self, conn: Connection, channel: _Channel, port: int) -> None:
+        self._conn = conn
+        self._channel = channel
+        self.port = port
+        self._eof = False
+        self._ended = False
+
+    async def read(self) -> bytes:
+        """The next bytes the guest's server sent; b"" once it ended its side. GuestPortError if the
+        connection failed in the guest (the server reset it)."""
+        while not self._eof:
+            frame = await self._channel.next()
+            if frame.type is FrameType.DATA and frame.payload:
+                return frame.payload
+            self._eof = True
+            if frame.type is not FrameType.DATA:
+                await self._end(frame)
+        return b""
+
+    async def write(self, data: bytes) -> None:
+        """Send `data` to the guest's server; waits while the guest has not passed on what it got."""
+        if self._ended:
+            raise GuestPortError(f"the connection to port {self.port} in the sandbox has ended", None)
+        if data:
+            await self._channel.send_data(FrameType.DATA, data)
+
+    async def close_write(self) -> None:
+        """End this side's data: the guest half-closes the connection (its server reads end of file)."""
+        if not self._ended:
+            await self._conn.send(self._channel.id, FrameType.DATA, b"")
+
+    async def wait_closed(self) -> None:
+        """After both sides ended their data: wait for the guest to close the connection."""
+        while not self._ended:
+            frame = await self._channel.next()
+            if frame.type is FrameType.DATA:
+                self._eof = self._eof or not frame.payload
+                continue
+            await self._end(frame)
+
+    async def _end(self, frame: Frame) -> None:
+        self._ended = True
+        await self._conn._finish(self._channel, frame, GuestPortError)
+
+    def close(self) -> None:
+        """Drop the connection at once (the guest closes its socket); nothing more is read."""
+        self._ended = True
+        self._conn.abandon(self._channel)
+
+
 @dataclass(frozen=True)
 class FileInfo:
     name: str
@@ -607,6 +668,10 @@ class Connection:
         self.default_env: dict[str, str] = {}  # under what exec is given; its env wins
         self.command_env: CommandEnv | None = None  # over default_env, under what exec is given
         self.observer: Observer | None = None
+        self.explain: Explain | None = None
+        """Words the error of a lost connection before any waiter sees it (e.g. "the sandbox ended,
+        and why"): set by whoever knows what is behind the connection."""
+        self._explaining: asyncio.Task[None] | None = None
         self._heartbeat = heartbeat
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._last_heard = time.monotonic()
@@ -1002,6 +1067,36 @@ class Connection:
             raise
         return _exit_status(await self._finish(channel, frame, BackgroundCommandError, ok=FrameType.EXIT))
 
+    # -- ports ------------------------------------------------------------------------------
+
+    async def open_tcp(self, port: int, *, timeout: float = START_TIMEOUT) -> TcpStream:
+        """A TCP connection to 127.0.0.1:`port` in the guest. GuestPortError when it fails there
+        (`errno` ECONNREFUSED: nothing listens on the port); SandboxStateError for an agent older
+        than protocol 4."""
+        if self.agent_version < PORTS_VERSION:
+            raise SandboxStateError(
+                f"this sandbox's agent (protocol {self.agent_version}) cannot reach ports in the "
+                "guest: recreate the sandbox from a current image"
+            )
+        if not 1 <= port <= 65535:
+            raise AgentkernelError(f"a port is 1 to 65535 (got {port})")
+        channel = await self._file_op(FrameType.CONNECT, [(Tag.PORT, port)])
+        try:
+            async with asyncio.timeout(timeout):
+                frame = await channel.next()
+        except TimeoutError:
+            self.abandon(channel)
+            raise GuestPortError(
+                f"the agent did not connect to port {port} within {timeout:g}s", None
+            ) from None
+        except BaseException:
+            self.abandon(channel)
+            raise
+        if frame.type is not FrameType.STARTED:
+            await self._finish(channel, frame, GuestPortError)
+            raise self.violation("CONNECT answered with OK before STARTED")
+        return TcpStream(self, channel, port)
+
     # -- files ------------------------------------------------------------------------------
 
     async def _file_op(self, ftype: FrameType, fields: list[tuple[Tag, int | bytes | str]]) -> _Channel:
@@ -1016,7 +1111,7 @@ class Connection:
         self,
         channel: _Channel,
         frame: Frame,
-        error: type[FileOpError | BackgroundCommandError] = FileOpError,
+        error: type[FileOpError | BackgroundCommandError | GuestPortError] = FileOpError,
         *,
         ok: FrameType = FrameType.OK,
     ) -> Record:
@@ -1247,14 +1342,14 @@ class Connection:
 
     async def send_raw(self, data: bytes) -> None:
         if self.broken:
-            raise self.failure()
+            raise await self.lost()
         async with self._write_lock:
             try:
                 self._writer.write(data)
                 await self._writer.drain()
             except (OSError, RuntimeError) as exc:
                 self._fail(AgentConnectionError(f"lost the connection to the sandbox agent: {exc}"))
-                raise self.failure() from None
+                raise await self.lost() from None
 
     @property
     def broken(self) -> bool:
@@ -1263,24 +1358,45 @@ class Connection:
     def failure(self) -> AgentConnectionError:
         return self._error or AgentConnectionError("the connection to the sandbox agent is closed")
 
+    async def lost(self) -> AgentConnectionError:
+        """`failure()`, once `explain` has worded it."""
+        if self._explaining is not None:
+            await asyncio.wait([self._explaining])
+        return self.failure()
+
     def violation(self, what: str) -> AgentConnectionError:
         self._fail(AgentConnectionError(f"the sandbox agent broke the protocol: {what}"))
         return self.failure()
 
     def _fail(self, error: AgentConnectionError, *, flush: bool = False) -> None:
-        """Break the connection: every waiter gets `error`. What is still to be sent is dropped, unless
-        `flush` (the host is closing it): then the socket closes once that is written."""
-        if self._error is None:
+        """Break the connection: every waiter gets `error` (as `explain` words it, for a connection
+        lost rather than closed by the host). What is still to be sent is dropped, unless `flush` (the
+        host is closing it): then the socket closes once that is written."""
+        first = self._error is None
+        if first:
             self._error = error
+        if flush:
+            self._writer.close()
+        else:
+            self._writer.transport.abort()
+        if first and not flush and self.explain is not None:
+            self._explaining = asyncio.create_task(self._explain_then_wake(self.explain, error))
+        else:
+            self._wake_waiters()
+
+    async def _explain_then_wake(self, explain: Explain, error: AgentConnectionError) -> None:
+        try:
+            with contextlib.suppress(AgentkernelError):  # then the error stays as it was
+                self._error = await explain(error)
+        finally:
+            self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
         for channel in self._channels.values():
             channel.frames.put(None)
             channel.send_ready.set()
         with contextlib.suppress(asyncio.QueueFull):
             self._control.put_nowait(None)
-        if flush:
-            self._writer.close()
-        else:
-            self._writer.transport.abort()
 
     async def _beat(self) -> None:
         """The heartbeat: whatever the agent sends counts as an answer."""
@@ -1358,8 +1474,9 @@ class Connection:
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
         self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await asyncio.wait([self._task])  # its cancellation stays its own; the caller's propagates
+        if self._explaining is not None:
+            self._explaining.cancel()
         self._writer.close()
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT):

@@ -20,15 +20,18 @@ MAX_CHANNELS = 1024
 INITIAL_WINDOW = 256 * 1024
 MAX_PING = 64
 MAGIC = b"AGENTKRN"
-VERSION = 3
+VERSION = 4
 """This side's protocol version. Version 2 added ARGS, which continues an EXEC too big for one frame;
-version 3 background commands (EXEC `detach`, JOBS, ATTACH, INPUT, KILL, WAIT), RENAME and WATCH."""
+version 3 background commands (EXEC `detach`, JOBS, ATTACH, INPUT, KILL, WAIT), RENAME and WATCH;
+version 4 CONNECT, a TCP connection to a port of the guest's loopback."""
 OLDEST_VERSION = 1
 """The oldest agent the host still talks to (sandboxes keep the agent of the image they came from)."""
 ARGS_VERSION = 2
 """The first agent version that takes ARGS frames."""
 BACKGROUND_VERSION = 3
 """The first agent version with background commands, RENAME and WATCH."""
+PORTS_VERSION = 4
+"""The first agent version that takes CONNECT."""
 ARG_MAX = 2 << 20
 """Most bytes of a command's argv and env as Linux's execve counts them: each string with its NUL,
 plus a pointer (ARG_POINTER bytes) to each. It is a quarter of the guest's 8 MiB stack limit."""
@@ -74,6 +77,7 @@ class FrameType(IntEnum):
     INPUT = 50
     KILL = 51
     WAIT = 52
+    CONNECT = 53
 
 
 DATA_TYPES = frozenset({FrameType.STDIN, FrameType.STDOUT, FrameType.STDERR, FrameType.DATA})
@@ -125,6 +129,7 @@ class Tag(IntEnum):
     TO = 42
     LOST = 43
     EVENT = 44
+    PORT = 45
 
 
 @dataclass(frozen=True, slots=True)

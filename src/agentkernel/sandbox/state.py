@@ -1,7 +1,8 @@
 """Sandbox records in SQLite under the data dir, safe for concurrent CLI processes.
 
-Every access opens its own short connection (WAL mode, a busy timeout), so separate processes and
-threads never share one. Names are unique by primary key: two `create`s of one name cannot both win.
+Every access opens its own short connection (WAL mode, a busy timeout; `db`, which the thin command
+line reads too), so separate processes and threads never share one. Names are unique by primary key:
+two `create`s of one name cannot both win.
 
 Every sqlite error becomes a StateError naming the file and what to do, never a traceback. A copy of
 each record is also kept as records/<name>.json, so `agentkernel doctor --repair` can rebuild a damaged
@@ -17,9 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sqlite3
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -30,40 +29,16 @@ from typing import Any, Literal, get_args
 
 from agentkernel import paths
 from agentkernel.config import PROFILES, Policy
-from agentkernel.errors import (
-    NoSuchSandboxError,
-    SandboxExistsError,
-    StateBusyError,
-    StateDamagedError,
-    StateError,
-    StateIOError,
-)
+from agentkernel.errors import NoSuchSandboxError, SandboxExistsError, StateDamagedError, StateError
+from agentkernel.sandbox import db as database
 
-DB_NAME = "state.db"
+DB_NAME = database.DB_NAME
 RECORDS_DIR = "records"
-NOTICE_AFTER = 1.0
-"""Seconds spent waiting on another process's lock before saying so on stderr."""
-BUSY_LIMIT = 60.0
-"""Seconds to wait in all for another process's lock before giving up."""
-FULL_BELOW = 1 << 20
-"""Free bytes under which a write error is put down to a full filesystem."""
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS sandboxes (
-    name TEXT PRIMARY KEY,
-    backend TEXT NOT NULL,
-    image TEXT NOT NULL,
-    image_digest TEXT NOT NULL,
-    vcpus INTEGER NOT NULL,
-    memory_mb INTEGER NOT NULL,
-    profile TEXT NOT NULL,
-    status TEXT NOT NULL,
-    pid INTEGER,
-    rundir TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    extra TEXT NOT NULL DEFAULT '{}'
-)
-"""
+NOTICE_AFTER = database.NOTICE_AFTER
+BUSY_LIMIT = database.BUSY_LIMIT
+"""Seconds to wait in all for another process's lock before giving up (see `database.Db`)."""
+FULL_BELOW = database.FULL_BELOW
+SCHEMA = database.SCHEMA
 
 Status = Literal["created", "starting", "running", "paused", "stopped", "failed"]
 STATUSES: tuple[Status, ...] = get_args(Status)
@@ -182,112 +157,22 @@ def _decoded(key: str, value: Any) -> Any:
 
 
 def db_path() -> Path:
-    return paths.data_dir() / DB_NAME
+    return database.db_path()
 
 
 def records_dir() -> Path:
     return paths.data_dir() / RECORDS_DIR
 
 
-# Primary SQLite result codes (the low byte of the extended ones).
-_BUSY, _LOCKED, _CORRUPT, _NOTADB = 5, 6, 11, 26
-_FULL, _IOERR = 13, 10
-
-
-def _code(exc: sqlite3.Error) -> int:
-    return (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
-
-
-def _is_busy(exc: sqlite3.Error) -> bool:
-    return _code(exc) in (_BUSY, _LOCKED)
-
-
 def translate(exc: sqlite3.Error | OSError, path: Path) -> StateError:
     """The StateError for a sqlite (or file) error on the database at `path`."""
-    if isinstance(exc, OSError):
-        where = exc.filename or path.parent
-        return StateIOError(
-            f"cannot write {where}: {exc.strerror or exc}; free some space or fix it, then try again"
-        )
-    code = _code(exc)
-    if code in (_CORRUPT, _NOTADB):
-        return StateDamagedError(path, str(exc))
-    if _is_busy(exc):
-        return StateBusyError(
-            f"the state database {path} is still locked by another process after {BUSY_LIMIT:g}s: "
-            f"try again when it has finished (`fuser {path}` shows which)"
-        )
-    if code in (_FULL, _IOERR):
-        cause = "the filesystem holding it is full" if _full(path.parent) else "an I/O error"
-        return StateIOError(
-            f"cannot write the state database {path} ({exc}): {cause}; free some space in {path.parent} "
-            "and try again"
-        )
-    return StateIOError(f"cannot use the state database {path}: {exc}")
-
-
-def _full(directory: Path) -> bool:
-    try:
-        return shutil.disk_usage(directory).free < FULL_BELOW
-    except OSError:
-        return False
-
-
-class _Db:
-    """One connection; each statement waits out another process's lock, saying so after a second."""
-
-    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
-        self.conn = conn
-        self.path = path
-
-    def execute(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
-        start = time.monotonic()
-        noticed = False
-        while True:
-            try:
-                return self.conn.execute(sql, params).fetchall()
-            except sqlite3.IntegrityError:
-                raise
-            except sqlite3.Error as exc:
-                left = BUSY_LIMIT - (time.monotonic() - start)
-                if not _is_busy(exc) or left <= 0:
-                    raise translate(exc, self.path) from None
-                if not noticed:
-                    print(
-                        f"agentkernel: waiting for {self.path}: another agentkernel process is using it "
-                        f"(up to {BUSY_LIMIT:g}s) ...",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    noticed = True
-                # sqlite's busy handler does the waiting; statements here are single and autocommit,
-                # so running one again after SQLITE_BUSY is safe.
-                self.conn.execute(f"PRAGMA busy_timeout = {max(1, int(left * 1000))}")
-
-
-_ready: set[Path] = set()  # databases this process has already set up
+    return database.translate(exc, path, busy_limit=BUSY_LIMIT)
 
 
 @contextmanager
-def _db(path: Path | None = None) -> Iterator[_Db]:
-    path = path or db_path()
-    first = path not in _ready or not path.exists()
-    try:
-        if first:  # else SQLite makes it with the umask's mode (and its -wal and -shm files like it)
-            paths.open_private(path, "ab").close()
-        conn = sqlite3.connect(path, timeout=NOTICE_AFTER, isolation_level=None)
-    except (sqlite3.Error, OSError) as exc:
-        raise translate(exc, path) from None
-    try:
-        db = _Db(conn, path)
-        if first:
-            db.execute("PRAGMA journal_mode=WAL")  # kept in the file: once is enough
-            db.execute(SCHEMA)
-            _ready.add(path)
-        conn.row_factory = sqlite3.Row
-        yield db
-    finally:
-        conn.close()
+def _db(path: Path | None = None) -> Iterator[database.Db]:
+    with database.connect(path, busy_limit=BUSY_LIMIT) as conn:
+        yield conn
 
 
 def _record(row: sqlite3.Row) -> SandboxRecord:
@@ -429,7 +314,7 @@ def set_aside(path: Path | None = None) -> Path:
     if wal.exists():
         wal.rename(aside.with_name(f"{aside.name}-wal"))
     path.with_name(f"{path.name}-shm").unlink(missing_ok=True)
-    _ready.discard(path)
+    database.forget(path)
     return aside
 
 

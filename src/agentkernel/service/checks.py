@@ -2,14 +2,15 @@
 
 Every check raises InvalidRequestError naming the field it is about; a face that calls the field
 something else (the CLI's `--memory` for `memory_mb`) shows its own name for it (see `InvalidRequestError`).
+On the standard library only: the thin command line (`cli/thin.py`) imports it too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from agentkernel.config import SANDBOX_NAME
 from agentkernel.errors import InvalidRequestError
+from agentkernel.names import SANDBOX_NAME
 
 NAME_RE = SANDBOX_NAME
 """Sandbox (and snapshot) names: 1 to 63 letters, digits, '.', '_' or '-', starting with a letter or
@@ -125,3 +126,26 @@ def check_lifetime(lifetime: float | None, *, field: str = "lifetime") -> float 
 
 def _shown(text: str) -> str:
     return repr(text if len(text) <= 80 else text[:77] + "...")
+
+
+def check_port(port: int, *, field: str = "port", ephemeral: bool = False) -> int:
+    """A TCP port: 1 to 65535 (0 too with `ephemeral`: the host picks a free one)."""
+    low = 0 if ephemeral else 1
+    if isinstance(port, bool) or not isinstance(port, int) or not low <= port <= 65535:
+        raise InvalidRequestError(field, f"must be a port number from {low} to 65535 (got {port!r})")
+    return port
+
+
+def check_bind_address(address: str, *, field: str = "host") -> str:
+    """A host address to listen on: an IPv4 or IPv6 address, as written by `ipaddress` ("localhost"
+    is 127.0.0.1)."""
+    import ipaddress  # only when a port is forwarded
+
+    if address == "localhost":
+        return "127.0.0.1"
+    try:
+        return str(ipaddress.ip_address(address.strip("[]")))
+    except ValueError:
+        raise InvalidRequestError(
+            field, f"must be an IP address of this host, like 127.0.0.1 or 0.0.0.0 (got {_shown(address)})"
+        ) from None

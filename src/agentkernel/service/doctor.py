@@ -5,7 +5,9 @@ It looks at three things:
 - the state database: a damaged one is set aside (renamed with a timestamp) and rebuilt from the
   copies of the records kept beside it (records/<name>.json), checked against what runs;
 - VMM processes and sandbox disks: a VMM that runs without a record is re-recorded from that copy, or
-  stopped when there is none; a record that lost track of its running VMM gets its pid back.
+  stopped when there is none; a record that lost track of its running VMM gets its pid back;
+- sandboxes whose owner died with no reaper running since (a client killed, a pool daemon killed
+  with no daemon after it to adopt its ready sandboxes): removed.
 
 Without `repair` nothing is changed: each finding is one line saying what `--repair` would do.
 """
@@ -23,10 +25,12 @@ from pathlib import Path
 from agentkernel import paths, procs
 from agentkernel.backends import get_backend
 from agentkernel.backends.base import kill_and_wait
+from agentkernel.errors import AgentkernelError
 from agentkernel.images import builddir
+from agentkernel.pool import control
 from agentkernel.sandbox import state
 from agentkernel.sandbox.state import SandboxRecord
-from agentkernel.service import sandboxes
+from agentkernel.service import owners, sandboxes
 
 NAME = rb"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}"
 RAM = re.compile(rb"mem-path=(/dev/shm/agentkernel-[0-9]+-[0-9a-f]+\.ram),share=on")
@@ -64,6 +68,29 @@ def diagnose(*, repair: bool) -> list[Finding]:
     else:
         known = {r.name: r for r in state.all_records()}
     findings += _records(known, {r.name: r for r in mirrored}, repair=repair)
+    if damaged is None:
+        findings += _orphans(repair)
+    return findings
+
+
+def _orphans(repair: bool) -> list[Finding]:
+    """Sandboxes whose owner has died; a pool daemon's ready ones only when no daemon runs to adopt
+    them."""
+    daemon = control.running_pid() is not None
+    findings = []
+    for record in state.all_records():
+        mark = owners.dead_owner(record.owner)
+        if mark is None or (record.pool and daemon):
+            continue
+        removed = False
+        if repair:
+            with contextlib.suppress(AgentkernelError):
+                sandboxes.remove(record.name, force=True)
+                removed = True
+        fix = "removed" if removed else "--repair: removes it"
+        findings.append(
+            Finding(f"sandbox '{record.name}' outlived its owner (pid {mark['pid']}): {fix}", removed)
+        )
     return findings
 
 

@@ -13,7 +13,7 @@ on: a forgotten paused sandbox still ends. Only backends with the `pause` capabi
 from __future__ import annotations
 
 import time
-from typing import cast
+from typing import Final, Literal, cast
 
 import anyio
 
@@ -36,6 +36,17 @@ def lifetime_for(asked: float | None, default: float | None) -> float | None:
     if asked is None:
         return default
     return check_lifetime(asked, field="timeout") if asked else None
+
+
+AS_SAVED: Final = "as saved"
+"""A fork's lifetime when none is given: the lifetime of the sandbox its snapshot was taken from."""
+ForkLifetime = float | None | Literal["as saved"]
+
+
+def fork_lifetime(asked: float | None, default: float | None) -> ForkLifetime:
+    """A fork's lifetime on a server: as `lifetime_for`, but with nothing asked and no default it
+    keeps its snapshot's."""
+    return AS_SAVED if asked is None and default is None else lifetime_for(asked, default)
 
 
 async def _current(name: str, lock: sandboxes.Flock) -> SandboxRecord:

@@ -327,6 +327,21 @@ def get(name: str) -> SandboxRecord:
     return reconcile(state.get(validate_name(name)))
 
 
+def running_with_network() -> list[tuple[str, EgressRules, Path]]:
+    """The name, egress rules and run directory of each sandbox whose VMM runs with network on: what
+    a restarted egress gateway registers again (`launcher`). Read without the sandboxes' locks (a
+    start holds one): a stop kills the VMM before it withdraws, under the gateway's lock."""
+    found = []
+    for record in state.all_records():
+        if record.status not in ("running", "paused") or record.pid is None:
+            continue
+        spec = spec_of(record)
+        with contextlib.suppress(AgentkernelError):  # a backend this host cannot run any more
+            if spec.egress is not None and get_backend(record.backend).is_alive(spec, record.pid):
+                found.append((spec.name, spec.egress, spec.rundir))
+    return found
+
+
 def list_sandboxes(*, pooled: bool = False) -> list[SandboxRecord]:
     """All sandboxes; those the pool daemon keeps ready (not yet anyone's) only with `pooled`.
     Sandboxes whose owner died are removed first."""
@@ -780,37 +795,26 @@ async def _session(backend: Backend, spec: VMSpec, pid: int, *, timeout: float) 
     deadline = time.monotonic() + timeout
     async with _port_lock(spec, backend.agent_ports, deadline) as port:
         conn = await backend.connect(spec, pid, port=port, timeout=max(0.1, deadline - time.monotonic()))
+        conn.explain = functools.partial(_explain_loss, backend, spec, pid)
         try:
             yield conn
-        except AgentConnectionError:
-            await _raise_if_ended(backend, spec, pid)
-            raise
         finally:
             await conn.close()
 
 
-async def raise_if_ended(name: str) -> None:
-    """After a lost agent connection: if the sandbox has ended (or ends within a moment), an
-    AgentConnectionError that says so, and why; else nothing (the caller re-raises its own error)."""
-    record = await anyio.to_thread.run_sync(get, name)
-    if record.pid is not None:
-        await _raise_if_ended(get_backend(record.backend), spec_of(record), record.pid)
-    elif record.status in ("failed", "stopped"):
-        reason = record.stop_reason
-        raise AgentConnectionError(f"sandbox '{name}' {record.status}" + (f": {reason}" if reason else ""))
-
-
-async def _raise_if_ended(backend: Backend, spec: VMSpec, pid: int) -> None:
+async def _explain_loss(
+    backend: Backend, spec: VMSpec, pid: int, error: AgentConnectionError
+) -> AgentConnectionError:
     """A lost agent connection is most often a VM that ended (its VMM closes the socket as it exits):
-    if so, the error says that, and why."""
+    if it ends within a moment, an error that says so, and why; else `error`."""
     deadline = time.monotonic() + VMM_EXIT_WAIT
     while backend.is_alive(spec, pid):
         if time.monotonic() > deadline:
-            return
+            return error
         await asyncio.sleep(0.02)
     record = await anyio.to_thread.run_sync(get, spec.name)
     reason = record.stop_reason
-    raise AgentConnectionError(f"sandbox '{spec.name}' {record.status}" + (f": {reason}" if reason else ""))
+    return AgentConnectionError(f"sandbox '{spec.name}' {record.status}" + (f": {reason}" if reason else ""))
 
 
 @contextlib.asynccontextmanager

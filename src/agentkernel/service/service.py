@@ -32,7 +32,6 @@ import anyio
 from agentkernel import hostinfo
 from agentkernel.backends.base import VMSpec
 from agentkernel.errors import (
-    AgentConnectionError,
     AgentkernelError,
     InvalidRequestError,
     NoSuchSandboxError,
@@ -52,7 +51,7 @@ from agentkernel.protocol.connection import (
 )
 from agentkernel.sandbox import state
 from agentkernel.sandbox.state import SandboxRecord
-from agentkernel.service import commands, files, lifetimes, observers, owners, sandboxes, snapshots
+from agentkernel.service import commands, files, lifetimes, observers, owners, ports, sandboxes, snapshots
 from agentkernel.service.checks import (
     check_command,
     check_env,
@@ -62,6 +61,7 @@ from agentkernel.service.checks import (
     validate_name,
 )
 from agentkernel.service.connections import ConnectionPool
+from agentkernel.service.lifetimes import AS_SAVED, ForkLifetime
 from agentkernel.service.request import DEFAULTS, SandboxFlags, SandboxRequest, resolve_in
 from agentkernel.service.snapshots import Snapshot
 
@@ -262,12 +262,23 @@ class SandboxService:
         return await snapshots.create(validate_name(sandbox, field="sandbox"), validate_name(name))
 
     async def fork(
-        self, snapshot: str, name: str | None, *, pool: str | None = None, owned: bool = False
+        self,
+        snapshot: str,
+        name: str | None,
+        *,
+        lifetime: ForkLifetime = AS_SAVED,
+        pool: str | None = None,
+        owned: bool = False,
     ) -> SandboxRecord:
-        """A new running sandbox `name` (default: sandbox-XXXXXXXX) resumed from `snapshot` (`pool`,
-        `owned`: as for the pool's)."""
+        """A new running sandbox `name` (default: sandbox-XXXXXXXX) resumed from `snapshot`, ended
+        `lifetime` seconds after each start (None: when stopped; default: as the snapshot's sandbox
+        was; `pool`, `owned`: as for the pool's)."""
         name = validate_name(name) if name else f"sandbox-{secrets.token_hex(4)}"
-        return await snapshots.fork(validate_name(snapshot, field="snapshot"), name, pool=pool, owned=owned)
+        if not isinstance(lifetime, str) and lifetime is not None:
+            lifetime = check_lifetime(lifetime, field="timeout")
+        return await snapshots.fork(
+            validate_name(snapshot, field="snapshot"), name, lifetime_s=lifetime, pool=pool, owned=owned
+        )
 
     async def template(
         self, name: str, *, source: str, request: SandboxRequest, pool: str | None = None
@@ -317,18 +328,6 @@ class SandboxService:
 
     async def connection(self, name: str) -> Connection:
         return await self.pool.get(validate_name(name))
-
-    @contextlib.asynccontextmanager
-    async def explaining_loss(self, name: str) -> AsyncIterator[None]:
-        """Around work on a sandbox's agent connection: a lost connection whose sandbox has ended
-        becomes an error that says it ended, and why (killed, crashed, powered off, out of lifetime)."""
-        try:
-            yield
-        except AgentConnectionError:
-            await self.pool.discard(name)
-            with anyio.CancelScope(shield=True):
-                await sandboxes.raise_if_ended(name)
-            raise
 
     async def exec(self, name: str, command: CommandSpec, *, pty: tuple[int, int] | None = None) -> Process:
         return await exec_on(await self.connection(name), command, pty=pty)
@@ -446,6 +445,22 @@ class SandboxService:
         if path == "/":
             raise InvalidRequestError("path", "refusing to remove the sandbox's root directory")
         await (await self.connection(name)).remove(path, recursive=recursive)
+
+    # -- ports (ports.py) -----------------------------------------------------------------------
+
+    async def expose_port(
+        self, name: str, port: int, *, host: str | None = None, host_port: int | None = None
+    ) -> ports.ForwardedPort:
+        """Reach guest port `port` of running sandbox `name` from the host: where it listens (on
+        `host`, default 127.0.0.1, port `host_port`, default the one it has or a free one), if the
+        sandbox's policy allows it. Asking again for a forwarded port gives the same address."""
+        name = validate_name(name)
+        return await ports.expose(
+            name, port, host=host, host_port=host_port, connection=lambda: self.connection(name)
+        )
+
+    async def list_ports(self, name: str) -> list[ports.ForwardedPort]:
+        return await ports.forwarded(validate_name(name))
 
 
 def _create(

@@ -33,6 +33,7 @@ from agentkernel.sandbox import state
 from agentkernel.sandbox.state import SandboxRecord
 from agentkernel.service import audit, owners, sandboxes
 from agentkernel.service.checks import validate_name
+from agentkernel.service.lifetimes import AS_SAVED, ForkLifetime
 
 META = "snapshot.json"
 
@@ -210,12 +211,21 @@ def _digest_of(path: Path, _inode: int, _size: int, _mtime_ns: int) -> str:
     return sha256_file(path)
 
 
-async def fork(name: str, new_sandbox: str, *, pool: str | None = None, owned: bool = False) -> SandboxRecord:
-    """A new running sandbox resumed from snapshot `name`, with memory, devices and disk as they were
-    (`pool`, `owned`: as for `sandboxes.create`)."""
+async def fork(
+    name: str,
+    new_sandbox: str,
+    *,
+    lifetime_s: ForkLifetime = AS_SAVED,
+    pool: str | None = None,
+    owned: bool = False,
+) -> SandboxRecord:
+    """A new running sandbox resumed from snapshot `name`, with memory, devices and disk as they were,
+    ended `lifetime_s` after each start (None: when stopped; `pool`, `owned`: as for
+    `sandboxes.create`). The lifetime is in its record before it starts, so no crash between the start
+    and a later `set_timeout` can leave it running for ever."""
     validate_name(new_sandbox)
     await anyio.to_thread.run_sync(
-        functools.partial(_register_fork, name, new_sandbox, pool=pool, owned=owned)
+        functools.partial(_register_fork, name, new_sandbox, lifetime_s=lifetime_s, pool=pool, owned=owned)
     )
     try:
         return await sandboxes.start(new_sandbox)
@@ -225,7 +235,14 @@ async def fork(name: str, new_sandbox: str, *, pool: str | None = None, owned: b
         raise
 
 
-def _register_fork(name: str, new_sandbox: str, *, pool: str | None, owned: bool) -> None:
+def _register_fork(
+    name: str,
+    new_sandbox: str,
+    *,
+    lifetime_s: ForkLifetime,
+    pool: str | None,
+    owned: bool,
+) -> None:
     snapshot = get(name)
     meta = snapshot.meta
     kernel = Path(meta["kernel"])
@@ -251,7 +268,7 @@ def _register_fork(name: str, new_sandbox: str, *, pool: str | None, owned: bool
         restore_from=str(snapshot.path),
         snapshot=name,
         policy=Policy.from_record(meta["policy"]) if meta.get("policy") else None,
-        lifetime_s=meta["lifetime_s"],
+        lifetime_s=meta["lifetime_s"] if isinstance(lifetime_s, str) else lifetime_s,
         pool=pool,
         owner=owners.current() if owned else None,
     )

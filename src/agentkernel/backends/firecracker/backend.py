@@ -569,15 +569,13 @@ class FirecrackerBackend:
                     argv = ["ip", "netns", "exec", netns.name, *argv]
                 proc, writer = self._launch(spec, argv, cwd=spec.rundir)
                 pid, layout = proc.pid, host_layout(spec)
-            if spec.egress is not None:
-                gateway.wait_ready(spec.rundir)
             self._configure(spec, pid, layout, writer)
             return pid
         except BaseException:
             if pid is not None:
                 self.kill(spec, pid)
             teardown_network(spec)
-            gateway.stop(spec.rundir)
+            gateway.stop(spec.name, spec.rundir)
             raise
 
     def _launch(
@@ -784,11 +782,11 @@ class FirecrackerBackend:
             kill_and_wait(pid, lambda: self.is_alive(spec, pid))
         kill_tagged(str(spec.rundir), instance_id(spec))
         teardown_network(spec)
-        gateway.stop(spec.rundir)
+        gateway.stop(spec.name, spec.rundir)
 
     def cleanup(self, spec: VMSpec, *, keep_disk: bool) -> None:
         teardown_network(spec)
-        gateway.stop(spec.rundir)
+        gateway.stop(spec.name, spec.rundir)
         if jail_link(spec).is_symlink():
             jail = jail_link(spec).readlink()
             shutil.rmtree(jail, ignore_errors=True)

@@ -9,6 +9,7 @@ several host processes talk to one sandbox at once.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
 import json
@@ -32,11 +33,13 @@ from agentkernel.backends.base import (
     tail_line,
     vm_greeting,
 )
+from agentkernel.backends.qemu import tsc
 from agentkernel.backends.qemu.qmp import Qmp
 from agentkernel.errors import AgentkernelError
 from agentkernel.hostinfo import Accel
 from agentkernel.network import launcher as gateway
 from agentkernel.protocol.connection import Connection
+from agentkernel.sandbox.liveness import QEMU_PIDFILE
 
 AGENT_PORTS = 4
 # A host I/O error reaches the guest as an I/O error; QEMU's default (werror=enospc) would pause the
@@ -60,7 +63,7 @@ def agent_socket(spec: VMSpec, port: int) -> Path:
 
 
 def pidfile(spec: VMSpec) -> Path:
-    return spec.rundir / "qemu.pid"
+    return spec.rundir / QEMU_PIDFILE
 
 
 def disk(spec: VMSpec) -> Path:
@@ -149,26 +152,102 @@ def check_mounts(spec: VMSpec) -> None:
                 raise AgentkernelError(f"cannot share {mount.host}: {exc.strerror}") from None
 
 
+# The TCG translation cache, in MiB: QEMU's default under TCG is 1 GiB, which a busy sandbox fills
+# with private memory it keeps; an idle one touches 2 to 4 MiB of it either way.
+TB_SIZE_MB = 64
+
+
+MACHINE_FILE = "machine.json"
+# One malloc arena for all of QEMU's threads: an arena per thread keeps about 1 MiB more per VM.
+ONE_ARENA = "glibc.malloc.arena_max=1"
+
+
+def qemu_env() -> dict[str, str]:
+    tunables = [t for t in (os.environ.get("GLIBC_TUNABLES"), ONE_ARENA) if t]
+    return {**os.environ, "GLIBC_TUNABLES": ":".join(tunables)}
+
+
+PR_SET_THP_DISABLE = 41
+
+
+def no_huge_pages() -> None:
+    """No transparent huge pages for this process and the QEMU it starts (the setting is inherited
+    across fork and exec). QEMU asks for them for its TCG translation cache, where each 2 MiB an idle
+    guest's code touched would then cost 2 MiB, private to its VM; this process gains nothing from
+    them either. Best effort: a kernel without the setting keeps its huge pages."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)
+
+
+def guest_tsc_khz(spec: VMSpec) -> int | None:
+    """The TSC rate a TCG guest is (or was, for a snapshot it resumes) booted with; None: no TSC.
+
+    A snapshot resumes on the machine it was saved from (its devices must match the saved state),
+    and only where the host's TSC runs at the rate its guest kernel was told, or its clock would run
+    fast or slow: a snapshot saved without a `MACHINE_FILE` is from a guest without a TSC."""
+    if spec.restore is None:
+        return tsc.host_khz()
+    try:
+        saved: int | None = json.loads((spec.restore / MACHINE_FILE).read_text())["tsc_khz"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError) as exc:
+        raise AgentkernelError(f"cannot read the snapshot's {MACHINE_FILE}: {exc}") from None
+    host = tsc.host_khz()
+    if saved is not None and (host is None or abs(host - saved) * 1000 > saved):
+        here = f"{host} kHz" if host is not None else "no usable TSC"
+        raise AgentkernelError(
+            f"this snapshot was saved on a host whose TSC runs at {saved} kHz and this host has {here}: "
+            "its guest clock would run at the wrong rate here; take a new snapshot on this host"
+        )
+    return saved
+
+
+def tcg_accel(spec: VMSpec) -> str:
+    return f"tcg,tb-size={TB_SIZE_MB}" + (",thread=multi" if spec.vcpus > 1 else "")
+
+
 def command(
-    spec: VMSpec, accel: Accel, *, qemu: str = "qemu-system-x86_64", daemonize: bool = True
+    spec: VMSpec,
+    accel: Accel,
+    *,
+    qemu: str = "qemu-system-x86_64",
+    daemonize: bool = True,
+    acpi: bool = False,
 ) -> list[str]:
+    """With `acpi`, devices are described in ACPI tables only (as Firecracker 2.0 gives them), not on
+    the kernel command line; the default is acpi=off, how sandboxes boot."""
+    append = kernel_cmdline(spec)
+    khz = None
     if accel.name == "kvm":
         acc = ["-accel", "kvm", "-cpu", "host"]
     else:
-        # Without TSC in the CPU flags the kernel skips its TSC calibration, which under emulation
-        # takes about a second on every other boot; timekeeping falls back to jiffies.
-        acc = ["-accel", "tcg,thread=multi" if spec.vcpus > 1 else "tcg", "-cpu", "max,-tsc,-rdtscp"]
+        # A TSC whose rate the kernel is told (tsc.py): no calibration, and a clocksource on which
+        # an idle guest stops its tick. Where the host has none to give, no TSC at all: the kernel
+        # would spend about a second calibrating it, and keeps time by jiffies.
+        khz = guest_tsc_khz(spec)
+        if acpi and not khz:
+            # QEMU's ACPI microvm is hardware-reduced: Linux starts no PIT tick then, and calibrates
+            # its local APIC timer against the TSC alone; without one the boot hangs.
+            raise AgentkernelError("cannot boot with ACPI under TCG: this host has no TSC to give the guest")
+        cpu = "max" if khz else "max,-tsc,-rdtscp"
+        acc = ["-accel", tcg_accel(spec), "-cpu", cpu]
+        append += tsc.kernel_args(khz) if khz else ""
+    # On a TSC the guest's delays run in real time: the kernel's probe of an absent RTC would then
+    # wait seconds, so such a boot gets its RTC.
+    rtc = "rtc=on" if acpi or khz else "rtc=off"
+    firmware = f"{rtc},acpi=on,auto-kernel-cmdline=off" if acpi else f"{rtc},acpi=off"
     readonly = "readonly=on" if spec.read_only else "readonly=off"
     cmd = [
         qemu,
         "-name", f"agentkernel-{spec.name}",
-        "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=off,acpi=off,memory-backend=mem",
+        "-M", f"microvm,x-option-roms=off,isa-serial=on,{firmware},memory-backend=mem",
         *acc,
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-smp", str(spec.vcpus),
         "-m", str(spec.memory_mb),
         "-kernel", str(spec.kernel),
-        "-append", kernel_cmdline(spec),
+        "-append", append,
         "-drive", f"id=root,file={disk(spec)},format=qcow2,if=none,{DISCARD},{readonly},{DISK_ERRORS}",
         "-device", "virtio-blk-device,drive=root",
         "-device", "virtio-rng-device",
@@ -193,8 +272,9 @@ class QemuBackend:
     snapshot_disk = "disk.qcow2"
     snapshot_disk_format = "qcow2"
 
-    def __init__(self, accel: Accel | None = None) -> None:
+    def __init__(self, accel: Accel | None = None, *, acpi: bool = False) -> None:
         self.accel = accel or hostinfo.accel()
+        self.acpi = acpi  # devices from ACPI tables, not the command line (see `command`)
 
     def prepare(self, spec: VMSpec) -> None:
         """A qcow2 overlay backed by the read-only image: the VM's writes land in the overlay only.
@@ -244,9 +324,18 @@ class QemuBackend:
         if spec.egress is not None:
             require("socat", "socat")
             gateway.start(spec.name, spec.egress, spec.rundir)
+        if self.accel.name != "kvm":
+            no_huge_pages()
+            # What a snapshot of this VM must resume on (guest_tsc_khz).
+            machine = {"tsc_khz": guest_tsc_khz(spec)}
+            paths.write_private(spec.workdir / MACHINE_FILE, json.dumps(machine))
         # With -daemonize the first process exits once the VM is set up, reporting start-up errors.
         proc = subprocess.run(
-            command(spec, self.accel, qemu=qemu), stdin=subprocess.DEVNULL, capture_output=True, text=True
+            command(spec, self.accel, qemu=qemu, acpi=self.acpi),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            env=qemu_env(),
         )
         try:
             if proc.returncode != 0:
@@ -259,11 +348,9 @@ class QemuBackend:
             for sock in (qmp_socket(spec), *(agent_socket(spec, port) for port in range(AGENT_PORTS))):
                 with contextlib.suppress(FileNotFoundError):
                     sock.chmod(0o600)
-            if spec.egress is not None:
-                gateway.wait_ready(spec.rundir)
             return pid
         except BaseException:
-            gateway.stop(spec.rundir)
+            gateway.stop(spec.name, spec.rundir)
             raise
 
     async def connect(self, spec: VMSpec, pid: int, *, port: int = 0, timeout: float = 60.0) -> Connection:
@@ -292,11 +379,11 @@ class QemuBackend:
         """The VMM and every helper of the sandbox: found by the run directory in their command
         lines (QEMU's `-pidfile`), so also a VMM whose pid was never recorded or that was still
         daemonizing, the forwarders QEMU spawned, the gateway and a lifetime watchdog."""
-        gateway.stop(spec.rundir)
         kill_tagged(str(spec.rundir))
+        gateway.stop(spec.name, spec.rundir)  # once the VMM is gone (see `launcher._recover`)
 
     def cleanup(self, spec: VMSpec, *, keep_disk: bool) -> None:
-        gateway.stop(spec.rundir)
+        gateway.stop(spec.name, spec.rundir)
         shutil.rmtree(spec.rundir, ignore_errors=True)
         ram_file(spec).unlink(missing_ok=True)
         if not keep_disk:
@@ -319,6 +406,8 @@ class QemuBackend:
                 if spec.restore is None or not (spec.restore / "ram").exists():
                     _copy_sparse(ram_file(spec), dest / "ram")
                 self._save_disk(spec, dest / "disk.qcow2")
+                if (spec.workdir / MACHINE_FILE).exists():  # not from a VM started without one
+                    paths.write_private(dest / MACHINE_FILE, (spec.workdir / MACHINE_FILE).read_bytes())
             finally:
                 await qmp.execute("cont")
         finally:
