@@ -23,6 +23,7 @@ _FLAGS = {
     "w": os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
     "a": os.O_WRONLY | os.O_CREAT | os.O_APPEND,
     "a+": os.O_RDWR | os.O_CREAT | os.O_APPEND,
+    "x": os.O_WRONLY | os.O_CREAT | os.O_EXCL,  # FileExistsError for any file or symlink there
 }
 
 
@@ -99,9 +100,9 @@ def private_dir(path: Path) -> Path:
 
 
 @overload
-def open_private(path: Path, mode: Literal["r+", "w", "a", "a+"] = "w") -> TextIO: ...
+def open_private(path: Path, mode: Literal["r+", "w", "a", "a+", "x"] = "w") -> TextIO: ...
 @overload
-def open_private(path: Path, mode: Literal["r+b", "wb", "ab", "a+b"]) -> BinaryIO: ...
+def open_private(path: Path, mode: Literal["r+b", "wb", "ab", "a+b", "xb"]) -> BinaryIO: ...
 def open_private(path: Path, mode: str = "w") -> IO[Any]:
     """`open(path, mode)` for a file only its owner can read (0600 when made, made 0600 if it was not;
     r+ makes it too)."""

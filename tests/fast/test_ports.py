@@ -31,12 +31,13 @@ from agentkernel.client import ApiError, AsyncClient, Client
 from agentkernel.errors import (
     GuestPortError,
     InvalidRequestError,
+    PortForwardError,
     PortsNotAllowedError,
     SandboxStateError,
 )
 from agentkernel.mcp_server.server import build_server
 from agentkernel.protocol.frames import PORTS_VERSION
-from agentkernel.service import ports, sandboxes
+from agentkernel.service import port_relay, ports, sandboxes
 from agentkernel.service.request import SandboxFlags
 from agentkernel.service.service import SandboxService
 from tests.api.server import free_port
@@ -472,3 +473,65 @@ def test_an_agent_without_ports_is_told_to_recreate(tmp_path: Path) -> None:
                 await service.expose_port("box", 80)
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_connections_beyond_the_cap_are_closed_at_once(tmp_path: Path) -> None:
+    """A client opening connections without end gets MAX_CONNECTIONS carried; the next is reset (and
+    logged), and a place freed is taken again."""
+    make(tmp_path, "box")
+    guest = Server("deaf")
+    held: list[socket.socket] = []
+    try:
+
+        async def expose() -> str:
+            async with SandboxService(tmp_path) as service:
+                return (await service.expose_port("box", guest.port)).address
+
+        host, _, port = asyncio.run(expose()).rpartition(":")
+        for _ in range(port_relay.MAX_CONNECTIONS):
+            held.append(socket.create_connection((host, int(port)), timeout=30))
+        deadline = time.monotonic() + 60
+        while guest.accepted < port_relay.MAX_CONNECTIONS:
+            assert time.monotonic() < deadline, f"only {guest.accepted} connections reached the guest"
+            time.sleep(0.05)
+        with (
+            socket.create_connection((host, int(port)), timeout=30) as extra,
+            contextlib.suppress(ConnectionResetError),
+        ):
+            assert extra.recv(10) == b""  # closed at once: an end or a reset, never carried on
+        log = sandboxes.spec_of(sandboxes.get("box")).rundir / ports.LOG
+        deadline = time.monotonic() + 10  # the relay may log just after it reset the connection
+        while f"{port_relay.MAX_CONNECTIONS} connections open already" not in log.read_text():
+            assert time.monotonic() < deadline, "the refused connection was not logged"
+            time.sleep(0.05)
+        assert guest.accepted == port_relay.MAX_CONNECTIONS
+        freed = held.pop()  # reset: the guest's server holds a half-closed one open
+        freed.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+        freed.close()
+        deadline = time.monotonic() + 30
+        while guest.accepted <= port_relay.MAX_CONNECTIONS:
+            with contextlib.suppress(ConnectionResetError):
+                conn = socket.create_connection((host, int(port)), timeout=30)
+                held.append(conn)
+                time.sleep(0.2)
+            assert time.monotonic() < deadline, "a freed place was not taken again"
+            time.sleep(0.05)
+    finally:
+        for conn in held:
+            conn.close()
+        guest.close()
+
+
+def test_a_relay_that_does_not_answer_in_time_is_killed(
+    tmp_path: Path, server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make(tmp_path, "box")
+    monkeypatch.setattr(ports, "START_TIMEOUT", 0.0)  # no relay answers that soon
+
+    async def expose() -> None:
+        async with SandboxService(tmp_path) as service:
+            await service.expose_port("box", server.port)
+
+    with pytest.raises(PortForwardError, match="did not start"):
+        asyncio.run(expose())
+    assert relay_pid("box") is None  # killed and reaped: neither running nor a zombie

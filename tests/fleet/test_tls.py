@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import ssl
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -143,3 +144,30 @@ def test_bad_tls_options_are_one_line(args: list[str], says: str) -> None:
     result = cli("serve", "--fleet", "--etcd", "http://127.0.0.1:9", *args, env={"AGENTKERNEL_NODE_KEY": ""})
     lines = result.stderr.decode().strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1 and says in lines[0], result.stderr
+
+
+def test_a_nodes_certificate_is_refused_as_a_client(tls_fleet: tuple[Server, Path]) -> None:
+    """Node certificates are for serving only: one node's cannot call another node as a router."""
+    node, root = tls_fleet
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{node.url}/sandboxes", verify=context(root / "certs", "node"), timeout=5)
+    assert httpx.get(f"{node.url}/health", verify=context(root / "certs", "router"), timeout=5).is_success
+
+
+def test_certs_are_private_and_never_overwritten(tmp_path: Path) -> None:
+    made = certs(tmp_path / "new" / "certs")
+    assert stat.S_IMODE(made.stat().st_mode) == 0o700
+    for name in ("ca", "node", "router"):
+        assert stat.S_IMODE((made / f"{name}-key.pem").stat().st_mode) == 0o600
+
+    again = cli("fleet", "certs", str(made), "--host", "127.0.0.1")
+    lines = again.stderr.decode().strip().splitlines()
+    assert again.returncode == 1 and len(lines) == 1 and "already exists" in lines[0], again.stderr
+
+    trap = tmp_path / "trap"
+    trap.mkdir()
+    target = tmp_path / "elsewhere"
+    (trap / "router-key.pem").symlink_to(target)  # dangling: following it would make `target`
+    followed = cli("fleet", "certs", str(trap), "--host", "127.0.0.1")
+    assert followed.returncode == 1 and "router-key.pem already exists" in followed.stderr.decode()
+    assert not target.exists() and not (trap / "ca-key.pem").exists()

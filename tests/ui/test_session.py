@@ -175,13 +175,31 @@ def test_sandbox_page_files_and_actions(server: str) -> None:
 def test_sessions_are_bounded_and_expire(monkeypatch: pytest.MonkeyPatch) -> None:
     store = session.Sessions(api_key=None)
     monkeypatch.setattr(session, "MAX_SESSIONS", 3)
-    tokens = [store.login()[0] for _ in range(4)]
-    assert store.find(tokens[0]) is None  # the oldest made room
-    assert all(store.find(t) is not None for t in tokens[1:])
+    here = ("127.0.0.1:8000", "127.0.0.1")
+    tokens = [store.login(here)[0] for _ in range(4)]
+    assert store.find(tokens[0], here) is None  # the oldest made room
+    assert all(store.find(t, here) is not None for t in tokens[1:])
     store.open[tokens[1]].expires = 0
-    assert store.find(tokens[1]) is None
+    assert store.find(tokens[1], here) is None
     store.logout(tokens[2])
-    assert store.find(tokens[2]) is None and store.find(None) is None
+    assert store.find(tokens[2], here) is None and store.find(None, here) is None
+
+
+def test_a_session_is_refused_on_another_host_port_or_client_address(server: str) -> None:
+    """Cookies are not port-scoped: a server in a sandbox forwarded to the same host name may get the
+    cookie. Replayed with another Host (another port, another name) or from another address, it is
+    as if logged out; where it logged in, it still works."""
+    host = server.removeprefix("http://")
+    port = int(host.rsplit(":", 1)[1])
+    with logged_in(server) as (client, _):
+        cookie = {session.COOKIE: client.cookies[session.COOKIE]}
+        for other in (f"127.0.0.1:{port + 1}", f"localhost:{port}"):
+            with httpx.Client(base_url=server, cookies=cookie, headers={"Host": other}) as replay:
+                assert replay.get("/ui/").status_code == 401, other
+        moved = httpx.HTTPTransport(local_address="127.0.0.2")
+        with httpx.Client(base_url=server, cookies=cookie, transport=moved) as replay:
+            assert replay.get("/ui/").status_code == 401
+        assert client.get("/ui/").status_code == 200
 
 
 def _next_event(lines: Iterator[str], name: str) -> str:

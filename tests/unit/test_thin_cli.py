@@ -10,6 +10,7 @@ the same against real VMs.
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -228,3 +229,24 @@ def test_a_reader_that_left_ends_both_paths_alike(isolated_home: Path) -> None:
         results.append((done.returncode, done.stderr))
     assert results[0] == results[1]
     assert b"Traceback" not in results[0][1]
+
+
+@pytest.mark.parametrize(
+    ("extra", "status"),
+    [
+        ("{not json", "stopped"),  # ValueError
+        ('{"labels": "a string"}', "stopped"),  # AttributeError
+        ('{"deadline": "soon"}', "running"),  # TypeError
+        ('{"owner": ["not", "an", "owner"]}', "stopped"),  # AttributeError in the owner check
+    ],
+)
+def test_a_damaged_row_is_the_full_clis_output(
+    isolated_home: Path, tmp_path: Path, vmm: tuple[int, Path], extra: str, status: str
+) -> None:
+    pid, rundir = vmm
+    state.insert(record("damaged", status=status, pid=pid, rundir=str(rundir)))
+    with sqlite3.connect(isolated_home / "state.db") as db:
+        db.execute("UPDATE sandboxes SET extra = ? WHERE name = 'damaged'", (extra,))
+    result, done_thin = same_both_ways(isolated_home, tmp_path, "ls")
+    assert not done_thin and result.returncode == 1
+    assert b"is damaged" in result.stderr and result.stderr.count(b"\n") == 1, result.stderr

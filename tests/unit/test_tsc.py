@@ -55,3 +55,12 @@ def test_unreadable_machine_file_is_one_clear_error(tmp_path: Path) -> None:
     (tmp_path / qemu.MACHINE_FILE).write_text("{not json")
     with pytest.raises(AgentkernelError, match=f"cannot read the snapshot's {qemu.MACHINE_FILE}"):
         qemu.guest_tsc_khz(spec_resuming(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "machine", ['{"tsc_khz": "fast"}', '{"tsc_khz": 1.5}', '{"tsc_khz": true}', "[1]", "7", "{}"]
+)
+def test_a_machine_file_of_the_wrong_shape_is_one_clear_error(tmp_path: Path, machine: str) -> None:
+    (tmp_path / qemu.MACHINE_FILE).write_text(machine)
+    with pytest.raises(AgentkernelError, match=f"cannot read the snapshot's {qemu.MACHINE_FILE}: not an"):
+        qemu.guest_tsc_khz(spec_resuming(tmp_path))

@@ -118,7 +118,7 @@ def list_sandboxes(args: Sequence[str]) -> str:
     `sandboxes.reconcile`)."""
     from agentkernel.errors import AgentkernelError
     from agentkernel.sandbox import db
-    from agentkernel.service import checks, owners
+    from agentkernel.service import checks
 
     given = _options(args, {"-a": "all", "--all": "all"}, {"-f": "filter", "--filter": "filter"})
     labels = []
@@ -128,16 +128,22 @@ def list_sandboxes(args: Sequence[str]) -> str:
             raise Fallback(value)
         labels.append(label)
     try:
-        wanted = checks.parse_labels(labels)
-        rows = db.all_rows(wait=False)
-    except (AgentkernelError, db.Busy):
+        return _table(checks.parse_labels(labels), db.all_rows(wait=False), "all" in given)
+    except (AgentkernelError, db.Busy, ValueError, TypeError, AttributeError, KeyError, OSError):
+        # a held database, a damaged record, a path it may not read: the full command line's one line
         raise Fallback from None
+
+
+def _table(wanted: Mapping[str, str], rows: Sequence[Mapping[str, Any]], every: bool) -> str:
+    """The table of `rows` with all of the labels `wanted` (pool sandboxes only if `every`)."""
+    from agentkernel.service import owners
+
     shown = []
     for row in rows:
         extra = json.loads(row["extra"])
         if not isinstance(extra, dict) or owners.dead_owner(extra.get("owner")) is not None:
             raise Fallback(row["name"])
-        if extra.get("pool") and "all" not in given:
+        if extra.get("pool") and not every:
             continue
         if not _as_recorded(row, extra):
             raise Fallback(row["name"])

@@ -198,12 +198,12 @@ class Etcd:
                         continue
                     async for message in _messages(response):
                         result = message.get("result", {})
+                        if not isinstance(result, dict):
+                            raise ValueError("a watch message whose result is not an object")
                         if "error" in message or result.get("canceled"):
                             reason = message.get("error") or result.get("cancel_reason", "canceled")
                             raise EtcdUnavailable(f"etcd at {url} ended the watch: {reason}")
-                        yield [
-                            Event(KV.of(e["kv"]), e.get("type") == "DELETE") for e in result.get("events", [])
-                        ]
+                        yield _events(result)
             except (httpx.TransportError, ValueError) as exc:
                 errors.append(f"{url}: {_describe(exc)}")
                 continue
@@ -247,6 +247,14 @@ class Etcd:
     async def revoke(self, lease: int) -> None:
         """End the lease now, deleting its keys."""
         await self.call("lease/revoke", {"ID": str(lease)})
+
+
+def _events(result: Json) -> list[Event]:
+    """The events of one watch message's `result`; a ValueError for anything not shaped as etcd's."""
+    try:
+        return [Event(KV.of(e["kv"]), e.get("type") == "DELETE") for e in result.get("events", [])]
+    except (AttributeError, TypeError, KeyError) as exc:
+        raise ValueError(f"a malformed watch message ({type(exc).__name__}: {exc})") from None
 
 
 async def _messages(response: httpx.Response) -> AsyncIterator[Json]:

@@ -60,6 +60,8 @@ class NodeCache:
                     self._apply(events)
             except (FleetError, ValueError, KeyError) as exc:
                 log.info("watch on the fleet's nodes broke (%s): reading etcd again", exc)
+            except Exception:  # follow() runs beside the router's server: ending it would stop the router
+                log.exception("watch on the fleet's nodes failed: reading etcd again")
             self._synced = False
             await asyncio.sleep(RETRY)
 

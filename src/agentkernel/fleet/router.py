@@ -16,6 +16,7 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
+from urllib.parse import quote
 
 import anyio
 import httpx
@@ -31,7 +32,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from agentkernel import __version__
 from agentkernel.api import problems
 from agentkernel.api.auth import API_KEY_ENV, BearerAuth, check_listen_address
-from agentkernel.api.guard import AllowedHosts, WebGuard
+from agentkernel.api.guard import AllowedHosts, WebGuard, deny
 from agentkernel.api.lifecycle import ForkRequest, SnapshotName
 from agentkernel.api.limits import BodyLimit
 from agentkernel.api.models import CreateRequest, Health, RunRequest
@@ -374,7 +375,7 @@ async def on_node(name: Name, rest: str, request: Request) -> Response:
     and routes added later) goes to its node as it came: routed by the name in the path alone."""
     fleet = fleet_of(request)
     node = await fleet.node_of(name)
-    return relay(await fleet.send(node, request.method, request.url.path, request=request))
+    return relay(await fleet.send(node, request.method, outgoing("sandboxes", name, rest), request=request))
 
 
 @router.get("/snapshots", tags=["snapshots"])
@@ -436,7 +437,35 @@ async def on_holder(snapshot: SnapshotName, request: Request) -> Response:
     """Every other route on a snapshot goes to the node that holds it."""
     fleet = fleet_of(request)
     node = await fleet.holder_of(snapshot)
-    return relay(await fleet.send(node, request.method, request.url.path, request=request))
+    path = outgoing("snapshots", snapshot, request.path_params.get("rest"))
+    return relay(await fleet.send(node, request.method, path, request=request))
+
+
+def outgoing(kind: str, name: str, rest: str | None) -> str:
+    """The path sent to a node, built from the checked name and the rest of the path (PlainPaths
+    refused `.`, `..` and empty segments), each segment quoted again: the node routes the same path."""
+    path = f"/{kind}/{name}"
+    if rest is not None:
+        path += "/" + "/".join(quote(segment, safe="!$&'()*+,;=:@~") for segment in rest.split("/"))
+    return path
+
+
+class PlainPaths:
+    """ASGI middleware refusing (400) a request or WebSocket whose path, decoded, has a `.`, `..` or
+    empty segment (a trailing slash aside): a router forwards paths to nodes with its own credentials,
+    and `/sandboxes/<placed>/../../x` must not reach `/x` there."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            segments = scope["path"].split("/")[1:]
+            if "" in segments[:-1] or any(s in (".", "..") for s in segments):
+                detail = f"the path {scope['path']!r} has an empty, '.' or '..' segment"
+                await deny(scope, receive, send, problem(400, "invalid_path", detail, field="path"))
+                return
+        await self.app(scope, receive, send)
 
 
 async def _ephemeral(request: Request, path: str) -> Response:
@@ -478,7 +507,7 @@ async def websocket_on_node(websocket: WebSocket, name: Name, rest: str) -> None
     fleet: Fleet = websocket.app.state.fleet
     try:
         node = await fleet.node_of(name)
-        url = node.url.replace("http", "ws", 1) + websocket.url.path
+        url = node.url.replace("http", "ws", 1) + outgoing("sandboxes", name, rest)
         if websocket.url.query:
             url += f"?{websocket.url.query}"
         upstream = await _open(url, fleet, node)
@@ -601,6 +630,7 @@ def create_app(
     app.include_router(router)
     app.router.routes.append(Route("/mcp", mcp.Endpoint(), methods=["GET", "POST", "DELETE"]))
     app.add_middleware(BodyLimit)
+    app.add_middleware(PlainPaths)
     if api_key:
         app.add_middleware(BearerAuth, key=api_key)
     app.add_middleware(ReadyProbe, etcd=etcd)

@@ -77,11 +77,17 @@ class NodeInfo:
 
     @classmethod
     def decode(cls, data: bytes) -> NodeInfo:
-        raw: dict[str, Any] = json.loads(data)
+        """A ValueError for a record that is not a node's."""
+        raw = json.loads(data)
+        if not isinstance(raw, dict):
+            raise ValueError("a node record is not a JSON object")
         known = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__}
-        known["images"] = tuple(known.get("images", ()))
-        known["snapshots"] = tuple(known.get("snapshots", ()))
-        return cls(**known)
+        try:
+            known["images"] = tuple(known.get("images", ()))
+            known["snapshots"] = tuple(known.get("snapshots", ()))
+            return cls(**known)
+        except TypeError as exc:
+            raise ValueError(f"a malformed node record ({exc})") from None
 
 
 @dataclass(frozen=True)

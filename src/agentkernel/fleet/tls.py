@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from agentkernel.errors import InvalidRequestError
+from agentkernel.paths import open_private, private_dir
 
 CA, NODE, ROUTER = "ca", "node", "router"
 VALID_DAYS = 825
@@ -88,7 +90,8 @@ def tls_failure(exc: BaseException) -> str:
 
 def make(directory: Path, hosts: Sequence[str]) -> list[Path]:
     """A CA and, signed by it, a node certificate for `hosts` (names or addresses) and a router
-    certificate, as PEM files in `directory`; the files written."""
+    certificate, as PEM files in `directory` (made 0700); the files written, each new and 0600 (a
+    one-line error if one is there already, symlinks included)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -102,7 +105,13 @@ def make(directory: Path, hosts: Sequence[str]) -> list[Path]:
             if not host or "/" in host or " " in host:
                 raise InvalidRequestError("--host", f"{host!r} is not a host name or an address") from None
             names.append(x509.DNSName(host))
-    directory.mkdir(parents=True, exist_ok=True)
+    stems = (CA, NODE, ROUTER)
+    for path in [directory / f"{stem}{end}" for stem in stems for end in (".pem", "-key.pem")]:
+        if os.path.lexists(path):
+            raise InvalidRequestError(
+                "DIRECTORY", f"{path} already exists: certificates are never overwritten"
+            )
+    private_dir(directory)
     now = datetime.datetime.now(datetime.UTC)
 
     def subject(common: str) -> x509.Name:
@@ -123,16 +132,18 @@ def make(directory: Path, hosts: Sequence[str]) -> list[Path]:
 
     def save(stem: str, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> None:
         key_path, cert_path = directory / f"{stem}-key.pem", directory / f"{stem}.pem"
-        key_path.touch(mode=0o600)
-        key_path.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        written.extend([cert_path, key_path])
+        for path, data in ((cert_path, cert.public_bytes(serialization.Encoding.PEM)), (key_path, pem)):
+            try:
+                with open_private(path, "xb") as f:
+                    f.write(data)
+            except FileExistsError:
+                raise InvalidRequestError(
+                    "DIRECTORY", f"{path} appeared while writing: not overwritten"
+                ) from None
+            written.append(path)
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_cert = (
@@ -145,8 +156,8 @@ def make(directory: Path, hosts: Sequence[str]) -> list[Path]:
     )
     save(CA, ca_key, ca_cert)
     usages = {
-        NODE: [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
-        ROUTER: [ExtendedKeyUsageOID.CLIENT_AUTH],
+        NODE: [ExtendedKeyUsageOID.SERVER_AUTH],  # never a client: one node cannot act as a router
+        ROUTER: [ExtendedKeyUsageOID.CLIENT_AUTH],  # routers serve plain HTTP (or behind a TLS proxy)
     }
     for stem, usage in usages.items():
         key = ec.generate_private_key(ec.SECP256R1())

@@ -21,6 +21,7 @@ TTL = 30
 A, AAAA = 1, 28
 NOERROR, FORMERR, REFUSED = 0, 1, 5
 TIMEOUT = 30.0
+MAX_CONNECTIONS = 32  # of one sandbox's resolver; one more is closed at once (fds are the process's)
 
 
 # The question's name as sent -> the checked addresses, None if refused; audits the decision.
@@ -92,6 +93,7 @@ class Resolver:
 
     def __init__(self, lookup: LookupFn) -> None:
         self.lookup = lookup
+        self.connections = 0
 
     async def answer(self, message: bytes) -> bytes:
         try:
@@ -106,6 +108,10 @@ class Resolver:
         return build_answer(question, NOERROR, addresses)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.connections >= MAX_CONNECTIONS:
+            writer.close()
+            return
+        self.connections += 1
         try:
             while True:
                 size = struct.unpack(">H", await asyncio.wait_for(reader.readexactly(2), TIMEOUT))[0]
@@ -118,4 +124,5 @@ class Resolver:
         except (asyncio.IncompleteReadError, TimeoutError, OSError):
             pass
         finally:
+            self.connections -= 1
             writer.close()

@@ -28,6 +28,7 @@ import socket
 import ssl
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -47,6 +48,12 @@ MAX_CONNECTIONS = 256
 HEAD_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 15.0
 RESOLVE_TIMEOUT = 10.0
+# Lookups block a thread each (getaddrinfo), which a timeout does not free: a sandbox holds at most
+# MAX_LOOKUPS of them, until they end, from the process's pool far larger than asyncio's default (a
+# handful in all), so a guest asking names no server answers starves only itself.
+MAX_LOOKUPS = 4
+LOOKUP_THREADS = 256
+_LOOKUP_POOL = ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="lookup")
 HELLO_TIMEOUT = 10.0  # for a whole TLS ClientHello, once its first byte arrived (or on port 443)
 TLS_PORT = 443
 IDLE_TIMEOUT = 600.0
@@ -190,6 +197,7 @@ class Gateway:
         self.broker = broker or Broker(())
         self.issuer = issuer
         self.slots = asyncio.Semaphore(MAX_CONNECTIONS)
+        self.lookups = asyncio.Semaphore(MAX_LOOKUPS)  # shared by the proxy and DNS
         self.open: set[asyncio.StreamWriter] = set()  # the guest's connections being served
 
     def close(self) -> None:
@@ -220,7 +228,7 @@ class Gateway:
 
     async def judge(self, req: Request) -> list[IPAddress]:
         """Resolve the request's host, decide and audit: the addresses to use, or Refused(403)."""
-        addresses = await resolve(req.host, req.port)
+        addresses = await resolve(req.host, req.port, self.lookups)
         decision = self.rules.decide(req.host, addresses)
         self._audit(decision, req, addresses)
         if not decision.allowed:
@@ -523,19 +531,30 @@ class Gateway:
         raise TunnelRefused(reason)
 
 
-async def resolve(host: Host, port: int) -> list[IPAddress]:
+async def resolve(host: Host, port: int, slots: asyncio.Semaphore) -> list[IPAddress]:
     """The addresses `host` denotes: an IP literal's own; for a name, the host's lookup of exactly the
-    normalised name (bytes reach the resolver as they are, a str would be IDNA-encoded once more)."""
+    normalised name (bytes reach the resolver as they are, a str would be IDNA-encoded once more).
+    A lookup holds one of `slots` until its thread ends, even one given up after RESOLVE_TIMEOUT."""
     if host.address is not None:
         return [host.address]
+    name = host.name.encode("ascii")
     try:
-        infos = await asyncio.wait_for(
-            asyncio.get_running_loop().getaddrinfo(host.name.encode("ascii"), port, type=socket.SOCK_STREAM),
-            RESOLVE_TIMEOUT,
-        )
+        async with asyncio.timeout(RESOLVE_TIMEOUT):
+            await slots.acquire()
+            lookup = asyncio.get_running_loop().run_in_executor(
+                _LOOKUP_POOL, socket.getaddrinfo, name, port, 0, socket.SOCK_STREAM
+            )
+            lookup.add_done_callback(lambda done: _lookup_ended(done, slots))
+            infos = await asyncio.shield(lookup)
     except (OSError, TimeoutError):
         return []
     return list(dict.fromkeys(ipaddress.ip_address(info[4][0]) for info in infos))
+
+
+def _lookup_ended(done: asyncio.Future[Any], slots: asyncio.Semaphore) -> None:
+    slots.release()
+    if not done.cancelled():
+        done.exception()  # retrieved: one given up on is not reported as never retrieved
 
 
 class _Scan:

@@ -10,7 +10,8 @@ the control socket: one JSON line each way per connection, 0600 in a 0700 direct
 another uid is refused (SO_PEERCRED) should the modes ever be widened. The process exits when the
 last sandbox is withdrawn, or after IDLE_EXIT seconds with none registered; it keeps no state on
 disk, so a crash leaves nothing registered and the launcher registers the running sandboxes anew. A
-sandbox whose run directory was removed without a stop is withdrawn within IDLE_CHECK seconds.
+sandbox whose run directory was removed without a stop, or whose VMM (its pid, once `watch` named
+it) is gone, is withdrawn within IDLE_CHECK seconds: its secrets and CA key leave memory with it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import contextlib
 import fcntl
 import json
 import os
+import resource
 import signal
 import time
 from dataclasses import dataclass
@@ -51,6 +53,23 @@ class Registered:
     gateway: Gateway
     servers: tuple[asyncio.Server, asyncio.Server]
     sockets: tuple[Path, Path]
+    vmm: tuple[int, str] | None = None  # the VMM's pid and start time (/proc), once `watch` named it
+
+
+def started(pid: int) -> str | None:
+    """When process `pid` started (its /proc start time), None if it is gone or a zombie: with the
+    pid, what tells the VMM from a later process given the same pid."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def _pid(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ControlError("watch needs sandbox and a pid")
+    return value
 
 
 def _rules(data: Any) -> EgressRules:
@@ -167,6 +186,13 @@ class Host:
                 return {"ok": True, "withdrawn": withdrawn, "exiting": self.exiting}
             if op == "status":
                 return self.status()
+            if op == "watch":
+                name, pid = message.get("sandbox"), _pid(message.get("pid"))
+                entry = self.sandboxes.get(name) if isinstance(name, str) else None
+                if entry is None:
+                    raise ControlError(f"{name!r} is not registered")
+                entry.vmm = (pid, started(pid) or "")
+                return {"ok": True}
             raise ControlError(f"unknown op {op!r}")
         except ValueError:
             return {"ok": False, "error": "a control message is one line of JSON"}
@@ -180,13 +206,14 @@ class Host:
 
     async def housekeeping(self) -> None:
         """Withdraw a sandbox whose proxy socket is gone (its run directory was removed without a
-        stop, as `doctor` does). Exit after IDLE_EXIT seconds with none registered (a start that died
-        before registering, say), once the launchers' lock is free: no start is then between
-        spawning and registering."""
+        stop, as `doctor` does) or whose VMM is (killed without a stop). Exit after IDLE_EXIT
+        seconds with none registered (a start that died before registering, say), once the
+        launchers' lock is free: no start is then between spawning and registering."""
         while not self.done.is_set():
             await asyncio.sleep(IDLE_CHECK)
             for name, entry in list(self.sandboxes.items()):
-                if not entry.sockets[0].exists():
+                vmm_gone = entry.vmm is not None and started(entry.vmm[0]) != entry.vmm[1]
+                if vmm_gone or not entry.sockets[0].exists():
                     self.withdraw(name)
             if self.sandboxes or time.monotonic() - self.idle_since < IDLE_EXIT:
                 continue
@@ -220,6 +247,10 @@ def main() -> None:
     argument names a path, so no process is mistaken for a helper of a sandbox's run directory."""
     argparse.ArgumentParser(description="agentkernel egress gateway (one per data dir)").parse_args()
     os.umask(0o077)
+    # Up to MAX_CONNECTIONS proxied connections (two fds each) and dns.MAX_CONNECTIONS per sandbox.
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):  # an unlimited hard limit: the soft one stays
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(Host(launcher.control_path(), launcher.lock_path()).run())
 

@@ -20,6 +20,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -148,6 +149,14 @@ def start(sandbox: str, rules: EgressRules, rundir: Path) -> None:
         _register(sandbox, rules, rundir, brokered)
 
 
+def watch(sandbox: str, pid: int) -> None:
+    """Name the sandbox's VMM to the gateway, once it runs: should it die without a stop, the
+    gateway withdraws the sandbox (and forgets its secrets) by itself. Best effort: without it,
+    the sandbox is withdrawn once its run directory goes."""
+    with contextlib.suppress(OSError, AgentkernelError):
+        request({"op": "watch", "sandbox": sandbox, "pid": pid})
+
+
 def _answers() -> bool:
     """Whether the gateway runs and answers. One that is slow (a loaded host) gets HUNG_TIMEOUT more
     before it is taken for hung, killed and replaced."""
@@ -246,9 +255,13 @@ def _spawn() -> None:
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd="/", env=env, start_new_session=True,
         )  # fmt: skip
     paths.write_private(pid_path(), str(proc.pid))
+    # Reaped whenever it exits: a long-lived caller (the API server) is left no zombie.
+    threading.Thread(target=proc.wait, name="gateway-reaper", daemon=True).start()
     deadline = time.monotonic() + START_TIMEOUT
     while status() is None:
-        if proc.poll() is not None or time.monotonic() > deadline:
+        if proc.returncode is not None or time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()  # a gateway starting this late would serve sockets no one registered
             raise AgentkernelError(f"the egress gateway did not start: see {log_path()}")
         time.sleep(0.01)
 
@@ -292,12 +305,13 @@ def _recover(*, exclude: str) -> None:
     from agentkernel.service import audit
     from agentkernel.service.sandboxes import running_with_network  # the service imports this module
 
-    for name, rules, rundir in running_with_network():
+    for name, rules, rundir, pid in running_with_network():
         if name == exclude:
             continue
         try:
             brokered = _brokered(name, rules, rundir, new_ca=False) if rules.secrets else None
             _register(name, rules, rundir, brokered)
+            watch(name, pid)
         except AgentkernelError as exc:
             audit.record("gateway_recovery", name, ok=False, reason=str(exc))
         else:

@@ -130,7 +130,12 @@ def from_row(row: Mapping[str, Any]) -> SandboxRecord:
         raise ValueError("its extra column is not an object")
     if row["status"] not in STATUSES:
         raise ValueError(f"unknown status {row['status']!r}")
-    known = {key: _decoded(key, value) for key, value in extra.items() if key in EXTRA and value is not None}
+    try:
+        known = {
+            key: _decoded(key, value) for key, value in extra.items() if key in EXTRA and value is not None
+        }
+    except (AttributeError, KeyError) as exc:  # a field of the wrong shape (labels not an object...)
+        raise ValueError(f"a field of its extra column has the wrong shape ({exc})") from None
     return SandboxRecord(**{column: row[column] for column in COLUMNS}, **known)
 
 
@@ -153,6 +158,10 @@ def _decoded(key: str, value: Any) -> Any:
         return tuple(dict(s) for s in value)
     if key in ("env", "labels"):
         return {str(k): str(v) for k, v in value.items()}
+    if key in ("owner", "starter") and not isinstance(value, dict):
+        raise TypeError(f"its {key} is not an object ({value!r})")
+    if key == "deadline" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise TypeError(f"its deadline is not a number ({value!r})")
     return value
 
 

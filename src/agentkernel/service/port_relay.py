@@ -9,8 +9,9 @@ It takes `ports.lock` in the run directory for its life (a second relay exits at
 0) and answers one JSON request per line on `ports.sock` there: {"op": "forward", "guest_port",
 "host", "host_port"} and {"op": "list"}. It holds one agent connection while TCP connections are
 open (and LINGER seconds after), so it takes one of the sandbox's agent ports only while in use.
-Every byte in flight is bounded: what the guest sends waits under the channel's window, and what a
-client sends is read only as fast as the guest takes it.
+Every byte in flight is bounded: what the guest sends waits under the channel's window, what a
+client sends is read only as fast as the guest takes it, and at most MAX_CONNECTIONS are carried at
+once.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ ALIVE_INTERVAL = 0.5
 """Seconds between looks at whether the VMM still runs (a pidfd says so at once where it can)."""
 CLOSE_WAIT = 10.0
 """Seconds the guest has to close a connection once both sides ended their data."""
+MAX_CONNECTIONS = 128
+"""TCP connections carried at once per sandbox; one more is closed at once. Each holds up to a
+channel's window and a read buffer (~320 KiB), so this bounds the relay's memory (~40 MiB)."""
 
 
 class Relay:
@@ -131,6 +135,13 @@ class Relay:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, guest_port: int
     ) -> None:
         peer = writer.get_extra_info("peername")
+        if self._streams >= MAX_CONNECTIONS:
+            log.warning(
+                "connection from %s to guest port %d closed: %d connections open already",
+                peer, guest_port, MAX_CONNECTIONS,
+            )  # fmt: skip
+            _reset(writer)
+            return
         self._streams += 1
         if self._linger is not None:
             self._linger.cancel()

@@ -22,6 +22,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -192,5 +193,9 @@ def ensure_relay(record: SandboxRecord, spec: VMSpec) -> None:
     while not _answers(sock):
         # A relay that exits 0 at once found another one running (which answers soon).
         if proc.poll() or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
             raise PortForwardError(f"the sandbox's port forwarder did not start: see {spec.rundir / LOG}")
         time.sleep(0.02)
+    if proc.returncode is None:  # it runs on: reaped when it exits (this process may live long)
+        threading.Thread(target=proc.wait, name=f"reap port relay {proc.pid}", daemon=True).start()

@@ -327,10 +327,11 @@ def get(name: str) -> SandboxRecord:
     return reconcile(state.get(validate_name(name)))
 
 
-def running_with_network() -> list[tuple[str, EgressRules, Path]]:
-    """The name, egress rules and run directory of each sandbox whose VMM runs with network on: what
-    a restarted egress gateway registers again (`launcher`). Read without the sandboxes' locks (a
-    start holds one): a stop kills the VMM before it withdraws, under the gateway's lock."""
+def running_with_network() -> list[tuple[str, EgressRules, Path, int]]:
+    """The name, egress rules, run directory and VMM pid of each sandbox whose VMM runs with network
+    on: what a restarted egress gateway registers again, and watches (`launcher`). Read without the
+    sandboxes' locks (a start holds one): a stop kills the VMM before it withdraws, under the
+    gateway's lock."""
     found = []
     for record in state.all_records():
         if record.status not in ("running", "paused") or record.pid is None:
@@ -338,7 +339,7 @@ def running_with_network() -> list[tuple[str, EgressRules, Path]]:
         spec = spec_of(record)
         with contextlib.suppress(AgentkernelError):  # a backend this host cannot run any more
             if spec.egress is not None and get_backend(record.backend).is_alive(spec, record.pid):
-                found.append((spec.name, spec.egress, spec.rundir))
+                found.append((spec.name, spec.egress, spec.rundir, record.pid))
     return found
 
 

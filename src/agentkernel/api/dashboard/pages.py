@@ -31,6 +31,7 @@ from agentkernel.api.dashboard.session import (
     Session,
     Sessions,
     csrf_matches,
+    place,
     set_cookie,
 )
 from agentkernel.api.problems import Problem, ProblemError, from_exception, problem
@@ -122,7 +123,7 @@ async def login(
     if not store.key_matches(key):
         why = "wrong API key" if key else "enter the API key"
         return _login_page(request, error=problem(401, "unauthorized", why))
-    token, _ = store.login()
+    token, _ = store.login(place(request.scope))
     response = RedirectResponse(f"{PREFIX}/", status_code=303)
     set_cookie(response, COOKIE, token, secure=_secure(request))
     response.delete_cookie(LOGIN_COOKIE, path=PREFIX)

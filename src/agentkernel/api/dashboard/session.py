@@ -7,6 +7,10 @@ state-changing request (a form, a fetch, the terminal's WebSocket) also carries 
 token, which the page got from the server; a cross-site page can make the browser send the cookie
 but cannot read the token. The Host and Origin check (`api.guard`) runs before all of this.
 
+Cookies are not scoped by port (RFC 6265): a server in a sandbox whose port is forwarded to the same
+host name gets the cookie when the browser visits it. So a session is bound to the Host header
+(host:port) and the client address it logged in with, and on any other it is as if logged out.
+
 Without an API key the server listens on loopback only (`api.auth.check_listen_address`), where any
 local user can call the API without a key anyway: the login then asks for no key, but still opens a
 session, so the CSRF tokens protect the browser of the user who runs the server all the same.
@@ -61,6 +65,8 @@ def owns(path: str) -> bool:
 @dataclass
 class Session:
     csrf: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    place: tuple[str, str] = ("", "")
+    """The Host header and client address it logged in with (`place`): the only ones it is good for."""
     expires: float = field(default_factory=lambda: time.time() + LIFETIME)
 
 
@@ -75,18 +81,18 @@ class Sessions:
         """Whether `given` is the API key (in constant time); with no key set, anything is."""
         return self.api_key is None or hmac.compare_digest(given.encode(), self.api_key.encode())
 
-    def login(self) -> tuple[str, Session]:
+    def login(self, place: tuple[str, str]) -> tuple[str, Session]:
         now = time.time()
         self.open = {k: s for k, s in self.open.items() if s.expires > now}
         while len(self.open) >= MAX_SESSIONS:  # the oldest go first (dicts keep insertion order)
             del self.open[next(iter(self.open))]
         token = secrets.token_urlsafe(32)
-        self.open[token] = Session()
+        self.open[token] = Session(place=place)
         return token, self.open[token]
 
-    def find(self, token: str | None) -> Session | None:
+    def find(self, token: str | None, place: tuple[str, str]) -> Session | None:
         session = self.open.get(token) if token else None
-        if session is None or session.expires <= time.time():
+        if session is None or session.expires <= time.time() or session.place != place:
             return None
         return session
 
@@ -97,6 +103,13 @@ class Sessions:
 
 def csrf_matches(session: Session, given: str | None) -> bool:
     return given is not None and hmac.compare_digest(given.encode(), session.csrf.encode())
+
+
+def place(scope: Scope) -> tuple[str, str]:
+    """Where a request comes from and goes to: its Host header (lower case) and the client's address."""
+    host = next((v.decode("latin-1").lower() for k, v in scope["headers"] if k == b"host"), "")
+    client = scope.get("client")
+    return host, client[0] if client else ""
 
 
 def cookies(scope: Scope) -> dict[str, str]:
@@ -139,7 +152,7 @@ class SessionGuard:
         if path.startswith(OPEN):
             await self.app(scope, receive, send_with_headers)
             return
-        session = self.sessions.find(cookies(scope).get(COOKIE))
+        session = self.sessions.find(cookies(scope).get(COOKIE), place(scope))
         if session is not None and scope["type"] == "websocket":
             query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
             if not csrf_matches(session, next(iter(query.get("csrf", [])), None)):

@@ -570,6 +570,8 @@ class FirecrackerBackend:
                 proc, writer = self._launch(spec, argv, cwd=spec.rundir)
                 pid, layout = proc.pid, host_layout(spec)
             self._configure(spec, pid, layout, writer)
+            if spec.egress is not None:
+                gateway.watch(spec.name, pid)
             return pid
         except BaseException:
             if pid is not None:

@@ -188,11 +188,17 @@ def guest_tsc_khz(spec: VMSpec) -> int | None:
     if spec.restore is None:
         return tsc.host_khz()
     try:
-        saved: int | None = json.loads((spec.restore / MACHINE_FILE).read_text())["tsc_khz"]
+        machine = json.loads((spec.restore / MACHINE_FILE).read_text())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError) as exc:
         raise AgentkernelError(f"cannot read the snapshot's {MACHINE_FILE}: {exc}") from None
+    saved = machine.get("tsc_khz", 0) if isinstance(machine, dict) else 0  # 0: missing, refused
+    if saved is not None and (type(saved) is not int or saved <= 0):
+        raise AgentkernelError(
+            f"cannot read the snapshot's {MACHINE_FILE}: not an object with tsc_khz a positive whole "
+            "number of kHz or null"
+        )
     host = tsc.host_khz()
     if saved is not None and (host is None or abs(host - saved) * 1000 > saved):
         here = f"{host} kHz" if host is not None else "no usable TSC"
@@ -348,6 +354,8 @@ class QemuBackend:
             for sock in (qmp_socket(spec), *(agent_socket(spec, port) for port in range(AGENT_PORTS))):
                 with contextlib.suppress(FileNotFoundError):
                     sock.chmod(0o600)
+            if spec.egress is not None:
+                gateway.watch(spec.name, pid)
             return pid
         except BaseException:
             gateway.stop(spec.name, spec.rundir)
