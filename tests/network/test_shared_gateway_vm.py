@@ -92,13 +92,7 @@ def test_gateway_killed_is_restarted_by_the_next_start(cli_home: Path, host_serv
     assert HOST_PAGE in fetch("keep", host_server)
     recovered = [e for e in audit.entries() if e["event"] == "gateway_recovery"]
     assert [(e["sandbox"], e["ok"]) for e in recovered] == [("keep", True)]
-    pid = state.get("keep").pid  # a recovered sandbox is watched too: its VMM's death withdraws it
-    assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 15
-    while (status := launcher.status()) is not None and status["sandboxes"] != ["next"]:
-        assert time.monotonic() < deadline, f"still registered: {status}"
-        time.sleep(0.2)
+    kill_vmm_until_only("keep", ["next"])  # a recovered sandbox is watched too
 
 
 def test_recovered_sandbox_keeps_its_secret_and_ca(cli_home: Path, servers: Servers) -> None:
@@ -128,6 +122,17 @@ def test_recovered_sandbox_keeps_its_secret_and_ca(cli_home: Path, servers: Serv
     assert not any(json.dumps(e).count(SECRET) for e in audit.entries())
 
 
+def kill_vmm_until_only(name: str, left: list[str]) -> None:
+    """SIGKILL sandbox `name`'s VMM (no stop) and wait until the gateway serves only `left`."""
+    pid = state.get(name).pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while (status := launcher.status()) is not None and status["sandboxes"] != left:
+        assert time.monotonic() < deadline, f"still registered: {status}"
+        time.sleep(0.2)
+
+
 def test_a_sandbox_whose_vmm_is_killed_is_withdrawn(cli_home: Path, host_server: int) -> None:
     """Its VMM killed without a stop (its run directory left in place), the sandbox is withdrawn by
     the gateway itself: its secrets and CA leave memory with it."""
@@ -135,13 +140,7 @@ def test_a_sandbox_whose_vmm_is_killed_is_withdrawn(cli_home: Path, host_server:
     create("lives", ALLOW_HOST)
     ok("start", "dies")
     ok("start", "lives")
-    pid = state.get("dies").pid
-    assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 15
-    while (status := launcher.status()) is not None and status["sandboxes"] != ["lives"]:
-        assert time.monotonic() < deadline, f"still registered: {status}"
-        time.sleep(0.2)
+    kill_vmm_until_only("dies", ["lives"])
     assert HOST_PAGE in fetch("lives", host_server)
     ok("rm", "-f", "dies")
     ok("rm", "-f", "lives")
