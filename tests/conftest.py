@@ -13,10 +13,13 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from agentkernel import procs
 
 REPO = Path(__file__).resolve().parent.parent
 VM_FIXTURES = frozenset({"artifacts", "cli_home", "vm"})
@@ -80,3 +83,13 @@ def host_server() -> Iterator[int]:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield server.server_address[1]
     server.shutdown()
+
+
+def wait_gone(pid: int, timeout: float = 15.0) -> bool:
+    """Whether process `pid` ends (a zombie counts as ended) within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while procs.running(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

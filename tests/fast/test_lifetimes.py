@@ -20,13 +20,13 @@ import pytest
 import uvicorn
 from mcp import Client as McpClient
 
-from agentkernel import procs
 from agentkernel.api.app import create_app
 from agentkernel.client import ApiError, AsyncClient, Client
 from agentkernel.mcp_server.server import build_server
 from agentkernel.sandbox import state
 from agentkernel.service.lifetimes import DEFAULT_LIFETIME
 from tests.api.server import free_port
+from tests.conftest import wait_gone
 from tests.fast.test_mcp import error_text, ok
 
 
@@ -52,15 +52,6 @@ def vmm_pid(name: str) -> int:
     pid = state.get(name).pid
     assert pid is not None
     return pid
-
-
-def wait_dead(pid: int, within: float) -> bool:
-    deadline = time.monotonic() + within
-    while procs.running(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def test_api_default_lifetime_and_timeout_at_create(api: str) -> None:
@@ -95,7 +86,7 @@ def test_set_timeout_extends_past_the_first_deadline(api: str) -> None:
     with Client(api) as ak, ak.create_sandbox("box", timeout=2) as box:
         pid = vmm_pid("box")
         assert box.set_timeout(30).lifetime_left_s is not None
-        assert not wait_dead(pid, within=4.0)  # well past the first deadline
+        assert not wait_gone(pid, 4.0)  # well past the first deadline
         assert box.refresh().status == "running"
         assert box.exec(["echo", "alive"]).stdout == "alive\n"
 
@@ -105,7 +96,7 @@ def test_set_timeout_shortens(api: str) -> None:
     with Client(api) as ak, ak.create_sandbox("box") as box:
         pid = vmm_pid("box")
         box.set_timeout(1)
-        assert wait_dead(pid, within=5.0)
+        assert wait_gone(pid, 5.0)
         info = box.refresh()
         assert info.status == "stopped"
         assert box.start().status == "running"  # a later start gets its lifetime (the default) again
@@ -116,7 +107,7 @@ def test_set_timeout_zero_removes_the_lifetime(api: str) -> None:
     with Client(api) as ak, ak.create_sandbox("box", timeout=2) as box:
         pid = vmm_pid("box")
         assert box.set_timeout(0).lifetime_left_s is None
-        assert not wait_dead(pid, within=3.5)
+        assert not wait_gone(pid, 3.5)
         assert box.refresh().status == "running"
 
 

@@ -41,6 +41,7 @@ from agentkernel.service import port_relay, ports, sandboxes
 from agentkernel.service.request import SandboxFlags
 from agentkernel.service.service import SandboxService
 from tests.api.server import free_port
+from tests.conftest import wait_gone
 
 
 class Server:
@@ -132,15 +133,6 @@ def relay_pid(name: str) -> int | None:
         p for p in procs.naming(str(rundir)) if b"agentkernel.service.port_relay" in b" ".join(procs.argv(p))
     ]
     return found[0] if found else None
-
-
-def wait_gone(pid: int, timeout: float = 15) -> bool:
-    deadline = time.monotonic() + timeout
-    while procs.running(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def rss_kib(pid: int) -> int:

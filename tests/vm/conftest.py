@@ -63,12 +63,12 @@ class BootedVM:
         return await self.backend.connect(self.spec, self.pid, port=port, timeout=timeout)
 
 
-@pytest.fixture
-def vm(artifacts: Artifacts, tmp_path: Path) -> Iterator[BootedVM]:
-    """A QEMU microVM booted from the base image through a qcow2 overlay; killed afterwards."""
+def boot(kernel_path: Path, image: Path, workdir: Path, *, acpi: bool = False) -> Iterator[BootedVM]:
+    """A QEMU microVM booted from `image` through a qcow2 overlay (devices found through ACPI with
+    `acpi`); killed afterwards."""
     rundir = Path(tempfile.mkdtemp(prefix="akvm-"))  # short: Unix socket paths are limited
-    spec = VMSpec("testvm", artifacts.kernel, artifacts.base_image, workdir=tmp_path / "vm", rundir=rundir)
-    backend = QemuBackend()
+    spec = VMSpec("testvm", kernel_path, image, workdir=workdir, rundir=rundir)
+    backend = QemuBackend(acpi=acpi)
     backend.prepare(spec)
     pid = backend.start(spec)
     try:
@@ -76,6 +76,12 @@ def vm(artifacts: Artifacts, tmp_path: Path) -> Iterator[BootedVM]:
     finally:
         backend.kill(spec, pid)
         backend.cleanup(spec, keep_disk=False)
+
+
+@pytest.fixture
+def vm(artifacts: Artifacts, tmp_path: Path) -> Iterator[BootedVM]:
+    """A QEMU microVM booted from the base image; killed afterwards."""
+    yield from boot(artifacts.kernel, artifacts.base_image, tmp_path / "vm")
 
 
 @contextlib.asynccontextmanager

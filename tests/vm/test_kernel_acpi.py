@@ -4,7 +4,6 @@ Firecracker 2.0 gives them)."""
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,10 +12,10 @@ import pytest
 from agentkernel.artifacts import kernel
 from agentkernel.backends.base import VMSpec
 from agentkernel.backends.qemu import tsc
-from agentkernel.backends.qemu.backend import QemuBackend, command
+from agentkernel.backends.qemu.backend import command
 from agentkernel.errors import AgentkernelError
 from agentkernel.hostinfo import Accel
-from tests.vm.conftest import Artifacts, BootedVM, connected, run_async
+from tests.vm.conftest import Artifacts, BootedVM, boot, connected, run_async
 
 pytestmark = pytest.mark.vm
 
@@ -36,19 +35,6 @@ def current_kernel(artifacts: Artifacts) -> Path:
             "microvm.config does not enable ACPI; rebuild it with `agentkernel setup`"
         )
     return artifacts.kernel
-
-
-def boot(kernel_path: Path, image: Path, workdir: Path, *, acpi: bool) -> Iterator[BootedVM]:
-    rundir = Path(tempfile.mkdtemp(prefix="akacpi-"))  # short: Unix socket paths are limited
-    spec = VMSpec("acpivm", kernel_path, image, workdir=workdir, rundir=rundir)
-    backend = QemuBackend(acpi=acpi)
-    backend.prepare(spec)
-    pid = backend.start(spec)
-    try:
-        yield BootedVM(backend, spec, pid)
-    finally:
-        backend.kill(spec, pid)
-        backend.cleanup(spec, keep_disk=False)
 
 
 @pytest.fixture

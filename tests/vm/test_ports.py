@@ -20,7 +20,7 @@ from mcp import Client as McpClient
 from agentkernel import procs
 from agentkernel.client import AsyncClient, Client
 from tests.api.server import api_server, free_port
-from tests.conftest import cli
+from tests.conftest import cli, wait_gone
 from tests.mcp.test_mcp_server import ok as mcp_ok
 from tests.mcp.test_mcp_server import with_server
 
@@ -71,15 +71,6 @@ def relay_of(box: str) -> int:
     return pid
 
 
-def gone(pid: int, timeout: float = 20) -> bool:
-    deadline = time.monotonic() + timeout
-    while procs.running(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
-
-
 def test_cli_port_and_the_relays_end(cli_home: Path) -> None:
     ok("create", "box")
     ok("start", "box")
@@ -103,7 +94,7 @@ def test_cli_port_and_the_relays_end(cli_home: Path) -> None:
 
     relay = relay_of("box")
     ok("stop", "box")
-    assert gone(relay), "the relay outlived its stopped sandbox"
+    assert wait_gone(relay, 20), "the relay outlived its stopped sandbox"
     with pytest.raises(ConnectionRefusedError):
         exchange(address, b"late", timeout=5)
 
@@ -114,7 +105,7 @@ def test_cli_port_and_the_relays_end(cli_home: Path) -> None:
     relay = relay_of("box")
     [record] = [r for r in json.loads(ok("list", "--json")) if r["name"] == "box"]
     os.kill(record["pid"], signal.SIGKILL)  # the VMM dies under everyone's feet
-    assert gone(relay), "the relay outlived its VMM"
+    assert wait_gone(relay, 20), "the relay outlived its VMM"
 
 
 def test_restrictive_refuses(cli_home: Path) -> None:
