@@ -61,6 +61,37 @@ def cli(*args: str, env: dict[str, str] | None = None, input: bytes | None = Non
     )
 
 
+HEAVY = ("typer", "click", "rich", "pydantic", "asyncio", "anyio", "agentkernel.service.service")
+"""What the thin command line must not import (`cli/thin.py`)."""
+
+
+def either_cli(
+    *args: str,
+    full: bool = False,
+    trace: Path | None = None,
+    input: bytes | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess[bytes]:
+    """The real CLI in a subprocess, thin where it can be (`full`: the full command line only); a
+    command the thin path did itself lists the modules it loaded in `trace`."""
+    from agentkernel.cli import thin
+
+    environ = {**os.environ, **(env or {})}
+    environ.pop(thin.FULL_ENV, None)
+    if full:
+        environ[thin.FULL_ENV] = "1"
+    if trace is not None:
+        environ[thin.TRACE_ENV] = str(trace)
+    argv = [sys.executable, "-m", "agentkernel", *args]
+    return subprocess.run(argv, capture_output=True, env=environ, input=input, timeout=timeout)
+
+
+def heavy_imports(trace: Path) -> list[str]:
+    """The modules in `trace` that the thin command line must not import."""
+    return [m for m in trace.read_text().split() if m.split(".")[0] in HEAVY or m in HEAVY]
+
+
 HOST_PAGE = "host page, for the gateway to let through or refuse"
 
 

@@ -40,7 +40,7 @@ mapping is a lookup (`api/problems.py`), and `field` names the input it is about
         ├── NodeUnreachableError         502 node_unreachable (or node_auth_failed)
         └── SandboxLostError             410 sandbox_lost
 
-The CLI adds one of its own (`cli.streams.GaveUpError`, a second Ctrl-C), which never reaches a server.
+The CLI adds one of its own (`cli.thin_exec.GaveUpError`, a second Ctrl-C), which never reaches a server.
 The SDK's own errors (`agentkernel.client.ClientError` and below) are the client's side of this: an
 `ApiError` carries the `code` a server sent.
 """

@@ -12,9 +12,12 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import IO, Any, BinaryIO, Literal, TextIO, overload
 
 from agentkernel.errors import AgentkernelError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time: the thin CLI)
+if TYPE_CHECKING:
+    from typing import IO, Any, BinaryIO, Literal, TextIO, overload
 
 PRIVATE_UMASK = 0o077  # for subprocesses that create files under the data or runtime dir
 
@@ -99,10 +102,14 @@ def private_dir(path: Path) -> Path:
     return path
 
 
-@overload
-def open_private(path: Path, mode: Literal["r+", "w", "a", "a+", "x"] = "w") -> TextIO: ...
-@overload
-def open_private(path: Path, mode: Literal["r+b", "wb", "ab", "a+b", "xb"]) -> BinaryIO: ...
+if TYPE_CHECKING:
+
+    @overload
+    def open_private(path: Path, mode: Literal["r+", "w", "a", "a+", "x"] = "w") -> TextIO: ...
+    @overload
+    def open_private(path: Path, mode: Literal["r+b", "wb", "ab", "a+b", "xb"]) -> BinaryIO: ...
+
+
 def open_private(path: Path, mode: str = "w") -> IO[Any]:
     """`open(path, mode)` for a file only its owner can read (0600 when made, made 0600 if it was not;
     r+ makes it too)."""

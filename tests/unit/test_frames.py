@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from agentkernel.errors import AgentkernelError, ArgumentsTooLongError, ExecError, FileOpError
-from agentkernel.protocol.connection import Connection, check_arguments
+from agentkernel.protocol.connection import Connection
 from agentkernel.protocol.frames import (
     ARG_MAX,
     ARG_POINTER,
@@ -26,6 +26,7 @@ from agentkernel.protocol.frames import (
     encode_record,
     exec_records,
 )
+from agentkernel.protocol.requests import check_arguments
 
 
 def test_round_trip_split_at_every_byte() -> None:
@@ -243,11 +244,11 @@ def test_client_refuses_a_large_request_to_a_version_1_agent(tmp_path: Path) -> 
 
 
 def test_guest_e2big_is_the_arguments_error() -> None:
-    from agentkernel.protocol.connection import _exec_error
+    from agentkernel.protocol.requests import exec_error
 
     record = decode_record(encode_record([(Tag.ERRNO, errno.E2BIG), (Tag.MESSAGE, "exec: too long")]))
-    assert isinstance(_exec_error(record), ArgumentsTooLongError)
-    assert "ARG_MAX" in str(_exec_error(record))
+    assert isinstance(exec_error(record), ArgumentsTooLongError)
+    assert "ARG_MAX" in str(exec_error(record))
 
 
 def test_overlong_path_is_refused_before_sending(tmp_path: Path) -> None:
@@ -263,10 +264,10 @@ def test_overlong_path_is_refused_before_sending(tmp_path: Path) -> None:
 
 def test_start_errors_name_what_is_missing() -> None:
     from agentkernel.errors import WorkingDirectoryError
-    from agentkernel.protocol.connection import _exec_error
+    from agentkernel.protocol.requests import exec_error
 
     def error(*fields: tuple[Tag, int | bytes | str]) -> ExecError:
-        return _exec_error(decode_record(encode_record(list(fields))))
+        return exec_error(decode_record(encode_record(list(fields))))
 
     missing = error(
         (Tag.MESSAGE, "exec: python4: command not found"),

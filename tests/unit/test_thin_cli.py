@@ -24,22 +24,13 @@ from agentkernel.config import PROFILES
 from agentkernel.sandbox import state
 from agentkernel.sandbox.liveness import QEMU_PIDFILE
 from agentkernel.sandbox.state import SandboxRecord
-
-HEAVY = ("typer", "click", "rich", "pydantic", "asyncio", "anyio", "agentkernel.service.service")
+from tests.conftest import either_cli, heavy_imports
 
 
 def run_cli(
     home: Path, *args: str, full: bool = False, trace: Path | None = None
 ) -> subprocess.CompletedProcess[bytes]:
-    env = {**os.environ, "AGENTKERNEL_HOME": str(home)}
-    env.pop(thin.FULL_ENV, None)
-    if full:
-        env[thin.FULL_ENV] = "1"
-    if trace is not None:
-        env[thin.TRACE_ENV] = str(trace)
-    return subprocess.run(
-        [sys.executable, "-m", "agentkernel", *args], capture_output=True, env=env, timeout=120
-    )
+    return either_cli(*args, full=full, trace=trace, env={"AGENTKERNEL_HOME": str(home)}, timeout=120)
 
 
 def outcome(result: subprocess.CompletedProcess[bytes]) -> tuple[int, bytes, bytes]:
@@ -91,8 +82,7 @@ def test_empty_and_version_are_done_thin_without_heavy_imports(isolated_home: Pa
         result, done_thin = same_both_ways(isolated_home, tmp_path, *args)
         assert done_thin, args
         assert (result.returncode, result.stdout) == (0, expected)
-        loaded = (tmp_path / "trace").read_text().split()
-        assert not [m for m in loaded if m.split(".")[0] in HEAVY or m in HEAVY], loaded
+        assert heavy_imports(tmp_path / "trace") == []
 
 
 def test_the_table_matches_the_full_cli(isolated_home: Path, tmp_path: Path, vmm: tuple[int, Path]) -> None:

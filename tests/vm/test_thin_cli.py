@@ -8,28 +8,18 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from agentkernel.cli import thin
-from tests.conftest import cli
+from tests.conftest import cli, either_cli
 
 pytestmark = pytest.mark.vm
 
 
 def ls(*args: str, full: bool = False, trace: Path | None = None) -> subprocess.CompletedProcess[bytes]:
-    env = {**os.environ}
-    env.pop(thin.FULL_ENV, None)
-    if full:
-        env[thin.FULL_ENV] = "1"
-    if trace is not None:
-        env[thin.TRACE_ENV] = str(trace)
-    return subprocess.run(
-        [sys.executable, "-m", "agentkernel", "ls", *args], capture_output=True, env=env, timeout=120
-    )
+    return either_cli("ls", *args, full=full, trace=trace, timeout=120)
 
 
 def test_ls_of_a_running_vm_thin_and_after_its_vmm_died(cli_home: Path, tmp_path: Path) -> None:

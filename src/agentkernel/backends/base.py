@@ -10,7 +10,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from agentkernel import procs
 from agentkernel.config import DEFAULT_MAX_PROCS
@@ -165,13 +165,16 @@ def kill_tagged(*tags: str) -> None:
         time.sleep(0.01)
 
 
+def vm_hello(spec: VMSpec) -> dict[str, Any]:
+    """What a VM's agent is told in HELLO: its hostname, process and memory limits."""
+    return {"hostname": spec.name, "max_procs": spec.max_procs, "memory_mb": spec.memory_mb}
+
+
 def vm_greeting(spec: VMSpec) -> Callable[[Connection, float], Awaitable[None]]:
-    """The HELLO a VM's agent gets: its hostname, process and memory limits (and the host's clock)."""
+    """The HELLO a VM's agent gets (`vm_hello`, and the host's clock)."""
 
     async def greet(conn: Connection, remaining: float) -> None:
-        await conn.hello(
-            hostname=spec.name, max_procs=spec.max_procs, memory_mb=spec.memory_mb, timeout=remaining
-        )
+        await conn.hello(**vm_hello(spec), timeout=remaining)
 
     return greet
 

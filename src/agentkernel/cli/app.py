@@ -97,11 +97,6 @@ for _name, _fn, _aliases in (
         app.command(_alias, context_settings=settings, hidden=_alias != _name)(_fn)
 
 
-def one_line(message: str) -> str:
-    """`message` with control characters escaped: what a user typed, quoted in it, stays on its line."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
-
-
 def main() -> None:
     """Entry point: expected errors become one line on stderr and a non-zero exit, never a traceback."""
     # The service logs for servers (serve, mcp-server, which show it); a command says things its own way.
@@ -111,10 +106,10 @@ def main() -> None:
         # (whose variable is _AGENTKERNEL_COMPLETE) then match the command a user types.
         code = app(standalone_mode=False, prog_name="agentkernel")
     except typer.TyperException as exc:  # usage errors: bad options, missing arguments
-        print(f"agentkernel: error: {one_line(exc.format_message())} (see --help)", file=sys.stderr)
+        print(f"agentkernel: error: {thin.one_line(exc.format_message())} (see --help)", file=sys.stderr)
         sys.exit(exc.exit_code)
     except AgentkernelError as exc:
-        print(f"agentkernel: error: {one_line(str(exc))}", file=sys.stderr)
+        print(f"agentkernel: error: {thin.one_line(str(exc))}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except OSError as exc:  # on the host's side: a full disk, a file it may not read or write
         print(thin.os_error_line(exc), file=sys.stderr)

@@ -22,7 +22,6 @@ from agentkernel.config import load_config
 from agentkernel.errors import AgentkernelError, InvalidRequestError, NotAFileError
 from agentkernel.protocol.connection import Connection, ExitStatus
 from agentkernel.sandbox.state import SandboxRecord
-from agentkernel.sandbox.view import SandboxView
 from agentkernel.service import checks
 from agentkernel.service.request import SandboxFlags, SandboxRequest
 from agentkernel.service.service import CommandSpec, SandboxService, call, exec_on
@@ -405,6 +404,8 @@ def list_cmd(
         wanted = checks.parse_labels(labels)
     records = with_service(lambda service: service.list_sandboxes(labels=wanted, pooled=show_all))
     if json_out:
+        from agentkernel.sandbox.view import SandboxView  # pydantic: only for --json (start-up time)
+
         print_json([SandboxView.of(r).to_json() for r in records])
         return
     if not records:

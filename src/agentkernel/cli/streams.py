@@ -15,7 +15,7 @@ import tty
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
-from agentkernel.errors import AgentkernelError
+from agentkernel.cli.thin_exec import GaveUpError
 from agentkernel.protocol.connection import ExitStatus, Process
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
@@ -127,19 +127,3 @@ async def _copy_output(proc: Process) -> None:
         stream = out if chunk.stream == "stdout" else err
         stream.write(chunk.data)
         stream.flush()
-
-
-class GaveUpError(AgentkernelError):
-    """A second signal arrived before the command ended (or it did not end `waited` seconds after the
-    first): we stop waiting, as a shell would."""
-
-    def __init__(self, signo: signal.Signals, *, waited: float | None = None) -> None:
-        if waited is not None:
-            message = f"the command did not end within {waited:g}s of {signo.name}: stopped waiting for it"
-        else:
-            message = (
-                f"stopped waiting for the command after a second {signo.name}; "
-                "it may still run in the sandbox"
-            )
-        super().__init__(message)
-        self.exit_code = 128 + signo

@@ -7,10 +7,12 @@ holds, an input error to phrase): then it prints exactly what the full command l
 it has printed nothing and changed nothing, and the full command line runs with the same arguments, so
 behaviour, errors and exit codes are the full command line's by construction.
 
-Done here today: `--version`, and `ls`/`list` (with `-a`/`--all` and `-f`/`--filter label=KEY=VALUE`)
+Done here today: `--version`; `ls`/`list` (with `-a`/`--all` and `-f`/`--filter label=KEY=VALUE`)
 when every record shown is as its backend would leave it (QEMU's VMMs are checked in /proc; a running
-sandbox of another backend sends `ls` to the full command line). `run`, `exec`, `stop`, `rm` and `cp`
-go to the full command line: they need the service's locks, backends and guest connection.
+sandbox of another backend sends `ls` to the full command line); `exec` without a terminal or
+`--detach` in a running QEMU sandbox (`thin_exec`); `run` when the pool daemon has a ready sandbox of
+its kind (`thin_run`). `stop`, `rm` and `cp` go to the full command line: they need the service's
+locks, backends and cleanup.
 """
 
 from __future__ import annotations
@@ -52,9 +54,16 @@ def os_error_line(exc: OSError) -> str:
     return f"agentkernel: error: {where}{exc.strerror or exc}"
 
 
+def one_line(message: str) -> str:
+    """`message` with control characters escaped: what a user typed, quoted in it, stays on its line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+
+
 def main() -> None:
     argv = sys.argv[1:]
     if os.environ.get(FULL_ENV) != "1" and "_AGENTKERNEL_COMPLETE" not in os.environ:
+        if argv[:1] in (["exec"], ["run"]):
+            _streamed(argv[0], argv[1:])
         try:
             out = thin(argv)
         except Fallback:
@@ -69,13 +78,44 @@ def main() -> None:
             except OSError as exc:  # a full disk: the full command line's one line
                 print(os_error_line(exc), file=sys.stderr)
                 sys.exit(1)
-            if trace := os.environ.get(TRACE_ENV):
-                with open(trace, "w") as f:
-                    f.write("".join(f"{name}\n" for name in sorted(sys.modules)))
+            _trace()
             sys.exit(0)
     from agentkernel.cli.app import main as full
 
     full()
+
+
+def _streamed(command: str, args: Sequence[str]) -> None:
+    """`exec` or `run` here and exit with its status, unless it falls back (then return, having done
+    nothing)."""
+    from agentkernel.errors import AgentkernelError
+
+    if command == "exec":
+        from agentkernel.cli.thin_exec import run
+    else:
+        from agentkernel.cli.thin_run import run
+    try:
+        code = run(args)
+    except Fallback:
+        return
+    except AgentkernelError as exc:
+        _trace()
+        print(f"agentkernel: error: {one_line(str(exc))}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except OSError as exc:  # our stdout closed (`| head`), a full disk: the full command line's line
+        print(os_error_line(exc), file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("agentkernel: interrupted", file=sys.stderr)
+        sys.exit(130)
+    _trace()
+    sys.exit(code)
+
+
+def _trace() -> None:
+    if trace := os.environ.get(TRACE_ENV):
+        with open(trace, "w") as f:
+            f.write("".join(f"{name}\n" for name in sorted(sys.modules)))
 
 
 def thin(argv: Sequence[str]) -> str | None:
@@ -145,7 +185,7 @@ def _table(wanted: Mapping[str, str], rows: Sequence[Mapping[str, Any]], every: 
             raise Fallback(row["name"])
         if extra.get("pool") and not every:
             continue
-        if not _as_recorded(row, extra):
+        if not as_recorded(row, extra):
             raise Fallback(row["name"])
         if wanted.items() <= (extra.get("labels") or {}).items():
             shown.append(row)
@@ -154,7 +194,7 @@ def _table(wanted: Mapping[str, str], rows: Sequence[Mapping[str, Any]], every: 
     return "".join(f"{line}\n" for line in (LIST_HEADER, *(list_line(r) for r in shown)))
 
 
-def _as_recorded(row: Mapping[str, Any], extra: Mapping[str, Any]) -> bool:
+def as_recorded(row: Mapping[str, Any], extra: Mapping[str, Any]) -> bool:
     """Whether reconciling would leave the record as it is: nothing to change in it or on the host."""
     from agentkernel.sandbox.liveness import vmm_alive
     from agentkernel.service import owners

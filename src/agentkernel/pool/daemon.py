@@ -46,8 +46,9 @@ from typing import Any, TextIO
 from agentkernel import hostinfo, paths
 from agentkernel.backends import registry
 from agentkernel.errors import AgentkernelError
-from agentkernel.pool import wire
+from agentkernel.pool import thin_runs, wire
 from agentkernel.pool.kinds import Kind
+from agentkernel.sandbox import state
 from agentkernel.service import audit, owners
 from agentkernel.service.service import SandboxService, hand_out, pooled_records, take_over
 from agentkernel.service.service import call as _call
@@ -118,12 +119,18 @@ class Pool:
 
     # -- requests (main thread) ------------------------------------------------------------------
 
-    def acquire(self, key: str, taker: owners.Owner) -> str | None:
-        """A ready sandbox of kind `key`, from now on `taker`'s (the process that asked for it)."""
+    def acquire(
+        self, key: str, taker: owners.Owner, *, backend: str | None = None, counted: bool = True
+    ) -> str | None:
+        """A ready sandbox of kind `key`, from now on `taker`'s (the process that asked for it); with
+        `backend`, only one of that backend. Not `counted`: finding none is not counted as a miss or an
+        empty acquire (the asker's fallback asks again, and is)."""
         with self.lock:
             slot = next((s for s in self.slots if s.key == key), None)
             if slot is None:
-                self.misses += 1
+                self.misses += counted
+                return None
+            if backend is not None and slot.ready and _backend_of(slot.ready[0][0]) != backend:
                 return None
             while slot.ready:
                 name, _since = slot.ready.popleft()
@@ -131,7 +138,7 @@ class Pool:
                     slot.handed_out += 1
                     self.wake.set()
                     return name
-            slot.empty += 1
+            slot.empty += counted
             self.wake.set()
             return None
 
@@ -364,6 +371,12 @@ def _unhealthy(name: str) -> str | None:
     return None
 
 
+def _backend_of(name: str) -> str | None:
+    with contextlib.suppress(AgentkernelError):
+        return state.get(name).backend
+    return None
+
+
 def _discard(name: str) -> None:
     with contextlib.suppress(AgentkernelError):
         _call(lambda service: service.remove(name, force=True))
@@ -389,16 +402,27 @@ def _peer(writer: asyncio.StreamWriter) -> owners.Owner | None:
 
 
 async def serve(pool: Pool, shutdown: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    # Leases answer from memory and a quick resolve; releases remove VMs: neither waits behind the other.
+    workers = {op: ThreadPoolExecutor(4, thread_name_prefix=f"pool-{op}") for op in thin_runs.OPS}
+
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             line = await asyncio.wait_for(reader.readline(), timeout=5)
-            reply = answer(pool, line, shutdown, _peer(writer))
-        except (ValueError, TimeoutError, OSError) as exc:  # a line over the limit, a silent client
+            peer = _peer(writer)
+            if (run := thin_runs.request(line)) is not None:  # blocking work: not on this loop
+                reply = await loop.run_in_executor(workers[run["op"]], thin_runs.answer, pool, run, peer)
+            else:
+                reply = answer(pool, line, shutdown, peer)
+        except (ValueError, TimeoutError, OSError, AgentkernelError) as exc:  # a long line, a silent client
             reply = {"ok": False, "error": f"bad request: {exc}"}
-        with contextlib.suppress(OSError):
+        try:
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
             writer.close()
+        except OSError:  # the asker left: what it was handed out is no one's to use
+            if isinstance(leased := reply.get("sandbox"), str):
+                await loop.run_in_executor(workers["release"], _discard, leased)
 
     path = wire.socket_path()
     path.unlink(missing_ok=True)
@@ -407,6 +431,8 @@ async def serve(pool: Pool, shutdown: asyncio.Event) -> None:
     async with server:
         await shutdown.wait()
     path.unlink(missing_ok=True)
+    for executor in workers.values():
+        executor.shutdown(wait=True)
 
 
 def answer(pool: Pool, line: bytes, shutdown: asyncio.Event, peer: owners.Owner | None) -> dict[str, Any]:

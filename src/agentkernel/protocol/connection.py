@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import secrets
 import signal
 import socket
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from errno import E2BIG, EAGAIN, EBUSY, ENAMETOOLONG, ENOENT
+from errno import EAGAIN, EBUSY, ENAMETOOLONG, ENOENT
 from pathlib import Path
 from typing import Any
 
@@ -26,22 +24,18 @@ from agentkernel.errors import (
     AgentkernelError,
     ArgumentsTooLongError,
     BackgroundCommandError,
-    ExecError,
     FileOpError,
     GuestPortError,
     SandboxStateError,
-    WorkingDirectoryError,
 )
 from agentkernel.protocol.frames import (
     ARG_MAX,
-    ARG_POINTER,
     ARGS_VERSION,
     BACKGROUND_VERSION,
     DATA_TYPES,
     FIELD,
     INITIAL_WINDOW,
     MAGIC,
-    MAX_ARG_STRLEN,
     MAX_CHANNELS,
     MAX_PAYLOAD,
     MAX_PING,
@@ -59,21 +53,27 @@ from agentkernel.protocol.frames import (
     encode_record,
     exec_records,
 )
+from agentkernel.protocol.requests import (
+    HELLO_RETRY,
+    PATH_MAX,
+    RESYNC,
+    RESYNC_AFTER,
+    START_TIMEOUT,
+    TIMEOUT_GRACE,
+    WINDOW_GRANT_STEP,
+    check_arguments,
+    exec_error,
+    exec_fields,
+    exit_fields,
+    hello_frame,
+    new_command_id,
+    raw,
+    shell_code,
+)
 
 VSOCK_PORT = 52000
 FIELD_HEADER = FIELD.size
-WINDOW_GRANT_STEP = INITIAL_WINDOW // 4
 READ_CHUNK = 64 * 1024
-HELLO_RETRY = 0.25
-RESYNC_AFTER = 5.0
-ENTROPY_BYTES = 64
-RESYNC = bytes(MAX_PAYLOAD + 16)
-START_TIMEOUT = 60.0
-"""Seconds the agent has to answer an EXEC with STARTED or ERROR (it does once the program runs)."""
-TIMEOUT_GRACE = 10.0
-"""Seconds past a command's `timeout` after which the host stops waiting for the agent to end it."""
-MAX_TIMEOUT = 100 * 365 * 86400.0
-"""Longest command timeout, in seconds (the protocol's milliseconds go far beyond)."""
 CLOSE_TIMEOUT = 2.0
 """Seconds `close` waits for what was sent to be written before it drops it."""
 HEARTBEAT_INTERVAL = 5.0
@@ -83,8 +83,6 @@ HEARTBEAT_TIMEOUT = 10.0
 Firecracker resets its vsock device on every snapshot: the guest drops its connections (and the
 agent kills their commands), while the host end stays open and carries nothing."""
 HEARTBEAT_NONCE = b"agentkernel heartbeat"
-PATH_MAX = 4096
-"""Linux's limit on a path, with its NUL: a longer path or working directory fails in the guest."""
 ENDING_TYPES = (FrameType.EXIT, FrameType.ERROR, FrameType.OK)
 FILE_REPLIES = frozenset({FrameType.OK, FrameType.ERROR})
 REPLIES = {
@@ -136,38 +134,6 @@ Explain = Callable[[AgentConnectionError], Awaitable[AgentConnectionError]]
 """The error a lost connection's waiters get, given the one the connection saw."""
 
 
-def new_command_id() -> str:
-    """The id of one command the host starts: `c-` and 8 hex digits, in its exec audit entry."""
-    return f"c-{secrets.token_hex(4)}"
-
-
-def check_arguments(argv: Sequence[str | bytes], env: Mapping[str, str]) -> tuple[list[bytes], list[bytes]]:
-    """`argv` and `env` as the strings execve gets, if they are within its limits in the guest;
-    otherwise ArgumentsTooLongError, naming the limit. Linux's own count also takes in the
-    program's path, so a request just under ARG_MAX can still fail in the guest (as E2BIG)."""
-    args = [_raw(a) if isinstance(a, str) else a for a in argv]
-    strings = [_raw(f"{k}={v}") for k, v in env.items()]
-    for i, arg in enumerate(args):
-        if len(arg) >= MAX_ARG_STRLEN:
-            raise ArgumentsTooLongError(
-                f"argument {i} is {len(arg)} bytes long; Linux takes at most {MAX_ARG_STRLEN - 1} bytes "
-                "in one argument (MAX_ARG_STRLEN)"
-            )
-    for key, string in zip(env, strings, strict=True):
-        if len(string) >= MAX_ARG_STRLEN:
-            raise ArgumentsTooLongError(
-                f"environment variable {key[:64]} is {len(string)} bytes long with its name; Linux takes "
-                f"at most {MAX_ARG_STRLEN - 1} bytes in one (MAX_ARG_STRLEN)"
-            )
-    total = sum(len(s) + 1 + ARG_POINTER for s in (*args, *strings))
-    if total > ARG_MAX:
-        raise ArgumentsTooLongError(
-            f"the command's arguments and environment take {total} bytes; Linux takes at most {ARG_MAX} "
-            f"(ARG_MAX, counting each string with its NUL byte and {ARG_POINTER} bytes for its pointer)"
-        )
-    return args, strings
-
-
 @dataclass(frozen=True)
 class ExitStatus:
     exit_code: int | None
@@ -177,9 +143,7 @@ class ExitStatus:
     @property
     def shell_code(self) -> int:
         """The exit code a shell would report: the code, or 128+N when killed by signal N."""
-        if self.signal is not None:
-            return 128 + self.signal
-        return self.exit_code if self.exit_code is not None else 255
+        return shell_code(self.exit_code, self.signal)
 
 
 @dataclass(frozen=True)
@@ -324,7 +288,7 @@ class Process:
                 )
             elif frame.type is FrameType.ERROR:
                 self._ch.conn.release(self._ch)
-                error = _exec_error(decode_record(frame.payload))
+                error = exec_error(decode_record(frame.payload))
                 self._ch.conn.notify("exec", argv=self.argv, command=self.command, error=str(error))
                 raise error
             elif frame.type is not FrameType.WINDOW:
@@ -730,22 +694,7 @@ class Connection:
         memory_mb: int | None = None,
     ) -> str:
         """Greet the agent. `max_procs` and `memory_mb` limit the guest's processes (protocol.md)."""
-        # Fresh host randomness on every greeting reseeds the guest's generator, so copies resumed from
-        # one snapshot do not share their random numbers.
-        fields: list[tuple[Tag, int | bytes | str]] = [
-            (Tag.VERSION, VERSION),
-            (Tag.MAGIC, MAGIC),
-            (Tag.ENTROPY, os.urandom(ENTROPY_BYTES)),
-        ]
-        if hostname:
-            fields.append((Tag.HOSTNAME, hostname.encode()))
-        if set_clock:
-            fields.append((Tag.TIME_NS, time.time_ns()))
-        if max_procs is not None:
-            fields.append((Tag.MAX_PROCS, max_procs))
-        if memory_mb is not None:
-            fields.append((Tag.MEMORY_MB, memory_mb))
-        hello = encode(0, FrameType.HELLO, encode_record(fields))
+        hello = hello_frame(hostname=hostname, set_clock=set_clock, max_procs=max_procs, memory_mb=memory_mb)
         try:
             async with asyncio.timeout(timeout):
                 frame = await self._hello_answer(hello)
@@ -784,9 +733,9 @@ class Connection:
             # booting guest answers late, and must not be made to wade through zeros first).
             if time.monotonic() >= resync_at:
                 resync_at = float("inf")
-                await self.send_raw(RESYNC + hello)
+                await self.sendraw(RESYNC + hello)
             else:
-                await self.send_raw(hello)
+                await self.sendraw(hello)
             try:
                 return await self._control_reply(FrameType.HELLO, HELLO_RETRY)
             except AgentConnectionError:
@@ -843,7 +792,7 @@ class Connection:
         channel, frame = await self._start(records, start_timeout, detach=False)
         if frame.type is FrameType.ERROR:
             self.release(channel)
-            raise _exec_error(decode_record(frame.payload))
+            raise exec_error(decode_record(frame.payload))
         if frame.type is not FrameType.STARTED:
             raise self.violation(f"expected STARTED, got {frame.type.name}")
         pid = decode_record(frame.payload).int(Tag.PID)
@@ -858,7 +807,7 @@ class Connection:
         types = [FrameType.EXEC] + [FrameType.ARGS] * (len(records) - 1)
         try:
             # One write: the agent gets the whole request, or the connection breaks.
-            await self.send_raw(b"".join(map(encode, [channel.id] * len(records), types, records)))
+            await self.sendraw(b"".join(map(encode, [channel.id] * len(records), types, records)))
             async with asyncio.timeout(start_timeout):
                 return channel, await channel.next()
         except TimeoutError:
@@ -887,25 +836,9 @@ class Connection:
         the command's id (its environment may carry it: `command_env`)."""
         if not argv:
             raise AgentkernelError("no command given")
-        if timeout is not None and not 0 <= timeout <= MAX_TIMEOUT:  # NaN too
-            raise AgentkernelError(f"the timeout must be from 0 to {MAX_TIMEOUT:g} seconds (got {timeout:g})")
         tagged = self.command_env(command) if self.command_env else {}
         args, env_strings = check_arguments(argv, {**self.default_env, **tagged, **(env or {})})
-        fields: list[tuple[Tag, int | bytes | str]] = []
-        if cwd:
-            if len(_raw(cwd)) >= PATH_MAX:
-                raise AgentkernelError(f"the working directory is longer than {PATH_MAX - 1} bytes")
-            fields.append((Tag.CWD, _raw(cwd)))
-        if uid is not None:
-            fields.append((Tag.UID, uid))
-        if gid is not None:
-            fields.append((Tag.GID, gid))
-        if timeout:
-            fields.append((Tag.TIMEOUT_MS, max(1, int(timeout * 1000))))
-        if pty:
-            fields += [(Tag.PTY, 1), (Tag.ROWS, pty[0]), (Tag.COLS, pty[1])]
-        if detach:
-            fields.append((Tag.DETACH, 1))
+        fields = exec_fields(cwd=cwd, uid=uid, gid=gid, timeout=timeout, pty=pty, detach=detach)
         records = exec_records(fields, args, env_strings)
         if len(records) > 1 and self.agent_version < ARGS_VERSION:
             raise ArgumentsTooLongError(
@@ -973,7 +906,7 @@ class Connection:
         self.release(channel)
         record = decode_record(frame.payload)
         if frame.type is FrameType.ERROR:
-            raise _exec_error(record)
+            raise exec_error(record)
         cmd_id, pid = record.int(Tag.CMD), record.int(Tag.PID)
         if cmd_id is None or cmd_id <= 0 or pid is None:
             raise self.violation("a background command's OK lacks its id or pid")
@@ -1127,7 +1060,7 @@ class Connection:
 
     async def read_file(self, path: str) -> AsyncGenerator[bytes, None]:
         """The file's bytes as they arrive. Raises FileOpError if the guest cannot read it."""
-        channel = await self._file_op(FrameType.GET, [(Tag.PATH, _raw(path))])
+        channel = await self._file_op(FrameType.GET, [(Tag.PATH, raw(path))])
         ended = False
         size = 0
         try:
@@ -1152,7 +1085,7 @@ class Connection:
 
     async def write_file(self, path: str, chunks: AsyncIterator[bytes], *, mode: int = 0o644) -> int:
         """Write a guest file from `chunks`; the guest renames it into place only when all arrived."""
-        channel = await self._file_op(FrameType.PUT, [(Tag.PATH, _raw(path)), (Tag.MODE, mode)])
+        channel = await self._file_op(FrameType.PUT, [(Tag.PATH, raw(path)), (Tag.MODE, mode)])
         try:
             async for chunk in chunks:
                 if not channel.frames.empty():  # an early ERROR (say, no such directory): stop sending
@@ -1180,11 +1113,11 @@ class Connection:
         return await self._finish(channel, await channel.next(), error)
 
     async def stat(self, path: str) -> FileInfo:
-        record = await self._simple(FrameType.STAT, [(Tag.PATH, _raw(path))])
+        record = await self._simple(FrameType.STAT, [(Tag.PATH, raw(path))])
         return _file_info(record, name=path.rstrip("/").rsplit("/", 1)[-1])
 
     async def list_dir(self, path: str, *, limit: int = 100_000) -> list[FileInfo]:
-        channel = await self._file_op(FrameType.LIST, [(Tag.PATH, _raw(path))])
+        channel = await self._file_op(FrameType.LIST, [(Tag.PATH, raw(path))])
         entries: list[FileInfo] = []
         while True:
             frame = await channel.next()
@@ -1198,19 +1131,19 @@ class Connection:
 
     async def mkdir(self, path: str, *, mode: int = 0o755, parents: bool = False) -> None:
         await self._simple(
-            FrameType.MKDIR, [(Tag.PATH, _raw(path)), (Tag.MODE, mode), (Tag.PARENTS, int(parents))]
+            FrameType.MKDIR, [(Tag.PATH, raw(path)), (Tag.MODE, mode), (Tag.PARENTS, int(parents))]
         )
 
     async def remove(self, path: str, *, recursive: bool = False) -> None:
-        await self._simple(FrameType.REMOVE, [(Tag.PATH, _raw(path)), (Tag.RECURSIVE, int(recursive))])
+        await self._simple(FrameType.REMOVE, [(Tag.PATH, raw(path)), (Tag.RECURSIVE, int(recursive))])
 
     async def rename(self, path: str, to: str) -> None:
         """rename(2) in the guest: `to` is replaced if it is a file (or an empty directory, for a
         directory); both paths on one filesystem (EXDEV otherwise)."""
         self._need_background()
-        if len(_raw(to)) >= PATH_MAX:
+        if len(raw(to)) >= PATH_MAX:
             raise FileOpError(f"the path is longer than {PATH_MAX - 1} bytes", ENAMETOOLONG)
-        await self._simple(FrameType.RENAME, [(Tag.PATH, _raw(path)), (Tag.TO, _raw(to))])
+        await self._simple(FrameType.RENAME, [(Tag.PATH, raw(path)), (Tag.TO, raw(to))])
 
     async def watch(self, path: str, *, recursive: bool = False) -> Watch:
         """Watch directory `path` in the guest (inotify): `Watch.events()` yields each change as it
@@ -1218,7 +1151,7 @@ class Connection:
         levels and 1024 directories. FileOpError if it is not a directory or cannot be watched."""
         self._need_background()
         channel = await self._file_op(
-            FrameType.WATCH, [(Tag.PATH, _raw(path)), (Tag.RECURSIVE, int(recursive))]
+            FrameType.WATCH, [(Tag.PATH, raw(path)), (Tag.RECURSIVE, int(recursive))]
         )
         try:
             frame = await channel.next()
@@ -1338,9 +1271,9 @@ class Connection:
             self._fail(AgentConnectionError(f"lost the connection to the sandbox agent: {exc}"))
 
     async def send(self, channel: int, ftype: FrameType, payload: bytes = b"") -> None:
-        await self.send_raw(encode(channel, ftype, payload))
+        await self.sendraw(encode(channel, ftype, payload))
 
-    async def send_raw(self, data: bytes) -> None:
+    async def sendraw(self, data: bytes) -> None:
         if self.broken:
             raise await self.lost()
         async with self._write_lock:
@@ -1511,37 +1444,10 @@ def _check_reply(channel: _Channel, frame: Frame) -> None:
     channel.seen.add(frame.type)
 
 
-def _raw(text: str) -> bytes:
-    """Text as the bytes it came from: arguments and paths that were not UTF-8 reach the guest as given
-    (Python holds their bytes as lone surrogates)."""
-    return text.encode(errors="surrogateescape")
-
-
 async def _feed(proc: Process, data: bytes) -> None:
     await proc.write(data)
     await proc.close_stdin()
 
 
 def _exit_status(record: Record) -> ExitStatus:
-    return ExitStatus(
-        exit_code=record.int(Tag.EXIT_CODE),
-        signal=record.int(Tag.SIGNAL),
-        timed_out=bool(record.int(Tag.TIMED_OUT, 0)),
-    )
-
-
-def _exec_error(record: Record) -> ExecError:
-    errno = record.int(Tag.ERRNO)
-    message = record.str(Tag.MESSAGE, "the agent could not run the command")[:500]
-    if errno == E2BIG:
-        return ArgumentsTooLongError(
-            f"the guest refused the command's arguments ({message}): Linux takes at most {ARG_MAX} bytes "
-            f"of arguments and environment (ARG_MAX) and {MAX_ARG_STRLEN - 1} in one (MAX_ARG_STRLEN)"
-        )
-    if record.str(Tag.CAUSE) == "cwd":
-        return WorkingDirectoryError(message, errno)
-    error = ExecError(message, errno)
-    code = record.int(Tag.EXIT_CODE)
-    if code is not None and 0 < code < 256:
-        error.exit_code = code  # what a shell gives: 127 for no such command, 126 for one that cannot run
-    return error
+    return ExitStatus(*exit_fields(record))

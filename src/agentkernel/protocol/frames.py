@@ -1,16 +1,19 @@
 """Frames and records of the guest protocol, as docs/protocol.md defines them.
 
 Everything here parses bytes that come from an untrusted guest: every length is checked against the
-protocol's limits before anything is buffered, and any violation raises ProtocolError.
+protocol's limits before anything is buffered, and any violation raises ProtocolError. On the standard
+library's cheapest modules only (no dataclasses, no typing): the thin command line imports it.
 """
 
 from __future__ import annotations
 
 import itertools
 import struct
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from enum import IntEnum
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 HEADER = struct.Struct(">IHBB")
 FIELD = struct.Struct(">HI")
@@ -132,11 +135,26 @@ class Tag(IntEnum):
     PORT = 45
 
 
-@dataclass(frozen=True, slots=True)
 class Frame:
-    channel: int
-    type: FrameType
-    payload: bytes
+    """One frame: the channel it is on, its type and its payload."""
+
+    __slots__ = ("channel", "payload", "type")
+
+    def __init__(self, channel: int, type: FrameType, payload: bytes) -> None:
+        self.channel = channel
+        self.type = type
+        self.payload = payload
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Frame):
+            return NotImplemented
+        return (self.channel, self.type, self.payload) == (other.channel, other.type, other.payload)
+
+    def __hash__(self) -> int:
+        return hash((self.channel, self.type, self.payload))
+
+    def __repr__(self) -> str:
+        return f"Frame({self.channel}, {self.type.name}, {self.payload[:32]!r})"
 
 
 def encode(channel: int, ftype: FrameType, payload: bytes = b"") -> bytes:
@@ -189,11 +207,11 @@ def exec_records(
     return records
 
 
-@dataclass
 class Record:
     """A parsed record: the raw values of each tag, in order. Typed getters validate on access."""
 
-    fields: dict[int, list[bytes]] = field(default_factory=dict)
+    def __init__(self, fields: dict[int, list[bytes]] | None = None) -> None:
+        self.fields: dict[int, list[bytes]] = fields if fields is not None else {}
 
     def all(self, tag: Tag) -> list[bytes]:
         return self.fields.get(tag, [])

@@ -173,3 +173,10 @@ def all_rows(*, wait: bool = True) -> list[dict[str, Any]]:
     """Every row of the table, oldest first (`extra` still a JSON string)."""
     with connect(wait=wait) as db:
         return [dict(r) for r in db.execute("SELECT * FROM sandboxes ORDER BY created_at, name")]
+
+
+def row(name: str, *, wait: bool = True) -> dict[str, Any] | None:
+    """The row of sandbox `name` (`extra` still a JSON string), or None."""
+    with connect(wait=wait) as db:
+        found = db.execute("SELECT * FROM sandboxes WHERE name = ?", (name,))
+    return dict(found[0]) if found else None

@@ -7,14 +7,17 @@ processes (CLI invocations, the egress gateways) never interleave.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
+import time
 
 from agentkernel import paths
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time: the thin CLI)
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+    from typing import Any
 
 MAX_FIELD = 4096  # a guest can make argv or host names long; the log keeps a bounded prefix
 
@@ -31,9 +34,15 @@ def _bounded(value: Any) -> Any:
     return value
 
 
+def timestamp(seconds: float) -> str:
+    """UTC ISO 8601 to the millisecond, `Z`-suffixed (as datetime's isoformat, without its import)."""
+    ms = int(seconds * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
+
+
 def record(event: str, sandbox: str | None, **fields: Any) -> None:
     entry = {
-        "ts": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "ts": timestamp(time.time()),
         "event": event,
         "sandbox": sandbox,
         **{k: _bounded(v) for k, v in fields.items()},

@@ -15,17 +15,20 @@ took them within `ADOPT_GRACE` seconds.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from typing import Any
 
 from agentkernel.procs import start_time
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time: the thin CLI)
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any, TypeAlias
+
+    Owner: TypeAlias = dict[str, Any]
 
 ADOPT_GRACE = 20.0
 """Seconds a dead pool daemon's sandboxes wait for a new daemon to adopt them."""
 REAP_INTERVAL = 5.0
 """Seconds between reaper passes in long-running processes (the API server, the pool daemon)."""
-
-Owner = dict[str, Any]
 
 
 def of_process(pid: int) -> Owner | None:

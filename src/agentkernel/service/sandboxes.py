@@ -40,8 +40,10 @@ from agentkernel.backends.base import (
     VMSpec,
     exit_reason,
     file_tail,
+    vm_hello,
 )
 from agentkernel.backends.firecracker import version as firecracker_version
+from agentkernel.backends.qemu.backend import agent_socket as qemu_agent_socket
 from agentkernel.config import DEFAULT_MEMORY_MB, DEFAULT_VCPUS, PROFILES, Config, Policy, image_name
 from agentkernel.detect import detect_image
 from agentkernel.errors import (
@@ -60,7 +62,7 @@ from agentkernel.pool import wire
 from agentkernel.protocol.connection import Connection
 from agentkernel.sandbox import state
 from agentkernel.sandbox.state import SandboxRecord
-from agentkernel.service import audit, diskspace, observers, owners
+from agentkernel.service import audit, diskspace, exec_file, observers, owners
 from agentkernel.service.checks import validate_name
 
 T = TypeVar("T")
@@ -124,11 +126,20 @@ def _mounts(policy: Policy, mount_dir: Path | None) -> tuple[state.Mount, ...]:
 
 def exec_env(record: SandboxRecord) -> dict[str, str]:
     """The environment every command in the sandbox starts from (what a command sets wins)."""
-    policy = record.effective_policy
+    names = _passed_names(record)
+    passed = {k: v for k, v in os.environ.items() if k in names or k.startswith("LC_")} if names else {}
+    return {**passed, **_sandbox_env(record)}
+
+
+def _passed_names(record: SandboxRecord) -> frozenset[str] | None:
+    """The variables a command takes from the caller's environment (with every LC_*), or None."""
+    return PASS_ENV if record.effective_policy.pass_env else None
+
+
+def _sandbox_env(record: SandboxRecord) -> dict[str, str]:
+    """What the sandbox itself sets in every command's environment, over what the caller passes."""
     env: dict[str, str] = {}
-    if policy.pass_env:
-        env.update({k: v for k, v in os.environ.items() if k in PASS_ENV or k.startswith("LC_")})
-    if policy.network:
+    if record.effective_policy.network:
         env.update(gateway.proxy_env())
     if bindings := secrets_of(record):
         env.update(gateway.trust_env())
@@ -140,6 +151,26 @@ def exec_env(record: SandboxRecord) -> dict[str, str]:
 def _command_proxy_env(record: SandboxRecord, command: str) -> dict[str, str]:
     """One command's proxy variables, carrying its id (those the sandbox's own env sets stay its)."""
     return {k: v for k, v in gateway.proxy_env(command).items() if k not in record.env}
+
+
+def _write_exec_file(record: SandboxRecord, spec: VMSpec, pid: int) -> None:
+    """The file the thin command line runs commands in this sandbox by (`exec_file`): QEMU's only, whose
+    agent sockets speak the protocol from the first byte. Not written (a full disk, a run directory
+    being removed), the thin command line leaves the sandbox to the full one."""
+    if record.backend != "qemu":
+        return
+    sockets = [qemu_agent_socket(spec, port) for port in range(get_backend(record.backend).agent_ports)]
+    network = record.effective_policy.network
+    with contextlib.suppress(OSError):
+        exec_file.write(
+            spec.rundir,
+            pid=pid,
+            sockets=sockets,
+            hello=vm_hello(spec),
+            passed=_passed_names(record),
+            env=_sandbox_env(record),
+            command_env=_command_proxy_env(record, exec_file.COMMAND_MARK) if network else {},
+        )
 
 
 _held = threading.local()  # `names`: the sandboxes whose lock this thread holds
@@ -556,6 +587,7 @@ async def _booted(name: str, *, timeout: float) -> AsyncIterator[tuple[SandboxRe
             if spec.egress is not None and spec.egress.secrets:
                 await _trust_sandbox_ca(conn, spec)
             _configure(conn, record)  # from here on, what runs is the caller's: audited
+            _write_exec_file(record, spec, boot.pid)
         except BaseException:
             observers.start_failed(mode)
             with anyio.CancelScope(shield=True):
@@ -760,6 +792,16 @@ def remove(name: str, *, force: bool = False) -> None:
     audit.record("remove", name)
 
 
+def remove_owned(name: str, owner: owners.Owner) -> None:
+    """Remove sandbox `name` (running or not) if `owner` owns it, checked under its lock; else
+    SandboxStateError."""
+    with locked(name):
+        if get(name).owner != owner:
+            raise SandboxStateError(f"sandbox '{name}' is not the asking process's")
+        _remove_locked(name, force=True)
+    audit.record("remove", name)
+
+
 def _remove_locked(name: str, *, force: bool) -> None:
     record = get(name)
     backend = get_backend(record.backend)
@@ -786,8 +828,10 @@ async def session(name: str, *, timeout: float = 30.0) -> AsyncIterator[Connecti
     record = await anyio.to_thread.run_sync(get, name)
     if record.status != "running" or record.pid is None:
         raise SandboxNotRunningError(name, record.status)
-    async with _session(get_backend(record.backend), spec_of(record), record.pid, timeout=timeout) as conn:
+    spec = spec_of(record)
+    async with _session(get_backend(record.backend), spec, record.pid, timeout=timeout) as conn:
         _configure(conn, record)
+        _write_exec_file(record, spec, record.pid)
         yield conn
 
 
@@ -806,14 +850,24 @@ async def _session(backend: Backend, spec: VMSpec, pid: int, *, timeout: float) 
 async def _explain_loss(
     backend: Backend, spec: VMSpec, pid: int, error: AgentConnectionError
 ) -> AgentConnectionError:
+    return await anyio.to_thread.run_sync(functools.partial(_loss, backend, spec, pid, error))
+
+
+def explained_loss(name: str, pid: int, error: AgentConnectionError) -> AgentConnectionError:
+    """`error`, a lost connection to sandbox `name` whose VMM was `pid`, as the service words it."""
+    record = state.get(name)
+    return _loss(get_backend(record.backend), spec_of(record), pid, error)
+
+
+def _loss(backend: Backend, spec: VMSpec, pid: int, error: AgentConnectionError) -> AgentConnectionError:
     """A lost agent connection is most often a VM that ended (its VMM closes the socket as it exits):
     if it ends within a moment, an error that says so, and why; else `error`."""
     deadline = time.monotonic() + VMM_EXIT_WAIT
     while backend.is_alive(spec, pid):
         if time.monotonic() > deadline:
             return error
-        await asyncio.sleep(0.02)
-    record = await anyio.to_thread.run_sync(get, spec.name)
+        time.sleep(0.02)
+    record = get(spec.name)
     reason = record.stop_reason
     return AgentConnectionError(f"sandbox '{spec.name}' {record.status}" + (f": {reason}" if reason else ""))
 

@@ -47,8 +47,8 @@ from agentkernel.protocol.connection import (
     FileInfo,
     Process,
     Watch,
-    check_arguments,
 )
+from agentkernel.protocol.requests import check_arguments
 from agentkernel.sandbox import state
 from agentkernel.sandbox.state import SandboxRecord
 from agentkernel.service import commands, files, lifetimes, observers, owners, ports, sandboxes, snapshots

@@ -1,0 +1,322 @@
+"""A blocking client of the guest protocol for one command at a time, on the standard library alone:
+what the thin command line runs `exec` with. The asyncio `connection.Connection` is the full client
+(any number of operations at once); this one greets the agent and runs one EXEC, streaming its output
+to file descriptors and its stdin from one, under the same windows and limits.
+
+Everything read from the agent is checked as `Connection` checks it: frames by `FrameDecoder`, data
+against the window this side granted, frame types against what an EXEC may answer. Any violation
+raises AgentConnectionError; so does a connection the agent closed (`Lost`).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import time
+from collections import deque
+
+from agentkernel.errors import AgentConnectionError
+from agentkernel.protocol.frames import (
+    INITIAL_WINDOW,
+    MAGIC,
+    MAX_PAYLOAD,
+    OLDEST_VERSION,
+    VERSION,
+    Frame,
+    FrameDecoder,
+    FrameType,
+    ProtocolError,
+    Record,
+    Tag,
+    decode_record,
+    encode,
+    encode_record,
+)
+from agentkernel.protocol.requests import (
+    HELLO_RETRY,
+    RESYNC,
+    RESYNC_AFTER,
+    START_TIMEOUT,
+    TIMEOUT_GRACE,
+    WINDOW_GRANT_STEP,
+    exec_error,
+    exit_fields,
+    hello_frame,
+)
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import TypeVar
+
+    T = TypeVar("T")
+
+CHANNEL = 1
+"""The one channel this client opens."""
+READ_CHUNK = 64 * 1024
+EXEC_ANSWERS = frozenset(
+    {FrameType.STDOUT, FrameType.STDERR, FrameType.EXIT, FrameType.ERROR, FrameType.WINDOW}
+)
+
+
+class Lost(AgentConnectionError):
+    """The agent closed the connection, or it failed under us."""
+
+
+class AgentSocket:
+    """One connection to an agent's Unix socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)  # every wait is a select that also watches `wakeup`
+        self._sock = sock
+        self._decoder = FrameDecoder(hunt_hello=True)
+        self._frames: deque[Frame] = deque()
+        self._unwritable = False  # the agent's end is closed: what it sent before is still read
+        self.agent_version = 0
+        self.wakeup: int | None = None
+        """A file descriptor that becomes readable when `on_wakeup` has something to do (signals:
+        signal.set_wakeup_fd's); watched in every wait, sends included."""
+        self.on_wakeup: Callable[[], None] | None = None
+        self.alarm: Callable[[], float | None] | None = None
+        """When `on_wakeup` is next due by itself (a monotonic time), or None."""
+
+    @classmethod
+    def connect(cls, path: str, *, timeout: float) -> AgentSocket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(path)
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock)
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def send(self, data: bytes) -> None:
+        """Write `data` whole, waiting while the socket is full (and serving `wakeup` meanwhile). Once
+        the agent's end is closed, writes are dropped: its EXIT or EOF, still to be read, says more."""
+        view = memoryview(data)
+        while view and not self._unwritable:
+            try:
+                view = view[self._sock.send(view) :]
+            except BlockingIOError:
+                self._wait(writing=True)
+            except (BrokenPipeError, ConnectionResetError):
+                self._unwritable = True
+            except OSError as exc:
+                raise Lost(f"lost the connection to the sandbox agent: {exc}") from None
+
+    def _wait(
+        self, *, writing: bool = False, until: float | None = None, extra: int | None = None
+    ) -> list[int]:
+        """Wait until the socket is readable (writable: `writing`), `extra` is readable, or `until`;
+        `on_wakeup` runs when `wakeup` is readable or `alarm` has come. The ready descriptors."""
+        readers = [] if writing else [self._sock.fileno()]
+        if extra is not None:
+            readers.append(extra)
+        if self.wakeup is not None:
+            readers.append(self.wakeup)
+        ring = self.alarm() if self.alarm is not None else None
+        ends = [t for t in (until, ring) if t is not None]
+        left = max(0.0, min(ends) - time.monotonic()) if ends else None
+        writers = [self._sock.fileno()] if writing else []
+        ready = select.select(readers, writers, [], left)
+        woken = self.wakeup is not None and self.wakeup in ready[0]
+        if woken:
+            _drain(self.wakeup)  # type: ignore[arg-type]
+        if self.on_wakeup is not None and (woken or (ring is not None and time.monotonic() >= ring)):
+            self.on_wakeup()
+        return ready[0] + ready[1]
+
+    def _read(self) -> None:
+        """Take what the socket has into the frame queue (nothing if it has nothing yet)."""
+        try:
+            data = self._sock.recv(READ_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            raise Lost(f"lost the connection to the sandbox agent: {exc}") from None
+        if not data:
+            raise Lost("the sandbox agent closed the connection")
+        try:
+            self._frames.extend(self._decoder.feed(data))
+        except ProtocolError as exc:
+            raise violation(str(exc)) from None
+
+    def next_frame(self, timeout: float | None) -> Frame | None:
+        """The next frame, or None if none came within `timeout` seconds (None: wait for one)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._frames:
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+            if self._sock.fileno() in self._wait(until=deadline):
+                self._read()
+        return self._frames.popleft()
+
+    def hello(self, *, hostname: str, max_procs: int | None, memory_mb: int | None, timeout: float) -> None:
+        """Greet the agent as `Connection.hello` does (repeated until answered, one RESYNC after a
+        while); AgentConnectionError when it does not answer within `timeout` seconds."""
+        frame = hello_frame(hostname=hostname, set_clock=True, max_procs=max_procs, memory_mb=memory_mb)
+        deadline = time.monotonic() + timeout
+        resync_at = time.monotonic() + RESYNC_AFTER
+        while True:
+            if time.monotonic() >= resync_at:
+                resync_at = float("inf")
+                self.send(RESYNC + frame)
+            else:
+                self.send(frame)
+            answer = self.next_frame(HELLO_RETRY)
+            if answer is not None:
+                break
+            if time.monotonic() > deadline:
+                raise AgentConnectionError(f"the agent did not answer within {timeout:g}s")
+        if answer.channel != 0 or answer.type is not FrameType.HELLO:
+            raise violation(f"expected HELLO, got {answer.type.name}")
+        record = _record(answer)
+        if record.bytes(Tag.MAGIC) != MAGIC:
+            raise violation("agent HELLO lacks the protocol magic")
+        version = _int(record, Tag.VERSION) or 0
+        if not OLDEST_VERSION <= version <= VERSION:
+            raise violation(f"agent speaks protocol version {version}, not {OLDEST_VERSION} to {VERSION}")
+        self.agent_version = version
+
+    def _channel_frame(self, timeout: float | None) -> Frame | None:
+        """The next frame on the command's channel (repeated HELLO answers on channel 0 dropped)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            frame = self.next_frame(left)
+            if frame is None:
+                return None
+            if frame.channel == 0:
+                if frame.type is not FrameType.HELLO:
+                    raise violation(f"unexpected {frame.type.name} frame on the control channel")
+                continue
+            if frame.channel != CHANNEL:
+                raise violation(f"a frame on channel {frame.channel}, which is not open")
+            return frame
+
+    def start(self, records: list[bytes]) -> int:
+        """Send an EXEC (one record: callers with more take the full client); the command's pid once
+        the agent started it, or the error it answered (`exec_error`)."""
+        if len(records) != 1:
+            raise ValueError("the blocking client sends one EXEC record")
+        self.send(encode(CHANNEL, FrameType.EXEC, records[0]))
+        frame = self._channel_frame(START_TIMEOUT)
+        if frame is None:
+            self.send(encode(CHANNEL, FrameType.SIGNAL, encode_record([(Tag.SIGNAL, signal.SIGKILL)])))
+            raise AgentConnectionError(f"the agent did not start the command within {START_TIMEOUT:g}s")
+        if frame.type is FrameType.ERROR:
+            raise _checked(exec_error, frame)
+        if frame.type is not FrameType.STARTED:
+            raise violation(f"expected STARTED, got {frame.type.name}")
+        return _int(_record(frame), Tag.PID) or -1
+
+    def signal(self, signo: int) -> None:
+        self.send(encode(CHANNEL, FrameType.SIGNAL, encode_record([(Tag.SIGNAL, signo)])))
+
+    def pump(self, *, stdin: int | None, timeout: float | None) -> tuple[int | None, int | None, bool]:
+        """Copy the command's stdout and stderr to fds 1 and 2 (and fd `stdin` to its stdin; None:
+        its stdin is closed at once) until it exits; its (exit code, signal, timed out). Past `timeout`
+        and TIMEOUT_GRACE the command is killed and AgentConnectionError raised, as `Process` does."""
+        give_up_at = None if not timeout else time.monotonic() + timeout + TIMEOUT_GRACE
+        recv_window, consumed, send_window = INITIAL_WINDOW, 0, INITIAL_WINDOW
+        if stdin is None:
+            self.send(encode(CHANNEL, FrameType.STDIN, b""))
+        while True:
+            while self._frames:
+                frame = self._channel_frame(0)
+                if frame is None:  # only answers to repeated HELLOs were queued
+                    break
+                if frame.type not in EXEC_ANSWERS:
+                    raise violation(f"unexpected {frame.type.name} frame during exec")
+                if frame.type is FrameType.EXIT:
+                    return _checked(exit_fields, frame)
+                if frame.type is FrameType.ERROR:
+                    raise _checked(exec_error, frame)
+                if frame.type is FrameType.WINDOW:
+                    send_window += _grant(frame)
+                    continue
+                n = len(frame.payload)
+                if n == 0:
+                    raise violation(f"empty {frame.type.name} frame on channel {CHANNEL}")
+                if n > recv_window:
+                    raise violation("the agent sent more output than its window")
+                recv_window -= n
+                _write_all(1 if frame.type is FrameType.STDOUT else 2, frame.payload)
+                consumed += n
+                if consumed >= WINDOW_GRANT_STEP:
+                    self.send(encode(CHANNEL, FrameType.WINDOW, encode_record([(Tag.BYTES, consumed)])))
+                    recv_window, consumed = recv_window + consumed, 0
+            if give_up_at is not None and give_up_at <= time.monotonic():
+                self.signal(signal.SIGKILL)
+                raise AgentConnectionError(
+                    f"the agent did not end the command within {TIMEOUT_GRACE:g}s of its timeout"
+                )
+            reading = stdin if stdin is not None and send_window > 0 else None
+            ready = self._wait(until=give_up_at, extra=reading)
+            if reading is not None and reading in ready:
+                try:
+                    data = os.read(reading, min(READ_CHUNK, send_window, MAX_PAYLOAD))
+                except OSError:
+                    data = b""
+                self.send(encode(CHANNEL, FrameType.STDIN, data))
+                send_window -= len(data)
+                if not data:
+                    stdin = None
+            if self._sock.fileno() in ready:
+                self._read()
+
+
+def violation(what: str) -> AgentConnectionError:
+    return AgentConnectionError(f"the sandbox agent broke the protocol: {what}")
+
+
+def _record(frame: Frame) -> Record:
+    try:
+        return decode_record(frame.payload)
+    except ProtocolError as exc:
+        raise violation(str(exc)) from None
+
+
+def _int(record: Record, tag: Tag) -> int | None:
+    try:
+        return record.int(tag)
+    except ProtocolError as exc:
+        raise violation(str(exc)) from None
+
+
+def _checked(read: Callable[[Record], T], frame: Frame) -> T:
+    """`read` of the frame's record, a malformed one a violation."""
+    try:
+        return read(decode_record(frame.payload))
+    except ProtocolError as exc:
+        raise violation(str(exc)) from None
+
+
+def _grant(frame: Frame) -> int:
+    grant = _int(_record(frame), Tag.BYTES) or 0
+    if not 0 < grant <= (1 << 31):
+        raise violation(f"bad WINDOW grant {grant}")
+    return grant
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass
