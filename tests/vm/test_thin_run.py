@@ -58,6 +58,15 @@ def thin_done(trace: Path) -> bool:
     return True
 
 
+def sleeping_run(trace: Path | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """A `run` whose command sleeps, once its command runs; and its sandbox's name."""
+    env = {**os.environ, **({thin.TRACE_ENV: str(trace)} if trace is not None else {})}
+    argv = [sys.executable, "-m", "agentkernel", "run", "--", "sh", "-c", "echo $(hostname); exec sleep 60"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout is not None
+    return proc, proc.stdout.readline().decode().strip()
+
+
 @pytest.fixture
 def pool(cli_home: Path) -> Iterator[Path]:
     ok("daemon", "start", "--image", "base", "--size", "2", "--wait")
@@ -114,27 +123,14 @@ def test_what_the_pool_cannot_serve_goes_to_the_full_run(pool: Path, tmp_path: P
 
 def test_a_signal_reaches_the_command_and_the_sandbox_goes(pool: Path, tmp_path: Path) -> None:
     trace = tmp_path / "trace"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "agentkernel", "run", "--", "sh", "-c", "echo $(hostname); exec sleep 60"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env={**os.environ, thin.TRACE_ENV: str(trace)},
-    )
-    assert proc.stdout is not None
-    name = proc.stdout.readline().decode().strip()
+    proc, name = sleeping_run(trace)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=30) == 130
     assert thin_done(trace) and name not in every_name()
 
 
 def test_a_killed_thin_run_leaves_nothing(pool: Path) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "agentkernel", "run", "--", "sh", "-c", "echo $(hostname); exec sleep 60"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    assert proc.stdout is not None
-    name = proc.stdout.readline().decode().strip()
+    proc, name = sleeping_run()
     assert name in every_name()
     proc.kill()
     proc.wait()
@@ -161,13 +157,7 @@ def test_leases_and_releases_are_checked(pool: Path, tmp_path: Path) -> None:
         reply = request_as_other_process(message)
         assert reply["ok"] is False and reply["error"], message
     # A sandbox another process leased is not this one's to remove.
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "agentkernel", "run", "--", "sh", "-c", "echo $(hostname); exec sleep 60"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    assert proc.stdout is not None
-    name = proc.stdout.readline().decode().strip()
+    proc, name = sleeping_run()
     reply = request_as_other_process({"op": "release", "sandbox": name})
     assert reply == {"ok": False, "error": f"sandbox '{name}' is not the asking process's"}
     assert name in every_name()
