@@ -19,6 +19,7 @@ mapping is a lookup (`api/problems.py`), and `field` names the input it is about
     │   ├── PortsNotAllowedError         403 ports_not_allowed (the sandbox's profile refuses)
     │   └── GuestPortError               502 guest_port_unreachable (nothing listens in the guest)
     ├── AgentConnectionError             502 agent_unreachable
+    │   └── ProtocolError                (the agent broke the protocol)
     ├── VMMError                         502 vmm_failed
     │   ├── QmpError
     │   ├── FirecrackerAPIError
@@ -161,6 +162,15 @@ class AgentConnectionError(AgentkernelError):
     """The connection to a sandbox's agent failed or broke."""
 
     status, code = 502, "agent_unreachable"
+
+
+class ProtocolError(AgentConnectionError):
+    """The agent broke the protocol (`what` says how): the connection cannot be trusted any more.
+    Raised wherever bytes from the guest are parsed (protocol/frames.py)."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"the sandbox agent broke the protocol: {what}")
+        self.what = what
 
 
 class VMMError(AgentkernelError):

@@ -350,3 +350,90 @@ def test_a_signal_is_served_while_the_agent_will_not_read_stdin(talk) -> None:
     assert time.monotonic() - started < 10
     for fd in (read_end, write_end, wake_r, wake_w):
         os.close(fd)
+
+
+def test_the_asyncio_client_reports_a_malformed_exit_in_one_line(talk) -> None:
+    """The full client too: a malformed record from the agent is an AgentConnectionError (one line on
+    every face), never a bare exception."""
+    import asyncio
+
+    from agentkernel.protocol.connection import Connection
+
+    def script(agent: Agent) -> None:
+        agent.greet()
+        agent.started()
+        agent.send(1, FrameType.EXIT, b"\x00\x0a\x00\x00\x00\x02ab")  # exit_code of 2 bytes
+        agent.next()
+
+    blocking_side = talk(script)
+    sock = blocking_side._sock
+    sock.setblocking(True)
+
+    async def main() -> None:
+        reader, writer = await asyncio.open_connection(sock=sock)
+        conn = Connection(reader, writer)
+        try:
+            await conn.hello(timeout=5)
+            proc = await conn.exec(["true"])
+            with pytest.raises(AgentConnectionError, match="broke the protocol: field exit_code"):
+                await proc.wait()
+        finally:
+            await conn.close()
+
+    asyncio.run(main())
+
+
+def test_an_agent_that_reads_nothing_cannot_hold_hello_past_its_timeout(
+    talk, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HELLOs unanswered, then a RESYNC of 256 KiB that the agent never reads: the send gives up at
+    the greeting's deadline instead of blocking for good."""
+    monkeypatch.setattr(blocking, "RESYNC_AFTER", 0.2)
+    client = talk(lambda agent: time.sleep(30))
+    started = time.monotonic()
+    with pytest.raises(AgentConnectionError):
+        hello(client, timeout=1.5)
+    assert time.monotonic() - started < 5
+
+
+def test_a_signal_while_a_frame_is_half_written_goes_after_it(talk) -> None:
+    """The agent stops reading while stdin flows; a signal then is queued, and once the agent reads
+    again every frame it gets is whole, the SIGNAL among them."""
+    got: list[FrameType] = []
+
+    def script(agent: Agent) -> None:
+        agent.greet()
+        agent.started()
+        agent.send(1, FrameType.WINDOW, [(Tag.BYTES, 1 << 30)])
+        time.sleep(1.5)  # the socket fills while the client writes stdin
+        while (frame := agent.next()).type is not FrameType.SIGNAL:
+            got.append(frame.type)
+        got.append(frame.type)
+        agent.send(1, FrameType.EXIT, [(Tag.SIGNAL, 2)])
+        while True:  # as an agent does, it reads (and drops) what still comes for the channel
+            agent.next()
+
+    read_end, write_end = os.pipe()
+
+    def feed() -> None:
+        with contextlib.suppress(OSError):
+            os.write(write_end, b"z" * (16 << 20))
+
+    threading.Thread(target=feed, daemon=True).start()
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK)
+    client = talk(script)
+    hello(client)
+    client.start(one_record())
+    sent = []
+
+    def on_wakeup() -> None:
+        if not sent:
+            sent.append(True)
+            client.signal(2)
+
+    client.wakeup, client.on_wakeup = wake_r, on_wakeup
+    threading.Timer(0.7, lambda: os.write(wake_w, b"\0")).start()
+    assert client.pump(stdin=read_end, timeout=None) == (None, 2, False)
+    assert got[-1] is FrameType.SIGNAL and set(got[:-1]) <= {FrameType.STDIN}
+    for fd in (read_end, write_end, wake_r, wake_w):
+        os.close(fd)

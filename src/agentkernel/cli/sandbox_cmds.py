@@ -18,6 +18,7 @@ from agentkernel.cli import thin
 from agentkernel.cli.output import console, err_console, print_json
 from agentkernel.cli.signals import SignalGuard, run_until_signalled
 from agentkernel.cli.streams import attach_process, raw_terminal, terminal_size
+from agentkernel.cli.thin_exec import timed_out_message
 from agentkernel.config import load_config
 from agentkernel.errors import AgentkernelError, InvalidRequestError, NotAFileError
 from agentkernel.protocol.connection import Connection, ExitStatus
@@ -90,7 +91,7 @@ def command_args(command: list[str]) -> list[str]:
 
 def _status_exit(status: ExitStatus, timeout: float | None) -> None:
     if status.timed_out:
-        err_console.print(f"agentkernel: the command timed out after {timeout:g}s and was killed")
+        err_console.print(f"agentkernel: {timed_out_message(timeout)}", highlight=False)
         raise typer.Exit(TIMEOUT_EXIT)
     raise typer.Exit(status.shell_code)
 

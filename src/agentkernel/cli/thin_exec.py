@@ -224,8 +224,8 @@ class Signals:
 
     def __enter__(self) -> Signals:
         self.read_end, self._write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._saved = {signo: signal.signal(signo, self._on_signal) for signo in FORWARDED_SIGNALS}
         self._old_wakeup = signal.set_wakeup_fd(self._write_end, warn_on_full_buffer=False)
+        self._saved = {signo: signal.signal(signo, self._on_signal) for signo in FORWARDED_SIGNALS}
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -253,6 +253,13 @@ class Signals:
             if self.give_up_after is not None:
                 self.give_up_at = time.monotonic() + self.give_up_after
             agent.signal(signo)
+
+
+def timed_out_message(timeout: float | None) -> str:
+    """What `exec` and `run` say of a command its timeout killed (the guest says so: it may say it
+    of a command that had none)."""
+    after = f" after {timeout:g}s" if timeout else ""
+    return f"the command timed out{after} and was killed"
 
 
 def attached(
@@ -290,8 +297,7 @@ def attached(
         duration_s=round(time.monotonic() - started, 3),
     )
     if timed_out:
-        message = f"agentkernel: the command timed out after {request.timeout:g}s and was killed"
-        print(message, file=sys.stderr)
+        print(f"agentkernel: {timed_out_message(request.timeout)}", file=sys.stderr)
         return TIMEOUT_EXIT
     return shell_code(code, signo)
 

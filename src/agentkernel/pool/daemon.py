@@ -416,6 +416,9 @@ async def serve(pool: Pool, shutdown: asyncio.Event) -> None:
                 reply = answer(pool, line, shutdown, peer)
         except (ValueError, TimeoutError, OSError, AgentkernelError) as exc:  # a long line, a silent client
             reply = {"ok": False, "error": f"bad request: {exc}"}
+        except Exception as exc:  # a bug or a broken database: logged, and answered all the same
+            log.exception("request failed")
+            reply = {"ok": False, "error": f"the pool daemon failed: {exc}"}
         try:
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()

@@ -10,6 +10,8 @@ raises AgentConnectionError; so does a connection the agent closed (`Lost`).
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import select
 import signal
@@ -17,7 +19,7 @@ import socket
 import time
 from collections import deque
 
-from agentkernel.errors import AgentConnectionError
+from agentkernel.errors import AgentConnectionError, ProtocolError
 from agentkernel.protocol.frames import (
     INITIAL_WINDOW,
     MAGIC,
@@ -27,7 +29,6 @@ from agentkernel.protocol.frames import (
     Frame,
     FrameDecoder,
     FrameType,
-    ProtocolError,
     Record,
     Tag,
     decode_record,
@@ -48,7 +49,7 @@ from agentkernel.protocol.requests import (
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
     from typing import TypeVar
 
     T = TypeVar("T")
@@ -56,6 +57,8 @@ if TYPE_CHECKING:
 CHANNEL = 1
 """The one channel this client opens."""
 READ_CHUNK = 64 * 1024
+PIPE_BUF = 4096
+"""Bytes a pipe with room takes in one write without blocking (Linux's PIPE_BUF)."""
 EXEC_ANSWERS = frozenset(
     {FrameType.STDOUT, FrameType.STDERR, FrameType.EXIT, FrameType.ERROR, FrameType.WINDOW}
 )
@@ -74,6 +77,8 @@ class AgentSocket:
         self._decoder = FrameDecoder(hunt_hello=True)
         self._frames: deque[Frame] = deque()
         self._unwritable = False  # the agent's end is closed: what it sent before is still read
+        self._sending = False
+        self._queued: list[bytes] = []  # SIGNAL frames that came while another frame was half-written
         self.agent_version = 0
         self.wakeup: int | None = None
         """A file descriptor that becomes readable when `on_wakeup` has something to do (signals:
@@ -99,41 +104,69 @@ class AgentSocket:
     def fileno(self) -> int:
         return self._sock.fileno()
 
-    def send(self, data: bytes) -> None:
-        """Write `data` whole, waiting while the socket is full (and serving `wakeup` meanwhile). Once
-        the agent's end is closed, writes are dropped: its EXIT or EOF, still to be read, says more."""
+    def send(self, data: bytes, *, until: float | None = None) -> None:
+        """Write `data` whole, waiting while the socket is full (serving `wakeup` meanwhile, whose
+        signals are queued until the frame is whole: see `signal`); AgentConnectionError past `until`.
+        Once the agent's end is closed, writes are dropped: its EXIT or EOF, still to be read, says
+        more."""
         view = memoryview(data)
-        while view and not self._unwritable:
-            try:
-                view = view[self._sock.send(view) :]
-            except BlockingIOError:
-                self._wait(writing=True)
-            except (BrokenPipeError, ConnectionResetError):
-                self._unwritable = True
-            except OSError as exc:
-                raise Lost(f"lost the connection to the sandbox agent: {exc}") from None
+        self._sending = True
+        try:
+            while view and not self._unwritable:
+                try:
+                    view = view[self._sock.send(view) :]
+                except BlockingIOError:
+                    if until is not None and time.monotonic() >= until:
+                        raise AgentConnectionError("the agent did not read what was sent to it") from None
+                    self._wait(writers=[self._sock.fileno()], until=until)
+                except (BrokenPipeError, ConnectionResetError):
+                    self._unwritable = True
+                except OSError as exc:
+                    raise Lost(f"lost the connection to the sandbox agent: {exc}") from None
+        finally:
+            self._sending = False
+        while self._queued and not self._unwritable:
+            self.send(self._queued.pop(0), until=until)
+
+    def signal(self, signo: int) -> None:
+        """Send SIGNAL for the command; while another frame is half-written, once that one is whole."""
+        frame = encode(CHANNEL, FrameType.SIGNAL, encode_record([(Tag.SIGNAL, signo)]))
+        if self._sending:
+            self._queued.append(frame)
+        else:
+            self.send(frame)
 
     def _wait(
-        self, *, writing: bool = False, until: float | None = None, extra: int | None = None
-    ) -> list[int]:
-        """Wait until the socket is readable (writable: `writing`), `extra` is readable, or `until`;
-        `on_wakeup` runs when `wakeup` is readable or `alarm` has come. The ready descriptors."""
-        readers = [] if writing else [self._sock.fileno()]
-        if extra is not None:
-            readers.append(extra)
+        self, *, readers: Sequence[int] = (), writers: Sequence[int] = (), until: float | None = None
+    ) -> set[int]:
+        """Wait until one of `readers` is readable or `writers` writable, or `until`; `on_wakeup` runs
+        when `wakeup` is readable or `alarm` has come. The ready descriptors."""
+        poller = select.poll()
+        for fd in readers:
+            poller.register(fd, select.POLLIN)
+        for fd in writers:
+            poller.register(fd, select.POLLOUT)
         if self.wakeup is not None:
-            readers.append(self.wakeup)
+            poller.register(self.wakeup, select.POLLIN)
         ring = self.alarm() if self.alarm is not None else None
         ends = [t for t in (until, ring) if t is not None]
         left = max(0.0, min(ends) - time.monotonic()) if ends else None
-        writers = [self._sock.fileno()] if writing else []
-        ready = select.select(readers, writers, [], left)
-        woken = self.wakeup is not None and self.wakeup in ready[0]
+        ready = {fd for fd, _events in poller.poll(None if left is None else math.ceil(left * 1000))}
+        woken = self.wakeup is not None and self.wakeup in ready
         if woken:
             _drain(self.wakeup)  # type: ignore[arg-type]
         if self.on_wakeup is not None and (woken or (ring is not None and time.monotonic() >= ring)):
             self.on_wakeup()
-        return ready[0] + ready[1]
+        return ready
+
+    def _output(self, fd: int, data: bytes) -> None:
+        """Write `data` to our fd 1 or 2, a pipe's worth at a time once it has room, so that a reader
+        that does not read cannot keep signals from being served."""
+        view = memoryview(data)
+        while view:
+            if fd not in self._wait(writers=[fd], until=None):
+                continue
+            view = view[os.write(fd, view[:PIPE_BUF]) :]
 
     def _read(self) -> None:
         """Take what the socket has into the frame queue (nothing if it has nothing yet)."""
@@ -148,7 +181,7 @@ class AgentSocket:
         try:
             self._frames.extend(self._decoder.feed(data))
         except ProtocolError as exc:
-            raise violation(str(exc)) from None
+            raise violation(exc.what) from None
 
     def next_frame(self, timeout: float | None) -> Frame | None:
         """The next frame, or None if none came within `timeout` seconds (None: wait for one)."""
@@ -156,7 +189,7 @@ class AgentSocket:
         while not self._frames:
             if deadline is not None and time.monotonic() >= deadline:
                 return None
-            if self._sock.fileno() in self._wait(until=deadline):
+            if self._sock.fileno() in self._wait(readers=[self._sock.fileno()], until=deadline):
                 self._read()
         return self._frames.popleft()
 
@@ -169,9 +202,9 @@ class AgentSocket:
         while True:
             if time.monotonic() >= resync_at:
                 resync_at = float("inf")
-                self.send(RESYNC + frame)
+                self.send(RESYNC + frame, until=deadline)
             else:
-                self.send(frame)
+                self.send(frame, until=deadline)
             answer = self.next_frame(HELLO_RETRY)
             if answer is not None:
                 break
@@ -208,19 +241,18 @@ class AgentSocket:
         the agent started it, or the error it answered (`exec_error`)."""
         if len(records) != 1:
             raise ValueError("the blocking client sends one EXEC record")
-        self.send(encode(CHANNEL, FrameType.EXEC, records[0]))
+        self.send(encode(CHANNEL, FrameType.EXEC, records[0]), until=time.monotonic() + START_TIMEOUT)
         frame = self._channel_frame(START_TIMEOUT)
         if frame is None:
-            self.send(encode(CHANNEL, FrameType.SIGNAL, encode_record([(Tag.SIGNAL, signal.SIGKILL)])))
+            kill = encode(CHANNEL, FrameType.SIGNAL, encode_record([(Tag.SIGNAL, signal.SIGKILL)]))
+            with contextlib.suppress(AgentConnectionError):
+                self.send(kill, until=time.monotonic() + 1.0)
             raise AgentConnectionError(f"the agent did not start the command within {START_TIMEOUT:g}s")
         if frame.type is FrameType.ERROR:
             raise _checked(exec_error, frame)
         if frame.type is not FrameType.STARTED:
             raise violation(f"expected STARTED, got {frame.type.name}")
         return _int(_record(frame), Tag.PID) or -1
-
-    def signal(self, signo: int) -> None:
-        self.send(encode(CHANNEL, FrameType.SIGNAL, encode_record([(Tag.SIGNAL, signo)])))
 
     def pump(self, *, stdin: int | None, timeout: float | None) -> tuple[int | None, int | None, bool]:
         """Copy the command's stdout and stderr to fds 1 and 2 (and fd `stdin` to its stdin; None:
@@ -250,21 +282,25 @@ class AgentSocket:
                 if n > recv_window:
                     raise violation("the agent sent more output than its window")
                 recv_window -= n
-                _write_all(1 if frame.type is FrameType.STDOUT else 2, frame.payload)
+                self._output(1 if frame.type is FrameType.STDOUT else 2, frame.payload)
                 consumed += n
                 if consumed >= WINDOW_GRANT_STEP:
                     self.send(encode(CHANNEL, FrameType.WINDOW, encode_record([(Tag.BYTES, consumed)])))
                     recv_window, consumed = recv_window + consumed, 0
             if give_up_at is not None and give_up_at <= time.monotonic():
-                self.signal(signal.SIGKILL)
+                kill = encode(CHANNEL, FrameType.SIGNAL, encode_record([(Tag.SIGNAL, signal.SIGKILL)]))
+                with contextlib.suppress(AgentConnectionError):
+                    self.send(kill, until=time.monotonic() + 1.0)
                 raise AgentConnectionError(
                     f"the agent did not end the command within {TIMEOUT_GRACE:g}s of its timeout"
                 )
-            reading = stdin if stdin is not None and send_window > 0 else None
-            ready = self._wait(until=give_up_at, extra=reading)
-            if reading is not None and reading in ready:
+            reading = [stdin] if stdin is not None and send_window > 0 else []
+            ready = self._wait(readers=[self._sock.fileno(), *reading], until=give_up_at)
+            if stdin is not None and stdin in ready and reading:
                 try:
-                    data = os.read(reading, min(READ_CHUNK, send_window, MAX_PAYLOAD))
+                    data = os.read(stdin, min(READ_CHUNK, send_window, MAX_PAYLOAD))
+                except BlockingIOError:  # another reader of a shared stdin was first
+                    continue
                 except OSError:
                     data = b""
                 self.send(encode(CHANNEL, FrameType.STDIN, data))
@@ -283,14 +319,14 @@ def _record(frame: Frame) -> Record:
     try:
         return decode_record(frame.payload)
     except ProtocolError as exc:
-        raise violation(str(exc)) from None
+        raise violation(exc.what) from None
 
 
 def _int(record: Record, tag: Tag) -> int | None:
     try:
         return record.int(tag)
     except ProtocolError as exc:
-        raise violation(str(exc)) from None
+        raise violation(exc.what) from None
 
 
 def _checked(read: Callable[[Record], T], frame: Frame) -> T:
@@ -298,7 +334,7 @@ def _checked(read: Callable[[Record], T], frame: Frame) -> T:
     try:
         return read(decode_record(frame.payload))
     except ProtocolError as exc:
-        raise violation(str(exc)) from None
+        raise violation(exc.what) from None
 
 
 def _grant(frame: Frame) -> int:
@@ -306,12 +342,6 @@ def _grant(frame: Frame) -> int:
     if not 0 < grant <= (1 << 31):
         raise violation(f"bad WINDOW grant {grant}")
     return grant
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def _drain(fd: int) -> None:

@@ -26,6 +26,7 @@ from agentkernel.errors import (
     BackgroundCommandError,
     FileOpError,
     GuestPortError,
+    ProtocolError,
     SandboxStateError,
 )
 from agentkernel.protocol.frames import (
@@ -45,7 +46,6 @@ from agentkernel.protocol.frames import (
     Frame,
     FrameDecoder,
     FrameType,
-    ProtocolError,
     Record,
     Tag,
     decode_record,
@@ -1360,7 +1360,7 @@ class Connection:
                 for frame in self._decoder.feed(data):
                     self._dispatch(frame)
         except ProtocolError as exc:
-            self.violation(str(exc))
+            self.violation(exc.what)
         except OSError as exc:
             self._fail(AgentConnectionError(f"lost the connection to the sandbox agent: {exc}"))
         except asyncio.CancelledError:

@@ -11,6 +11,8 @@ import itertools
 import struct
 from enum import IntEnum
 
+from agentkernel.errors import ProtocolError as ProtocolError  # raised here; re-exported for callers
+
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -41,10 +43,6 @@ plus a pointer (ARG_POINTER bytes) to each. It is a quarter of the guest's 8 MiB
 MAX_ARG_STRLEN = 128 << 10
 """Most bytes of one argv or env string with its NUL (Linux: 32 pages)."""
 ARG_POINTER = 8
-
-
-class ProtocolError(Exception):
-    """The peer broke the protocol; the connection cannot be trusted any more."""
 
 
 class FrameType(IntEnum):
