@@ -138,14 +138,20 @@ def test_fork_bomb_is_refused_and_the_agent_answers(vm: BootedVM) -> None:
     async def body() -> None:
         conn = await limited(vm, max_procs=LIMITED_PROCS)
         try:
-            # It forks until the limit refuses (EAGAIN), and on until the timeout kills its group.
-            bomb = await conn.run(["sh", "-c", f"{FORK_BOMB}; sleep 5"], timeout=8)
+            # It forks until the limit refuses (EAGAIN), and on until the timeout kills its group: its
+            # main process lasts until then (`exec`, no fork needed, which the bomb may deny; a main
+            # process that exited first would leave the bomb running, as any command's background).
+            bomb = await conn.run(["sh", "-c", f"{FORK_BOMB}; exec sleep 60"], timeout=8)
             assert b"Resource temporarily unavailable" in bomb.stderr, bomb.stderr[-500:]
             assert await conn.ping(timeout=30) < 30
             events = (await conn.run(["cat", "/sys/fs/cgroup/sandbox/pids.events"])).stdout.split()
             assert events[0] == b"max" and int(events[1]) > 0  # forks refused at the limit
-            # The timeout killed the command's cgroup: nothing of the bomb is left.
-            assert await text(conn, "cat", "/sys/fs/cgroup/sandbox/pids.current") == "1"  # the cat
+            # The timeout killed the command's cgroup: nothing of the bomb is left once the killed
+            # processes have finished exiting (cgroup.kill does not wait for them).
+            deadline = time.monotonic() + 30
+            while (left := await text(conn, "cat", "/sys/fs/cgroup/sandbox/pids.current")) != "1":  # the cat
+                assert time.monotonic() < deadline, f"{left} processes left"
+                await asyncio.sleep(0.2)
             assert await text(conn, "echo", "alive") == "alive"
         finally:
             await conn.close()

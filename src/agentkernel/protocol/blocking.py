@@ -101,9 +101,6 @@ class AgentSocket:
     def close(self) -> None:
         self._sock.close()
 
-    def fileno(self) -> int:
-        return self._sock.fileno()
-
     def send(self, data: bytes, *, until: float | None = None) -> None:
         """Write `data` whole, waiting while the socket is full (serving `wakeup` meanwhile, whose
         signals are queued until the frame is whole: see `signal`); AgentConnectionError past `until`.

@@ -694,7 +694,9 @@ class Connection:
         memory_mb: int | None = None,
     ) -> str:
         """Greet the agent. `max_procs` and `memory_mb` limit the guest's processes (protocol.md)."""
-        hello = hello_frame(hostname=hostname, set_clock=set_clock, max_procs=max_procs, memory_mb=memory_mb)
+        hello = hello_frame(
+            hostname=hostname, set_clock=set_clock, max_procs=max_procs, memory_mb=memory_mb, version=VERSION
+        )
         try:
             async with asyncio.timeout(timeout):
                 frame = await self._hello_answer(hello)

@@ -63,13 +63,18 @@ def new_command_id() -> str:
 
 
 def hello_frame(
-    *, hostname: str | None, set_clock: bool, max_procs: int | None, memory_mb: int | None
+    *,
+    hostname: str | None,
+    set_clock: bool,
+    max_procs: int | None,
+    memory_mb: int | None,
+    version: int = VERSION,
 ) -> bytes:
-    """A HELLO. Fresh host randomness on every greeting reseeds the guest's generator, so copies
-    resumed from one snapshot do not share their random numbers. `max_procs` and `memory_mb` limit
-    the guest's processes (protocol.md)."""
+    """A HELLO from a host of protocol `version`. Fresh host randomness on every greeting reseeds the
+    guest's generator, so copies resumed from one snapshot do not share their random numbers.
+    `max_procs` and `memory_mb` limit the guest's processes (protocol.md)."""
     fields: list[tuple[Tag, FieldValue]] = [
-        (Tag.VERSION, VERSION),
+        (Tag.VERSION, version),
         (Tag.MAGIC, MAGIC),
         (Tag.ENTROPY, os.urandom(ENTROPY_BYTES)),
     ]
