@@ -5,7 +5,7 @@ to file descriptors and its stdin from one, under the same windows and limits.
 
 Everything read from the agent is checked as `Connection` checks it: frames by `FrameDecoder`, data
 against the window this side granted, frame types against what an EXEC may answer. Any violation
-raises AgentConnectionError; so does a connection the agent closed (`Lost`).
+raises ProtocolError, an AgentConnectionError, as does a connection the agent closed (`Lost`).
 """
 
 from __future__ import annotations
@@ -22,14 +22,10 @@ from collections import deque
 from agentkernel.errors import AgentConnectionError, ProtocolError
 from agentkernel.protocol.frames import (
     INITIAL_WINDOW,
-    MAGIC,
     MAX_PAYLOAD,
-    OLDEST_VERSION,
-    VERSION,
     Frame,
     FrameDecoder,
     FrameType,
-    Record,
     Tag,
     decode_record,
     encode,
@@ -45,14 +41,12 @@ from agentkernel.protocol.requests import (
     exec_error,
     exit_fields,
     hello_frame,
+    hello_version,
 )
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
-    from typing import TypeVar
-
-    T = TypeVar("T")
 
 CHANNEL = 1
 """The one channel this client opens."""
@@ -127,11 +121,16 @@ class AgentSocket:
 
     def signal(self, signo: int) -> None:
         """Send SIGNAL for the command; while another frame is half-written, once that one is whole."""
-        frame = encode(CHANNEL, FrameType.SIGNAL, encode_record([(Tag.SIGNAL, signo)]))
+        frame = _signal_frame(signo)
         if self._sending:
             self._queued.append(frame)
         else:
             self.send(frame)
+
+    def _kill(self) -> None:
+        """SIGKILL the command's group, if the agent takes it within a second (we are giving up)."""
+        with contextlib.suppress(AgentConnectionError):
+            self.send(_signal_frame(signal.SIGKILL), until=time.monotonic() + 1.0)
 
     def _wait(
         self, *, readers: Sequence[int] = (), writers: Sequence[int] = (), until: float | None = None
@@ -175,10 +174,7 @@ class AgentSocket:
             raise Lost(f"lost the connection to the sandbox agent: {exc}") from None
         if not data:
             raise Lost("the sandbox agent closed the connection")
-        try:
-            self._frames.extend(self._decoder.feed(data))
-        except ProtocolError as exc:
-            raise violation(exc.what) from None
+        self._frames.extend(self._decoder.feed(data))
 
     def next_frame(self, timeout: float | None) -> Frame | None:
         """The next frame, or None if none came within `timeout` seconds (None: wait for one)."""
@@ -208,14 +204,8 @@ class AgentSocket:
             if time.monotonic() > deadline:
                 raise AgentConnectionError(f"the agent did not answer within {timeout:g}s")
         if answer.channel != 0 or answer.type is not FrameType.HELLO:
-            raise violation(f"expected HELLO, got {answer.type.name}")
-        record = _record(answer)
-        if record.bytes(Tag.MAGIC) != MAGIC:
-            raise violation("agent HELLO lacks the protocol magic")
-        version = _int(record, Tag.VERSION) or 0
-        if not OLDEST_VERSION <= version <= VERSION:
-            raise violation(f"agent speaks protocol version {version}, not {OLDEST_VERSION} to {VERSION}")
-        self.agent_version = version
+            raise ProtocolError(f"expected HELLO, got {answer.type.name}")
+        self.agent_version = hello_version(decode_record(answer.payload))
 
     def _channel_frame(self, timeout: float | None) -> Frame | None:
         """The next frame on the command's channel (repeated HELLO answers on channel 0 dropped)."""
@@ -227,10 +217,10 @@ class AgentSocket:
                 return None
             if frame.channel == 0:
                 if frame.type is not FrameType.HELLO:
-                    raise violation(f"unexpected {frame.type.name} frame on the control channel")
+                    raise ProtocolError(f"unexpected {frame.type.name} frame on the control channel")
                 continue
             if frame.channel != CHANNEL:
-                raise violation(f"a frame on channel {frame.channel}, which is not open")
+                raise ProtocolError(f"a frame on channel {frame.channel}, which is not open")
             return frame
 
     def start(self, records: list[bytes]) -> int:
@@ -241,15 +231,13 @@ class AgentSocket:
         self.send(encode(CHANNEL, FrameType.EXEC, records[0]), until=time.monotonic() + START_TIMEOUT)
         frame = self._channel_frame(START_TIMEOUT)
         if frame is None:
-            kill = encode(CHANNEL, FrameType.SIGNAL, encode_record([(Tag.SIGNAL, signal.SIGKILL)]))
-            with contextlib.suppress(AgentConnectionError):
-                self.send(kill, until=time.monotonic() + 1.0)
+            self._kill()
             raise AgentConnectionError(f"the agent did not start the command within {START_TIMEOUT:g}s")
         if frame.type is FrameType.ERROR:
-            raise _checked(exec_error, frame)
+            raise exec_error(decode_record(frame.payload))
         if frame.type is not FrameType.STARTED:
-            raise violation(f"expected STARTED, got {frame.type.name}")
-        return _int(_record(frame), Tag.PID) or -1
+            raise ProtocolError(f"expected STARTED, got {frame.type.name}")
+        return decode_record(frame.payload).int(Tag.PID) or -1
 
     def pump(self, *, stdin: int | None, timeout: float | None) -> tuple[int | None, int | None, bool]:
         """Copy the command's stdout and stderr to fds 1 and 2 (and fd `stdin` to its stdin; None:
@@ -265,19 +253,19 @@ class AgentSocket:
                 if frame is None:  # only answers to repeated HELLOs were queued
                     break
                 if frame.type not in EXEC_ANSWERS:
-                    raise violation(f"unexpected {frame.type.name} frame during exec")
+                    raise ProtocolError(f"unexpected {frame.type.name} frame during exec")
                 if frame.type is FrameType.EXIT:
-                    return _checked(exit_fields, frame)
+                    return exit_fields(decode_record(frame.payload))
                 if frame.type is FrameType.ERROR:
-                    raise _checked(exec_error, frame)
+                    raise exec_error(decode_record(frame.payload))
                 if frame.type is FrameType.WINDOW:
                     send_window += _grant(frame)
                     continue
                 n = len(frame.payload)
                 if n == 0:
-                    raise violation(f"empty {frame.type.name} frame on channel {CHANNEL}")
+                    raise ProtocolError(f"empty {frame.type.name} frame on channel {CHANNEL}")
                 if n > recv_window:
-                    raise violation("the agent sent more output than its window")
+                    raise ProtocolError("the agent sent more output than its window")
                 recv_window -= n
                 self._output(1 if frame.type is FrameType.STDOUT else 2, frame.payload)
                 consumed += n
@@ -285,9 +273,7 @@ class AgentSocket:
                     self.send(encode(CHANNEL, FrameType.WINDOW, encode_record([(Tag.BYTES, consumed)])))
                     recv_window, consumed = recv_window + consumed, 0
             if give_up_at is not None and give_up_at <= time.monotonic():
-                kill = encode(CHANNEL, FrameType.SIGNAL, encode_record([(Tag.SIGNAL, signal.SIGKILL)]))
-                with contextlib.suppress(AgentConnectionError):
-                    self.send(kill, until=time.monotonic() + 1.0)
+                self._kill()
                 raise AgentConnectionError(
                     f"the agent did not end the command within {TIMEOUT_GRACE:g}s of its timeout"
                 )
@@ -308,36 +294,14 @@ class AgentSocket:
                 self._read()
 
 
-def violation(what: str) -> AgentConnectionError:
-    return AgentConnectionError(f"the sandbox agent broke the protocol: {what}")
-
-
-def _record(frame: Frame) -> Record:
-    try:
-        return decode_record(frame.payload)
-    except ProtocolError as exc:
-        raise violation(exc.what) from None
-
-
-def _int(record: Record, tag: Tag) -> int | None:
-    try:
-        return record.int(tag)
-    except ProtocolError as exc:
-        raise violation(exc.what) from None
-
-
-def _checked(read: Callable[[Record], T], frame: Frame) -> T:
-    """`read` of the frame's record, a malformed one a violation."""
-    try:
-        return read(decode_record(frame.payload))
-    except ProtocolError as exc:
-        raise violation(exc.what) from None
+def _signal_frame(signo: int) -> bytes:
+    return encode(CHANNEL, FrameType.SIGNAL, encode_record([(Tag.SIGNAL, signo)]))
 
 
 def _grant(frame: Frame) -> int:
-    grant = _int(_record(frame), Tag.BYTES) or 0
+    grant = decode_record(frame.payload).int(Tag.BYTES) or 0
     if not 0 < grant <= (1 << 31):
-        raise violation(f"bad WINDOW grant {grant}")
+        raise ProtocolError(f"bad WINDOW grant {grant}")
     return grant
 
 

@@ -36,11 +36,9 @@ from agentkernel.protocol.frames import (
     DATA_TYPES,
     FIELD,
     INITIAL_WINDOW,
-    MAGIC,
     MAX_CHANNELS,
     MAX_PAYLOAD,
     MAX_PING,
-    OLDEST_VERSION,
     PORTS_VERSION,
     VERSION,
     Frame,
@@ -66,6 +64,7 @@ from agentkernel.protocol.requests import (
     exec_fields,
     exit_fields,
     hello_frame,
+    hello_version,
     new_command_id,
     raw,
     shell_code,
@@ -713,14 +712,10 @@ class Connection:
         if self.broken:
             raise self.failure()
         record = decode_record(frame.payload)
-        if record.bytes(Tag.MAGIC) != MAGIC:
-            raise self.violation("agent HELLO lacks the protocol magic")
-        version = record.int(Tag.VERSION) or 0
-        if not OLDEST_VERSION <= version <= VERSION:
-            raise self.violation(
-                f"agent speaks protocol version {version}, not {OLDEST_VERSION} to {VERSION}"
-            )
-        self.agent_version = version
+        try:
+            self.agent_version = hello_version(record, VERSION)
+        except ProtocolError as exc:
+            raise self.violation(exc.what) from None
         self.agent_info = record.str(Tag.MESSAGE)
         return self.agent_info
 
@@ -1300,7 +1295,7 @@ class Connection:
         return self.failure()
 
     def violation(self, what: str) -> AgentConnectionError:
-        self._fail(AgentConnectionError(f"the sandbox agent broke the protocol: {what}"))
+        self._fail(ProtocolError(what))
         return self.failure()
 
     def _fail(self, error: AgentConnectionError, *, flush: bool = False) -> None:

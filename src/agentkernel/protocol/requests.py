@@ -10,7 +10,13 @@ import os
 import time
 from errno import E2BIG
 
-from agentkernel.errors import AgentkernelError, ArgumentsTooLongError, ExecError, WorkingDirectoryError
+from agentkernel.errors import (
+    AgentkernelError,
+    ArgumentsTooLongError,
+    ExecError,
+    ProtocolError,
+    WorkingDirectoryError,
+)
 from agentkernel.protocol.frames import (
     ARG_MAX,
     ARG_POINTER,
@@ -18,6 +24,7 @@ from agentkernel.protocol.frames import (
     MAGIC,
     MAX_ARG_STRLEN,
     MAX_PAYLOAD,
+    OLDEST_VERSION,
     VERSION,
     FieldValue,
     FrameType,
@@ -117,6 +124,17 @@ def exec_fields(
     if detach:
         fields.append((Tag.DETACH, 1))
     return fields
+
+
+def hello_version(record: Record, newest: int = VERSION) -> int:
+    """The protocol version an agent's HELLO answer speaks, checked (ProtocolError: no magic, or a
+    version outside OLDEST_VERSION to `newest`)."""
+    if record.bytes(Tag.MAGIC) != MAGIC:
+        raise ProtocolError("agent HELLO lacks the protocol magic")
+    version = record.int(Tag.VERSION) or 0
+    if not OLDEST_VERSION <= version <= newest:
+        raise ProtocolError(f"agent speaks protocol version {version}, not {OLDEST_VERSION} to {newest}")
+    return version
 
 
 def check_arguments(argv: Sequence[str | bytes], env: Mapping[str, str]) -> tuple[list[bytes], list[bytes]]:
