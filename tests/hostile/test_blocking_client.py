@@ -96,6 +96,18 @@ def talk() -> Iterator[Callable[[Script], blocking.AgentSocket]]:
         thread.join(timeout=5)
 
 
+def fed_pipe(size: int) -> tuple[int, int]:
+    """A pipe a thread writes `size` bytes into (the stdin of a command that wants a lot)."""
+    read_end, write_end = os.pipe()
+
+    def feed() -> None:
+        with contextlib.suppress(OSError):  # its pipe is closed at the end
+            os.write(write_end, b"z" * size)
+
+    threading.Thread(target=feed, daemon=True).start()
+    return read_end, write_end
+
+
 def hello(client: blocking.AgentSocket, timeout: float = 5.0) -> None:
     client.hello(hostname="box", max_procs=None, memory_mb=None, timeout=timeout)
 
@@ -324,13 +336,7 @@ def test_a_signal_is_served_while_the_agent_will_not_read_stdin(talk) -> None:
         agent.send(1, FrameType.WINDOW, [(Tag.BYTES, 1 << 30)])
         time.sleep(30)  # reads nothing more
 
-    read_end, write_end = os.pipe()
-
-    def feed() -> None:
-        with contextlib.suppress(OSError):  # its pipe is closed at the end
-            os.write(write_end, b"z" * (8 << 20))
-
-    threading.Thread(target=feed, daemon=True).start()
+    read_end, write_end = fed_pipe(8 << 20)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK)
     client = talk(script)
     hello(client)
@@ -413,13 +419,7 @@ def test_a_signal_while_a_frame_is_half_written_goes_after_it(talk) -> None:
         while True:  # as an agent does, it reads (and drops) what still comes for the channel
             agent.next()
 
-    read_end, write_end = os.pipe()
-
-    def feed() -> None:
-        with contextlib.suppress(OSError):
-            os.write(write_end, b"z" * (16 << 20))
-
-    threading.Thread(target=feed, daemon=True).start()
+    read_end, write_end = fed_pipe(16 << 20)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK)
     client = talk(script)
     hello(client)
