@@ -1,5 +1,6 @@
 """What /proc says of a process, read in one place: whether it still runs, when it started, its
-session, its arguments; and which processes name a path.
+session, its arguments, whether it sees the host's files as this one does; and which processes name a
+path.
 
 A process can end between two reads, so every reader answers None or False rather than raise. A
 zombie counts as ended: it has exited, and only its exit status is left for its parent. A pid can be
@@ -33,6 +34,17 @@ def start_time(pid: int) -> int | None:
     """When `pid` started (field 22: clock ticks after boot); None if it does not run."""
     fields = _stat(pid)
     return None if fields is None or fields[0] in ENDED else int(fields[19])
+
+
+def sees_files_as_we_do(pid: int) -> bool:
+    """Whether process `pid` has this process's mount namespace and root directory, so that a path it
+    names is the same file here (False when it cannot be told: the process ended, or hides its /proc)."""
+    try:
+        theirs = (os.stat(f"/proc/{pid}/ns/mnt"), os.stat(f"/proc/{pid}/root"))
+        ours = (os.stat("/proc/self/ns/mnt"), os.stat("/"))
+    except OSError:
+        return False
+    return all((a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) for a, b in zip(theirs, ours, strict=True))
 
 
 def session_of(pid: int) -> int | None:

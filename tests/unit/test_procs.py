@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from agentkernel import procs
 
 
@@ -60,3 +62,20 @@ def test_processes_naming_a_path(tmp_path: Path) -> None:
             p.kill()
             p.wait()
     assert procs.naming(run) == []
+
+
+def test_a_process_in_another_mount_namespace_does_not_see_our_files() -> None:
+    assert procs.sees_files_as_we_do(os.getpid())
+    with subprocess.Popen(["sleep", "30"]) as same:
+        assert procs.sees_files_as_we_do(same.pid)
+        same.kill()
+    assert not procs.sees_files_as_we_do(same.pid)  # ended: cannot be told
+    if os.geteuid() != 0:
+        pytest.skip("a new mount namespace needs root (unshare -m)")
+    with subprocess.Popen(["unshare", "-m", "sleep", "30"]) as other:
+        deadline = time.monotonic() + 10
+        while procs.argv(other.pid)[:1] != [b"sleep"]:  # unshare has exec'd sleep in its namespace
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert not procs.sees_files_as_we_do(other.pid)
+        other.kill()

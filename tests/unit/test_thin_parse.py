@@ -1,6 +1,6 @@
-"""The thin command line reads `exec` and `run` arguments exactly as the full (Typer) command line
-does, or not at all: for every argument vector drawn from a vocabulary of their options, values and
-odd tokens, the thin parse is a Fallback or equals what click's own parser makes of the same vector."""
+"""The thin command line reads `exec`, `run`, `stop` and `rm` arguments exactly as the full (Typer)
+command line does, or not at all: for every argument vector drawn from a vocabulary of their options,
+values and odd tokens, the thin parse is a Fallback or equals what click's own parser makes of it."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import typer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agentkernel.cli import thin_exec, thin_run
+from agentkernel.cli import thin_exec, thin_run, thin_served
 from agentkernel.cli.app import app
 from agentkernel.cli.sandbox_cmds import command_args
 from agentkernel.cli.thin import Fallback
@@ -98,3 +98,79 @@ def test_run_is_parsed_as_click_parses_it(tokens: list[str]) -> None:
 def test_common_exec_forms_are_taken(args: list[str]) -> None:
     assert thin_exec_or_none(args) is not None
     test_exec_is_parsed_as_click_parses_it.hypothesis.inner_test(args)  # type: ignore[attr-defined]
+
+
+NAME_TOKENS = [
+    "box",
+    "b.2",
+    "-f",
+    "--force",
+    "--force=1",
+    "-ff",
+    "--",
+    "-",
+    "--help",
+    "-x",
+    "Bad!",
+    ".x",
+    "a" * 64,
+]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(["stop", "rm", "remove"]), st.lists(st.sampled_from(NAME_TOKENS), max_size=6))
+def test_stop_and_rm_are_parsed_as_click_parses_them(command: str, tokens: list[str]) -> None:
+    try:
+        request = thin_served.parse(command, tokens)
+    except Fallback:
+        return
+    params = full_params(command, tokens)
+    assert params is not None, tokens
+    if command == "stop":
+        assert request == {"op": "stop_sandbox", "names": [params["name"]]}
+    else:
+        assert request == {"op": "remove_sandboxes", "names": list(params["names"]), "force": params["force"]}
+
+
+@pytest.mark.parametrize(
+    ("command", "args"),
+    [
+        ("stop", ["box"]),
+        ("rm", ["box"]),
+        ("rm", ["-f", "box", "b.2"]),
+        ("rm", ["box", "--force"]),
+        ("rm", ["--", "box"]),
+    ],
+)
+def test_common_stop_and_rm_forms_are_taken(command: str, args: list[str]) -> None:
+    thin_served.parse(command, args)  # no Fallback
+    test_stop_and_rm_are_parsed_as_click_parses_them.hypothesis.inner_test(command, args)  # type: ignore[attr-defined]
+
+
+CP_TOKENS = [
+    "box:/etc/hostname",
+    "box:/tmp/",
+    "box:rel",
+    "Bad!:/x",
+    "f.txt",
+    "./d/",
+    "a/b:/c",
+    ":x",
+    "-",
+    "--",
+    "-r",
+    "x:",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(CP_TOKENS), max_size=3))
+def test_cp_is_parsed_as_click_parses_it(tokens: list[str]) -> None:
+    try:
+        request, local = thin_served.parse_copy(tokens)
+    except Fallback:
+        return
+    params = full_params("cp", tokens)
+    assert params is not None, tokens
+    remote = f"{request['sandbox']}:{request['remote']}"
+    assert (params["source"], params["dest"]) == ((local, remote) if request["upload"] else (remote, local))

@@ -40,6 +40,8 @@ def test_bench_reports_every_figure(cli_home: Path) -> None:
     for name in ("pool_fill_s", "restored_pss_mib", "idle_cpu_percent", "stress_s"):
         assert table[name]["count"] == 3 and table[name]["holds"] is None, name  # fewer than 100
     assert table["cli_cost_over_python"]["value"] > 0
+    costs = table["cli_cost_over_python"]
+    assert costs["each"].keys() == costs["without_daemon"].keys() == {"ls", "exec", "stop", "rm", "cp"}
     fill = figures["fill"]
     assert fill["fill_s"] > 0 and 1 <= fill["peak_making"] <= fill["parallel"]
     for key in ("stress", "stress_network"):

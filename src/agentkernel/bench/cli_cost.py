@@ -35,7 +35,7 @@ def hot_commands(sandbox: str | None = None) -> dict[str, list[str]]:
         "exec": ["exec", sandbox or ABSENT, "--", "true"],
         "stop": ["stop", ABSENT],
         "rm": ["rm", ABSENT],
-        "cp": ["cp", f"{ABSENT}:/etc/hostname", os.devnull],
+        "cp": ["cp", f"{ABSENT}:/etc/hostname", "hostname"],  # into the working directory
     }
 
 

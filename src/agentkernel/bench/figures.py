@@ -329,18 +329,28 @@ TABLE_COUNT = 100
 
 def cli_costs(project: Path, *, runs: int, image: str) -> dict[str, Any]:
     """The command line's own cost (`bench.cli_cost`), `exec` timed running `true` in a running
-    sandbox (so its figure holds the guest's round trip too)."""
+    sandbox (so its figure holds the guest's round trip too): without a pool daemon, then with one
+    (`stop`, `rm` and `cp` are then the daemon's, `cli/thin_served.py`)."""
     from agentkernel.bench import cli_cost
 
+    _no_daemon("the benchmark")
     name = f"bench-cli-{secrets.token_hex(3)}"
-    call(
-        lambda service: service.create(_request(project, image, network=False), name=name),
-        project_dir=project,
-    )
+    request = _request(project, image, network=False)
+    call(lambda service: service.create(request, name=name), project_dir=project)
     try:
-        return cli_cost.cli_costs(runs=runs, sandbox=name, cwd=project)
+        without = cli_cost.cli_costs(runs=runs, sandbox=name, cwd=project)
+        control.start([Kind.of(request, 1)], max_age=3600, health_interval=3600)
+        try:
+            control.wait_ready(lambda _status: None)
+            return {**cli_cost.cli_costs(runs=runs, sandbox=name, cwd=project), "without_daemon": without}
+        finally:
+            control.stop()
     finally:
         call(lambda service: service.remove(name, force=True), project_dir=project)
+
+
+def _ratios(costs: dict[str, Any]) -> dict[str, float]:
+    return {label: entry["ratio"] for label, entry in costs["commands"].items()}
 
 
 def _row(
@@ -376,9 +386,10 @@ def table(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
         ),
         "cli_cost_over_python": _row(
             "the CLI's own cost on exec (`true` in a running sandbox), ls, stop, rm, cp over "
-            "`python3 -c pass` (the largest; stop, rm and cp timed on an absent sandbox)",
+            "`python3 -c pass` with a pool daemon running (the largest; stop, rm and cp timed on an "
+            "absent sandbox)",
             cli["largest_ratio"], 3.0, "ratio",
-            each={label: entry["ratio"] for label, entry in cli["commands"].items()},
+            each=_ratios(cli), without_daemon=_ratios(cli["without_daemon"]),
         ),
         "restored_pss_mib": _row(
             "PSS of each sandbox restored from one snapshot, at the most sandboxes measured",

@@ -80,6 +80,10 @@ def bench(
         f"filling the pool with {fill_['count']}: {fill_['fill_s']:.2f} s (first ready after "
         f"{fill_['first_ready_s']:.2f} s; {fill_['peak_making']} made at once, at most {fill_['parallel']})"
     )
+    cli_row = result["table"]["cli_cost_over_python"]
+    for when, ratios in (("with a pool daemon", cli_row["each"]), ("without", cli_row["without_daemon"])):
+        each = ", ".join(f"{label} {ratio:g}" for label, ratio in ratios.items())
+        console.print(f"the CLI's own cost over `python3 -c pass`, {when}: {each}")
     for key in ("stress", "stress_network"):
         run = result[key]
         flag = " --network" if run["network"] else ""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
@@ -20,10 +20,10 @@ from agentkernel.cli.signals import SignalGuard, run_until_signalled
 from agentkernel.cli.streams import attach_process, raw_terminal, terminal_size
 from agentkernel.cli.thin_exec import timed_out_message
 from agentkernel.config import load_config
-from agentkernel.errors import AgentkernelError, InvalidRequestError, NotAFileError
+from agentkernel.errors import AgentkernelError, InvalidRequestError
 from agentkernel.protocol.connection import Connection, ExitStatus
 from agentkernel.sandbox.state import SandboxRecord
-from agentkernel.service import checks
+from agentkernel.service import checks, transfers
 from agentkernel.service.request import SandboxFlags, SandboxRequest
 from agentkernel.service.service import CommandSpec, SandboxService, call, exec_on
 
@@ -480,52 +480,10 @@ def cp(
     if (src_name is None) == (dst_name is None):
         raise AgentkernelError("cp: exactly one of SRC and DST must be NAME:/path")
     if dst_name is not None:
-        with_service(lambda service: _upload(service, dst_name, Path(src_path), dst_path))
+        with_service(lambda service: transfers.upload(service, dst_name, Path(src_path), dst_path))
     else:
         assert src_name is not None
-        with_service(lambda service: _download(service, src_name, src_path, Path(dst_path)))
-
-
-async def _read_local(path: Path) -> AsyncIterator[bytes]:
-    with path.open("rb") as f:
-        while chunk := f.read(256 * 1024):
-            yield chunk
-
-
-async def _upload(service: SandboxService, name: str, local: Path, remote: str) -> None:
-    if not local.is_file():
-        raise AgentkernelError(f"cp: {local}: not a file")
-    if remote.endswith("/"):
-        remote += local.name
-    else:
-        with contextlib.suppress(AgentkernelError):
-            if (await service.stat(name, remote)).kind == "dir":
-                remote = f"{remote}/{local.name}"
-    await service.write_file(name, remote, _read_local(local), mode=local.stat().st_mode & 0o777)
-
-
-async def _download(service: SandboxService, name: str, remote: str, local: Path) -> None:
-    if local.is_dir():
-        base = remote.rstrip("/").rsplit("/", 1)[-1]
-        if not base:
-            raise AgentkernelError(f"cp: {name}:{remote} names no file to copy")
-        local = local / base
-    tmp = local.with_name(f".{local.name}.part")
-    try:
-        info, chunks = await service.open_file(name, remote)
-    except NotAFileError:
-        raise AgentkernelError(f"cp: {name}:{remote}: not a regular file") from None
-    async with contextlib.aclosing(chunks):
-        try:
-            with tmp.open("wb") as f:
-                async for chunk in chunks:
-                    f.write(chunk)
-            tmp.chmod(info.mode & 0o777)
-            tmp.replace(local)
-        except OSError as exc:
-            raise AgentkernelError(f"cp: cannot write {local}: {exc.strerror or exc}") from None
-        finally:
-            tmp.unlink(missing_ok=True)
+        with_service(lambda service: transfers.download(service, src_name, src_path, Path(dst_path)))
 
 
 def logs(name: str = typer.Argument(..., help="Sandbox name.")) -> None:

@@ -11,8 +11,8 @@ Done here today: `--version`; `ls`/`list` (with `-a`/`--all` and `-f`/`--filter 
 when every record shown is as its backend would leave it (QEMU's VMMs are checked in /proc; a running
 sandbox of another backend sends `ls` to the full command line); `exec` without a terminal or
 `--detach` in a running QEMU sandbox (`thin_exec`); `run` when the pool daemon has a ready sandbox of
-its kind (`thin_run`). `stop`, `rm` and `cp` go to the full command line: they need the service's
-locks, backends and cleanup.
+its kind (`thin_run`); `stop`, `rm` and `cp` when the pool daemon runs, which has the service do them
+(`thin_served`).
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ def one_line(message: str) -> str:
 def main() -> None:
     argv = sys.argv[1:]
     if os.environ.get(FULL_ENV) != "1" and "_AGENTKERNEL_COMPLETE" not in os.environ:
-        if argv[:1] in (["exec"], ["run"]):
-            _streamed(argv[0], argv[1:])
+        if argv[:1] in (["exec"], ["run"], ["stop"], ["rm"], ["remove"], ["cp"]):
+            _done(argv[0], argv[1:])
         try:
             out = thin(argv)
         except Fallback:
@@ -85,17 +85,24 @@ def main() -> None:
     full()
 
 
-def _streamed(command: str, args: Sequence[str]) -> None:
-    """`exec` or `run` here and exit with its status, unless it falls back (then return, having done
-    nothing)."""
+def _done(command: str, args: Sequence[str]) -> None:
+    """`exec`, `run`, `stop`, `rm` or `cp` here and exit with its status, unless it falls back (then
+    return, having done nothing)."""
     from agentkernel.errors import AgentkernelError
 
-    if command == "exec":
-        from agentkernel.cli.thin_exec import run
-    else:
-        from agentkernel.cli.thin_run import run
     try:
-        code = run(args)
+        if command == "exec":
+            from agentkernel.cli import thin_exec
+
+            code = thin_exec.run(args)
+        elif command == "run":
+            from agentkernel.cli import thin_run
+
+            code = thin_run.run(args)
+        else:
+            from agentkernel.cli import thin_served
+
+            code = thin_served.run(command, args)
     except Fallback:
         return
     except AgentkernelError as exc:

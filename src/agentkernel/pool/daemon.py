@@ -6,8 +6,10 @@ every pooled sandbox is resumed from that template (a fraction of a boot); other
 A handed-out sandbox belongs to its taker, who removes it: the pool never takes one back.
 
 The main thread serves requests on the socket (an acquire is answered from memory, never waiting
-for a boot, and wakes the worker); the worker thread checks health (the VMM alive, the agent
-answering), replaces sandboxes older than the maximum age, and refills: several sandboxes at once,
+for a boot, and wakes the worker; the thin command line's leases and releases, `thin_runs`, and its
+`stop`, `rm` and `cp`, `thin_commands`, are done in threads of their own); the worker thread checks
+health (the VMM alive, the agent answering), replaces sandboxes older than the maximum age, and
+refills: several sandboxes at once,
 the emptiest kind first, as many as the host's cores allow (PER_CORE each) and its free memory holds
 (each in flight counted at its full guest memory), so a pooled sandbox is ready again before the one
 just handed out has finished its command. A kind's first make waits for its template alone.
@@ -41,12 +43,12 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 from agentkernel import hostinfo, paths
 from agentkernel.backends import registry
 from agentkernel.errors import AgentkernelError
-from agentkernel.pool import thin_runs, wire
+from agentkernel.pool import thin_commands, thin_runs, wire
 from agentkernel.pool.kinds import Kind
 from agentkernel.sandbox import state
 from agentkernel.service import audit, owners
@@ -403,15 +405,26 @@ def _peer(writer: asyncio.StreamWriter) -> owners.Owner | None:
 
 async def serve(pool: Pool, shutdown: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
-    # Leases answer from memory and a quick resolve; releases remove VMs: neither waits behind the other.
-    workers = {op: ThreadPoolExecutor(4, thread_name_prefix=f"pool-{op}") for op in thin_runs.OPS}
+    # Leases answer from memory and a quick resolve; releases, stops and removes wait for VMs: none
+    # waits behind another kind.
+    ops = (*thin_runs.OPS, *thin_commands.OPS)
+    workers = {op: ThreadPoolExecutor(4, thread_name_prefix=f"pool-{op}") for op in ops}
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             line = await asyncio.wait_for(reader.readline(), timeout=5)
             peer = _peer(writer)
-            if (run := thin_runs.request(line)) is not None:  # blocking work: not on this loop
+            if (run := wire.parsed(line, thin_runs.OPS)) is not None:  # blocking work: not on this loop
                 reply = await loop.run_in_executor(workers[run["op"]], thin_runs.answer, pool, run, peer)
+            elif (command := wire.parsed(line, thin_commands.OPS)) is not None:
+                if command["op"] == "copy_file":  # its file comes next, as the socket's ancillary data
+                    cast(asyncio.Transport, writer.transport).pause_reading()
+                    writer.write(json.dumps(thin_commands.SEND_FD).encode() + b"\n")
+                    await writer.drain()
+                connection = writer.get_extra_info("socket").fileno()
+                reply = await loop.run_in_executor(
+                    workers[command["op"]], thin_commands.answer, command, connection
+                )
             else:
                 reply = answer(pool, line, shutdown, peer)
         except (ValueError, TimeoutError, OSError, AgentkernelError) as exc:  # a long line, a silent client

@@ -5,19 +5,19 @@ agentkernel.toml, then the command and the project's files) and hands it a ready
 a QEMU one, whose agent socket the client then speaks to itself. From the hand-out on the sandbox is
 the client's (its process, from the socket's peer credentials): a `release` from it removes the
 sandbox once its command is done, and should it die first, the reaper removes it as any dead owner's.
-A lease that finds nothing (another kind, an empty pool, anything the full `run` would refuse) hands
-out nothing: the client then runs the full command line, which says what is wrong.
+A lease that finds nothing (another kind, an empty pool, anything the full `run` would refuse, a
+client that sees other files than the daemon does, from another mount namespace or root) hands out
+nothing: the client then runs the full command line, which says what is wrong.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeGuard
 
-from agentkernel import hostinfo
+from agentkernel import hostinfo, procs
 from agentkernel.errors import AgentkernelError, NoSuchSandboxError
 from agentkernel.service import audit, sandboxes
 from agentkernel.service.checks import validate_name
@@ -44,15 +44,6 @@ sockets, `service/exec_file`)."""
 NOTHING = {"ok": True, "sandbox": None}
 
 
-def request(line: bytes) -> dict[str, Any] | None:
-    """The request on `line` if it is one of these (else the daemon's other requests answer it)."""
-    with contextlib.suppress(ValueError):
-        message = json.loads(line)
-        if isinstance(message, dict) and message.get("op") in OPS:
-            return message
-    return None
-
-
 def answer(pool: Pool, message: dict[str, Any], peer: Owner | None) -> dict[str, Any]:
     """The reply to a lease or release from process `peer` (run in a worker thread)."""
     if message["op"] == "lease":
@@ -63,6 +54,8 @@ def answer(pool: Pool, message: dict[str, Any], peer: Owner | None) -> dict[str,
 def lease(pool: Pool, message: dict[str, Any], peer: Owner | None) -> dict[str, Any]:
     cwd, command, flags = message.get("cwd"), message.get("command"), message.get("flags")
     if peer is None:  # it has already gone: nobody would release what it is given
+        return NOTHING
+    if not procs.sees_files_as_we_do(peer["pid"]):  # its directory is not the one of that name here
         return NOTHING
     if not (isinstance(cwd, str) and os.path.isabs(cwd) and _strings(command) and isinstance(flags, dict)):
         return {"ok": False, "error": "a lease needs cwd (absolute), command and flags"}

@@ -8,11 +8,15 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
-from pathlib import Path
-from typing import Any
 
 from agentkernel import paths
 from agentkernel.errors import AgentkernelError, DaemonUnavailable
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time: the thin CLI)
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from pathlib import Path
+    from typing import Any
 
 MAX_LINE = 1 << 20  # a status reply with many sandboxes stays far below this
 
@@ -58,6 +62,15 @@ def request(message: dict[str, Any], *, timeout: float = 5.0) -> dict[str, Any]:
     if not reply.get("ok"):
         raise AgentkernelError(f"the pool daemon refused: {reply.get('error', 'no reason given')}")
     return reply
+
+
+def parsed(line: bytes, ops: Sequence[str]) -> dict[str, Any] | None:
+    """The request on `line` if it is one of `ops` (else None: another part of the daemon answers it)."""
+    try:
+        message = json.loads(line)
+    except ValueError:
+        return None
+    return message if isinstance(message, dict) and message.get("op") in ops else None
 
 
 def acquire(key: str) -> str | None:
