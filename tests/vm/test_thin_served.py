@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from agentkernel.cli import thin
-from agentkernel.pool import wire
+from agentkernel.pool import thin_commands, wire
 from agentkernel.service import audit, sandboxes
 from tests.conftest import cli, either_cli, heavy_imports
 
@@ -97,22 +97,42 @@ def test_what_the_thin_path_does_not_take_goes_to_the_full_command_line(daemon: 
     assert not trace.exists() and status("box") is None
 
 
-def test_the_daemon_finishes_what_a_killed_client_asked(daemon: Path) -> None:
+def daemon_files(under: Path) -> list[str]:
+    """The files under `under` the daemon has open."""
+    fds = Path(f"/proc/{int(wire.pid_file().read_text())}/fd")
+    return [target for fd in fds.iterdir() if (target := os.readlink(fd)).startswith(str(under))]
+
+
+def test_a_client_that_leaves_cancels_what_it_asked(daemon: Path, tmp_path: Path) -> None:
+    """As the full command, killed or interrupted, does no more: the daemon's work for it stops."""
     ok("create", "--backend", "qemu", "--no-network", "box")
     ok("start", "box")
-    argv = [sys.executable, "-m", "agentkernel", "stop", "box"]
     env = {k: v for k, v in os.environ.items() if k != thin.FULL_ENV}
+    argv = [sys.executable, "-m", "agentkernel", "stop", "box"]
     with sandboxes.locked("box"):  # the daemon's stop waits for the lock: the client is waiting
         client = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         time.sleep(2)
         client.send_signal(signal.SIGKILL)
         assert client.wait() == -signal.SIGKILL
+    time.sleep(3)
+    assert status("box") == "running" and "stop" not in [e["event"] for e in audit.entries("box")]
+    ok("exec", "box", "--", "sh", "-c", "dd if=/dev/zero of=/root/big bs=1M count=150 2>/dev/null")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    argv = [sys.executable, "-m", "agentkernel", "cp", "box:/root/big", str(dest)]
+    client = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
-    while status("box") != "stopped":
-        assert time.monotonic() < deadline, "the stop was not finished"
+    while not [p for p in dest.iterdir() if p.name.startswith(".big.")]:  # the copy is under way
+        assert time.monotonic() < deadline and client.poll() is None, client.communicate()
+        time.sleep(0.05)
+    client.send_signal(signal.SIGINT)
+    assert client.wait(timeout=30) == 130
+    assert list(dest.iterdir()) == []  # its part file went with it
+    deadline = time.monotonic() + 30
+    while daemon_files(dest):  # the daemon let go of the client's file
+        assert time.monotonic() < deadline, f"the daemon still has {daemon_files(dest)} open"
         time.sleep(0.2)
-    assert [e["event"] for e in audit.entries("box")][-1] == "stop"
-    ok("rm", "box")
+    ok("rm", "-f", "box")
 
 
 def test_malformed_requests_are_refused_and_do_nothing(daemon: Path) -> None:
@@ -206,29 +226,52 @@ def test_cp_copies_the_file_the_caller_sees(daemon: Path, tmp_path: Path) -> Non
     assert sorted(p.name for p in private.iterdir()) == ["f.txt"]  # nothing written on the daemon's side
 
 
+def exchange(message: dict[str, object], *fds: int) -> dict[str, object]:
+    """The daemon's reply to `message`, `fds` sent when it asks for the host file (closed here)."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(str(wire.socket_path()))
+        sock.sendall(json.dumps(message).encode() + b"\n")
+        with sock.makefile("rb") as lines:
+            reply = json.loads(lines.readline())
+            if reply == wire.SEND_FD:
+                socket.send_fds(sock, [b"\0"], list(fds))
+                reply = json.loads(lines.readline())
+    for fd in fds:
+        os.close(fd)
+    return reply
+
+
 def test_a_copy_takes_only_an_open_regular_file_of_the_right_mode(daemon: Path, tmp_path: Path) -> None:
     ok("create", "--backend", "qemu", "--no-network", "box")
     ok("start", "box")
-    (tmp_path / "f").write_text("x")
-    download = {"op": "copy_file", "sandbox": "box", "remote": "/etc/hostname", "upload": False}
+    ok("exec", "box", "--", "sh", "-c", "echo guest > /root/g")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "f").write_text("x")
+    download = {"op": "copy_file", "sandbox": "box", "remote": "/root/g", "upload": False}
     upload = {"op": "copy_file", "sandbox": "box", "remote": "/root/up", "upload": True, "local_name": "f"}
     for message, fd in (
-        (download, os.open(tmp_path / "f", os.O_RDONLY)),  # read-only: the daemon may not write it
-        (upload, os.open(tmp_path / "f", os.O_WRONLY)),
-        (upload, os.open(tmp_path, os.O_RDONLY)),  # a directory
-        ({**upload, "local_name": None}, os.open(tmp_path / "f", os.O_RDONLY)),
-        ({**download, "sandbox": "../x"}, os.open(tmp_path / "f", os.O_WRONLY)),
-        (download, None),  # no file sent
+        (download, os.open(work / "f", os.O_RDONLY)),  # read-only: the daemon may not write it
+        (upload, os.open(work / "f", os.O_WRONLY)),
+        (upload, os.open(work / "f", os.O_PATH)),  # names the file, gives no right to read it
+        (upload, os.open(work, os.O_RDONLY)),  # a directory
     ):
-        with socket.socket(socket.AF_UNIX) as sock:
-            sock.connect(str(wire.socket_path()))
-            sock.sendall(json.dumps(message).encode() + b"\n")
-            lines = sock.makefile("rb")
-            assert json.loads(lines.readline()) == {"ok": True, "send": "fd"}
-            if fd is not None:
-                socket.send_fds(sock, [b"\0"], [fd])
-                os.close(fd)
-            reply = json.loads(lines.readline())
-        assert reply.get("refused") and "done" not in reply, message
-    assert (tmp_path / "f").read_text() == "x"
+        assert exchange(message, fd) == thin_commands.REFUSED, message
+    for message in (
+        {**upload, "local_name": None},
+        {**download, "sandbox": "../x"},
+        {**download, "upload": 1},
+    ):
+        assert exchange(message) == thin_commands.REFUSED, message  # refused before a file is asked for
+    assert exchange(upload) == {"ok": False, "error": "the client left"}  # asked, and sent none
+    assert (work / "f").read_text() == "x"
     assert cli("exec", "box", "--", "test", "-e", "/root/up").returncode == 1
+    # Several files sent: the first is the one; the others are never the daemon's.
+    sent = [
+        os.open(work / "f", os.O_RDONLY),
+        os.open(work, os.O_RDONLY),
+        os.open(work / "f", os.O_RDONLY),
+    ]
+    assert exchange(upload, *sent) == {"ok": True, "done": []}
+    assert ok("exec", "box", "--", "cat", "/root/up") == "x"
+    assert daemon_files(work) == []

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import sys
 from pathlib import Path
@@ -25,8 +26,8 @@ from agentkernel.service.checks import NAME_RE
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-    from typing import Any
+    from collections.abc import Callable, Sequence
+    from typing import Any, BinaryIO
 
 CONNECT_TIMEOUT = 2.0
 FORCE = ("-f", "--force")
@@ -68,34 +69,37 @@ def parse_copy(args: Sequence[str]) -> tuple[dict[str, Any], str]:
 
 
 def copy(args: Sequence[str]) -> int:
-    """`cp`: this process opens the host file and sends it to the daemon, which copies to or from the
-    sandbox through the service (`service/transfers`, as the full `cp` does)."""
+    """`cp`: the daemon copies to or from the sandbox through the service (`service/transfers`, as
+    the full `cp` does), with the host file this process opens and hands over when asked."""
     request, path = parse_copy(args)
     local = Path(path)
     if request["upload"]:
         with transfers.open_source(local) as f:
-            return _outcome(_asked({**request, "local_name": local.name}, f.fileno()))
+            return _outcome(_asked({**request, "local_name": local.name}, lambda: f.fileno()))
     target = transfers.download_target(request["sandbox"], request["remote"], local)
-    tmp = transfers.part_file(target)
+    parts: list[tuple[Path, BinaryIO]] = []
+
+    def part() -> int:  # asked for once the sandbox's file is open: its errors come first
+        parts.append(transfers.open_part(target))
+        return parts[0][1].fileno()
+
     try:
-        try:
-            out = tmp.open("wb")
-        except OSError as exc:
-            raise transfers.cannot_write(target, exc.strerror or str(exc)) from None
-        with out:
-            reply = _asked(request, out.fileno())
-        error = reply.get("error")
+        reply = _asked(request, part)
+        error, mode = reply.get("error"), reply.get("mode")
         if isinstance(error, dict) and isinstance(error.get("write_error"), str):
             raise transfers.cannot_write(target, error["write_error"])
-        if error is None and reply.get("refused") is None:
+        if error is None and parts and isinstance(mode, int):
             try:
-                tmp.replace(target)
+                os.fchmod(parts[0][1].fileno(), mode & 0o777)
+                parts[0][0].replace(target)
             except OSError as exc:
                 raise transfers.cannot_write(target, exc.strerror or str(exc)) from None
         return _outcome(reply)
     finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        for name, f in parts:
+            f.close()
+            with contextlib.suppress(OSError):
+                name.unlink()
 
 
 def _split_remote(spec: str) -> tuple[str | None, str]:
@@ -118,9 +122,11 @@ def run(command: str, args: Sequence[str]) -> int:
 
 def _outcome(reply: dict[str, Any]) -> int:
     """What the full command prints, from the daemon's reply; its exit status."""
-    done, error = reply.get("done"), reply.get("error")
-    if reply.get("refused") is not None or not isinstance(done, list):
+    if reply.get("refused") is not None:
         raise Fallback("refused")  # nothing was done
+    done, error = reply.get("done"), reply.get("error")
+    if not isinstance(done, list):
+        raise AgentkernelError("the pool daemon sent a malformed reply")
     sys.stdout.write("".join(f"{name}\n" for name in done if isinstance(name, str)))
     sys.stdout.flush()
     if error is None:
@@ -134,23 +140,26 @@ def _outcome(reply: dict[str, Any]) -> int:
     return code
 
 
-def _asked(message: dict[str, Any], fd: int | None = None) -> dict[str, Any]:
-    """The daemon's reply to `message`, `fd` sent when it asks for it (a copy's host file).
-    Fallback when the request could not be sent; once it is, a daemon that dies before answering
-    is an error (some of the work may be done)."""
+def _asked(message: dict[str, Any], host_file: Callable[[], int] | None = None) -> dict[str, Any]:
+    """The daemon's reply to `message`; `host_file` gives the file descriptor to send when the daemon
+    asks for it (a copy's host file). Fallback when the request could not be sent; once it is, a
+    daemon that dies before answering is an error (some of the work may be done)."""
+    line = json.dumps(message).encode() + b"\n"
+    if len(line) > wire.MAX_REQUEST:
+        raise Fallback("request too long")  # the full command line says what is wrong with it
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         try:
             sock.settimeout(CONNECT_TIMEOUT)
             sock.connect(str(wire.socket_path()))
-            sock.sendall(json.dumps(message).encode() + b"\n")
+            sock.sendall(line)
         except OSError:
             raise Fallback("no daemon") from None
         sock.settimeout(None)  # the work waits for VMs and locks, as the full command does
-        lines = sock.makefile("rb")
-        reply = _reply(lines.readline(wire.MAX_LINE))
-        if fd is not None and reply == {"ok": True, "send": "fd"}:
-            socket.send_fds(sock, [b"\0"], [fd])
+        with sock.makefile("rb") as lines:
             reply = _reply(lines.readline(wire.MAX_LINE))
+            if host_file is not None and reply == wire.SEND_FD:
+                socket.send_fds(sock, [b"\0"], [host_file()])
+                reply = _reply(lines.readline(wire.MAX_LINE))
         return reply
 
 

@@ -9,10 +9,10 @@ The main thread serves requests on the socket (an acquire is answered from memor
 for a boot, and wakes the worker; the thin command line's leases and releases, `thin_runs`, and its
 `stop`, `rm` and `cp`, `thin_commands`, are done in threads of their own); the worker thread checks
 health (the VMM alive, the agent answering), replaces sandboxes older than the maximum age, and
-refills: several sandboxes at once,
-the emptiest kind first, as many as the host's cores allow (PER_CORE each) and its free memory holds
-(each in flight counted at its full guest memory), so a pooled sandbox is ready again before the one
-just handed out has finished its command. A kind's first make waits for its template alone.
+refills: several sandboxes at once, the emptiest kind first, as many as the host's cores allow
+(PER_CORE each) and its free memory holds (each in flight counted at its full guest memory), so a
+pooled sandbox is ready again before the one just handed out has finished its command. A kind's
+first make waits for its template alone.
 
 Restarted, the daemon adopts the ready sandboxes a previous run left, so none are orphaned, and
 removes what it was making when it died: a sandbox not yet ready (a fork, or a template's boot
@@ -417,13 +417,19 @@ async def serve(pool: Pool, shutdown: asyncio.Event) -> None:
             if (run := wire.parsed(line, thin_runs.OPS)) is not None:  # blocking work: not on this loop
                 reply = await loop.run_in_executor(workers[run["op"]], thin_runs.answer, pool, run, peer)
             elif (command := wire.parsed(line, thin_commands.OPS)) is not None:
-                if command["op"] == "copy_file":  # its file comes next, as the socket's ancillary data
-                    cast(asyncio.Transport, writer.transport).pause_reading()
-                    writer.write(json.dumps(thin_commands.SEND_FD).encode() + b"\n")
-                    await writer.drain()
-                connection = writer.get_extra_info("socket").fileno()
-                reply = await loop.run_in_executor(
-                    workers[command["op"]], thin_commands.answer, command, connection
+                # From here the worker has the socket (a copy of it): it watches for the client leaving,
+                # and a copy's host file comes on it as ancillary data.
+                cast(asyncio.Transport, writer.transport).pause_reading()
+                try:
+                    connection = os.dup(writer.get_extra_info("socket").fileno())
+                except OSError:  # out of file descriptors: nothing done, the full command line does it
+                    connection = None
+                reply = (
+                    thin_commands.REFUSED
+                    if connection is None
+                    else await loop.run_in_executor(
+                        workers[command["op"]], thin_commands.answer, command, connection
+                    )
                 )
             else:
                 reply = answer(pool, line, shutdown, peer)
@@ -442,7 +448,7 @@ async def serve(pool: Pool, shutdown: asyncio.Event) -> None:
 
     path = wire.socket_path()
     path.unlink(missing_ok=True)
-    server = await asyncio.start_unix_server(handle, path=str(path), limit=64 * 1024)
+    server = await asyncio.start_unix_server(handle, path=str(path), limit=wire.MAX_REQUEST + 4096)
     path.chmod(0o600)
     async with server:
         await shutdown.wait()

@@ -3,12 +3,15 @@
 The daemon has the service loaded; a thin client asks it to stop or remove sandboxes by name, or to
 copy a file, and prints what the full command would have printed, from the reply. The work is the
 service's own (`SandboxService.stop`, `reap` and `remove`, `service/transfers`, as the full commands
-call them), so locks, backends, cleanup and audit are the same; a client that leaves while it waits
-does not stop the work, as a command that was asked for runs to its end.
+call them), so locks, backends, cleanup and audit are the same. A client that closes its end (it was
+interrupted or killed) cancels the work where it is, as the full command is cancelled when its process
+is interrupted (the service's cleanup still runs).
 
-A copy's host file is opened by the client, which sends it over the socket (SCM_RIGHTS): the daemon
-never opens a path for a client, so no client reaches a file through it that it could not open itself
-(another mount namespace, a confined process), and the client renames a download into place itself.
+A copy's host file is opened by the client, which sends it over the socket (SCM_RIGHTS, after the
+daemon asks with `wire.SEND_FD`): the daemon never opens a path for a client, so no client reaches a
+file through it that it could not open itself (another mount namespace, a confined process). A
+download reads the sandbox's file first (its errors come first, as in the full `cp`), then asks for the
+client's part file, and leaves setting its mode and renaming it into place to the client.
 
 A reply holds the names done, in order, and the error the full command would have ended with (its
 message and exit status), or `refused` when the request was not one the client may send (nothing
@@ -17,36 +20,55 @@ was done: the full command line then runs).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
+import json
 import os
-import select
 import socket
 import stat
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from agentkernel.errors import AgentkernelError
+from agentkernel.pool import wire
 from agentkernel.service import transfers
 from agentkernel.service.checks import NAME_RE
 from agentkernel.service.service import SandboxService, call
 
+T = TypeVar("T")
 OPS = ("stop_sandbox", "remove_sandboxes", "copy_file")
 MAX_NAMES = 256
+FD_TIMEOUT = 5.0
+"""Seconds a client has to send its host file once asked."""
+REFUSED = {"ok": True, "refused": "not a request this daemon takes"}
+Work = Callable[[SandboxService], Awaitable[None]]
+
+
+class ClientLeft(Exception):
+    """The client closed its connection, or did not send a file when asked."""
+
+
+class Refused(Exception):
+    """The client sent a file the request may not use: nothing was done."""
 
 
 def answer(message: dict[str, Any], connection: int) -> dict[str, Any]:
-    """The reply to a stop, remove or copy (run in a worker thread: it waits for VMs). A copy's host
-    file comes on `connection` (the client's socket: see `receive_fd`)."""
-    done: list[str] = []
-    received = receive_fd(connection) if message["op"] == "copy_file" else None
-    try:
-        work = _work(message, done, received)
-        if work is None:
-            return {"ok": True, "refused": f"not a {message['op']} this daemon takes"}
+    """The reply to a stop, remove or copy (run in a worker thread: it waits for VMs). `connection`
+    is a duplicate of the client's socket, which this closes."""
+    with socket.socket(fileno=connection) as client:
+        client.settimeout(FD_TIMEOUT)
+        done: list[str] = []
         reply: dict[str, Any] = {"ok": True, "done": done}
+        work = _work(message, client, done, reply)
+        if work is None:
+            return REFUSED
         try:
             call(work)
+        except Refused:
+            return REFUSED
+        except (asyncio.CancelledError, ClientLeft):
+            return {"ok": False, "error": "the client left"}  # to no one: it has gone
         except AgentkernelError as exc:
             reply["error"] = {"message": str(exc), "exit_code": exc.exit_code}
         except transfers.HostWriteError as exc:  # the client names its file in the message
@@ -55,37 +77,38 @@ def answer(message: dict[str, Any], connection: int) -> dict[str, Any]:
             where = f"{exc.filename}: " if exc.filename else ""
             reply["error"] = {"message": f"{where}{exc.strerror or exc}", "exit_code": 1}
         return reply
+
+
+async def watched(client: socket.socket, work: Awaitable[T]) -> T:
+    """`work`, cancelled should the client close its end meanwhile."""
+    task = asyncio.ensure_future(work)
+
+    def readable() -> None:
+        try:
+            if client.recv(4096, socket.MSG_DONTWAIT):
+                return  # bytes a request does not have: dropped
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        task.cancel()
+
+    loop = asyncio.get_running_loop()
+    loop.add_reader(client.fileno(), readable)
+    try:
+        return await task
     finally:
-        if received is not None:
-            os.close(received)
+        loop.remove_reader(client.fileno())
 
 
-SEND_FD = {"ok": True, "send": "fd"}
-"""The daemon's first answer to a copy: the client then sends its open host file (SCM_RIGHTS)."""
-FD_TIMEOUT = 5.0
-
-
-def receive_fd(connection: int) -> int | None:
-    """The file descriptor the client sends on socket `connection` after SEND_FD (None if it sends
-    none within FD_TIMEOUT). The daemon's event loop has stopped reading that socket meanwhile."""
-    with socket.socket(fileno=os.dup(connection)) as sock:
-        if not select.select([sock], [], [], FD_TIMEOUT)[0]:
-            return None
-        with contextlib.suppress(OSError):
-            _data, fds, _flags, _address = socket.recv_fds(sock, 1, 1)
-            return fds[0] if fds else None
-    return None
-
-
-Work = Callable[[SandboxService], Awaitable[None]]
-
-
-def _work(message: dict[str, Any], done: list[str], received: int | None) -> Work | None:
-    """What the service is to do for `message` (the names it finished go to `done`; a copy's host file
-    is `received`); None if the request is malformed or not the daemon's to do."""
+def _work(
+    message: dict[str, Any], client: socket.socket, done: list[str], reply: dict[str, Any]
+) -> Work | None:
+    """What the service is to do for `message` (the names it finished go to `done`, what a copy's
+    client needs to know to `reply`); None if the request is malformed."""
     op = message["op"]
     if op == "copy_file":
-        return _copy(message, received)
+        return _copy(message, client, reply)
     names, force = _names(message.get("names")), message.get("force", False)
     if names is None or not isinstance(force, bool):
         return None
@@ -94,44 +117,67 @@ def _work(message: dict[str, Any], done: list[str], received: int | None) -> Wor
             return None
 
         async def stop(service: SandboxService) -> None:
-            await service.stop(names[0])
+            await watched(client, service.stop(names[0]))
             done.append(names[0])
 
         return stop
 
     async def remove(service: SandboxService) -> None:
-        await service.reap()  # first, as the full `rm`
+        await watched(client, service.reap())  # first, as the full `rm`
         for name in names:
-            await service.remove(name, force=force)
+            await watched(client, service.remove(name, force=force))
             done.append(name)
 
     return remove
 
 
-def _copy(message: dict[str, Any], received: int | None) -> Work | None:
-    """A copy to the sandbox from the client's open regular file `received`, or from the sandbox into
-    it (the client then renames it into place)."""
+def _copy(message: dict[str, Any], client: socket.socket, reply: dict[str, Any]) -> Work | None:
+    """A copy to the sandbox from the client's open host file, or from the sandbox into the client's
+    part file (whose mode the reply gives)."""
     name, remote, upload, local_name = (message.get(k) for k in ("sandbox", "remote", "upload", "local_name"))
     if not (isinstance(name, str) and NAME_RE.fullmatch(name) and isinstance(remote, str)):
         return None
-    if received is None or not stat.S_ISREG(os.fstat(received).st_mode):
-        return None
-    fd, access = received, fcntl.fcntl(received, fcntl.F_GETFL) & os.O_ACCMODE
-    if upload is True and isinstance(local_name, str) and access in (os.O_RDONLY, os.O_RDWR):
+    if upload is True and isinstance(local_name, str):
 
         async def send(service: SandboxService) -> None:
-            with os.fdopen(os.dup(fd), "rb") as f:  # a copy: `answer` closes the one received
-                await transfers.send_file(service, name, f, local_name, remote)
+            fd = await asyncio.to_thread(_host_file, client, writable=False)
+            with os.fdopen(fd, "rb") as f:
+                await watched(client, transfers.send_file(service, name, f, local_name, remote))
 
         return send
-    if upload is False and access in (os.O_WRONLY, os.O_RDWR):
+    if upload is False:
 
         async def receive(service: SandboxService) -> None:
-            with os.fdopen(os.dup(fd), "wb") as f:
-                await transfers.receive_file(service, name, remote, f)
+            info, chunks = await watched(client, transfers.open_remote(service, name, remote))
+            async with contextlib.aclosing(chunks):
+                fd = await asyncio.to_thread(_host_file, client, writable=True)
+                with os.fdopen(fd, "wb") as f:
+                    await watched(client, transfers.write_chunks(chunks, f))
+            reply["mode"] = info.mode & 0o777
 
         return receive
     return None
+
+
+def _host_file(client: socket.socket, *, writable: bool) -> int:
+    """The client's open host file, asked for with SEND_FD: a regular file open for writing
+    (`writable`) or reading. ClientLeft if it sends none; Refused if it is not such a file."""
+    try:
+        client.sendall(json.dumps(wire.SEND_FD).encode() + b"\n")
+        _data, fds, _flags, _address = socket.recv_fds(client, 1, 1, socket.MSG_CMSG_CLOEXEC)
+    except OSError:  # gone, or silent past FD_TIMEOUT
+        raise ClientLeft from None
+    if not fds:
+        raise ClientLeft
+    fd = fds[0]
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    access = flags & os.O_ACCMODE
+    usable = (os.O_WRONLY, os.O_RDWR) if writable else (os.O_RDONLY, os.O_RDWR)
+    # An O_PATH descriptor names a file without the right to read or write it.
+    if not stat.S_ISREG(os.fstat(fd).st_mode) or flags & os.O_PATH or access not in usable:
+        os.close(fd)
+        raise Refused
+    return fd
 
 
 def _names(given: object) -> list[str] | None:

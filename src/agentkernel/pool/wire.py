@@ -19,6 +19,10 @@ if TYPE_CHECKING:
     from typing import Any
 
 MAX_LINE = 1 << 20  # a status reply with many sandboxes stays far below this
+MAX_REQUEST = 60 * 1024
+"""The longest request line a client sends (the daemon reads a little more before it refuses)."""
+SEND_FD = {"ok": True, "send": "fd"}
+"""The daemon's line asking a `cp` client for its open host file (sent as SCM_RIGHTS data)."""
 
 
 def socket_path() -> Path:

@@ -3,8 +3,8 @@ pool daemon (for the thin `cp`, `cli/thin_served.py`) both call these, so the tw
 
 The host side is an open file: the process that asked opens its own paths (so it never reaches a file
 through the daemon that it could not open itself), and the sandbox side is named by path. A copy into
-a sandbox directory takes the source's name; a file copied to the host is written beside its
-destination (`part_file`) and renamed over it when whole, so nothing half-written is left.
+a sandbox directory takes the source's name; a file copied to the host is written to a new file
+beside its destination (`open_part`) and renamed over it when whole, so nothing half-written is left.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from agentkernel.errors import AgentkernelError, NotAFileError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time: the thin CLI)
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncGenerator, AsyncIterator
     from typing import BinaryIO
 
+    from agentkernel.protocol.connection import FileInfo
     from agentkernel.service.service import SandboxService
 
 CHUNK = 256 * 1024
@@ -46,21 +47,24 @@ async def send_file(service: SandboxService, name: str, f: BinaryIO, local_name:
     await service.write_file(name, remote, _chunks(f), mode=os.fstat(f.fileno()).st_mode & 0o777)
 
 
-async def receive_file(service: SandboxService, name: str, remote: str, f: BinaryIO) -> None:
-    """Regular file `remote` of sandbox `name` into open host file `f`, given its mode (HostWriteError
-    if writing fails)."""
+async def open_remote(
+    service: SandboxService, name: str, remote: str
+) -> tuple[FileInfo, AsyncGenerator[bytes, None]]:
+    """Regular file `remote` of sandbox `name`: its metadata and its bytes as they come."""
     try:
-        info, chunks = await service.open_file(name, remote)
+        return await service.open_file(name, remote)
     except NotAFileError:
         raise AgentkernelError(f"cp: {name}:{remote}: not a regular file") from None
-    async with contextlib.aclosing(chunks):
-        try:
-            async for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fchmod(f.fileno(), info.mode & 0o777)
-        except OSError as exc:
-            raise HostWriteError(exc.strerror or str(exc)) from None
+
+
+async def write_chunks(chunks: AsyncIterator[bytes], f: BinaryIO) -> None:
+    """`chunks` written to open host file `f` (HostWriteError if writing fails)."""
+    try:
+        async for chunk in chunks:
+            f.write(chunk)
+        f.flush()
+    except OSError as exc:
+        raise HostWriteError(exc.strerror or str(exc)) from None
 
 
 def download_target(name: str, remote: str, local: Path) -> Path:
@@ -73,9 +77,18 @@ def download_target(name: str, remote: str, local: Path) -> Path:
     return local / base
 
 
-def part_file(local: Path) -> Path:
-    """Where a download to `local` is written until it is whole."""
-    return local.with_name(f".{local.name}.part")
+def open_part(local: Path) -> tuple[Path, BinaryIO]:
+    """A new file beside `local` (only this process's, never one that was there) for a download to be
+    written to until it is whole; `cannot_write`'s error if it cannot be made."""
+    while True:
+        part = local.with_name(f".{local.name}.{os.urandom(4).hex()}.part")
+        try:
+            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise cannot_write(local, exc.strerror or str(exc)) from None
+        return part, os.fdopen(fd, "wb")
 
 
 def cannot_write(local: Path, reason: str) -> AgentkernelError:
@@ -101,19 +114,18 @@ async def upload(service: SandboxService, name: str, local: Path, remote: str) -
 async def download(service: SandboxService, name: str, remote: str, local: Path) -> None:
     """Regular file `remote` of sandbox `name` to `local` on the host (into it, if it is a directory)."""
     local = download_target(name, remote, local)
-    tmp = part_file(local)
-    try:
+    info, chunks = await open_remote(service, name, remote)
+    async with contextlib.aclosing(chunks):
+        part, f = open_part(local)
         try:
-            f = tmp.open("wb")
+            with f:
+                await write_chunks(chunks, f)
+                os.fchmod(f.fileno(), info.mode & 0o777)
+            part.replace(local)
+        except HostWriteError as exc:
+            raise cannot_write(local, str(exc)) from None
         except OSError as exc:
             raise cannot_write(local, exc.strerror or str(exc)) from None
-        with f:
-            await receive_file(service, name, remote, f)
-        tmp.replace(local)
-    except HostWriteError as exc:
-        raise cannot_write(local, str(exc)) from None
-    except OSError as exc:
-        raise cannot_write(local, exc.strerror or str(exc)) from None
-    finally:
-        with contextlib.suppress(OSError):  # not there; or never made (its directory is not one)
-            tmp.unlink()
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                part.unlink()
