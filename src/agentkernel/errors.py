@@ -366,3 +366,9 @@ class SandboxLostError(FleetError):
     """The sandbox's node stopped renewing its registration: the sandbox is gone with it."""
 
     status, code, field = 410, "sandbox_lost", "name"
+
+
+def os_error_text(exc: OSError) -> str:
+    """How an error on the host's side (a full disk, a file it may not read or write) is worded."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    return f"{where}{exc.strerror or exc}"

@@ -50,8 +50,9 @@ def list_line(r: Mapping[str, Any]) -> str:
 
 def os_error_line(exc: OSError) -> str:
     """The one line for an error on the host's side (a full disk, a file it may not read or write)."""
-    where = f"{exc.filename}: " if exc.filename else ""
-    return f"agentkernel: error: {where}{exc.strerror or exc}"
+    from agentkernel.errors import os_error_text
+
+    return f"agentkernel: error: {os_error_text(exc)}"
 
 
 def one_line(message: str) -> str:

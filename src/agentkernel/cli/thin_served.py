@@ -5,15 +5,15 @@ Anything in doubt before the request is sent is a Fallback to the full command l
 done: arguments spelled another way or a name the service would refuse (the full command line words
 the error), no daemon running, a daemon that does not know the request. A `cp`'s host file is opened
 here, by the process that asked, and sent to the daemon over the socket, which never opens a path for
-a client; a download is renamed into place here. Once a request is sent, the work is the daemon's:
-it runs to its end even if this process is interrupted, as the full command's cleanup does.
+a client; a download is renamed into place here. Once a request is sent, the work is the daemon's
+until this process closes its connection (interrupted, killed): the daemon then cancels it, as the
+full command stops when its process does.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
 import sys
 from pathlib import Path
@@ -27,7 +27,7 @@ from agentkernel.service.checks import NAME_RE
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
-    from typing import Any, BinaryIO
+    from typing import Any
 
 CONNECT_TIMEOUT = 2.0
 FORCE = ("-f", "--force")
@@ -77,29 +77,20 @@ def copy(args: Sequence[str]) -> int:
         with transfers.open_source(local) as f:
             return _outcome(_asked({**request, "local_name": local.name}, lambda: f.fileno()))
     target = transfers.download_target(request["sandbox"], request["remote"], local)
-    parts: list[tuple[Path, BinaryIO]] = []
+    with contextlib.ExitStack() as parts:
+        made: list[transfers.Part] = []
 
-    def part() -> int:  # asked for once the sandbox's file is open: its errors come first
-        parts.append(transfers.open_part(target))
-        return parts[0][1].fileno()
+        def part() -> int:  # asked for once the sandbox's file is open: its errors come first
+            made.append(parts.enter_context(transfers.Part(target)))
+            return made[0].file.fileno()
 
-    try:
         reply = _asked(request, part)
         error, mode = reply.get("error"), reply.get("mode")
         if isinstance(error, dict) and isinstance(error.get("write_error"), str):
             raise transfers.cannot_write(target, error["write_error"])
-        if error is None and parts and isinstance(mode, int):
-            try:
-                os.fchmod(parts[0][1].fileno(), mode & 0o777)
-                parts[0][0].replace(target)
-            except OSError as exc:
-                raise transfers.cannot_write(target, exc.strerror or str(exc)) from None
+        if error is None and made and isinstance(mode, int):
+            made[0].keep(mode)
         return _outcome(reply)
-    finally:
-        for name, f in parts:
-            f.close()
-            with contextlib.suppress(OSError):
-                name.unlink()
 
 
 def _split_remote(spec: str) -> tuple[str | None, str]:

@@ -424,13 +424,11 @@ async def serve(pool: Pool, shutdown: asyncio.Event) -> None:
                     connection = os.dup(writer.get_extra_info("socket").fileno())
                 except OSError:  # out of file descriptors: nothing done, the full command line does it
                     connection = None
-                reply = (
-                    thin_commands.REFUSED
-                    if connection is None
-                    else await loop.run_in_executor(
-                        workers[command["op"]], thin_commands.answer, command, connection
-                    )
-                )
+                if connection is None:
+                    reply = thin_commands.REFUSED
+                else:
+                    work = workers[command["op"]]
+                    reply = await loop.run_in_executor(work, thin_commands.answer, command, connection)
             else:
                 reply = answer(pool, line, shutdown, peer)
         except (ValueError, TimeoutError, OSError, AgentkernelError) as exc:  # a long line, a silent client

@@ -30,7 +30,7 @@ import stat
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from agentkernel.errors import AgentkernelError
+from agentkernel.errors import AgentkernelError, os_error_text
 from agentkernel.pool import wire
 from agentkernel.service import transfers
 from agentkernel.service.checks import NAME_RE
@@ -74,8 +74,7 @@ def answer(message: dict[str, Any], connection: int) -> dict[str, Any]:
         except transfers.HostWriteError as exc:  # the client names its file in the message
             reply["error"] = {"write_error": str(exc), "exit_code": 1}
         except OSError as exc:  # on the host's side, as the full command line words it
-            where = f"{exc.filename}: " if exc.filename else ""
-            reply["error"] = {"message": f"{where}{exc.strerror or exc}", "exit_code": 1}
+            reply["error"] = {"message": os_error_text(exc), "exit_code": 1}
         return reply
 
 

@@ -4,7 +4,7 @@ pool daemon (for the thin `cp`, `cli/thin_served.py`) both call these, so the tw
 The host side is an open file: the process that asked opens its own paths (so it never reaches a file
 through the daemon that it could not open itself), and the sandbox side is named by path. A copy into
 a sandbox directory takes the source's name; a file copied to the host is written to a new file
-beside its destination (`open_part`) and renamed over it when whole, so nothing half-written is left.
+beside its destination (`Part`) and renamed over it when whole, so nothing half-written is left.
 """
 
 from __future__ import annotations
@@ -77,21 +77,47 @@ def download_target(name: str, remote: str, local: Path) -> Path:
     return local / base
 
 
-def open_part(local: Path) -> tuple[Path, BinaryIO]:
-    """A new file beside `local` (only this process's, never one that was there) for a download to be
-    written to until it is whole; `cannot_write`'s error if it cannot be made."""
-    while True:
-        part = local.with_name(f".{local.name}.{os.urandom(4).hex()}.part")
+class Part:
+    """A new file beside `local` (only this process's, never one that was there) that a download is
+    written to until it is whole; removed when closed unless `keep` put it in place. Its `file` is
+    open for writing (`cannot_write`'s error if it cannot be made)."""
+
+    def __init__(self, local: Path) -> None:
+        self.local = local
+        while True:
+            self.path = local.with_name(f".{local.name}.{os.urandom(4).hex()}.part")
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise cannot_write(local, exc) from None
+            self.file: BinaryIO = os.fdopen(fd, "wb")
+            return
+
+    def keep(self, mode: int) -> None:
+        """Give the whole file `mode` (its permission bits) and rename it over `local`."""
         try:
-            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except FileExistsError:
-            continue
+            self.file.flush()
+            os.fchmod(self.file.fileno(), mode & 0o777)
+            self.path.replace(self.local)
         except OSError as exc:
-            raise cannot_write(local, exc.strerror or str(exc)) from None
-        return part, os.fdopen(fd, "wb")
+            raise cannot_write(self.local, exc) from None
+
+    def __enter__(self) -> Part:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(OSError):
+            self.file.close()
+        with contextlib.suppress(OSError):  # kept: renamed away already
+            self.path.unlink()
 
 
-def cannot_write(local: Path, reason: str) -> AgentkernelError:
+def cannot_write(local: Path, reason: OSError | str) -> AgentkernelError:
+    """The error of a download that cannot write `local`: `reason` is an OSError or its strerror."""
+    if isinstance(reason, OSError):
+        reason = reason.strerror or str(reason)
     return AgentkernelError(f"cp: cannot write {local}: {reason}")
 
 
@@ -116,16 +142,9 @@ async def download(service: SandboxService, name: str, remote: str, local: Path)
     local = download_target(name, remote, local)
     info, chunks = await open_remote(service, name, remote)
     async with contextlib.aclosing(chunks):
-        part, f = open_part(local)
-        try:
-            with f:
-                await write_chunks(chunks, f)
-                os.fchmod(f.fileno(), info.mode & 0o777)
-            part.replace(local)
-        except HostWriteError as exc:
-            raise cannot_write(local, str(exc)) from None
-        except OSError as exc:
-            raise cannot_write(local, exc.strerror or str(exc)) from None
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                part.unlink()
+        with Part(local) as part:
+            try:
+                await write_chunks(chunks, part.file)
+            except HostWriteError as exc:
+                raise cannot_write(local, str(exc)) from None
+            part.keep(info.mode)
